@@ -1,0 +1,161 @@
+"""Benchmark Kronecker-factorized linear layers against a dense matmul on the GPT-2 MLP shapes.
+
+    python tools/bench_kernels.py                           # GPU: bf16, all impls, 49152 and 393216 tokens
+    python tools/bench_kernels.py --device cpu --tokens 256 # CPU smoke run (fp32, no torch.compile)
+
+For every (in, out) shape, token count, impl and pass (fwd, fwd_bwd) it prints the median time, the ratio
+to the dense matmul, achieved bandwidth and FLOP rate, and the fraction of the memory-roofline floor; each
+result is appended as a JSON line to <out_dir>/<date>_<device>.jsonl. Bandwidth uses the minimal traffic of
+the op (activations in/out once, weights once), the same for every impl, so it reads as "how close to a
+perfectly fused kernel"; FLOPs are each method's own algorithmic count. On CPU the Triton impl runs only
+under TRITON_INTERPRET=1, and the interpreter's time means nothing.
+"""
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import kernels  # noqa: E402
+
+SHAPES = ((768, 3072), (3072, 768))  # (in, out) of GPT-2 small's c_fc and c_proj
+IMPLS = ("dense", "triton", "torch", "torch_compile", "kron_matmul")
+
+
+def time_ms(fn, warmup, repeats, device):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def floor_bytes(n, in_f, out_f, weight_elems, pass_, elt):
+    """Minimal HBM traffic: fwd reads x, writes y; bwd reads dy and x, writes dx; weights read (and grads written)."""
+    if pass_ == "fwd":
+        return elt * (n * (in_f + out_f) + weight_elems)
+    return elt * (n * (3 * in_f + 2 * out_f) + 3 * weight_elems)
+
+
+def flops(n, in_f, out_f, factors, rank, impl, pass_):
+    if impl in ("dense", "kron_matmul"):
+        return 2 * n * in_f * out_f * (1 if pass_ == "fwd" else 3)
+    m1, k1, m2, k2 = factors
+    macs = kernels.kron_macs_per_token(m1, k1, m2, k2, rank)
+    if pass_ == "fwd_bwd":
+        macs += kernels.kron_macs_per_token(k1, m1, k2, m2, rank)  # dX: the transposed problem
+        macs += rank * 2 * m1 * k2 * (m2 + k1)  # dA via dY B, dB via A X
+    return 2 * n * macs
+
+
+def make_impls(names, A, B, W):
+    compiled = torch.compile(kernels.kron_linear_ref) if "torch_compile" in names else None
+    fns = {
+        "dense": lambda x: F.linear(x, W),
+        "triton": lambda x: kernels.KronLinearFunction.apply(x, A, B),
+        "torch": lambda x: kernels.kron_linear_ref(x, A, B),
+        "torch_compile": lambda x: compiled(x, A, B),
+        "kron_matmul": lambda x: F.linear(x, kernels.kron_dense_weight(A, B)),
+    }
+    return {name: fns[name] for name in names}
+
+
+def device_name(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[49152, 393216])
+    parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all usable on the device")
+    parser.add_argument("--warmup", type=int, help="default 5 on GPU, 1 on CPU")
+    parser.add_argument("--repeats", type=int, help="default 20 on GPU, 3 on CPU")
+    parser.add_argument("--peak_gbps", type=float, default=3350.0, help="HBM bandwidth (H100 SXM: 3350)")
+    parser.add_argument("--out_dir", default=str(ROOT / "records" / "kernels"))
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
+    repeats = args.repeats if args.repeats is not None else (20 if on_gpu else 3)
+    triton_ok = kernels.HAS_TRITON and (on_gpu or kernels.TRITON_INTERPRET)
+    names = args.impls or [n for n in IMPLS if (n != "triton" or triton_ok) and (n != "torch_compile" or on_gpu)]
+    if "triton" in names and not triton_ok:
+        parser.error("the triton impl needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+
+    out_path = Path(args.out_dir) / f"{datetime.date.today()}_{device_name(device)}.jsonl"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    elt = torch.finfo(dtype).bits // 8
+    gen = torch.Generator(device=device).manual_seed(0)
+    print(f"device={device_name(device)} dtype={dtype} rank={args.rank} impls={names} -> {out_path}")
+    for in_f, out_f in SHAPES:
+        layer = kernels.KronLinear(in_f, out_f, rank=args.rank).to(device=device, dtype=dtype)
+        factors = layer.factors
+        A, B = layer.A.detach().requires_grad_(), layer.B.detach().requires_grad_()
+        W = kernels.kron_dense_weight(A, B).detach().requires_grad_()
+        fns = make_impls(names, A, B, W)
+        for n in args.tokens:
+            x = torch.randn(n, in_f, device=device, dtype=dtype, generator=gen).requires_grad_()
+            dy = torch.randn(n, out_f, device=device, dtype=dtype, generator=gen)
+            y_ref = F.linear(x, W).detach().float()
+            dense_ms = {}
+            for name, fn in fns.items():
+                params = (W,) if name == "dense" else (A, B)
+                rel_err = ((fn(x).detach().float() - y_ref).norm() / y_ref.norm()).item()
+                for pass_ in ("fwd", "fwd_bwd"):
+                    if pass_ == "fwd":
+                        def step():
+                            with torch.no_grad():
+                                fn(x)
+                    else:
+                        def step():
+                            torch.autograd.grad(fn(x), (x, *params), dy)
+                    ms = time_ms(step, warmup, repeats, device)
+                    if name == "dense":
+                        dense_ms[pass_] = ms
+                    weight_elems = W.numel() if name == "dense" else A.numel() + B.numel()
+                    nbytes = floor_bytes(n, in_f, out_f, weight_elems, pass_, elt)
+                    gbps = nbytes / ms / 1e6
+                    rec = {
+                        "date": str(datetime.date.today()), "device": device_name(device), "dtype": str(dtype),
+                        "impl": name, "pass": pass_, "in": in_f, "out": out_f, "factors": factors,
+                        "rank": args.rank, "tokens": n, "ms": ms,
+                        "ratio_vs_dense": ms / dense_ms[pass_] if pass_ in dense_ms else None,
+                        "gbps": gbps, "tflops": flops(n, in_f, out_f, factors, args.rank, name, pass_) / ms / 1e9,
+                        "roofline_frac": gbps / args.peak_gbps, "fwd_rel_err": rel_err,
+                        "torch": torch.__version__,
+                        "triton": kernels.triton.__version__ if kernels.HAS_TRITON else None,
+                    }
+                    ratio = f"{rec['ratio_vs_dense']:6.2f}x" if rec["ratio_vs_dense"] is not None else "    -  "
+                    print(f"{in_f:5d}->{out_f:<5d} n={n:<7d} {name:14s} {pass_:8s} {ms:9.3f} ms {ratio} dense "
+                          f"{gbps:8.1f} GB/s {rec['tflops']:7.2f} TFLOP/s roofline {rec['roofline_frac']:6.1%} "
+                          f"err {rel_err:.1e}")
+                    with open(out_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,933 @@
+"""NanoGPT speedrun harness: one torchrun script that trains a GPT-2-small-class model on a fixed FineWeb budget.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py [--name=value ...]   # or ./run.sh
+    python train_gpt.py --preset=smoke --train_files=... --val_files=...        # CPU, single process
+
+Defaults reproduce the FlexAttention-era speedrun recipe (record #21: 1770 steps, 393,216 tokens per step, target
+val loss 3.28). The file reads in the order data flows: flags, distributed setup, kernels/optimizer, model blocks,
+model, data loader, logging/records, training loop. Every run is written to records/ (see records/README.md).
+"""
+
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+HERE = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------------------------------------------
+# Flags
+
+
+@dataclass
+class Hyperparameters:
+    # data
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards, read in sorted order
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards
+    val_tokens: int = 10_485_760  # validation always reads the first val_tokens tokens of the val stream
+    seq_len: int = 48 * 1024  # training tokens per sequence (one sequence per micro-step, batch dimension 1)
+    val_seq_len: int = 4 * 64 * 1024  # validation tokens per GPU per validation step
+    micro_batches: int = 8  # sequences per optimizer step; each rank runs micro_batches / world_size of them
+    # model
+    vocab_size: int = 50257  # GPT-2 vocabulary; the head is padded to a multiple of 128
+    num_layers: int = 12
+    model_dim: int = 768
+    num_heads: int = 6  # head dim = model_dim / num_heads
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * model_dim
+    num_value_embeds: int = 3  # value-embedding tables, used by the first and the last num_value_embeds layers
+    no_attn_layers: str = "7"  # comma-separated block indices that have no attention ("" = none)
+    attn_scale: float = 0.12  # fixed softmax scale (q and k are RMS-normed)
+    window_pattern: str = "LSSSLS"  # Long/Short window per block for the first half; the second half mirrors it
+    window_schedule_tokens: int = 1728  # long window at step s of S: this * s / S rounded up to a multiple of 128
+    # optimization
+    num_iterations: int = 1770  # optimizer steps
+    cooldown_frac: float = 0.4  # fraction of steps spent decaying the LR linearly
+    final_lr_frac: float = 0.1  # LR multiplier reached at the last step
+    muon_lr: float = 0.05  # Muon: every 2-D matrix inside the blocks
+    muon_momentum_start: float = 0.85  # Nesterov momentum at step 0 ...
+    muon_momentum_end: float = 0.95  # ... reached after muon_momentum_warmup_steps
+    muon_momentum_warmup_steps: int = 300
+    ns_steps: int = 5  # Newton-Schulz iterations
+    head_lr: float = 0.008  # Adam: lm_head
+    embed_lr: float = 0.6  # Adam: token and value embeddings
+    scalar_lr: float = 0.04  # Adam: residual lambdas, value-mixing lambdas, U-net skip weights
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    # evaluation and runtime
+    val_every: int = 125  # validate every this many steps (and at the end); 0 = only at the end
+    compile: bool = True  # torch.compile the model (ignored on CPU, where inductor would only slow tests down)
+    warmup_steps: int = 10  # untimed compile warm-up steps on random tokens; model and optimizers reset after
+    fp8_head: bool = True  # FP8 lm_head matmul in training where the GPU supports it (compute capability >= 8.9)
+    seed: int = 0
+    save_checkpoint: bool = False  # write the final weights (+ flags) next to the record file
+    # records
+    records_dir: str = "records"
+    track: str = "track_1_short"
+    run_name: str = "baseline"
+    preset: str = ""  # named set of defaults applied before explicit flags: smoke
+
+
+PRESETS = {
+    # Tiny CPU configuration that still runs every baseline code path: value embeddings, U-net skips, a block
+    # without attention, long/short windows that grow, Muon + Adam, 8-way gradient accumulation.
+    "smoke": dict(
+        num_layers=4, model_dim=128, num_heads=2, num_value_embeds=1, no_attn_layers="2", window_pattern="LS",
+        seq_len=256, val_seq_len=1024, val_tokens=8192, window_schedule_tokens=384,
+        num_iterations=40, val_every=10, warmup_steps=0, compile=False,
+        track="local", run_name="smoke",
+    ),
+}
+
+
+def apply_overrides(args: Hyperparameters, argv: list[str]) -> Hyperparameters:
+    """Apply `--name=value` flags to args (in place, returned). A preset is applied first, so explicit flags win."""
+    fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
+    valid = "valid flags: " + ", ".join(f"--{name}" for name in fields)
+    pairs = []
+    for item in argv:
+        if not item.startswith("--") or "=" not in item:
+            raise SystemExit(f"error: expected --name=value, got {item!r}\n{valid}")
+        name, value = item[2:].split("=", 1)
+        if name not in fields:
+            raise SystemExit(f"error: unknown flag --{name}\n{valid}")
+        pairs.append((name, value))
+    for name, value in pairs:
+        if name == "preset":
+            if value not in PRESETS and value != "":
+                raise SystemExit(f"error: unknown preset {value!r}; valid presets: {', '.join(PRESETS)}")
+            for k, v in PRESETS.get(value, {}).items():
+                setattr(args, k, v)
+    for name, value in pairs:
+        setattr(args, name, _parse_value(name, fields[name].type, value, valid))
+    return args
+
+
+def _parse_value(name, typ, value, valid):
+    try:
+        if typ is bool:
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0"):
+                raise ValueError("bools accept true/false/1/0")
+            return lowered in ("true", "1")
+        return typ(value)
+    except ValueError as e:
+        raise SystemExit(f"error: --{name}={value!r} is not a valid {typ.__name__} ({e})\n{valid}") from None
+
+
+def changed_flags(args: Hyperparameters) -> dict:
+    defaults = Hyperparameters()
+    return {k: v for k, v in dataclasses.asdict(args).items() if getattr(defaults, k) != v}
+
+
+def check_config(args: Hyperparameters, world_size: int):
+    """Reject configurations the model or the batch layout cannot run, with the fix in the message."""
+    def fail(msg):
+        raise SystemExit(f"error: {msg}")
+    valid_ws = [w for w in range(1, args.micro_batches + 1) if args.micro_batches % w == 0]
+    if args.micro_batches % world_size:
+        fail(f"world size {world_size} does not divide micro_batches={args.micro_batches} (the global batch is "
+             f"micro_batches x seq_len tokens); valid world sizes: {', '.join(map(str, valid_ws))}")
+    if args.num_layers < 2 or args.num_layers % 2:
+        fail(f"num_layers={args.num_layers} must be even and >= 2 (U-net skips pair block i with block L-1-i)")
+    if 2 * args.num_value_embeds > args.num_layers:
+        fail(f"num_value_embeds={args.num_value_embeds} needs 2*num_value_embeds <= num_layers={args.num_layers}")
+    if args.model_dim % args.num_heads or (args.model_dim // args.num_heads) % 4:
+        fail(f"model_dim={args.model_dim} / num_heads={args.num_heads} must be an integer head dim divisible by 4")
+    for name in ("seq_len", "val_seq_len"):
+        if getattr(args, name) % BLOCK_SIZE:
+            fail(f"{name}={getattr(args, name)} must be a multiple of the attention block size {BLOCK_SIZE}")
+    if args.val_tokens % (world_size * args.val_seq_len):
+        fail(f"val_tokens={args.val_tokens} must be a multiple of world_size x val_seq_len = "
+             f"{world_size * args.val_seq_len}")
+    if len(args.window_pattern) < args.num_layers // 2 or set(args.window_pattern) - set("LS"):
+        fail(f"window_pattern={args.window_pattern!r} needs at least num_layers/2={args.num_layers // 2} "
+             f"letters from L (long) and S (short)")
+    bad = [i for i in parse_layer_list(args.no_attn_layers) if not 0 <= i < args.num_layers]
+    if bad:
+        fail(f"no_attn_layers names blocks {bad} outside 0..{args.num_layers - 1}")
+    if args.num_iterations < 1:
+        fail("num_iterations must be >= 1")
+
+
+def parse_layer_list(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistEnv:
+    """torchrun sets RANK/WORLD_SIZE; plain `python train_gpt.py` is a world of one with no process group."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return DistEnv(0, 1, 0, torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def all_reduce_sum_(t: Tensor, world_size: int):
+    if world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Kernels and optimizer: FP8 head matmul, Muon
+
+
+@torch.library.custom_op("speedrun::fp8_mm", mutates_args=())
+def fp8_mm(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    # x (N, D) @ w (V, D)^T in e4m3 with per-tensor scales; also returns the fp8 operands for the backward.
+    x_f8 = x.mul(x_scale).to(torch.float8_e4m3fn)
+    w_f8 = w.mul(w_scale).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(x_f8, w_f8.t(), out_dtype=torch.bfloat16, use_fast_accum=True,
+                           scale_a=x.new_tensor(1 / x_scale, dtype=torch.float32),
+                           scale_b=x.new_tensor(1 / w_scale, dtype=torch.float32))
+    return out, x_f8, w_f8
+
+
+@fp8_mm.register_fake
+def _(x, w, x_scale, w_scale, grad_scale):
+    return x @ w.t(), x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("speedrun::fp8_mm_backward", mutates_args=())
+def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_scale: float, w_scale: float,
+                    grad_scale: float) -> tuple[Tensor, Tensor]:
+    # Gradients in e5m2 (wider range); _scaled_mm wants a row-major first and a column-major second operand.
+    g_f8 = g.mul(grad_scale).to(torch.float8_e5m2)
+    inv_g = g.new_tensor(1 / grad_scale, dtype=torch.float32)
+    grad_x = torch._scaled_mm(g_f8, w_f8.t().contiguous().t(), out_dtype=torch.bfloat16, use_fast_accum=False,
+                              scale_a=inv_g, scale_b=g.new_tensor(1 / w_scale, dtype=torch.float32))
+    grad_w = torch._scaled_mm(g_f8.t().contiguous(), x_f8.t().contiguous().t(), out_dtype=torch.float32,
+                              use_fast_accum=False, scale_a=inv_g,
+                              scale_b=g.new_tensor(1 / x_scale, dtype=torch.float32))
+    return grad_x, grad_w
+
+
+@fp8_mm_backward.register_fake
+def _(g, x_f8, w_f8, x_scale, w_scale, grad_scale):
+    return x_f8.to(torch.bfloat16), w_f8.to(torch.float32)
+
+
+def _fp8_mm_setup_context(ctx, inputs, output):
+    _, _, x_scale, w_scale, grad_scale = inputs
+    ctx.save_for_backward(output[1], output[2])
+    ctx.scales = (x_scale, w_scale, grad_scale)
+
+
+def _fp8_mm_backward(ctx, grad_out, *_):
+    x_f8, w_f8 = ctx.saved_tensors
+    grad_x, grad_w = fp8_mm_backward(grad_out.contiguous(), x_f8, w_f8, *ctx.scales)
+    return grad_x, grad_w, None, None, None
+
+
+fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
+
+# The recipe's FP8 head scales: inputs are RMS-normed (~1), head weights small, logit gradients tiny.
+FP8_HEAD_SCALES = dict(x_scale=2.0, w_scale=2.0 ** 9, grad_scale=2.0 ** 19)
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
+    """Approximately orthogonalize each matrix in G (..., rows, cols): quintic Newton-Schulz, bf16 on GPU.
+
+    The coefficients (3.4445, -4.7750, 2.0315) trade exact convergence for speed: singular values land in roughly
+    [0.7, 1.2] instead of exactly 1, which training does not mind.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16() if G.is_cuda else G.float()  # CPU bf16 matmul is emulated and ~10x slower than fp32
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the wide orientation so X @ X^T is the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-schulz, for the 2-D (and stacked 2-D) matrices inside the blocks.
+
+    Parameters are grouped by shape so each group's updates are orthogonalized as one batch. Momentum runs on every
+    rank (gradients are already averaged, so optimizer state is identical everywhere and rank 0 can save it); the
+    Newton-Schulz work is split: rank r orthogonalizes a contiguous share of each group, then all ranks all-gather.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, ns_steps: int = 5, rank: int = 0, world_size: int = 1):
+        params = list(params)
+        shapes = sorted({tuple(p.shape) for p in params}, key=lambda s: (-math.prod(s), s))
+        groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+        self.rank, self.world_size = rank, world_size
+        self.orthogonalize = zeropower_via_newtonschulz5
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params, momentum = group["params"], group["momentum"]
+            updates = []
+            for p in params:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - momentum)
+                updates.append(p.grad.lerp_(buf, momentum))  # Nesterov
+            share = math.ceil(len(params) / self.world_size)
+            mine = updates[self.rank * share:(self.rank + 1) * share]
+            ortho = torch.zeros((share, *params[0].shape), dtype=torch.bfloat16, device=params[0].device)
+            if mine:
+                ortho[:len(mine)] = self.orthogonalize(torch.stack(mine), group["ns_steps"])
+            if self.world_size > 1:
+                gathered = torch.empty((self.world_size * share, *params[0].shape), dtype=ortho.dtype,
+                                       device=ortho.device)
+                dist.all_gather_into_tensor(gathered, ortho)
+                ortho = gathered
+            rows, cols = params[0].shape[-2:]
+            scale = max(1.0, rows / cols) ** 0.5
+            for p, u in zip(params, ortho):
+                p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Model blocks
+
+BLOCK_SIZE = 128  # FlexAttention tile and the unit of sliding windows
+EOT_TOKEN = 50256  # GPT-2 end of text; it precedes every document
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear whose fp32 master weight is cast to the activation dtype (bf16 on GPU) in forward."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.use_fp8 = False  # set by main() for the lm_head on GPUs with FP8 support
+        with torch.no_grad():
+            if zero_init:
+                self.weight.zero_()
+            else:
+                bound = 3 ** 0.5 * 0.5 * in_features ** -0.5  # uniform with std 0.5 / sqrt(fan_in)
+                self.weight.uniform_(-bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_fp8 and self.training:
+            flat = x.flatten(0, -2)
+            out = fp8_mm(flat, self.weight, **FP8_HEAD_SCALES)[0]
+            return out.view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.type_as(x))
+
+
+def document_ids(inputs: Tensor) -> Tensor:
+    return (inputs == EOT_TOKEN).cumsum(0)
+
+
+def doc_causal_window_mask(docs: Tensor, window_blocks):
+    """The one attention mask definition, shared by FlexAttention and the dense CPU path.
+
+    Query i sees key j iff j <= i, both lie in the same document, and j's 128-block is one of the last
+    `window_blocks` blocks up to and including i's block.
+    """
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
+                & (q_idx // BLOCK_SIZE - kv_idx // BLOCK_SIZE < window_blocks))
+    return mask_mod
+
+
+def dense_attention_mask(inputs: Tensor, window_blocks) -> Tensor:
+    """(T, T) boolean mask for scaled_dot_product_attention, evaluated from the same mask_mod."""
+    idx = torch.arange(len(inputs), device=inputs.device)
+    return doc_causal_window_mask(document_ids(inputs), window_blocks)(0, 0, idx[:, None], idx[None, :])
+
+
+def flex_block_mask(inputs: Tensor, window_blocks) -> BlockMask:
+    """Block-sparse FlexAttention mask from per-block document ranges, so fully masked blocks are skipped and
+    fully visible blocks skip the mask_mod. Equals dense_attention_mask (tested)."""
+    docs = document_ids(inputs)
+    n = len(inputs) // BLOCK_SIZE
+    blocks = torch.arange(n, device=inputs.device)
+    q, kv = blocks[:, None], blocks[None, :]
+    first, last = docs.view(n, BLOCK_SIZE)[:, 0], docs.view(n, BLOCK_SIZE)[:, -1]
+    in_window = (q >= kv) & (q - kv < window_blocks)
+    # docs are non-decreasing, so for kv <= q some pair shares a document iff kv's last doc reaches q's first doc,
+    # and every pair does iff both blocks lie inside one document (and kv < q, so no pair is acausal).
+    some = in_window & (first[:, None] <= last[None, :])
+    every = in_window & (q > kv) & (last[:, None] == first[None, :])
+
+    def ordered(m):
+        counts = m.sum(-1, dtype=torch.int32)
+        indices = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None].contiguous(), indices[None, None].contiguous()
+
+    partial_counts, partial_idx = ordered(some & ~every)
+    full_counts, full_idx = ordered(every)
+    return BlockMask.from_kv_blocks(partial_counts, partial_idx, full_counts, full_idx, BLOCK_SIZE=BLOCK_SIZE,
+                                    mask_mod=doc_causal_window_mask(docs, window_blocks))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
+    """q, k, v: (1, heads, T, head_dim). FlexAttention on GPU; on CPU (no FlexAttention backward) dense SDPA."""
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class Rotary(nn.Module):
+    """Rotary embedding on half of the head dim: dim/4 frequencies from 1 down to 1/1024, the other dim/4 zero."""
+
+    def __init__(self, head_dim: int, max_seq_len: int):
+        super().__init__()
+        freqs = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
+        freqs = torch.cat([freqs, freqs.new_zeros(head_dim // 4)])
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+        self.register_buffer("cos", theta.cos(), persistent=False)
+        self.register_buffer("sin", theta.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, heads, head_dim)
+        cos, sin = self.cos[None, :x.size(1), None, :], self.sin[None, :x.size(1), None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_scale: float, max_seq_len: int):
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_scale = num_heads, dim // num_heads, attn_scale
+        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
+        self.qkv_w = nn.Parameter(torch.empty(3, dim, dim).uniform_(-bound, bound))  # merged q, k, v
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = l0 * v + l1 * value_embedding
+        self.rotary = Rotary(self.head_dim, max_seq_len)
+        self.c_proj = CastedLinear(dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
+        B, T = x.shape[:2]
+        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
+        q, k, v = qkv.chunk(3, dim=-2)
+        q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.c_fc = CastedLinear(dim, hidden)
+        self.c_proj = CastedLinear(hidden, dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, args: Hyperparameters, layer: int, max_seq_len: int):
+        super().__init__()
+        has_attn = layer not in parse_layer_list(args.no_attn_layers)
+        self.attn = CausalSelfAttention(args.model_dim, args.num_heads, args.attn_scale, max_seq_len) \
+            if has_attn else None
+        self.mlp = MLP(args.model_dim, args.mlp_ratio * args.model_dim)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0
+
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask) -> Tensor:
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, mask)
+        return x + self.mlp(norm(x))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def next_multiple(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class GPT(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        L, dim, nve = args.num_layers, args.model_dim, args.num_value_embeds
+        max_seq_len = max(args.seq_len, args.val_seq_len)
+        self.embed = nn.Embedding(args.vocab_size, dim)
+        self.value_embeds = nn.ModuleList([nn.Embedding(args.vocab_size, dim) for _ in range(nve)])
+        self.blocks = nn.ModuleList([Block(args, i, max_seq_len) for i in range(L)])
+        self.skip_weights = nn.Parameter(torch.ones(L // 2))  # U-net: block L-1-i receives block i's output
+        self.lm_head = CastedLinear(dim, next_multiple(args.vocab_size, 128), zero_init=True)
+        # layer -> value-embedding table: tables 0..nve-1 for the first nve layers and again for the last nve
+        self.ve_table = [i if i < nve else (i - (L - nve) if i >= L - nve else None) for i in range(L)]
+        half = args.window_pattern[:L // 2]
+        self.window_kind = list(half + half[::-1])
+        self.eval_chunk_tokens = args.seq_len  # validation computes head + loss in chunks of this many tokens
+        self.default_window_blocks = next_multiple(args.window_schedule_tokens, BLOCK_SIZE) // BLOCK_SIZE
+
+    def attention_masks(self, inputs: Tensor, window_blocks) -> dict:
+        """Build the long and the short mask once per sequence; every block reuses one of them."""
+        build = flex_block_mask if inputs.is_cuda else dense_attention_mask
+        long_blocks = window_blocks.clamp_min(1) if isinstance(window_blocks, Tensor) else max(window_blocks, 1)
+        short_blocks = (long_blocks // 2).clamp_min(1) if isinstance(long_blocks, Tensor) else max(long_blocks // 2, 1)
+        return {"L": build(inputs, long_blocks), "S": build(inputs, short_blocks)}
+
+    def forward(self, inputs: Tensor, targets: Tensor | None = None, window_blocks=None) -> Tensor:
+        """inputs: 1-D token ids (one packed sequence). Returns the mean loss, or float32 logits without targets."""
+        assert inputs.ndim == 1 and len(inputs) % BLOCK_SIZE == 0, "one packed sequence, a multiple of 128 tokens"
+        masks = self.attention_masks(inputs, self.default_window_blocks if window_blocks is None else window_blocks)
+        ves = [ve(inputs)[None] for ve in self.value_embeds]
+        x = x0 = norm(self.embed(inputs)[None])
+        skips, half = [], len(self.blocks) // 2
+        for i, block in enumerate(self.blocks):
+            if i >= half:
+                x = x + self.skip_weights[i - half] * skips.pop()
+            table = self.ve_table[i]
+            x = block(x, x0, None if table is None else ves[table], masks[self.window_kind[i]])
+            if i < half:
+                skips.append(x)
+        x = norm(x)[0]
+        if targets is None:
+            return self.logits(x)
+        if self.training:
+            return F.cross_entropy(self.logits(x), targets)
+        # Validation sequences are long; chunking the head keeps the fp32 logits small. Same mean, up to fp order.
+        total = sum(F.cross_entropy(self.logits(xc), tc, reduction="sum")
+                    for xc, tc in zip(x.split(self.eval_chunk_tokens), targets.split(self.eval_chunk_tokens)))
+        return total / len(targets)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return 30 * torch.sigmoid(self.lm_head(x).float() / 7.5)
+
+
+def build_model(args: Hyperparameters) -> GPT:
+    """The model in fp32 on the CPU; main() moves it to the device (embeddings to bf16 on GPU)."""
+    return GPT(args)
+
+
+def param_groups(model: GPT) -> dict:
+    """Which optimizer owns which parameter: the recipe's split."""
+    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
+    scalars = [p for p in model.parameters() if p.ndim < 2]
+    embeds = [model.embed.weight] + [e.weight for e in model.value_embeds]
+    head = [model.lm_head.weight]
+    assert len(matrices) + len(scalars) + len(embeds) + len(head) == len(list(model.parameters()))
+    return dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head)
+
+
+def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_size: int = 1) -> list:
+    groups = param_groups(model)
+    adam = torch.optim.Adam(
+        [dict(params=groups["head"], lr=args.head_lr), dict(params=groups["embeds"], lr=args.embed_lr),
+         dict(params=groups["scalars"], lr=args.scalar_lr)],
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=groups["head"][0].is_cuda)
+    muon = Muon(groups["matrices"], lr=args.muon_lr, momentum=args.muon_momentum_start, ns_steps=args.ns_steps,
+                rank=rank, world_size=world_size)
+    for opt in (adam, muon):
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return [adam, muon]
+
+
+def lr_multiplier(step: int, args: Hyperparameters) -> float:
+    x = step / args.num_iterations
+    if x < 1 - args.cooldown_frac:
+        return 1.0
+    w = (1 - x) / args.cooldown_frac
+    return w + (1 - w) * args.final_lr_frac
+
+
+def muon_momentum(step: int, args: Hyperparameters) -> float:
+    frac = min(step / args.muon_momentum_warmup_steps, 1) if args.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum_end
+
+
+def long_window_blocks(step: int, args: Hyperparameters) -> int:
+    """Long sliding window (in 128-token blocks) at a step: grows from 1 block to the schedule's end."""
+    tokens = args.window_schedule_tokens * step / args.num_iterations
+    return max(1, math.ceil(tokens / BLOCK_SIZE))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Data loader
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
+
+
+class ShardError(ValueError):
+    pass
+
+
+def read_shard_header(path: Path) -> int:
+    """Validate a shard's header against its size; return its token count."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header (truncated file)")
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if header[0] != SHARD_MAGIC:
+        raise ShardError(f"{path}: wrong magic number {header[0]} (expected {SHARD_MAGIC}); not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise ShardError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    count = int(header[2])
+    if count < 0 or size != HEADER_BYTES + 2 * count:
+        raise ShardError(f"{path}: header says {count} tokens ({HEADER_BYTES + 2 * count} bytes) but the file has "
+                         f"{size} bytes; truncated or corrupted, download or tokenize it again")
+    return count
+
+
+def load_data_shard(path) -> Tensor:
+    count = read_shard_header(path)
+    tokens = torch.empty(count, dtype=torch.uint16, pin_memory=torch.cuda.is_available())
+    with open(path, "rb", buffering=0) as f:
+        f.seek(HEADER_BYTES)
+        nbytes = f.readinto(tokens.numpy())
+    if nbytes != 2 * count:
+        raise ShardError(f"{path}: read {nbytes} bytes of tokens, expected {2 * count}")
+    return tokens
+
+
+def find_shards(pattern: str, kind: str) -> list[Path]:
+    files = sorted(Path(p) for p in glob.glob(pattern))
+    if not files:
+        raise SystemExit(
+            f"error: no {kind} shards match {pattern!r}.\n"
+            f"  FineWeb:    python data/cached_fineweb10B.py 9   (val shard + 9 x 100M train tokens into data/fineweb10B/)\n"
+            f"  Local text: python data/tokenize_text.py my_corpus.txt --out_dir data/local --name mine\n"
+            f"              then --train_files='data/local/mine_train_*.bin' --val_files='data/local/mine_val_*.bin'")
+    return files
+
+
+def token_batches(files: list[Path], batch_tokens: int, offset: int, length: int, device: torch.device):
+    """Yield (inputs int32, targets int64) of `length` tokens starting at `offset` within each consecutive global
+    batch of `batch_tokens` tokens. The stream is read in order; a shard's tail shorter than a batch is skipped."""
+    for path in files:
+        tokens, pos = load_data_shard(path), 0
+        while pos + batch_tokens + 1 <= len(tokens):
+            buf = tokens[pos + offset:pos + offset + length + 1]
+            yield (buf[:-1].to(device=device, dtype=torch.int32, non_blocking=True),
+                   buf[1:].to(device=device, dtype=torch.int64, non_blocking=True))
+            pos += batch_tokens
+
+
+def steps_available(files: list[Path], batch_tokens: int) -> int:
+    return sum((read_shard_header(f) - 1) // batch_tokens for f in files)
+
+
+def train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device):
+    """Each step: the next micro_batches x seq_len tokens; rank r reads its contiguous share, then splits it into
+    micro_batches / world_size sequences (one per accumulation micro-step)."""
+    files = find_shards(args.train_files, "train")
+    global_tokens, accum = args.micro_batches * args.seq_len, args.micro_batches // world_size
+    available = steps_available(files, global_tokens)
+    if available < args.num_iterations:
+        raise SystemExit(
+            f"error: {args.train_files!r} holds {available} steps of {global_tokens} tokens but num_iterations="
+            f"{args.num_iterations}; download more shards (python data/cached_fineweb10B.py N, 100M tokens each) "
+            f"or lower --num_iterations")
+    local = token_batches(files, global_tokens, rank * accum * args.seq_len, accum * args.seq_len, device)
+    for inputs, targets in local:
+        yield list(zip(inputs.split(args.seq_len), targets.split(args.seq_len)))
+
+
+def val_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device):
+    files = find_shards(args.val_files, "val")
+    global_tokens = world_size * args.val_seq_len
+    steps = args.val_tokens // global_tokens
+    if steps_available(files, global_tokens) < steps:
+        raise SystemExit(f"error: {args.val_files!r} holds fewer than val_tokens={args.val_tokens} usable tokens; "
+                         f"lower --val_tokens (a multiple of world_size x val_seq_len = {global_tokens})")
+    batches = token_batches(files, global_tokens, rank * args.val_seq_len, args.val_seq_len, device)
+    return [next(batches) for _ in range(steps)]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Logging and records
+
+
+def environment_report(device: torch.device) -> str:
+    lines = [f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda}  "
+             f"platform {platform.platform()}"]
+    if device.type == "cuda":
+        try:
+            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            lines.append(f"nvidia-smi unavailable: {e}")
+    else:
+        lines.append(f"cpu: {cpu_name()}  cores: {os.cpu_count()}")
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
+
+
+class RunRecord:
+    """records/<track>/<date>_<run_name>/<uuid>.txt: code, environment, flags, then one line per step, flushed as
+    it goes. Opened with mode 'x' so an existing file is never overwritten. Only rank 0 writes and prints."""
+
+    def __init__(self, args: Hyperparameters, env: DistEnv):
+        self.enabled = env.master
+        self.path = None
+        if not self.enabled:
+            return
+        folder = Path(args.records_dir) / args.track / f"{time.strftime('%Y-%m-%d')}_{args.run_name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{uuid.uuid4()}.txt"
+        self.file = open(self.path, "x")
+        for name in ("train_gpt.py", "kernels.py"):
+            source = HERE / name
+            self.section(name, source.read_text() if source.exists() else "(missing)")
+        self.section("environment", environment_report(env.device))
+        self.section("hyperparameters", f"hparams: {json.dumps(dataclasses.asdict(args))}\n"
+                                        f"flags: {json.dumps(changed_flags(args))}")
+        self.section("log", "")
+
+    def section(self, title: str, body: str):
+        self.file.write(f"{'=' * 20} {title} {'=' * 20}\n{body}{'' if body.endswith(chr(10)) or not body else chr(10)}")
+        self.file.flush()
+
+    def log(self, line: str, console: bool = True):
+        if not self.enabled:
+            return
+        if console:
+            print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+def save_weights(model: GPT, args: Hyperparameters, record: RunRecord, step: int) -> Path:
+    """Atomic (temp file + rename) so a crash never leaves a half-written checkpoint under the final name."""
+    path = record.path.with_name(record.path.stem + "_final.pt")
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(dict(model=model.state_dict(), args=dataclasses.asdict(args), step=step), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model, optimizers, micro_batches, window, args, step, world_size) -> Tensor:
+    """One optimizer step: accumulate this rank's micro-batches, sum gradients over ranks, step. Returns the summed
+    (over micro-batches and ranks) loss divided by micro_batches = the global mean loss, as a tensor."""
+    step_loss = torch.zeros((), device=micro_batches[0][0].device)
+    for inputs, targets in micro_batches:
+        loss = model(inputs, targets, window)
+        # Every micro-batch of the global batch is weighted 1/micro_batches, so a sum over ranks is the mean.
+        (loss / args.micro_batches).backward()
+        step_loss += loss.detach() / args.micro_batches
+    params = [p for p in model.parameters() if p.grad is not None]
+    if world_size > 1:
+        handles = [dist.all_reduce(p.grad, async_op=True) for p in params]
+        handles.append(dist.all_reduce(step_loss, async_op=True))
+        for h in handles:
+            h.wait()
+    lr_mult, momentum = lr_multiplier(step, args), muon_momentum(step, args)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return step_loss
+
+
+@torch.no_grad()
+def evaluate(model, batches, window, world_size) -> float:
+    model.eval()
+    total = torch.zeros((), device=batches[0][0].device)
+    for inputs, targets in batches:
+        total += model(inputs, targets, window)
+    model.train()
+    return all_reduce_sum_(total, world_size).item() / (len(batches) * world_size)
+
+
+def compile_warmup(model, raw_model, optimizers, args, env, val_window):
+    """Compile forward/backward/optimizer kernels on random tokens, then restore the initial state exactly."""
+    model_state = copy.deepcopy(raw_model.state_dict())
+    opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    gen = torch.Generator().manual_seed(12345)
+    accum = args.micro_batches // env.world_size
+    for step in range(args.warmup_steps):
+        tokens = torch.randint(0, args.vocab_size, (accum, args.seq_len + 1), generator=gen).to(env.device)
+        micro = [(t[:-1].int(), t[1:].long()) for t in tokens]
+        window = torch.tensor(long_window_blocks(step, args), dtype=torch.int32, device=env.device)
+        train_step(model, optimizers, micro, window, args, step, env.world_size)
+    if args.warmup_steps:
+        val = torch.randint(0, args.vocab_size, (args.val_seq_len + 1,), generator=gen).to(env.device)
+        evaluate(model, [(val[:-1].int(), val[1:].long())], val_window, env.world_size)
+    raw_model.load_state_dict(model_state)
+    for opt, state in zip(optimizers, opt_states):
+        opt.load_state_dict(state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = apply_overrides(Hyperparameters(), sys.argv[1:] if argv is None else argv)
+    env = setup_distributed()
+    check_config(args, env.world_size)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    on_gpu = env.device.type == "cuda"
+
+    model = build_model(args).to(env.device)  # same seed on every rank: identical initial weights
+    if on_gpu:
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                m.bfloat16()  # bf16 embeddings make every activation bf16 (CastedLinear casts weights to match)
+    fp8 = args.fp8_head and on_gpu and torch.cuda.get_device_capability(env.device) >= (8, 9)
+    model.lm_head.use_fp8 = fp8
+    optimizers = build_optimizers(model, args, env.rank, env.world_size)
+    compiled = args.compile and on_gpu
+    if compiled:
+        optimizers[1].orthogonalize = torch.compile(zeropower_via_newtonschulz5)
+    train_model = torch.compile(model, dynamic=False) if compiled else model
+
+    record = RunRecord(args, env)
+    log = record.log
+    groups = param_groups(model)
+    log(f"model: {count_params(model):,} parameters (block matrices {sum(p.numel() for p in groups['matrices']):,}, "
+        f"embeddings {sum(p.numel() for p in groups['embeds']):,}, head {groups['head'][0].numel():,}, "
+        f"scalars {sum(p.numel() for p in groups['scalars']):,}); world_size {env.world_size}, "
+        f"grad accumulation {args.micro_batches // env.world_size}, device {device_name(env.device)}, "
+        f"fp8 head {fp8}, compile {compiled}", console=True)
+
+    train_loader = train_batches(args, env.rank, env.world_size, env.device)
+    val_data = val_batches(args, env.rank, env.world_size, env.device)
+    final_window = torch.tensor(long_window_blocks(args.num_iterations, args), dtype=torch.int32, device=env.device)
+    if compiled and args.warmup_steps:
+        t = time.perf_counter()
+        compile_warmup(train_model, model, optimizers, args, env, final_window)
+        log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t:.1f}s (untimed)")
+
+    status, reason, val_loss, train_time_ms, step = "ok", None, float("nan"), 0.0, 0
+    prev_loss = None
+    try:
+        synchronize(env.device)
+        t0 = time.perf_counter()
+        for step in range(args.num_iterations + 1):
+            last = step == args.num_iterations
+            window = torch.tensor(long_window_blocks(step, args), dtype=torch.int32, device=env.device)
+            if last or (args.val_every > 0 and step % args.val_every == 0):
+                synchronize(env.device)
+                train_time_ms += 1000 * (time.perf_counter() - t0)
+                val_loss = evaluate(train_model, val_data, window, env.world_size)
+                log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+                    f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
+                if not math.isfinite(val_loss):
+                    status, reason = "failed", f"non-finite val loss at step {step}"
+                    break
+                synchronize(env.device)
+                t0 = time.perf_counter()
+            if last:
+                break
+            loss = train_step(train_model, optimizers, next(train_loader), window, args, step, env.world_size)
+            # Check the previous step's loss: its value is ready, so the check does not stall the GPU pipeline.
+            if prev_loss is not None and not math.isfinite(prev_loss.item()):
+                status, reason = "failed", f"non-finite train loss at step {step}"
+                break
+            prev_loss = loss
+            approx_ms = train_time_ms + 1000 * (time.perf_counter() - t0)
+            log(f"step:{step + 1}/{args.num_iterations} train_time:{approx_ms:.0f}ms "
+                f"step_avg:{approx_ms / (step + 1):.2f}ms")
+        if status == "ok" and prev_loss is not None and not math.isfinite(prev_loss.item()):
+            status, reason = "failed", f"non-finite train loss at step {step}"
+    except BaseException as e:  # the record says how the run ended, then the error propagates
+        record.log(f"status: failed reason: {type(e).__name__}: {e}")
+        if record.enabled:
+            print(f"summary: {json.dumps(dict(status='failed', reason=repr(e), record=str(record.path)))}")
+            record.file.write(f"summary: {json.dumps(dict(status='failed', reason=repr(e)))}\n")
+            record.file.flush()
+        raise
+
+    if on_gpu:
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated(env.device) // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved(env.device) // 2**20} MiB")
+    else:
+        import resource
+        log(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+    if status == "failed":
+        log(f"status: failed reason: {reason}")
+    checkpoint = save_weights(model, args, record, step) if args.save_checkpoint and env.master else None
+    tokens_per_step = args.micro_batches * args.seq_len
+    summary = dict(
+        status=status, final_val_loss=val_loss if math.isfinite(val_loss) else None, train_time_ms=train_time_ms,
+        step_avg_ms=train_time_ms / max(step, 1), steps=step, tokens=step * tokens_per_step,
+        tokens_per_step=tokens_per_step, world_size=env.world_size, device=device_name(env.device),
+        track=args.track, run_name=args.run_name, date=time.strftime("%Y-%m-%d"), seed=args.seed,
+        params=count_params(model), flags=changed_flags(args), git_commit=git_commit(),
+        record=str(record.path) if record.path else None,
+        checkpoint=str(checkpoint) if checkpoint else None)
+    if reason:
+        summary["reason"] = reason
+    log(f"summary: {json.dumps(summary)}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0 if status == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
