@@ -87,11 +87,12 @@ class Hyperparameters:
 
 PRESETS = {
     # Tiny CPU configuration that still runs every baseline code path: value embeddings, U-net skips, a block
-    # without attention, long/short windows that grow, Muon + Adam, 8-way gradient accumulation.
+    # without attention, long/short windows that grow (1 -> 3 blocks), Muon + Adam, gradient accumulation (2-way on
+    # one process; --micro_batches=8 for the full 8-way layout).
     "smoke": dict(
         num_layers=4, model_dim=128, num_heads=2, num_value_embeds=1, no_attn_layers="2", window_pattern="LS",
-        seq_len=256, val_seq_len=1024, val_tokens=8192, window_schedule_tokens=384,
-        num_iterations=40, val_every=10, warmup_steps=0, compile=False,
+        seq_len=512, micro_batches=2, val_seq_len=1024, val_tokens=4096, window_schedule_tokens=384,
+        num_iterations=30, val_every=10, warmup_steps=0, compile=False,
         track="local", run_name="smoke",
     ),
 }
@@ -896,11 +897,9 @@ def main(argv: list[str] | None = None) -> int:
         if status == "ok" and prev_loss is not None and not math.isfinite(prev_loss.item()):
             status, reason = "failed", f"non-finite train loss at step {step}"
     except BaseException as e:  # the record says how the run ended, then the error propagates
+        # No final_val_loss key: tools/records.py reads that as a crash (rerun it), not a divergence.
         record.log(f"status: failed reason: {type(e).__name__}: {e}")
-        if record.enabled:
-            print(f"summary: {json.dumps(dict(status='failed', reason=repr(e), record=str(record.path)))}")
-            record.file.write(f"summary: {json.dumps(dict(status='failed', reason=repr(e)))}\n")
-            record.file.flush()
+        record.log(f"summary: {json.dumps(dict(status='failed', reason=repr(e), record=str(record.path)))}")
         raise
 
     if on_gpu:
@@ -918,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
         step_avg_ms=train_time_ms / max(step, 1), steps=step, tokens=step * tokens_per_step,
         tokens_per_step=tokens_per_step, world_size=env.world_size, device=device_name(env.device),
         track=args.track, run_name=args.run_name, date=time.strftime("%Y-%m-%d"), seed=args.seed,
-        params=count_params(model), flags=changed_flags(args), git_commit=git_commit(),
+        params=count_params(model), non_embedding_params=count_params(model.blocks), flags=changed_flags(args), git_commit=git_commit(),
         record=str(record.path) if record.path else None,
         checkpoint=str(checkpoint) if checkpoint else None)
     if reason:

@@ -12,3 +12,39 @@ sys.path.insert(0, str(ROOT))
 _shared_cache = ROOT.parent / "shared" / "tiktoken_cache"
 if _shared_cache.is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_shared_cache))
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def load_script(relpath: str):
+    """Import a script that lives outside a package (data/*.py, tools/*.py)."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def shakespeare_shards(tmp_path_factory):
+    """Tiny Shakespeare tokenized by data/tokenize_text.py: (train glob, val glob)."""
+    if not SHAKESPEARE.exists() or not _shared_cache.is_dir():
+        pytest.skip("../shared/data/tinyshakespeare.txt or ../shared/tiktoken_cache is missing")
+    out = tmp_path_factory.mktemp("shakespeare")
+    load_script("data/tokenize_text.py").main([str(SHAKESPEARE), "--out_dir", str(out), "--name", "shak",
+                                               "--val_tokens", "16384"])
+    return str(out / "shak_train_*.bin"), str(out / "shak_val_*.bin")
+
+
+def write_shard(path, tokens):
+    """A shard in the speedrun format: 256 int32 header (magic, version, count), then uint16 tokens."""
+    import numpy as np
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())

@@ -1,0 +1,416 @@
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tools import records
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A stand-in for train_gpt.py, written to tmp_path by the `fake` fixture: `render_record` produces the record format
+# train_gpt.py writes, and running the script writes one record under ./records/ and prints the summary line last.
+# Its final loss follows a known scaling law L(N, D) = E + A/N^a + B/D^b (N = 12 * num_layers * model_dim^2,
+# D = num_iterations * 8 * seq_len), plus small offsets for lr and seed.
+FAKE_TRAIN = r'''
+import json, os, sys, uuid
+from pathlib import Path
+
+RULE = "=" * 20
+DEFAULTS = {"num_iterations": 20, "cooldown_frac": 0.4, "seq_len": 64, "val_tokens": 1024, "val_every": 5,
+            "seed": 0, "track": "track_test", "run_name": "run", "preset": None,
+            "num_layers": 2, "model_dim": 64, "num_heads": 2, "lr": 0.01}
+LAW = {"E": 1.8, "A": 50.0, "a": 0.34, "B": 20.0, "b": 0.28}
+
+
+def render_record(hparams, flags, final_loss, ms_per_step=50.0, status="ok", stop_at=None, reason="nan loss",
+                  device="NVIDIA H100 80GB HBM3", world_size=8, record="", environment="", tokens_per_step=True):
+    """Record text for one run: ok, failed (NaN at stop_at), or incomplete (killed after stop_at steps)."""
+    T, tps = hparams["num_iterations"], 8 * hparams["seq_len"]
+    hp = dict(hparams, **({"tokens_per_step": tps} if tokens_per_step else {}))
+    last = T if stop_at is None else stop_at
+    loss = lambda s: final_loss + (10.8 - final_loss) * (1 - s / T) ** 3
+    lines = [f"{RULE} train_gpt.py {RULE}", "print('training')", "HEADER_LIKE = (", f"'{RULE} log {RULE}'",
+             "'step:3/3 val_loss:0.1 train_time:1ms step_avg:1.00ms')",
+             f"{RULE} kernels.py {RULE}", "# kernels", f"{RULE} environment {RULE}", "python 3.11 torch 2.13",
+             environment, f"{RULE} hyperparameters {RULE}", "hparams: " + json.dumps(hp), "flags: " + json.dumps(flags),
+             f"{RULE} log {RULE}", f"step:0/{T} val_loss:10.8000 train_time:0ms step_avg:nanms"]
+    for s in range(1, last + 1):
+        t = s * ms_per_step
+        lines.append(f"step:{s}/{T} train_time:{t:.0f}ms step_avg:{ms_per_step:.2f}ms")
+        if s % hparams["val_every"] == 0 or s == T:
+            val = "nan" if status == "failed" and s == last else f"{loss(s):.4f}"
+            lines.append(f"step:{s}/{T} val_loss:{val} train_time:{t:.0f}ms step_avg:{ms_per_step:.2f}ms")
+    if status == "incomplete":
+        return "\n".join(lines) + f"\nstep:{last + 1}/{T} train_ti"  # killed mid-line
+    lines.append("peak memory allocated: 29900 MiB reserved: 30500 MiB")
+    summary = {"status": status, "final_val_loss": final_loss, "train_time_ms": last * ms_per_step,
+               "step_avg_ms": ms_per_step, "steps": last, "tokens": last * tps, "tokens_per_step": tps,
+               "world_size": world_size, "device": device, "track": hparams["track"],
+               "run_name": hparams["run_name"], "date": "2026-11-23", "seed": hparams["seed"], "flags": flags,
+               "git_commit": None, "record": record}
+    if status == "failed":
+        lines.append(f"status: failed reason: {reason}")
+        summary.update(final_val_loss=None, reason=reason)
+    return "\n".join(lines + ["summary: " + json.dumps(summary)]) + "\n"
+
+
+def law_loss(hp):
+    N = 12 * hp["num_layers"] * hp["model_dim"] ** 2
+    D = hp["num_iterations"] * 8 * hp["seq_len"]
+    return LAW["E"] + LAW["A"] / N ** LAW["a"] + LAW["B"] / D ** LAW["b"]
+
+
+def main(argv):
+    overrides = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
+    hp = dict(DEFAULTS)
+    for k, v in overrides.items():
+        hp[k] = type(DEFAULTS[k])(v) if DEFAULTS.get(k) is not None else v
+    flags = {k: v for k, v in hp.items() if v != DEFAULTS[k]}
+    with open("calls.log", "a") as f:
+        f.write(json.dumps(overrides) + "\n")
+    folder = Path("records") / hp["track"] / f"2026-11-23_{hp['run_name']}"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / f"{uuid.uuid4()}.txt"
+    env = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}"
+    matches = lambda spec: spec and all(overrides.get(k) == v for k, v in (c.split("=") for c in spec.split(",")))
+    marker = Path(f".failed_once_{hp['run_name']}_{hp['seed']}")
+    if matches(os.environ.get("FAKE_CRASH_ONCE")) and not marker.exists():
+        # like train_gpt.py on an exception: a status line and a short summary without final_val_loss
+        marker.touch()
+        short = {"status": "failed", "reason": "RuntimeError('simulated crash')"}
+        text = render_record(hp, flags, 3.3, status="incomplete", stop_at=7, environment=env)
+        tail = "\nstatus: failed reason: RuntimeError: simulated crash\nsummary: " + json.dumps(short)
+        record.write_text(text + tail)
+        print("step:7/20 train_time:350ms step_avg:50.00ms")
+        print("summary: " + json.dumps(dict(short, record=str(record))))
+        return 1
+    final = law_loss(hp) + 0.5 * abs(hp["lr"] - 0.01) + 1e-4 * hp["seed"]
+    diverged = matches(os.environ.get("FAKE_DIVERGE"))
+    text = render_record(hp, flags, final, record=str(record), environment=env,
+                         status="failed" if diverged else "ok", stop_at=10 if diverged else None)
+    record.write_text(text)
+    print(text.splitlines()[-2])
+    print(text.splitlines()[-1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+'''
+
+HP = {"num_iterations": 20, "cooldown_frac": 0.4, "seq_len": 64, "val_tokens": 1024, "val_every": 5, "seed": 0,
+      "track": "track_1_short", "run_name": "baseline", "preset": None, "num_layers": 2, "model_dim": 64,
+      "num_heads": 2, "lr": 0.01}
+
+
+@pytest.fixture
+def fake(tmp_path):
+    path = tmp_path / "fake_train.py"
+    path.write_text(FAKE_TRAIN)
+    spec = importlib.util.spec_from_file_location("fake_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.path = path
+    return module
+
+
+def write_run(fake, root, track, folder, final, seed=0, name=None, flags=None, **kw):
+    flags = dict(flags or {})
+    hp = dict(HP, track=track, run_name=folder[11:], seed=seed, **flags)
+    path = Path(root) / track / folder / (name or f"{seed:08d}-0000-0000-0000-000000000000.txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(fake.render_record(hp, dict(flags, seed=seed, run_name=hp["run_name"]), final, **kw))
+    return path
+
+
+def t_cdf_df2(t):
+    """Student t CDF with 2 degrees of freedom, in closed form."""
+    return 0.5 + t / (2 * math.sqrt(2 + t * t))
+
+
+# -----------------------------------------------------------------------------
+# Parsing
+
+
+def test_parse_ok_failed_incomplete(fake, tmp_path):
+    ok = records.parse_record(write_run(fake, tmp_path, "track_1_short", "2026-11-20_baseline", 3.2712))
+    assert (ok.status, ok.track, ok.date, ok.run_name) == ("ok", "track_1_short", "2026-11-20", "baseline")
+    assert ok.final_val_loss == 3.2712 and ok.num_steps == 20 and ok.tokens == 20 * 512
+    assert ok.hparams["cooldown_frac"] == 0.4 and ok.peak_memory_mib == 29900
+    # the header-like lines inside the source section are not mistaken for the log
+    assert [p[0] for p in ok.val_points] == [0, 5, 10, 15, 20]
+    assert ok.val_points[-1] == (20, 20 * 512, 1000.0, 3.2712)
+
+    failed = records.parse_record(
+        write_run(fake, tmp_path, "track_1_short", "2026-11-20_baseline", 3.3, seed=1, status="failed", stop_at=10))
+    assert failed.status == "failed" and failed.reason == "nan loss" and failed.final_val_loss is None
+
+    inc = records.parse_record(write_run(fake, tmp_path, "track_1_short", "2026-11-20_baseline", 3.3, seed=2,
+                                         status="incomplete", stop_at=12, tokens_per_step=False))
+    assert inc.status == "incomplete" and inc.summary is None
+    assert inc.num_steps == 12 and inc.train_time_ms == 600  # the cut-off step 13 line is ignored
+    assert inc.tokens_per_step == 8 * 64 and inc.tokens == 12 * 512
+    assert inc.final_val_loss == pytest.approx(3.3 + 7.5 * (1 - 10 / 20) ** 3, abs=1e-4)  # last val point
+
+
+# -----------------------------------------------------------------------------
+# table
+
+
+def make_records_tree(fake, root):
+    base = "2026-11-20_baseline"
+    for seed, loss in enumerate([3.270, 3.274, 3.272]):
+        write_run(fake, root, "track_1_short", base, loss, seed=seed)
+    write_run(fake, root, "track_1_short", base, 3.3, seed=3, status="failed", stop_at=10)
+    write_run(fake, root, "track_1_short", base, 3.3, seed=4, status="incomplete", stop_at=12)
+    for seed, loss in enumerate([3.29, 3.30]):
+        write_run(fake, root, "track_1_short", "2026-11-22_short_cooldown", loss, seed=seed,
+                  flags={"cooldown_frac": 0.5}, ms_per_step=40.0)
+    write_run(fake, root, "track_2_medium", "2026-11-21_big", 3.3, status="incomplete", stop_at=7,
+              tokens_per_step=False, device="NVIDIA A100-SXM4-80GB")
+    write_run(fake, root, "local", "2026-11-23_smoke", 4.0)
+    (root / "kernels").mkdir()
+    (root / "kernels" / "bench.jsonl").write_text('{"kernel": "x", "ms": 1.0}\n')
+    (root / "kernels" / "bench.txt").write_text("not a run\n")
+
+
+def test_table_rows(fake, tmp_path, capsys):
+    root = tmp_path / "records"
+    make_records_tree(fake, root)
+    (root / "notes.txt").write_text("stray notes\n")
+    runs = records.load_runs([root], records.NON_RUN_DIRS + ("local",))
+    assert "skipping" in capsys.readouterr().err  # the stray file is reported, not silently dropped
+    rows = records.table_rows(runs, 3.28)
+    assert [(r["track"], r["date"], r["run name"]) for r in rows] == [
+        ("track_1_short", "2026-11-20", "baseline"), ("track_1_short", "2026-11-22", "short_cooldown"),
+        ("track_2_medium", "2026-11-21", "big")]
+    base, short, big = rows
+    t = (3.272 - 3.28) / (0.002 / math.sqrt(3))
+    assert base == {
+        "track": "track_1_short", "date": "2026-11-20", "run name": "baseline",
+        "runs": "3/5 (1 failed, 1 incomplete)", "mean val loss": "3.2720", "std": "0.0020",
+        "p(<3.28)": f"{t_cdf_df2(t):.3f}", "time (s)": "1.0", "ms/step": "50.00", "steps": "20", "tokens": "10240",
+        "world size": "8", "GPU": "H100 80GB HBM3", "flags": ""}
+    assert base["p(<3.28)"] == "0.010"
+    assert (short["runs"], short["mean val loss"], short["ms/step"], short["flags"]) == (
+        "2/2", "3.2950", "40.00", "cooldown_frac=0.5")
+    assert (big["runs"], big["mean val loss"], big["std"], big["p(<3.28)"]) == (
+        "0/1 (1 incomplete)", "–", "–", "–")
+    assert (big["steps"], big["tokens"], big["time (s)"]) == ("7", "3584", "0.3")
+
+
+def test_table_rewrites_only_between_markers(fake, tmp_path, capsys):
+    root = tmp_path / "records"
+    make_records_tree(fake, root)
+    before = "# Records\r\n\nIntro — with non-ASCII and CRLF.\r\n\n"
+    after = "\n## After\n\ntext that must survive\r\n"
+    readme = root / "README.md"
+    readme.write_bytes((before + records.TABLE_START + "\nold table\n" + records.TABLE_END + after).encode())
+    assert records.main(["table", "--records_dir", str(root)]) == 0
+    data = readme.read_bytes().decode()
+    assert data.startswith(before + records.TABLE_START + "\n") and data.endswith(records.TABLE_END + after)
+    inner = data[len(before) + len(records.TABLE_START):-len(records.TABLE_END + after)]
+    lines = inner.strip("\n").splitlines()
+    assert lines[0].startswith("| track | date | run name | runs |") and len(lines) == 2 + 3
+    assert "| 3/5 (1 failed, 1 incomplete) |" in inner and "smoke" not in inner and "old table" not in inner
+    assert "| 3/5 (1 failed, 1 incomplete) |" in capsys.readouterr().out
+
+    assert records.main(["table", "--records_dir", str(root), "--include_local"]) == 0
+    assert "| local | 2026-11-23 | smoke | 1/1 |" in readme.read_text()
+    assert readme.read_bytes().decode().startswith(before) and readme.read_bytes().decode().endswith(after)
+
+    readme.write_text("# no markers here\n")
+    assert records.main(["table", "--records_dir", str(root)]) == 1
+    assert "records-table:start" in capsys.readouterr().err
+    assert readme.read_text() == "# no markers here\n"
+
+
+def test_repo_readme_has_markers():
+    text = (ROOT / "records" / "README.md").read_text()
+    assert text.count(records.TABLE_START) == 1 and text.count(records.TABLE_END) == 1
+    assert text.index(records.TABLE_START) < text.index(records.TABLE_END)
+
+
+# -----------------------------------------------------------------------------
+# stats
+
+
+def test_one_sample_test_by_hand():
+    x = [3.270, 3.274, 3.272]
+    res = records.one_sample_test(x, target=3.28, alpha=0.01)
+    mean, s = 3.272, 0.002  # sum of squared deviations 8e-6 over n - 1 = 2
+    t = (mean - 3.28) / (s / math.sqrt(3))
+    assert res.n == 3 and res.df == 2
+    assert res.mean == pytest.approx(mean) and res.std == pytest.approx(s)
+    assert res.t == pytest.approx(t) and res.p == pytest.approx(t_cdf_df2(t), rel=1e-9)
+    assert res.p == pytest.approx(0.0101, abs=1e-4) and not res.significant
+    assert records.one_sample_test(x, 3.28, alpha=0.05).significant
+    # 97.5% quantile of t with 2 df: q / sqrt(2 + q^2) = 0.95  =>  q^2 = 2 * 0.9025 / 0.0975
+    q = math.sqrt(2 * 0.9025 / 0.0975)
+    half = q * s / math.sqrt(3)
+    assert res.ci == pytest.approx((mean - half, mean + half))
+
+
+def test_welch_by_hand_and_symmetric():
+    a, b = [3.270, 3.276], [3.280, 3.286]  # equal n = 2 and equal variances: Welch df is exactly 2
+    w = records.welch_test(a, b)
+    se = math.sqrt(1.8e-5 / 2 + 1.8e-5 / 2)
+    t = -0.010 / se
+    assert w.diff == pytest.approx(-0.010) and w.df == pytest.approx(2.0)
+    assert w.t == pytest.approx(t) and w.p == pytest.approx(2 * (1 - t_cdf_df2(abs(t))), rel=1e-9)
+
+    a, b = [3.271, 3.275, 3.279, 3.272], [3.281, 3.279, 3.290]
+    ab, ba = records.welch_test(a, b), records.welch_test(b, a)
+    assert ab.diff == pytest.approx(-ba.diff) and ab.t == pytest.approx(-ba.t)
+    assert ab.p == pytest.approx(ba.p) and ab.df == pytest.approx(ba.df)
+    assert ab.ci == pytest.approx((-ba.ci[1], -ba.ci[0]))
+
+
+def test_stats_cli(fake, tmp_path, capsys):
+    root = tmp_path / "records"
+    make_records_tree(fake, root)
+    assert records.main(["stats", str(root / "track_1_short" / "2026-11-20_baseline")]) == 0
+    out = capsys.readouterr().out
+    assert "5 runs, 3 ok (excluded: 1 failed, 1 incomplete)" in out
+    assert "n=3" in out and "NOT significant" in out
+    assert records.main(["stats", str(root / "track_1_short" / "2026-11-20_baseline"), "--alpha", "0.05",
+                         "--vs", str(root / "track_1_short" / "2026-11-22_short_cooldown")]) == 0
+    out = capsys.readouterr().out
+    assert "verdict at alpha=0.05: significant" in out and "Welch t-test, mean(A) - mean(B) = -0.02300" in out
+
+
+# -----------------------------------------------------------------------------
+# compare
+
+
+def test_compare_plot_and_confound_warning(fake, tmp_path, capsys):
+    root = tmp_path / "records" / "track_1_short"
+    for seed in (0, 1):
+        write_run(fake, root.parent, root.name, "2026-11-20_base", 3.27 + 0.002 * seed, seed=seed)
+        write_run(fake, root.parent, root.name, "2026-11-21_cd05", 3.26 + 0.002 * seed, seed=seed,
+                  flags={"cooldown_frac": 0.5}, ms_per_step=45.0)
+        write_run(fake, root.parent, root.name, "2026-11-22_reseed", 3.27 + 0.002 * seed, seed=seed + 2)
+    out = tmp_path / "cmp.png"
+    args = ["compare", str(root / "2026-11-20_base"), str(root / "2026-11-21_cd05"), "--out", str(out)]
+    assert records.main(args) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"WARNING.*cooldown_frac.*2026-11-20_base=0\.4.*2026-11-21_cd05=0\.5", captured.err)
+    assert "seed" not in captured.err
+    assert out.stat().st_size > 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "val loss at equal tokens" in captured.out and "val loss at equal time" in captured.out
+    assert "(-0.0100)" in captured.out  # equal tokens, final point: 3.261 vs 3.271
+    assert "reaches 3.28 at" in captured.out
+
+    assert records.main(args + ["--subject", "cooldown_frac", "--labels", "base,cd"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    assert records.main(["compare", str(root / "2026-11-20_base"), str(root / "2026-11-22_reseed"),
+                         "--out", str(out), "--zoom", "1", "--band", "std"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# sweep
+
+
+def calls(tmp_path):
+    path = tmp_path / "calls.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_sweep_resumes_after_a_crash(fake, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("FAKE_CRASH_ONCE", "lr=0.02,cooldown_frac=0.5")
+    monkeypatch.setenv("FAKE_DIVERGE", "lr=0.02,cooldown_frac=0.4")
+    argv = ["sweep", "--grid", "lr=0.01,0.02", "--grid", "cooldown_frac=0.4,0.5", "--seeds", "0",
+            "--train_cmd", f"python {fake.path}", "--records_dir", "records", "--sweep_name", "t", "--gpus", "0"]
+    assert records.main(argv) == 1  # one cell crashed
+    first = calls(tmp_path)
+    assert len(first) == 4 and {(c["lr"], c["cooldown_frac"]) for c in first} == {
+        ("0.01", "0.4"), ("0.01", "0.5"), ("0.02", "0.4"), ("0.02", "0.5")}
+    assert all(c["run_name"].startswith("sweep_") and c["seed"] == "0" for c in first)
+    state = json.loads((tmp_path / "records" / "sweeps" / "t.json").read_text())
+    status = {(v["flags"]["lr"], v["flags"]["cooldown_frac"]): v["status"] for v in state["runs"].values()}
+    assert status == {("0.01", "0.4"): "ok", ("0.01", "0.5"): "ok", ("0.02", "0.4"): "failed",
+                      ("0.02", "0.5"): "error"}
+    assert all(Path(v["record"]).exists() for v in state["runs"].values() if v["status"] == "ok")
+
+    assert records.main(argv) == 0  # reruns the crashed cell only; the diverged one is finished
+    rerun = calls(tmp_path)[4:]
+    assert len(rerun) == 1 and (rerun[0]["lr"], rerun[0]["cooldown_frac"]) == ("0.02", "0.5")
+    assert records.main(argv) == 0 and len(calls(tmp_path)) == 5  # everything finished: nothing runs
+    assert records.main(argv + ["--retry_failed"]) == 0
+    assert [(c["lr"], c["cooldown_frac"]) for c in calls(tmp_path)[5:]] == [("0.02", "0.4")]
+
+    # the table lists the crashed attempt and both diverged attempts next to the good runs
+    capsys.readouterr()
+    rows = records.table_rows(records.load_runs([tmp_path / "records"]))
+    assert sorted(r["runs"] for r in rows) == ["0/2 (2 failed)", "1/1", "1/1", "1/2 (1 failed)"]
+
+    # a new seed is estimated from the finished runs' step_avg: 4 runs x 20 steps x 50 ms = 4 s > 3.6 s
+    assert records.main(argv[:-6] + ["--seeds", "1", "--budget_hours", "0.001"] + argv[-4:]) == 2
+    assert "exceeds --budget_hours" in capsys.readouterr().err and len(calls(tmp_path)) == 6
+
+
+def test_sweep_budget_refusal(fake, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    base = ["sweep", "--grid", "num_iterations=1000,2000", "--seeds", "0,1", "--train_cmd", f"python {fake.path}",
+            "--gpus", "0"]
+    # 2 seeds x (1000 + 2000) steps x 100 ms = 600 s = 0.167 h
+    assert records.main(base + ["--ms_per_step", "100", "--budget_hours", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to start" in err and "0.17 h" in err
+    assert records.main(base + ["--budget_hours", "10"]) == 2  # no records and no --ms_per_step: no estimate
+    assert "--ms_per_step" in capsys.readouterr().err
+    assert records.main(base + ["--ms_per_step", "100", "--budget_hours", "0.2", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "0.17 h" in out and out.count("--num_iterations=") == 4 and "--seed=1" in out
+    assert records.main(base + ["--nproc", "2", "--dry_run", "--", "--lr=0.02"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert re.search(r"-m torch\.distributed\.run --standalone --nproc_per_node=2 \S*fake_train\.py "
+                     r"--num_iterations=2000 --lr=0\.02 --run_name=sweep_[0-9a-f]{8} --seed=1$", line), line
+    assert not calls(tmp_path) and not (tmp_path / "records" / "sweeps").exists()
+
+
+def test_sweep_spreads_runs_over_gpus(fake, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert records.main(["sweep", "--grid", "lr=0.01,0.02", "--seeds", "0,1", "--gpus", "2",
+                         "--train_cmd", f"python {fake.path}", "--", "--cooldown_frac=0.5"]) == 0
+    runs = records.load_runs([tmp_path / "records"])
+    assert len(runs) == 4 and all(r.hparams["cooldown_frac"] == 0.5 for r in runs)
+    devices = {re.search(r"CUDA_VISIBLE_DEVICES=(\S+)", r.environment).group(1) for r in runs}
+    assert devices == {"0", "1"}
+    assert len({r.folder for r in runs}) == 2  # seeds of one cell share its run name
+
+
+def test_fit_scaling_law_recovers_exponents():
+    E, A, a, B, b = 1.69, 406.4, 0.34, 410.7, 0.28
+    N, D = np.meshgrid(np.geomspace(1e7, 1e9, 5), np.geomspace(1e8, 1e10, 5))
+    N, D = N.ravel(), D.ravel()
+    L = E + A / N ** a + B / D ** b
+    fit = records.fit_scaling_law(N, D, L)
+    for key, true in (("E", E), ("a", a), ("b", b), ("A", A), ("B", B)):
+        assert fit[key] == pytest.approx(true, rel=0.01), key
+    noisy = L + np.random.default_rng(0).normal(0, 2e-3, L.shape)
+    fit = records.fit_scaling_law(N, D, noisy)
+    assert fit["a"] == pytest.approx(a, rel=0.1) and fit["b"] == pytest.approx(b, rel=0.1)
+    assert fit["E"] == pytest.approx(E, rel=0.1) and fit["n"] == 25
+
+
+def test_sweep_fit_end_to_end(fake, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert records.main(["sweep", "--grid", "model_dim=32,128,512", "--grid", "num_iterations=10,40,160",
+                         "--train_cmd", f"python {fake.path}", "--gpus", "0", "--fit",
+                         "--sweep_name", "scaling"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"fit over 9 runs: L\(N, D\) = (\S+) \+ \S+ / N\^(\S+) \+ \S+ / D\^(\S+)", out)
+    assert m, out[-2000:]
+    E, a, b = map(float, m.groups())
+    assert a == pytest.approx(fake.LAW["a"], rel=0.1) and b == pytest.approx(fake.LAW["b"], rel=0.1)
+    assert E == pytest.approx(fake.LAW["E"], rel=0.1)
+    assert (tmp_path / "records" / "sweeps" / "scaling_fit.png").stat().st_size > 0
