@@ -47,8 +47,8 @@ class Hyperparameters:
     micro_batches: int = 8  # sequences per optimizer step; each rank runs micro_batches / world_size of them
     # model
     vocab_size: int = 50257  # GPT-2 vocabulary; the head is padded to a multiple of 128
-    num_layers: int = 12
-    model_dim: int = 768
+    num_layers: int = 12  # transformer blocks (even: the U-net pairs block i with block num_layers-1-i)
+    model_dim: int = 768  # residual stream width
     num_heads: int = 6  # head dim = model_dim / num_heads
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * model_dim
     num_value_embeds: int = 3  # value-embedding tables, used by the first and the last num_value_embeds layers
@@ -63,25 +63,25 @@ class Hyperparameters:
     muon_lr: float = 0.05  # Muon: every 2-D matrix inside the blocks
     muon_momentum_start: float = 0.85  # Nesterov momentum at step 0 ...
     muon_momentum_end: float = 0.95  # ... reached after muon_momentum_warmup_steps
-    muon_momentum_warmup_steps: int = 300
+    muon_momentum_warmup_steps: int = 300  # linear momentum warm-up length
     ns_steps: int = 5  # Newton-Schulz iterations
     head_lr: float = 0.008  # Adam: lm_head
     embed_lr: float = 0.6  # Adam: token and value embeddings
     scalar_lr: float = 0.04  # Adam: residual lambdas, value-mixing lambdas, U-net skip weights
-    adam_beta1: float = 0.8
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-10
+    adam_beta1: float = 0.8  # Adam betas and eps (all Adam groups)
+    adam_beta2: float = 0.95  # second-moment decay
+    adam_eps: float = 1e-10  # tiny: updates stay sign-like for small gradients
     # evaluation and runtime
     val_every: int = 125  # validate every this many steps (and at the end); 0 = only at the end
     compile: bool = True  # torch.compile the model (ignored on CPU, where inductor would only slow tests down)
     warmup_steps: int = 10  # untimed compile warm-up steps on random tokens; model and optimizers reset after
     fp8_head: bool = True  # FP8 lm_head matmul in training where the GPU supports it (compute capability >= 8.9)
-    seed: int = 0
+    seed: int = 0  # model init (identical on every rank); the data order is fixed and never shuffled
     save_checkpoint: bool = False  # write the final weights (+ flags) next to the record file
     # records
-    records_dir: str = "records"
-    track: str = "track_1_short"
-    run_name: str = "baseline"
+    records_dir: str = "records"  # root of the record tree
+    track: str = "track_1_short"  # records/<track>/...; compare runs only within a track
+    run_name: str = "baseline"  # records/<track>/<date>_<run_name>/<uuid>.txt
     preset: str = ""  # named set of defaults applied before explicit flags: smoke
 
 
@@ -922,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint=str(checkpoint) if checkpoint else None)
     if reason:
         summary["reason"] = reason
+    log(f"add it to the records table: python tools/records.py table"
+        f"{' --include_local' if args.track == 'local' else ''}")
     log(f"summary: {json.dumps(summary)}")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,4 +1,7 @@
 """Flag parsing: --name=value overrides, typed values, presets applied first, clear errors."""
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 import train_gpt as tg
@@ -71,3 +74,9 @@ def test_config_errors_name_the_fix():
         tg.check_config(tg.Hyperparameters(num_layers=5), 1)
     with pytest.raises(SystemExit, match="val_tokens"):
         tg.check_config(tg.Hyperparameters(val_tokens=1000), 1)
+
+
+def test_readme_documents_every_flag():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(tg.Hyperparameters) if f"| `{f.name}` |" not in readme]
+    assert not missing, f"README flag table lacks {missing}"
