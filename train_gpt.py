@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from kernels import IMPLS as KRON_IMPLS, KronLinear
+
 HERE = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -56,6 +58,13 @@ class Hyperparameters:
     attn_scale: float = 0.12  # fixed softmax scale (q and k are RMS-normed)
     window_pattern: str = "LSSSLS"  # Long/Short window per block for the first half; the second half mirrors it
     window_schedule_tokens: int = 1728  # long window at step s of S: this * s / S rounded up to a multiple of 128
+    # Kronecker-factorized MLP (kernels.KronLinear): W = sum_{i<r} A_i (x) B_i, never materialized
+    kron_mlp: str = "off"  # off | fc | proj | both: which MLP matrices become Kronecker sums
+    kron_rank: int = 1  # r, the number of Kronecker terms
+    kron_factors: str = ""  # "m1,k1,m2,k2;m1,k1,m2,k2" for c_fc;c_proj ("" = balanced shapes, cheapest order)
+    kron_impl: str = "auto"  # auto (triton on CUDA, torch elsewhere) | triton | torch | dense (debugging)
+    kron_optimizer: str = "muon"  # muon | adam: which optimizer trains the factors (devlog 2026-11-23)
+    kron_adam_lr: float = 0.008  # Adam LR for the factors when kron_optimizer=adam
     # optimization
     num_iterations: int = 1770  # optimizer steps
     cooldown_frac: float = 0.4  # fraction of steps spent decaying the LR linearly
@@ -166,10 +175,34 @@ def check_config(args: Hyperparameters, world_size: int):
         fail(f"no_attn_layers names blocks {bad} outside 0..{args.num_layers - 1}")
     if args.num_iterations < 1:
         fail("num_iterations must be >= 1")
+    choices = dict(kron_mlp=("off", "fc", "proj", "both"), kron_impl=KRON_IMPLS, kron_optimizer=("muon", "adam"))
+    for name, valid in choices.items():
+        if getattr(args, name) not in valid:
+            fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
+    kron_factors(args)  # fails on a malformed --kron_factors
 
 
 def parse_layer_list(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
+
+
+def kron_factors(args: Hyperparameters) -> dict:
+    """{"fc": (m1, k1, m2, k2) or None, "proj": ...} from --kron_factors (None = KronLinear picks)."""
+    if not args.kron_factors:
+        return {"fc": None, "proj": None}
+    parts = args.kron_factors.split(";")
+    hidden, dim = args.mlp_ratio * args.model_dim, args.model_dim
+    try:
+        fc, proj = (tuple(int(v) for v in p.split(",")) for p in parts)
+        assert len(fc) == len(proj) == 4
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: --kron_factors={args.kron_factors!r}: expected 'm1,k1,m2,k2;m1,k1,m2,k2' "
+                         f"(c_fc then c_proj)") from None
+    for name, (m1, k1, m2, k2), out_f, in_f in (("c_fc", fc, hidden, dim), ("c_proj", proj, dim, hidden)):
+        if m1 * m2 != out_f or k1 * k2 != in_f:
+            raise SystemExit(f"error: --kron_factors for {name} need m1*m2={out_f} and k1*k2={in_f}, "
+                             f"got {m1 * m2} and {k1 * k2}")
+    return {"fc": fc, "proj": proj}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -212,7 +245,8 @@ def all_reduce_sum_(t: Tensor, world_size: int):
 
 
 @torch.library.custom_op("speedrun::fp8_mm", mutates_args=())
-def fp8_mm(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def fp8_mm(x: Tensor, w: Tensor, x_scale: float, w_scale: float,
+           grad_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     # x (N, D) @ w (V, D)^T in e4m3 with per-tensor scales; also returns the fp8 operands for the backward.
     x_f8 = x.mul(x_scale).to(torch.float8_e4m3fn)
     w_f8 = w.mul(w_scale).to(torch.float8_e4m3fn)
@@ -447,11 +481,21 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def mlp_linear(args: Hyperparameters, which: str, in_features: int, out_features: int, zero_init: bool):
+    """c_fc / c_proj: dense CastedLinear, or a KronLinear where --kron_mlp asks for it. A zero-initialized
+    KronLinear zeroes one factor only (B): with both zero, no factor would ever get a gradient."""
+    if args.kron_mlp in (which, "both"):
+        return KronLinear(in_features, out_features, rank=args.kron_rank, factors=kron_factors(args)[which],
+                          impl=args.kron_impl, zero_init=zero_init)
+    return CastedLinear(in_features, out_features, zero_init=zero_init)
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, args: Hyperparameters):
         super().__init__()
-        self.c_fc = CastedLinear(dim, hidden)
-        self.c_proj = CastedLinear(hidden, dim, zero_init=True)
+        dim, hidden = args.model_dim, args.mlp_ratio * args.model_dim
+        self.c_fc = mlp_linear(args, "fc", dim, hidden, zero_init=False)
+        self.c_proj = mlp_linear(args, "proj", hidden, dim, zero_init=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(F.relu(self.c_fc(x)).square())
@@ -463,7 +507,7 @@ class Block(nn.Module):
         has_attn = layer not in parse_layer_list(args.no_attn_layers)
         self.attn = CausalSelfAttention(args.model_dim, args.num_heads, args.attn_scale, max_seq_len) \
             if has_attn else None
-        self.mlp = MLP(args.model_dim, args.mlp_ratio * args.model_dim)
+        self.mlp = MLP(args)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask) -> Tensor:
@@ -538,22 +582,28 @@ def build_model(args: Hyperparameters) -> GPT:
     return GPT(args)
 
 
-def param_groups(model: GPT) -> dict:
-    """Which optimizer owns which parameter: the recipe's split."""
-    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
+def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
+    """Which optimizer owns which parameter: the recipe's split (Kronecker factors: --kron_optimizer)."""
+    kron = [p for m in model.blocks.modules() if isinstance(m, KronLinear) for p in (m.A, m.B)]
+    kron_to_adam = args is not None and args.kron_optimizer == "adam"
+    adam_ids = {id(p) for p in kron} if kron_to_adam else set()
+    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids]
     scalars = [p for p in model.parameters() if p.ndim < 2]
     embeds = [model.embed.weight] + [e.weight for e in model.value_embeds]
     head = [model.lm_head.weight]
-    assert len(matrices) + len(scalars) + len(embeds) + len(head) == len(list(model.parameters()))
-    return dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head)
+    groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, kron=kron if kron_to_adam else [])
+    assert sum(map(len, groups.values())) == len(list(model.parameters()))
+    return groups
 
 
 def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_size: int = 1) -> list:
-    groups = param_groups(model)
-    adam = torch.optim.Adam(
-        [dict(params=groups["head"], lr=args.head_lr), dict(params=groups["embeds"], lr=args.embed_lr),
-         dict(params=groups["scalars"], lr=args.scalar_lr)],
-        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=groups["head"][0].is_cuda)
+    groups = param_groups(model, args)
+    adam_groups = [dict(params=groups["head"], lr=args.head_lr), dict(params=groups["embeds"], lr=args.embed_lr),
+                   dict(params=groups["scalars"], lr=args.scalar_lr)]
+    if groups["kron"]:
+        adam_groups.append(dict(params=groups["kron"], lr=args.kron_adam_lr))
+    adam = torch.optim.Adam(adam_groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                            fused=groups["head"][0].is_cuda)
     muon = Muon(groups["matrices"], lr=args.muon_lr, momentum=args.muon_momentum_start, ns_steps=args.ns_steps,
                 rank=rank, world_size=world_size)
     for opt in (adam, muon):
@@ -850,6 +900,13 @@ def main(argv: list[str] | None = None) -> int:
     record = RunRecord(args, env)
     log = record.log
     groups = param_groups(model)
+    kron_layers = [m for m in model.modules() if isinstance(m, KronLinear)]
+    if kron_layers:
+        k = kron_layers[0]
+        log(f"kron_mlp={args.kron_mlp}: {len(kron_layers)} KronLinear layers, e.g. {k.in_features}->"
+            f"{k.out_features} rank {k.rank} factors {k.factors}: {sum(count_params(m) for m in kron_layers):,} "
+            f"parameters "
+            f"(dense: {sum(m.in_features * m.out_features for m in kron_layers):,})")
     log(f"model: {count_params(model):,} parameters (block matrices {sum(p.numel() for p in groups['matrices']):,}, "
         f"embeddings {sum(p.numel() for p in groups['embeds']):,}, head {groups['head'][0].numel():,}, "
         f"scalars {sum(p.numel() for p in groups['scalars']):,}); world_size {env.world_size}, "
@@ -917,7 +974,8 @@ def main(argv: list[str] | None = None) -> int:
         step_avg_ms=train_time_ms / max(step, 1), steps=step, tokens=step * tokens_per_step,
         tokens_per_step=tokens_per_step, world_size=env.world_size, device=device_name(env.device),
         track=args.track, run_name=args.run_name, date=time.strftime("%Y-%m-%d"), seed=args.seed,
-        params=count_params(model), non_embedding_params=count_params(model.blocks), flags=changed_flags(args), git_commit=git_commit(),
+        params=count_params(model), non_embedding_params=count_params(model.blocks), flags=changed_flags(args),
+        git_commit=git_commit(),
         record=str(record.path) if record.path else None,
         checkpoint=str(checkpoint) if checkpoint else None)
     if reason:
