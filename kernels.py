@@ -404,3 +404,503 @@ def van_loan_decompose(W, m1, k1, m2, k2, rank=1):
     A = (U[:, :rank] * s).T.reshape(rank, m1, k1)
     B = (Vh[:rank] * s[:, None]).reshape(rank, m2, k2)
     return A.to(W.dtype), B.to(W.dtype)
+
+
+# =============================================================================
+# Kronecker-sparse (KS) factors and chains
+#
+# A KS factor with pattern (a, b, c, d) has support I_a (x) 1_{b x c} (x) I_d: it maps in = a*c*d features to
+# out = a*b*d features, and its a*b*c*d nonzeros are stored as a weight (a*d, b, c). With the input index
+# (i, k, l) and the output index (i, j, l) read row-major (i < a, j < b, k < c, l < d), group g = i*d + l is
+# an independent b x c block:
+#     y[(i, j, l)] = sum_k w[i*d + l, j, k] x[(i, k, l)].
+# A chain applies factors in list order (patterns[0] first), so the chain's dense matrix is
+# W_L ... W_2 W_1, and consecutive patterns must satisfy a_l*b_l*d_l == a_{l+1}*c_{l+1}*d_{l+1}. A DFT of
+# size 2^L is the chain (2^(l-1), 2, 2, 2^(L-l)), l = 1..L, followed by the bit-reversal permutation
+# (decimation in frequency; see tests/test_kernels_ks.py).
+# Layouts: batch-size-first x (N, in), or batch-size-last x (in, N), where every permutation moves whole
+# contiguous rows of N tokens.
+
+# -----------------------------------------------------------------------------
+# KS plain-torch references ("bmm")
+
+def ks_in_features(pattern):
+    a, _, c, d = pattern
+    return a * c * d
+
+
+def ks_out_features(pattern):
+    a, b, _, d = pattern
+    return a * b * d
+
+
+def ks_weight_shape(pattern):
+    a, b, c, d = pattern
+    return (a * d, b, c)
+
+
+def ks_factor_ref(x, weight, pattern, bs_last=False):
+    """One KS factor by permute + torch.bmm (autograd through torch). x (N, in), or (in, N) when bs_last."""
+    # Each permutation is an explicit copy: reshape may otherwise return a strided view, on which CPU bmm
+    # was measured 3x (one thread) to several 100x (two busy threads) slower than copy + contiguous bmm.
+    a, b, c, d = pattern
+    if bs_last:
+        n = x.shape[1]
+        xg = x.reshape(a, c, d, n).transpose(1, 2).contiguous().view(a * d, c, n)  # moves rows of n tokens
+        yg = torch.bmm(weight, xg)  # (a*d, b, N)
+        return yg.view(a, d, b, n).transpose(1, 2).contiguous().view(a * b * d, n)
+    n = x.shape[0]
+    xg = x.reshape(n, a, c, d).permute(1, 3, 0, 2).contiguous().view(a * d, n, c)
+    yg = torch.bmm(xg, weight.transpose(1, 2))  # (a*d, N, b)
+    return yg.view(a, d, n, b).permute(2, 0, 3, 1).contiguous().view(n, a * b * d)
+
+
+def ks_dense_matrix(weight, pattern):
+    """The dense (a*b*d, a*c*d) matrix of one factor, built from its support. For tests and debugging."""
+    a, b, c, d = pattern
+    w = weight.reshape(a, d, b, c)
+    eye_a = torch.eye(a, dtype=weight.dtype, device=weight.device)
+    eye_d = torch.eye(d, dtype=weight.dtype, device=weight.device)
+    return torch.einsum("iljk,im,ln->ijlmkn", w, eye_a, eye_d).reshape(a * b * d, a * c * d)
+
+
+def ks_chain_dense_matrix(weights, patterns):
+    """W_L ... W_1 from the dense factor matrices, shape (out, in). For tests and debugging."""
+    dense = None
+    for w, p in zip(weights, patterns):
+        m = ks_dense_matrix(w, p)
+        dense = m if dense is None else m @ dense
+    return dense
+
+
+# -----------------------------------------------------------------------------
+# KS Triton kernels
+#
+# One program owns one i, a run of BLOCK_D consecutive l (groups g = i*d + l .. + BLOCK_D-1), BLOCK_N tokens
+# and BLOCK_B output rows of the b x c blocks. Its reduction index runs over (k, dl) and its output index over
+# (j, dl), so the feature addresses (i*c + k)*d + l0 + dl come in runs of BLOCK_D contiguous features (a
+# coalesced load when batch-size-first; batch-size-last is coalesced along tokens anyway). The BLOCK_D blocks
+# are laid on the diagonal of a (BLOCK_C*BLOCK_D, BLOCK_B*BLOCK_D) weight tile (zeros elsewhere, by the load
+# mask), so one tl.dot applies them all: BLOCK_D x wasted MACs buy tensor-core tiles of at least 16 even for
+# 2 x 2 blocks. Both layouts are the same kernel: only the token and feature strides differ. Inputs are read
+# in their dtype, the weight is cast to it on load, products accumulate in fp32.
+
+def _next_pow2(n):
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _ks_blocks(b, c, d):
+    """(BLOCK_B, BLOCK_C, BLOCK_D): BLOCK_D blocks per tile so both tl.dot dims reach 16, tiles capped at 64."""
+    bd = min(_next_pow2(d), max(1, 16 // min(_next_pow2(b), _next_pow2(c), 16)))
+    bb = min(max(_next_pow2(b), 16 // bd), 64 // bd)
+    bc = min(max(_next_pow2(c), 16 // bd), 64 // bd)
+    return bb, bc, bd
+
+
+def _ks_block_tokens(n):
+    return min(64, max(16, _next_pow2(n)))
+
+
+if HAS_TRITON:
+
+    # y[n, (i, j, l)] = sum_k w[i*d + l, j, k] x[n, (i, k, l)]; per token 2*a*b*c*d FLOPs (BLOCK_D x that
+    # issued), (in + out) * elt bytes (the weight stays in cache). Forward, and dX with the transposed pattern.
+    @triton.jit
+    def _ks_apply_kernel(
+        x_ptr, w_ptr, y_ptr, n_tokens, b, c, d,
+        stride_xn, stride_xf, stride_wg, stride_wb, stride_wc, stride_yn, stride_yf,
+        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        dtype = x_ptr.dtype.element_ty
+        n_dblocks = tl.cdiv(d, BLOCK_D)
+        i = tl.program_id(1) // n_dblocks
+        l0 = (tl.program_id(1) % n_dblocks) * BLOCK_D
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_tokens
+        # reduction index (k, dl) and output index (j, dl)
+        offs_kl = tl.arange(0, BLOCK_C * BLOCK_D)
+        k_rel = offs_kl // BLOCK_D
+        l_k = l0 + offs_kl % BLOCK_D
+        offs_jl = tl.arange(0, BLOCK_B * BLOCK_D)
+        j = tl.program_id(2) * BLOCK_B + offs_jl // BLOCK_D
+        l_j = l0 + offs_jl % BLOCK_D
+        jl_mask = (j < b) & (l_j < d)
+
+        acc = tl.zeros((BLOCK_N, BLOCK_B * BLOCK_D), dtype=tl.float32)
+        for k0 in range(0, c, BLOCK_C):
+            k = k0 + k_rel
+            kl_mask = (k < c) & (l_k < d)
+            feat = ((i * c + k) * d + l_k).to(tl.int64)
+            x = tl.load(x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn + feat[None, :] * stride_xf,
+                        mask=n_mask[:, None] & kl_mask[None, :], other=0.0)
+            # block-diagonal weight tile [(k, dl), (j, dl')], zero where dl != dl'
+            w_ptrs = (w_ptr + (i * d + l_k).to(tl.int64)[:, None] * stride_wg + j[None, :] * stride_wb
+                      + k[:, None] * stride_wc)
+            w_mask = kl_mask[:, None] & jl_mask[None, :] & (l_k[:, None] == l_j[None, :])
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(dtype)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+
+        feat_y = ((i * b + j) * d + l_j).to(tl.int64)
+        y_ptrs = y_ptr + offs_n.to(tl.int64)[:, None] * stride_yn + feat_y[None, :] * stride_yf
+        tl.store(y_ptrs, acc.to(dtype), mask=n_mask[:, None] & jl_mask[None, :])
+
+    # Partial dw[g, j, k] = sum_n dy[n, (i, j, l)] x[n, (i, k, l)] over this program's token blocks; per token
+    # 2*a*b*c*d FLOPs, (in + out) * elt bytes, reread once per (b, c) tile. Grid (programs, group tiles,
+    # (b, c) tiles); each program strides over token blocks and writes one fp32 partial, so the reduction over
+    # tokens is a deterministic .sum(0) on the host (no atomics).
+    @triton.jit
+    def _ks_weight_grad_kernel(
+        x_ptr, dy_ptr, dw_ptr, n_tokens, b, c, d, part_stride,
+        stride_xn, stride_xf, stride_yn, stride_yf,
+        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        dtype = x_ptr.dtype.element_ty
+        pid = tl.program_id(0)
+        n_programs = tl.num_programs(0)
+        n_dblocks = tl.cdiv(d, BLOCK_D)
+        i = tl.program_id(1) // n_dblocks
+        l0 = (tl.program_id(1) % n_dblocks) * BLOCK_D
+        n_ctiles = tl.cdiv(c, BLOCK_C)
+        offs_jl = tl.arange(0, BLOCK_B * BLOCK_D)
+        j = (tl.program_id(2) // n_ctiles) * BLOCK_B + offs_jl // BLOCK_D
+        l_j = l0 + offs_jl % BLOCK_D
+        jl_mask = (j < b) & (l_j < d)
+        offs_kl = tl.arange(0, BLOCK_C * BLOCK_D)
+        k = (tl.program_id(2) % n_ctiles) * BLOCK_C + offs_kl // BLOCK_D
+        l_k = l0 + offs_kl % BLOCK_D
+        kl_mask = (k < c) & (l_k < d)
+        feat_y = ((i * b + j) * d + l_j).to(tl.int64)
+        feat_x = ((i * c + k) * d + l_k).to(tl.int64)
+        offs_t = tl.arange(0, BLOCK_N)
+
+        acc = tl.zeros((BLOCK_B * BLOCK_D, BLOCK_C * BLOCK_D), dtype=tl.float32)
+        for blk in range(pid, tl.cdiv(n_tokens, BLOCK_N), n_programs):
+            tok = blk * BLOCK_N + offs_t
+            t_mask = tok < n_tokens
+            tok = tok.to(tl.int64)
+            dyt = tl.load(dy_ptr + feat_y[:, None] * stride_yf + tok[None, :] * stride_yn,
+                          mask=jl_mask[:, None] & t_mask[None, :], other=0.0).to(dtype)  # [(j, dl), t]
+            x = tl.load(x_ptr + tok[:, None] * stride_xn + feat_x[None, :] * stride_xf,
+                        mask=t_mask[:, None] & kl_mask[None, :], other=0.0)  # [t, (k, dl)]
+            acc = tl.dot(dyt, x, acc, input_precision=PRECISION)
+
+        # only the diagonal (dl == dl') entries belong to a block
+        g = (i * d + l_j).to(tl.int64)
+        dw_ptrs = dw_ptr + pid.to(tl.int64) * part_stride + g[:, None] * b * c + j[:, None] * c + k[None, :]
+        tl.store(dw_ptrs, acc, mask=jl_mask[:, None] & kl_mask[None, :] & (l_j[:, None] == l_k[None, :]))
+
+
+def _ks_strides(t, bs_last):
+    """(token stride, feature stride) of a contiguous 2-D activation in the given layout."""
+    return (1, t.shape[1]) if bs_last else (t.shape[1], 1)
+
+
+def _ks_apply_triton(x, weight, pattern, bs_last=False):
+    """One KS factor for x contiguous (N, in), or (in, N) when bs_last; weight (a*d, b, c) may be a strided view."""
+    a, b, c, d = pattern
+    n = x.shape[1] if bs_last else x.shape[0]
+    out = a * b * d
+    y = torch.empty((out, n) if bs_last else (n, out), device=x.device, dtype=x.dtype)
+    if n == 0:
+        return y
+    bb, bc, bd = _ks_blocks(b, c, d)
+    bn = _ks_block_tokens(n)
+    grid = (triton.cdiv(n, bn), a * triton.cdiv(d, bd), triton.cdiv(b, bb))
+    _ks_apply_kernel[grid](
+        x, weight, y, n, b, c, d, *_ks_strides(x, bs_last), *weight.stride(), *_ks_strides(y, bs_last),
+        BLOCK_N=bn, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_precision(x.dtype), num_warps=4,
+    )
+    return y
+
+
+def _ks_weight_grad_triton(x, dy, pattern, bs_last=False, num_programs=None):
+    """dw (a*d, b, c) in fp32 for contiguous x, dy in the given layout. num_programs fixes the reduction split."""
+    a, b, c, d = pattern
+    n = x.shape[1] if bs_last else x.shape[0]
+    bb, bc, bd = _ks_blocks(b, c, d)
+    bn = _ks_block_tokens(n)
+    tiles = (a * triton.cdiv(d, bd), triton.cdiv(b, bb) * triton.cdiv(c, bc))
+    n_blocks = triton.cdiv(n, bn)
+    if num_programs is None:
+        # about 4 programs per SM in all, and at most 64 partial copies of the weight
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+        num_programs = min(64, triton.cdiv(4 * sms, tiles[0] * tiles[1]))
+    num_programs = max(1, min(num_programs, n_blocks))
+    part = torch.zeros(num_programs, a * d, b, c, device=x.device, dtype=torch.float32)
+    _ks_weight_grad_kernel[(num_programs, *tiles)](
+        x, dy, part, n, b, c, d, a * b * c * d, *_ks_strides(x, bs_last), *_ks_strides(dy, bs_last),
+        BLOCK_N=bn, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_precision(x.dtype), num_warps=4,
+    )
+    return part.sum(0)
+
+
+# -----------------------------------------------------------------------------
+# KS autograd Function
+
+class KSFactorFunction(torch.autograd.Function):
+    """One KS factor with the Triton kernels; x 2-D in the layout bs_last says. The weight may be fp32 while x
+    is bf16: the kernels cast it on load and return its grad in its own dtype (accumulated in fp32).
+    Backward: dX is the transposed factor, pattern (a, c, b, d) with weight w^T (a view), and dW sums
+    dY_g^T X_g over tokens per group g."""
+
+    @staticmethod
+    def forward(ctx, x, weight, pattern, bs_last):
+        x = x.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.pattern, ctx.bs_last = pattern, bs_last
+        return _ks_apply_triton(x, weight, pattern, bs_last)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        a, b, c, d = ctx.pattern
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _ks_apply_triton(dy, weight.transpose(1, 2), (a, c, b, d), ctx.bs_last)
+        if ctx.needs_input_grad[1]:
+            dw = _ks_weight_grad_triton(x, dy, ctx.pattern, ctx.bs_last).to(weight.dtype)
+        return dx, dw, None, None
+
+
+# -----------------------------------------------------------------------------
+# KS functional API, pattern helpers, module, loader
+
+KS_IMPLS = ("auto", "triton", "bmm")
+
+
+def check_ks_pattern(pattern):
+    """The pattern as a tuple of four positive ints, or a ValueError."""
+    p = tuple(pattern)
+    if len(p) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in p):
+        raise ValueError(f"a KS pattern is four positive ints (a, b, c, d), got {pattern!r}")
+    return p
+
+
+def check_ks_chain(patterns):
+    """Validate that the patterns chain up (out of factor l == in of factor l+1); returns them as tuples."""
+    patterns = [check_ks_pattern(p) for p in patterns]
+    if not patterns:
+        raise ValueError("a KS chain needs at least one pattern")
+    for l, (p, q) in enumerate(zip(patterns, patterns[1:])):
+        if ks_out_features(p) != ks_in_features(q):
+            raise ValueError(f"KS patterns do not chain: pattern {l} {p} outputs a*b*d={ks_out_features(p)} "
+                             f"features but pattern {l + 1} {q} takes a*c*d={ks_in_features(q)}")
+    return tuple(patterns)
+
+
+def ks_param_count(patterns):
+    return sum(a * b * c * d for a, b, c, d in map(check_ks_pattern, patterns))
+
+
+def _check_ks_triton_usable(x):
+    if not HAS_TRITON:
+        raise RuntimeError("impl='triton' needs the triton package, which is not importable; use impl='bmm'")
+    if not x.is_cuda and not TRITON_INTERPRET:
+        raise RuntimeError(f"impl='triton' got a {x.device.type} tensor; Triton needs CUDA tensors or "
+                           "TRITON_INTERPRET=1 set before triton is imported; use impl='bmm'")
+
+
+def _resolve_ks_impl(impl, x):
+    if impl not in KS_IMPLS:
+        raise ValueError(f"impl must be one of {KS_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if HAS_TRITON and x.is_cuda else "bmm"
+    if impl == "triton":
+        _check_ks_triton_usable(x)
+    return impl
+
+
+def ks_factor(x, weight, pattern, impl="bmm", bs_last=False):
+    """One KS factor. x (..., in) batch-size-first, or (in, ...) with bs_last; weight (a*d, b, c), cast to
+    x.dtype (the Triton path casts on load). Returns (..., out), or (out, ...) with bs_last."""
+    pattern = check_ks_pattern(pattern)
+    if tuple(weight.shape) != ks_weight_shape(pattern):
+        raise ValueError(f"weight of pattern {pattern} must have shape (a*d, b, c)={ks_weight_shape(pattern)}, "
+                         f"got {tuple(weight.shape)}")
+    n_in, n_out = ks_in_features(pattern), ks_out_features(pattern)
+    feat_dim = 0 if bs_last else -1
+    if x.dim() == 0 or x.shape[feat_dim] != n_in:
+        raise ValueError(f"pattern {pattern} takes {n_in} features on dim {feat_dim} "
+                         f"({'bs_last' if bs_last else 'batch-size-first'}), got x of shape {tuple(x.shape)}")
+    impl = _resolve_ks_impl(impl, x)
+    batch = x.shape[1:] if bs_last else x.shape[:-1]
+    x2 = x.reshape(n_in, -1) if bs_last else x.reshape(-1, n_in)
+    if impl == "triton":
+        y = KSFactorFunction.apply(x2, weight, pattern, bs_last)
+    else:
+        y = ks_factor_ref(x2, weight.to(x.dtype), pattern, bs_last)
+    return y.reshape(n_out, *batch) if bs_last else y.reshape(*batch, n_out)
+
+
+def ks_chain(x, weights, patterns, impl="bmm", bs_last=False):
+    """Apply factors in list order (patterns[0] first); same layouts as ks_factor."""
+    for w, p in zip(weights, check_ks_chain(patterns), strict=True):
+        x = ks_factor(x, w, p, impl, bs_last)
+    return x
+
+
+def _prime_factors(n):
+    out, f = [], 2
+    while f * f <= n:
+        while n % f == 0:
+            out.append(f)
+            n //= f
+        f += 1
+    return out + [n] if n > 1 else out
+
+
+def _split_into(n, count):
+    """n as `count` factors, each >= 2 and as equal as the primes allow (largest first), or None if impossible."""
+    primes = _prime_factors(n)
+    if count > len(primes):
+        return None
+    parts = [1] * count
+    for p in sorted(primes, reverse=True):  # largest prime into the currently smallest part
+        parts[parts.index(min(parts))] *= p
+    return sorted(parts, reverse=True)
+
+
+def _widened_chain(p, q, rank):
+    """Patterns of the chain that produces output digits p (outermost first) while consuming input digits q.
+
+    Factor l contracts input digit q_l into output digit p_l: (prod p_<l, p_l * r_{l+1}, r_l * q_l, prod q_>l).
+    Interface l (after factor l) carries an extra rank index r_l: r on odd interfaces, 1 on even ones (and at
+    both ends), so each factor is widened in exactly one of b, c (the last one too when the chain length is
+    even) and the parameter count grows by about `rank`, not rank^2.
+    """
+    n = len(p)
+    r = [1] + [rank if l % 2 == 1 else 1 for l in range(1, n)] + [1]
+    return tuple((math.prod(p[:l]), p[l] * r[l + 1], r[l] * q[l], math.prod(q[l + 1:])) for l in range(n))
+
+
+def _check_rank_compresses(patterns, out_features, in_features, rank, what):
+    n_params = ks_param_count(patterns)
+    if n_params >= out_features * in_features:
+        ok = [r for r in range(1, rank) if ks_param_count(what(r)) < out_features * in_features]
+        hint = f"use rank <= {max(ok)}" if ok else "no rank compresses it; use a dense layer or explicit patterns"
+        raise ValueError(f"a rank-{rank} chain for ({out_features}, {in_features}) has {n_params} parameters, "
+                         f"not fewer than the dense {out_features * in_features}: {hint}")
+
+
+def butterfly_patterns(out_features, in_features, rank=1, n_factors=None):
+    """Butterfly chain for an (out_features, in_features) matrix: n_factors factors, factor l with blocks
+    p_l x q_l where out = prod p, in = prod q (primes spread as evenly as possible, largest blocks first).
+
+    Default n_factors: the number of factors of two in min(in, out) (so 2^L -> L factors of 2 x 2 blocks,
+    the DFT chain, and 768 = 3 * 2^8 -> 8 factors, the 3 merged into one block), or its prime count if odd,
+    at most the prime count of each side. rank widens the chain (see _widened_chain); params ~ rank.
+    Raises ValueError where no chain of >= 2 factors exists or the chain has as many params as dense.
+    """
+    if rank < 1 or out_features < 1 or in_features < 1:
+        raise ValueError(f"need rank, out_features, in_features >= 1, got {rank}, {out_features}, {in_features}")
+    n_min = min(len(_prime_factors(out_features)), len(_prime_factors(in_features)))
+    if n_factors is None:
+        small = min(out_features, in_features)
+        twos = (small & -small).bit_length() - 1
+        n_factors = min(twos if twos >= 2 else len(_prime_factors(small)), n_min)
+    p, q = _split_into(out_features, n_factors), _split_into(in_features, n_factors)
+    if n_factors < 2 or p is None or q is None:
+        raise ValueError(f"no butterfly chain of {n_factors} factors for ({out_features}, {in_features}): both "
+                         f"sizes need at least that many prime factors and a chain at least 2 (valid n_factors: "
+                         f"2..{n_min}); a single dense factor is pattern (1, {out_features}, {in_features}, 1)"
+                         if n_min >= 2 else
+                         f"no butterfly chain for ({out_features}, {in_features}): a size with fewer than 2 prime "
+                         f"factors cannot be split; a single dense factor is pattern "
+                         f"(1, {out_features}, {in_features}, 1)")
+    patterns = _widened_chain(p, q, rank)
+    _check_rank_compresses(patterns, out_features, in_features, rank, lambda r: _widened_chain(p, q, r))
+    return patterns
+
+
+def monarch_patterns(out_features, in_features, rank=1, splits=None):
+    """Two-factor (Monarch) chain: (1, m1*r, k1, k2), (m1, m2, r*k2, 1) for out = m1*m2, in = k1*k2.
+
+    The first factor mixes input digit k1 into m1 (and r rank channels) per k2; the second mixes (r, k2) into
+    m2 per m1. params = r * m1 * k2 * (k1 + m2). Without splits ((m1, m2), (k1, k2)), each size is split as
+    close to square as its divisors allow and the split with the fewest params wins: 768 -> 3072 gives
+    (1, 48r, 32, 24), (48, 64, 24r, 1), 110592 * r params (dense 2359296).
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if splits is None:
+        candidates = [((m1, m2), (k1, k2)) for m1, m2 in _balanced_splits(out_features)
+                      for k1, k2 in _balanced_splits(in_features)]
+        splits = min(candidates, key=lambda s: (ks_param_count(_widened_chain(*s, 1)), s))
+    (m1, m2), (k1, k2) = splits
+    if m1 * m2 != out_features or k1 * k2 != in_features:
+        raise ValueError(f"splits ((m1, m2), (k1, k2))={splits} need m1*m2 == {out_features} and "
+                         f"k1*k2 == {in_features}")
+    patterns = _widened_chain((m1, m2), (k1, k2), rank)
+    _check_rank_compresses(patterns, out_features, in_features, rank,
+                           lambda r: _widened_chain((m1, m2), (k1, k2), r))
+    return patterns
+
+
+class KSLinear(nn.Module):
+    """Bias-free linear layer W = W_L ... W_1, a chain of KS factors; factor l is the parameter `factors.{l}`
+    of shape (a*d, b, c) for patterns[l], applied in list order.
+
+    forward takes (..., in_features) in every layout; bs_last=True transposes once to (in, N), runs the
+    whole chain batch-size-last and transposes back. The state dict ({"factors.0", ...}) is the same for
+    every impl and layout. Parameters may be fp32 with bf16 inputs: each impl casts them to x.dtype.
+    """
+
+    def __init__(self, patterns, impl="bmm", bs_last=False, zero_init_last=False):
+        super().__init__()
+        if impl not in KS_IMPLS:
+            raise ValueError(f"impl must be one of {KS_IMPLS}, got {impl!r}")
+        self.patterns = check_ks_chain(patterns)
+        self.in_features = ks_in_features(self.patterns[0])
+        self.out_features = ks_out_features(self.patterns[-1])
+        self.impl, self.bs_last, self.zero_init_last = impl, bs_last, zero_init_last
+        self.factors = nn.ParameterList([nn.Parameter(torch.empty(ks_weight_shape(p))) for p in self.patterns])
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Match the speedrun's dense init, uniform with std 0.5 / sqrt(in): E[y^2] = 0.25 E[x^2]. Each output
+        # of factor l sums c_l terms, so with independent zero-mean factors Var(y) = prod_l c_l s_l^2 Var(x);
+        # factor l gets std s_l = 0.25^(1/(2L)) / sqrt(c_l), fan-in scaling per factor and an equal share of
+        # the 0.25. Then also E[W_ks[i, j]^2] = 0.25 / in, as for the dense init.
+        gain = 0.25 ** (1 / (2 * len(self.patterns)))
+        with torch.no_grad():
+            for w, (_, _, c, _) in zip(self.factors, self.patterns):
+                bound = math.sqrt(3) * gain / math.sqrt(c)  # uniform(-b, b) has std b / sqrt(3)
+                w.uniform_(-bound, bound)
+            if self.zero_init_last:
+                # Only the last: its grad dY^T (input of the last factor) is non-zero, so it learns first and
+                # then opens the path for the others; with every factor zero no factor ever gets a gradient.
+                self.factors[-1].zero_()
+
+    def forward(self, x):
+        if not self.bs_last:
+            return ks_chain(x, self.factors, self.patterns, self.impl)
+        batch = x.shape[:-1]
+        h = x.reshape(-1, self.in_features).t().contiguous()
+        h = ks_chain(h, self.factors, self.patterns, self.impl, bs_last=True)
+        return h.t().reshape(*batch, self.out_features)
+
+    def dense_weight(self):
+        """The (out, in) matrix W_ks, by applying the chain (bmm, batch-size-first) to the identity."""
+        w0 = self.factors[0]
+        eye = torch.eye(self.in_features, dtype=w0.dtype, device=w0.device)
+        return ks_chain(eye, self.factors, self.patterns, "bmm").t()
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, patterns={self.patterns}, "
+                f"impl={self.impl!r}, bs_last={self.bs_last}, zero_init_last={self.zero_init_last}")
+
+
+def load_ks_chain(path, impl=None, map_location="cpu"):
+    """A KSLinear from a checkpoint written by tools/ks_fit.py (keys "patterns", "model_state_dict", "impl",
+    "bs_last"); impl overrides the saved one (e.g. "bmm" to run a Triton-fitted chain on CPU)."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    missing = [k for k in ("patterns", "model_state_dict") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a KS chain checkpoint: missing {missing}; found keys {sorted(ckpt)}")
+    chain = KSLinear([tuple(p) for p in ckpt["patterns"]], impl=impl or ckpt.get("impl", "bmm"),
+                     bs_last=bool(ckpt.get("bs_last", False)))
+    chain.load_state_dict(ckpt["model_state_dict"])
+    return chain

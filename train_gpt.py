@@ -65,6 +65,22 @@ class Hyperparameters:
     kron_impl: str = "auto"  # auto (triton on CUDA, torch elsewhere) | triton | torch | dense (debugging)
     kron_optimizer: str = "muon"  # muon | adam: which optimizer trains the factors (devlog 2026-11-23)
     kron_adam_lr: float = 0.008  # Adam LR for the factors when kron_optimizer=adam
+    # architecture ablations (issue 6), each off by default; describe_model() prints their params and FLOPs/token
+    n_kv_heads: int = 0  # grouped-query attention: K/V heads shared by num_heads/n_kv_heads queries (0 = num_heads)
+    mla_kv_rank: int = 0  # multi-head latent attention when > 0: rank of the cached K/V latent (768-dim model: 256)
+    mla_q_rank: int = 0  # MLA query latent rank (0 = queries straight from x; 768-dim model: 384)
+    mla_rope_dim: int = 64  # MLA rotary dims per head, carried by one key part shared across heads
+    moe_experts: int = 0  # mixture-of-experts MLP when > 0: routed experts per block
+    moe_shared: int = 0  # always-on shared experts (no routing)
+    moe_topk: int = 2  # routed experts per token
+    moe_hidden: int = 0  # expert hidden width (0 = mlp_ratio * model_dim / (moe_topk + moe_shared): dense FLOPs)
+    moe_balance: str = "aux"  # aux (load-balancing loss) | bias (aux-loss-free routing bias)
+    moe_aux_coef: float = 0.01  # aux: loss += coef * experts * sum_e load_e * mean_prob_e (1 * coef at balance)
+    moe_bias_rate: float = 0.001  # bias: per optimizer step, bias_e += rate * sign(mean load - load_e)
+    mlp_act: str = "relu2"  # relu2 | gelu | swiglu (hidden 2/3 * mlp_ratio * dim, rounded to 128) | learned_gelu
+    neftune_alpha: float = 0.0  # NEFTune: train-time uniform noise * alpha / sqrt(seq_len * dim) on token embeddings
+    dropout: float = 0.0  # dropout on the attention and MLP outputs (train only)
+    tie_embeddings: bool = False  # lm_head reads the token embedding table (x @ E^T / sqrt(model_dim))
     # optimization
     num_iterations: int = 1770  # optimizer steps
     cooldown_frac: float = 0.4  # fraction of steps spent decaying the LR linearly
@@ -86,7 +102,17 @@ class Hyperparameters:
     warmup_steps: int = 10  # untimed compile warm-up steps on random tokens; model and optimizers reset after
     fp8_head: bool = True  # FP8 lm_head matmul in training where the GPU supports it (compute capability >= 8.9)
     seed: int = 0  # model init (identical on every rank); the data order is fixed and never shuffled
-    save_checkpoint: bool = False  # write the final weights (+ flags) next to the record file
+    # checkpoints (one format: weights, optimizer states, step, flags, code, data position; see save_checkpoint)
+    save_every: int = 0  # write a checkpoint every N steps next to the record file (0 = never)
+    save_checkpoint: bool = False  # write a checkpoint at the end of the run
+    resume: str = ""  # checkpoint path: continue that run exactly (its flags; flags given here still win)
+    init_from: str = ""  # checkpoint path: take only the weights; fresh optimizers and schedule from step 0
+    init_partial: bool = False  # with init_from: skip tensors whose shape differs instead of stopping
+    # knowledge distillation from a frozen teacher checkpoint (any config this script can build)
+    teacher: str = ""  # teacher checkpoint path ("" = no distillation)
+    kd_alpha: float = 0.5  # loss = (1 - kd_alpha) * CE + kd_alpha * kd_temp^2 * KL(teacher_T || student_T)
+    kd_temp: float = 2.0  # distillation temperature T
+    kd_cosine: float = 0.0  # weight of 1 - cos(final hidden states), learned projection if widths differ
     # records
     records_dir: str = "records"  # root of the record tree
     track: str = "track_1_short"  # records/<track>/...; compare runs only within a track
@@ -438,19 +464,23 @@ def flex_block_mask(inputs: Tensor, window_blocks) -> BlockMask:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
-    """q, k, v: (1, heads, T, head_dim). FlexAttention on GPU; on CPU (no FlexAttention backward) dense SDPA."""
+    """q (1, heads, T, qk_dim), k (1, kv_heads, T, qk_dim), v (1, kv_heads, T, v_dim); fewer kv_heads than heads
+    (dividing them) is grouped-query attention. FlexAttention on GPU; on CPU (no FlexAttention backward) dense SDPA."""
+    gqa = k.size(1) != q.size(1)
     if isinstance(mask, BlockMask):
-        return flex_attention(q, k, v, block_mask=mask, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class Rotary(nn.Module):
-    """Rotary embedding on half of the head dim: dim/4 frequencies from 1 down to 1/1024, the other dim/4 zero."""
+    """Rotary embedding on `rotated` of the head dims (default half): rotated/2 frequencies from 1 down to 1/1024;
+    the remaining pairs get frequency zero (unrotated)."""
 
-    def __init__(self, head_dim: int, max_seq_len: int):
+    def __init__(self, head_dim: int, max_seq_len: int, rotated: int | None = None):
         super().__init__()
-        freqs = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
-        freqs = torch.cat([freqs, freqs.new_zeros(head_dim // 4)])
+        rotated = head_dim // 2 if rotated is None else rotated
+        freqs = (1 / 1024) ** torch.linspace(0, 1, steps=rotated // 2, dtype=torch.float32)
+        freqs = torch.cat([freqs, freqs.new_zeros(head_dim // 2 - rotated // 2)])
         theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
         self.register_buffer("cos", theta.cos(), persistent=False)
         self.register_buffer("sin", theta.sin(), persistent=False)
@@ -462,9 +492,12 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head attention, q, k and v from one merged (3, dim, dim) weight (Muon orthogonalizes each of the 3)."""
+
     def __init__(self, dim: int, num_heads: int, attn_scale: float, max_seq_len: int):
         super().__init__()
         self.num_heads, self.head_dim, self.attn_scale = num_heads, dim // num_heads, attn_scale
+        self.qk_dim = self.v_dim = self.head_dim
         bound = 3 ** 0.5 * 0.5 * dim ** -0.5
         self.qkv_w = nn.Parameter(torch.empty(3, dim, dim).uniform_(-bound, bound))  # merged q, k, v
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = l0 * v + l1 * value_embedding
@@ -479,6 +512,115 @@ class CausalSelfAttention(nn.Module):
         v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def kv_cache_floats_per_token(self) -> int:
+        return 2 * self.num_heads * self.head_dim
+
+
+class GroupedQueryAttention(nn.Module):
+    """Grouped-query attention (--n_kv_heads): n_kv_heads K/V heads, each shared by num_heads / n_kv_heads query
+    heads (1 = multi-query). Separate q (dim, dim) and kv (2, kv_dim, dim) weights; the value embedding it receives
+    is kv_dim wide (the tables shrink with the values, see value_embed_dim)."""
+
+    def __init__(self, dim: int, num_heads: int, n_kv_heads: int, attn_scale: float, max_seq_len: int):
+        super().__init__()
+        self.num_heads, self.n_kv_heads, self.head_dim = num_heads, n_kv_heads, dim // num_heads
+        self.attn_scale, self.qk_dim, self.v_dim = attn_scale, self.head_dim, self.head_dim
+        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
+        self.q_w = nn.Parameter(torch.empty(dim, dim).uniform_(-bound, bound))
+        self.kv_w = nn.Parameter(torch.empty(2, n_kv_heads * self.head_dim, dim).uniform_(-bound, bound))
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = l0 * v + l1 * value_embedding
+        self.rotary = Rotary(self.head_dim, max_seq_len)
+        self.c_proj = CastedLinear(dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
+        B, T = x.shape[:2]
+        q = F.linear(x, self.q_w.type_as(x)).view(B, T, self.num_heads, self.head_dim)
+        kv = F.linear(x, self.kv_w.flatten(end_dim=1).type_as(x)).view(B, T, 2 * self.n_kv_heads, self.head_dim)
+        k, v = kv.chunk(2, dim=-2)
+        q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def kv_cache_floats_per_token(self) -> int:
+        return 2 * self.n_kv_heads * self.head_dim
+
+
+class LowRankLinear(nn.Module):
+    """x -> up(rms_norm(down(x))): a rank-`rank` bottleneck with a normed latent (MLA's query path)."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int):
+        super().__init__()
+        self.down = CastedLinear(in_features, rank)
+        self.up = CastedLinear(rank, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(norm(self.down(x)))
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (--mla_kv_rank > 0, DeepSeek-V2 style).
+
+    Keys and values come from one RMS-normed kv_rank latent per token, plus one rope_dim rotary key part computed
+    from x and shared by all heads, so a KV cache holds kv_rank + rope_dim floats per token and layer. Queries come
+    from their own normed q_rank latent (or straight from x when mla_q_rank=0). Per head, q and k are
+    [content (head_dim) | rotary (rope_dim)], RMS-normed together as in the baseline, then only the rotary part is
+    rotated (all of its dims); values are head_dim wide and take the full-width value embedding as in the baseline.
+    """
+
+    def __init__(self, args: Hyperparameters, max_seq_len: int):
+        super().__init__()
+        dim, H, r, rank = args.model_dim, args.num_heads, args.mla_rope_dim, args.mla_kv_rank
+        self.num_heads, self.head_dim, self.rope_dim, self.kv_rank = H, dim // H, r, rank
+        self.attn_scale, self.qk_dim, self.v_dim = args.attn_scale, self.head_dim + r, self.head_dim
+        q_out = H * self.qk_dim
+        self.q_proj = LowRankLinear(dim, args.mla_q_rank, q_out) if args.mla_q_rank else CastedLinear(dim, q_out)
+        self.kv_down = CastedLinear(dim, rank)  # x -> the cached latent
+        self.k_rope = CastedLinear(dim, r)  # x -> the cached rotary key part, shared by all heads
+        bound = 3 ** 0.5 * 0.5 * rank ** -0.5
+        self.kv_up = nn.Parameter(torch.empty(2, dim, rank).uniform_(-bound, bound))  # latent -> k content, v
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = l0 * v + l1 * value_embedding
+        self.rotary = Rotary(r, max_seq_len, rotated=r)
+        self.c_proj = CastedLinear(dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
+        B, T = x.shape[:2]
+        H, hd, r = self.num_heads, self.head_dim, self.rope_dim
+        q = self.q_proj(x).view(B, T, H, hd + r)
+        latent = norm(self.kv_down(x))  # (B, T, kv_rank)
+        kv = F.linear(latent, self.kv_up.flatten(end_dim=1).type_as(latent)).view(B, T, 2 * H, hd)
+        k_content, v = kv.chunk(2, dim=-2)
+        k = torch.cat([k_content, self.k_rope(x).view(B, T, 1, r).expand(B, T, H, r)], dim=-1)
+        q, k = self.rope(norm(q)), self.rope(norm(k))
+        v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def rope(self, x: Tensor) -> Tensor:  # (B, T, H, head_dim + rope_dim): rotate the rope part only
+        content, pos = x.split([self.head_dim, self.rope_dim], dim=-1)
+        return torch.cat([content, self.rotary(pos)], dim=-1)
+
+    def kv_cache_floats_per_token(self) -> int:
+        return self.kv_rank + self.rope_dim
+
+
+def kv_heads(args: Hyperparameters) -> int:
+    return args.n_kv_heads or args.num_heads
+
+
+def value_embed_dim(args: Hyperparameters) -> int:
+    """Value-embedding width = the attention's value width: n_kv_heads * head_dim (model_dim without GQA)."""
+    return kv_heads(args) * (args.model_dim // args.num_heads)
+
+
+def build_attention(args: Hyperparameters, max_seq_len: int) -> nn.Module:
+    """A block's attention: latent (--mla_kv_rank > 0), grouped-query (--n_kv_heads < num_heads) or the baseline."""
+    if args.mla_kv_rank > 0:
+        return LatentAttention(args, max_seq_len)
+    if kv_heads(args) != args.num_heads:
+        return GroupedQueryAttention(args.model_dim, args.num_heads, args.n_kv_heads, args.attn_scale, max_seq_len)
+    return CausalSelfAttention(args.model_dim, args.num_heads, args.attn_scale, max_seq_len)
 
 
 def mlp_linear(args: Hyperparameters, which: str, in_features: int, out_features: int, zero_init: bool):
@@ -551,6 +693,18 @@ class GPT(nn.Module):
 
     def forward(self, inputs: Tensor, targets: Tensor | None = None, window_blocks=None) -> Tensor:
         """inputs: 1-D token ids (one packed sequence). Returns the mean loss, or float32 logits without targets."""
+        x = self.hidden(inputs, window_blocks)
+        if targets is None:
+            return self.logits(x)
+        if self.training:
+            return F.cross_entropy(self.logits(x), targets)
+        # Validation sequences are long; chunking the head keeps the fp32 logits small. Same mean, up to fp order.
+        total = sum(F.cross_entropy(self.logits(xc), tc, reduction="sum")
+                    for xc, tc in zip(x.split(self.eval_chunk_tokens), targets.split(self.eval_chunk_tokens)))
+        return total / len(targets)
+
+    def hidden(self, inputs: Tensor, window_blocks=None) -> Tensor:
+        """The final normed hidden states (T, model_dim) that the head reads."""
         assert inputs.ndim == 1 and len(inputs) % BLOCK_SIZE == 0, "one packed sequence, a multiple of 128 tokens"
         masks = self.attention_masks(inputs, self.default_window_blocks if window_blocks is None else window_blocks)
         ves = [ve(inputs)[None] for ve in self.value_embeds]
@@ -563,15 +717,7 @@ class GPT(nn.Module):
             x = block(x, x0, None if table is None else ves[table], masks[self.window_kind[i]])
             if i < half:
                 skips.append(x)
-        x = norm(x)[0]
-        if targets is None:
-            return self.logits(x)
-        if self.training:
-            return F.cross_entropy(self.logits(x), targets)
-        # Validation sequences are long; chunking the head keeps the fp32 logits small. Same mean, up to fp order.
-        total = sum(F.cross_entropy(self.logits(xc), tc, reduction="sum")
-                    for xc, tc in zip(x.split(self.eval_chunk_tokens), targets.split(self.eval_chunk_tokens)))
-        return total / len(targets)
+        return norm(x)[0]
 
     def logits(self, x: Tensor) -> Tensor:
         return 30 * torch.sigmoid(self.lm_head(x).float() / 7.5)
@@ -685,11 +831,17 @@ def find_shards(pattern: str, kind: str) -> list[Path]:
     return files
 
 
-def token_batches(files: list[Path], batch_tokens: int, offset: int, length: int, device: torch.device):
+def token_batches(files: list[Path], batch_tokens: int, offset: int, length: int, device: torch.device,
+                  skip: int = 0):
     """Yield (inputs int32, targets int64) of `length` tokens starting at `offset` within each consecutive global
-    batch of `batch_tokens` tokens. The stream is read in order; a shard's tail shorter than a batch is skipped."""
+    batch of `batch_tokens` tokens. The stream is read in order; a shard's tail shorter than a batch is skipped.
+    The first `skip` batches are skipped (resume) without reading the shards they lie in."""
     for path in files:
-        tokens, pos = load_data_shard(path), 0
+        in_shard = (read_shard_header(path) - 1) // batch_tokens
+        if skip >= in_shard:
+            skip -= in_shard
+            continue
+        tokens, pos, skip = load_data_shard(path), skip * batch_tokens, 0
         while pos + batch_tokens + 1 <= len(tokens):
             buf = tokens[pos + offset:pos + offset + length + 1]
             yield (buf[:-1].to(device=device, dtype=torch.int32, non_blocking=True),
@@ -701,9 +853,9 @@ def steps_available(files: list[Path], batch_tokens: int) -> int:
     return sum((read_shard_header(f) - 1) // batch_tokens for f in files)
 
 
-def train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device):
+def train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device, start_step: int = 0):
     """Each step: the next micro_batches x seq_len tokens; rank r reads its contiguous share, then splits it into
-    micro_batches / world_size sequences (one per accumulation micro-step)."""
+    micro_batches / world_size sequences (one per accumulation micro-step). Starts at batch `start_step`."""
     files = find_shards(args.train_files, "train")
     global_tokens, accum = args.micro_batches * args.seq_len, args.micro_batches // world_size
     available = steps_available(files, global_tokens)
@@ -712,7 +864,8 @@ def train_batches(args: Hyperparameters, rank: int, world_size: int, device: tor
             f"error: {args.train_files!r} holds {available} steps of {global_tokens} tokens but num_iterations="
             f"{args.num_iterations}; download more shards (python data/cached_fineweb10B.py N, 100M tokens each) "
             f"or lower --num_iterations")
-    local = token_batches(files, global_tokens, rank * accum * args.seq_len, accum * args.seq_len, device)
+    local = token_batches(files, global_tokens, rank * accum * args.seq_len, accum * args.seq_len, device,
+                          skip=start_step)
     for inputs, targets in local:
         yield list(zip(inputs.split(args.seq_len), targets.split(args.seq_len)))
 
@@ -803,13 +956,113 @@ class RunRecord:
         self.file.flush()
 
 
-def save_weights(model: GPT, args: Hyperparameters, record: RunRecord, step: int) -> Path:
-    """Atomic (temp file + rename) so a crash never leaves a half-written checkpoint under the final name."""
-    path = record.path.with_name(record.path.stem + "_final.pt")
+CHECKPOINT_FORMAT = "train_gpt-checkpoint-v1"
+
+
+def save_checkpoint(path: Path, model: GPT, optimizers: list, args: Hyperparameters, step: int,
+                    train_time_ms: float) -> Path:
+    """Everything a run needs to continue exactly. Written to a temp file and renamed, so a crash never leaves a
+    half-written checkpoint under the final name. Optimizer states are identical on every rank (gradients are
+    averaged and Muon keeps momentum everywhere), so rank 0's file is the whole state."""
+    state = dict(
+        format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers],
+        step=step, train_time_ms=train_time_ms, args=dataclasses.asdict(args),
+        code={name: (HERE / name).read_text() for name in ("train_gpt.py", "kernels.py")},
+        data=dict(step=step, tokens=step * args.micro_batches * args.seq_len, train_files=args.train_files),
+        rng=torch.get_rng_state())
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(dict(model=model.state_dict(), args=dataclasses.asdict(args), step=step), tmp)
+    torch.save(state, tmp)
     os.replace(tmp, path)
     return path
+
+
+def load_checkpoint(path: str) -> dict:
+    if not Path(path).is_file():
+        raise SystemExit(f"error: checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be "
+                         f"truncated; use another one (runs write *_stepN.pt and *_final.pt)") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"error: {path} is not a train_gpt.py checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return ckpt
+
+
+def checkpoint_args(ckpt: dict) -> Hyperparameters:
+    """The checkpoint's flags; fields this version of the script does not know are dropped with a warning."""
+    known = {f.name for f in dataclasses.fields(Hyperparameters)}
+    dropped = sorted(set(ckpt["args"]) - known)
+    if dropped:
+        print(f"warning: checkpoint flags unknown to this train_gpt.py are ignored: {dropped}", file=sys.stderr)
+    return Hyperparameters(**{k: v for k, v in ckpt["args"].items() if k in known})
+
+
+def load_weights(model: nn.Module, state: dict, partial: bool = False) -> str:
+    """Load matching tensors; a shape mismatch stops the run unless partial. Returns a report of what was not
+    loaded (missing keys keep their fresh initialization)."""
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    if mismatched and not partial:
+        raise SystemExit("error: checkpoint tensors do not fit this model's shapes:\n  " + "\n  ".join(mismatched)
+                         + "\nbuild the same architecture, or pass --init_partial=true to skip these tensors")
+    loadable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(loadable, strict=False)
+    missing = [k for k in own if k not in loadable]
+    unexpected = [k for k in state if k not in own]
+    return (f"loaded {len(loadable)}/{len(own)} tensors; missing (fresh init): {missing or 'none'}; "
+            f"unexpected (ignored): {unexpected or 'none'}; shape-mismatched (skipped): {mismatched or 'none'}")
+
+
+class Distiller(nn.Module):
+    """Knowledge distillation: the student's training loss blends CE with KL(teacher_T || student_T) from a frozen
+    teacher, plus optionally a cosine loss between final hidden states. Validation sees the student alone."""
+
+    def __init__(self, student: GPT, teacher: GPT, args: Hyperparameters):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.alpha, self.temp, self.cosine = args.kd_alpha, args.kd_temp, args.kd_cosine
+        s_dim, t_dim = student.embed.weight.shape[1], teacher.embed.weight.shape[1]
+        self.proj = CastedLinear(s_dim, t_dim) if self.cosine > 0 and s_dim != t_dim else None
+        teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never trains (and never uses train-only noise such as dropout)
+        return self
+
+    def forward(self, inputs: Tensor, targets: Tensor | None = None, window_blocks=None) -> Tensor:
+        if not self.training or targets is None:
+            return self.student(inputs, targets, window_blocks)
+        hidden = self.student.hidden(inputs, window_blocks)
+        logits = self.student.logits(hidden)
+        with torch.no_grad():
+            t_hidden = self.teacher.hidden(inputs)  # the teacher's own (trained-for) full window
+            t_logits = self.teacher.logits(t_hidden)
+        loss = (1 - self.alpha) * F.cross_entropy(logits, targets)
+        if self.alpha:
+            kl = F.kl_div(F.log_softmax(logits / self.temp, -1), F.log_softmax(t_logits / self.temp, -1),
+                          log_target=True, reduction="batchmean")
+            loss = loss + self.alpha * self.temp ** 2 * kl
+        if self.cosine:
+            h = self.proj(hidden) if self.proj is not None else hidden
+            loss = loss + self.cosine * (1 - F.cosine_similarity(h.float(), t_hidden.float(), dim=-1)).mean()
+        return loss
+
+
+def build_teacher(path: str, student: GPT, device: torch.device) -> GPT:
+    ckpt = load_checkpoint(path)
+    teacher = build_model(checkpoint_args(ckpt))
+    teacher.load_state_dict(ckpt["model"])
+    if teacher.lm_head.weight.shape[0] != student.lm_head.weight.shape[0]:
+        raise SystemExit(f"error: teacher vocabulary {teacher.lm_head.weight.shape[0]} and student vocabulary "
+                         f"{student.lm_head.weight.shape[0]} differ; distillation needs the same one")
+    teacher.to(device)
+    if device.type == "cuda":
+        for p in teacher.parameters():
+            p.data = p.data.bfloat16()  # halves its memory; activations are bf16 on GPU anyway
+    return teacher.eval()
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -876,8 +1129,28 @@ def compile_warmup(model, raw_model, optimizers, args, env, val_window):
         opt.load_state_dict(state)
 
 
+@torch.no_grad()
+def teacher_cost_ms(teacher: GPT, inputs: Tensor, device: torch.device, repeats: int = 3) -> float:
+    teacher(inputs)  # warm
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        teacher(inputs)
+    synchronize(device)
+    return 1000 * (time.perf_counter() - t) / repeats
+
+
+def parse_args(argv: list[str]) -> tuple[Hyperparameters, dict | None]:
+    """Flags, or with --resume the checkpoint's flags with the explicit flags applied on top."""
+    args = apply_overrides(Hyperparameters(), list(argv))
+    if not args.resume:
+        return args, None
+    ckpt = load_checkpoint(args.resume)
+    return apply_overrides(checkpoint_args(ckpt), list(argv)), ckpt
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = apply_overrides(Hyperparameters(), sys.argv[1:] if argv is None else argv)
+    args, resume = parse_args(sys.argv[1:] if argv is None else argv)
     env = setup_distributed()
     check_config(args, env.world_size)
     torch.manual_seed(args.seed)
@@ -891,14 +1164,28 @@ def main(argv: list[str] | None = None) -> int:
                 m.bfloat16()  # bf16 embeddings make every activation bf16 (CastedLinear casts weights to match)
     fp8 = args.fp8_head and on_gpu and torch.cuda.get_device_capability(env.device) >= (8, 9)
     model.lm_head.use_fp8 = fp8
+    record = RunRecord(args, env)
+    log = record.log
+    init_report = load_weights(model, load_checkpoint(args.init_from)["model"], args.init_partial) \
+        if args.init_from else None
+    trainee = Distiller(model, build_teacher(args.teacher, model, env.device), args).to(env.device) \
+        if args.teacher else model
     optimizers = build_optimizers(model, args, env.rank, env.world_size)
+    if isinstance(trainee, Distiller) and trainee.proj is not None:
+        optimizers[0].add_param_group(dict(params=list(trainee.proj.parameters()), lr=args.head_lr,
+                                           initial_lr=args.head_lr))
+    start_step, train_time_ms = 0, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        for opt, state in zip(optimizers, resume["optimizers"], strict=True):
+            opt.load_state_dict(state)
+        torch.set_rng_state(resume["rng"])
+        start_step, train_time_ms = resume["step"], resume["train_time_ms"]
     compiled = args.compile and on_gpu
     if compiled:
         optimizers[1].orthogonalize = torch.compile(zeropower_via_newtonschulz5)
-    train_model = torch.compile(model, dynamic=False) if compiled else model
+    train_model = torch.compile(trainee, dynamic=False) if compiled else trainee
 
-    record = RunRecord(args, env)
-    log = record.log
     groups = param_groups(model)
     kron_layers = [m for m in model.modules() if isinstance(m, KronLinear)]
     if kron_layers:
@@ -912,21 +1199,36 @@ def main(argv: list[str] | None = None) -> int:
         f"scalars {sum(p.numel() for p in groups['scalars']):,}); world_size {env.world_size}, "
         f"grad accumulation {args.micro_batches // env.world_size}, device {device_name(env.device)}, "
         f"fp8 head {fp8}, compile {compiled}", console=True)
+    if init_report:
+        log(f"init_from {args.init_from}: {init_report}")
+    if resume is not None:
+        log(f"resumed from {args.resume} at step {start_step} (train_time {train_time_ms:.0f}ms so far)")
+    if isinstance(trainee, Distiller):
+        log(f"distillation: teacher {args.teacher} ({count_params(trainee.teacher):,} parameters), "
+            f"kd_alpha {args.kd_alpha}, kd_temp {args.kd_temp}, kd_cosine {args.kd_cosine}")
 
-    train_loader = train_batches(args, env.rank, env.world_size, env.device)
+    train_loader = train_batches(args, env.rank, env.world_size, env.device, start_step)
     val_data = val_batches(args, env.rank, env.world_size, env.device)
     final_window = torch.tensor(long_window_blocks(args.num_iterations, args), dtype=torch.int32, device=env.device)
     if compiled and args.warmup_steps:
         t = time.perf_counter()
-        compile_warmup(train_model, model, optimizers, args, env, final_window)
+        compile_warmup(train_model, trainee, optimizers, args, env, final_window)
         log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t:.1f}s (untimed)")
 
-    status, reason, val_loss, train_time_ms, step = "ok", None, float("nan"), 0.0, 0
+    def checkpoint(step: int, name: str):
+        """Untimed: rank 0 writes while the others wait at the next collective."""
+        if env.master:
+            path = save_checkpoint(record.path.with_name(f"{record.path.stem}_{name}.pt"), model, optimizers,
+                                   args, step, train_time_ms)
+            log(f"checkpoint: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+            return path
+
+    status, reason, val_loss, step, saved = "ok", None, float("nan"), start_step, None
     prev_loss = None
     try:
         synchronize(env.device)
         t0 = time.perf_counter()
-        for step in range(args.num_iterations + 1):
+        for step in range(start_step, args.num_iterations + 1):
             last = step == args.num_iterations
             window = torch.tensor(long_window_blocks(step, args), dtype=torch.int32, device=env.device)
             if last or (args.val_every > 0 and step % args.val_every == 0):
@@ -938,7 +1240,14 @@ def main(argv: list[str] | None = None) -> int:
                 if not math.isfinite(val_loss):
                     status, reason = "failed", f"non-finite val loss at step {step}"
                     break
+                if args.save_every and step % args.save_every == 0 and step > start_step and not last:
+                    saved = checkpoint(step, f"step{step}")
                 synchronize(env.device)
+                t0 = time.perf_counter()
+            elif args.save_every and step % args.save_every == 0 and step > start_step:
+                synchronize(env.device)
+                train_time_ms += 1000 * (time.perf_counter() - t0)
+                saved = checkpoint(step, f"step{step}")
                 t0 = time.perf_counter()
             if last:
                 break
@@ -959,6 +1268,10 @@ def main(argv: list[str] | None = None) -> int:
         record.log(f"summary: {json.dumps(dict(status='failed', reason=repr(e), record=str(record.path)))}")
         raise
 
+    if isinstance(trainee, Distiller):
+        log(f"teacher forward: {teacher_cost_ms(trainee.teacher, val_data[0][0][:args.seq_len], env.device):.1f}ms "
+            f"per {args.seq_len}-token micro-batch, {args.micro_batches // env.world_size} per step per rank "
+            f"(measured after training; included in train_time)")
     if on_gpu:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(env.device) // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved(env.device) // 2**20} MiB")
@@ -967,7 +1280,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
     if status == "failed":
         log(f"status: failed reason: {reason}")
-    checkpoint = save_weights(model, args, record, step) if args.save_checkpoint and env.master else None
+    if args.save_checkpoint:
+        saved = checkpoint(step, "final")
     tokens_per_step = args.micro_batches * args.seq_len
     summary = dict(
         status=status, final_val_loss=val_loss if math.isfinite(val_loss) else None, train_time_ms=train_time_ms,
@@ -975,9 +1289,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens_per_step=tokens_per_step, world_size=env.world_size, device=device_name(env.device),
         track=args.track, run_name=args.run_name, date=time.strftime("%Y-%m-%d"), seed=args.seed,
         params=count_params(model), non_embedding_params=count_params(model.blocks), flags=changed_flags(args),
-        git_commit=git_commit(),
-        record=str(record.path) if record.path else None,
-        checkpoint=str(checkpoint) if checkpoint else None)
+        git_commit=git_commit(), record=str(record.path) if record.path else None,
+        checkpoint=str(saved) if saved else None, resumed_from=args.resume or None)
     if reason:
         summary["reason"] = reason
     log(f"add it to the records table: python tools/records.py table"

@@ -2,6 +2,7 @@
 
     python tools/bench_kernels.py                           # GPU: bf16, all impls, 49152 and 393216 tokens
     python tools/bench_kernels.py --device cpu --tokens 256 # CPU smoke run (fp32, no torch.compile)
+    python tools/bench_kernels.py --ks --rank 4             # KS factors and chains instead, 25088 tokens
 
 For every (in, out) shape, token count, impl and pass (fwd, fwd_bwd) it prints the median time, the ratio
 to the dense matmul, achieved bandwidth and FLOP rate, and the fraction of the memory-roofline floor; each
@@ -9,6 +10,11 @@ result is appended as a JSON line to <out_dir>/<date>_<device>.jsonl. Bandwidth 
 the op (activations in/out once, weights once), the same for every impl, so it reads as "how close to a
 perfectly fused kernel"; FLOPs are each method's own algorithmic count. On CPU the Triton impl runs only
 under TRITON_INTERPRET=1, and the interpreter's time means nothing.
+
+--ks times Kronecker-sparse layers instead (bench_ks): for each shape, the Monarch and butterfly chains at
+--rank, each distinct factor alone and the whole chain, with the Triton kernel and the bmm reference in both
+layouts (bs_first: x (N, in); bs_last: x (in, N), timed without the transposes), against a dense matmul of
+the same (out, in). Same columns and JSONL, with "bench": "ks" and the chain, item, pattern and layout.
 """
 import argparse
 import datetime
@@ -28,6 +34,9 @@ import kernels  # noqa: E402
 
 SHAPES = ((768, 3072), (3072, 768))  # (in, out) of GPT-2 small's c_fc and c_proj
 IMPLS = ("dense", "triton", "torch", "torch_compile", "kron_matmul")
+KS_IMPLS = ("dense", "bmm", "triton")
+KS_CHAINS = ("monarch", "butterfly")
+LAYOUTS = ("bs_first", "bs_last")
 
 
 def time_ms(fn, warmup, repeats, device):
@@ -87,14 +96,21 @@ def device_name(device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[49152, 393216])
+    parser.add_argument("--tokens", type=int, nargs="+", help="default 49152 393216 (Kronecker), 25088 (--ks)")
     parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--shape", type=int, nargs=2, action="append", metavar=("IN", "OUT"),
+                        help="(in, out) to time, repeatable; default the GPT-2 MLP shapes 768 3072 and 3072 768")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all usable on the device")
     parser.add_argument("--warmup", type=int, help="default 5 on GPU, 1 on CPU")
     parser.add_argument("--repeats", type=int, help="default 20 on GPU, 3 on CPU")
     parser.add_argument("--peak_gbps", type=float, default=3350.0, help="HBM bandwidth (H100 SXM: 3350)")
     parser.add_argument("--out_dir", default=str(ROOT / "records" / "kernels"))
+    parser.add_argument("--ks", action="store_true", help="benchmark KS factors and chains instead")
+    parser.add_argument("--ks_chains", nargs="+", choices=KS_CHAINS, default=list(KS_CHAINS))
+    parser.add_argument("--ks_impls", nargs="+", choices=KS_IMPLS, help="default: all usable on the device")
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     args = parser.parse_args(argv)
+    args.shape = [tuple(s) for s in args.shape] if args.shape else list(SHAPES)
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -102,16 +118,22 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
     repeats = args.repeats if args.repeats is not None else (20 if on_gpu else 3)
     triton_ok = kernels.HAS_TRITON and (on_gpu or kernels.TRITON_INTERPRET)
+    out_path = Path(args.out_dir) / f"{datetime.date.today()}_{device_name(device)}.jsonl"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.ks:
+        names = args.ks_impls or [n for n in KS_IMPLS if n != "triton" or triton_ok]
+        if "triton" in names and not triton_ok:
+            parser.error("the triton impl needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+        return bench_ks(args, names, device, dtype, warmup, repeats, out_path)
+    args.tokens = args.tokens or [49152, 393216]
     names = args.impls or [n for n in IMPLS if (n != "triton" or triton_ok) and (n != "torch_compile" or on_gpu)]
     if "triton" in names and not triton_ok:
         parser.error("the triton impl needs triton and a CUDA device (or TRITON_INTERPRET=1)")
 
-    out_path = Path(args.out_dir) / f"{datetime.date.today()}_{device_name(device)}.jsonl"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     elt = torch.finfo(dtype).bits // 8
     gen = torch.Generator(device=device).manual_seed(0)
     print(f"device={device_name(device)} dtype={dtype} rank={args.rank} impls={names} -> {out_path}")
-    for in_f, out_f in SHAPES:
+    for in_f, out_f in args.shape:
         layer = kernels.KronLinear(in_f, out_f, rank=args.rank).to(device=device, dtype=dtype)
         factors = layer.factors
         A, B = layer.A.detach().requires_grad_(), layer.B.detach().requires_grad_()
@@ -155,6 +177,89 @@ def main(argv=None):
                           f"err {rel_err:.1e}")
                     with open(out_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
+
+
+def ks_items(in_f, out_f, rank, chains):
+    """(chain kind, item, patterns): every distinct factor of each chain alone, then the whole chain."""
+    items = []
+    for kind in chains:
+        make = kernels.monarch_patterns if kind == "monarch" else kernels.butterfly_patterns
+        patterns = make(out_f, in_f, rank)
+        for l, p in enumerate(patterns):
+            if p not in patterns[:l]:
+                items.append((kind, f"factor{l}", (p,)))
+        items.append((kind, "chain", patterns))
+    return items
+
+
+def bench_ks(args, names, device, dtype, warmup, repeats, out_path):
+    on_gpu = device.type == "cuda"
+    tokens = args.tokens or [25088]
+    elt = torch.finfo(dtype).bits // 8
+    gen = torch.Generator(device=device).manual_seed(0)
+    print(f"KS device={device_name(device)} dtype={dtype} rank={args.rank} impls={names} layouts={args.layouts} "
+          f"-> {out_path}")
+    for layer_in, layer_out in args.shape:
+        for kind, item, patterns in ks_items(layer_in, layer_out, args.rank, args.ks_chains):
+            torch.manual_seed(0)
+            layer = kernels.KSLinear(patterns).to(device)
+            ws = [w.detach().to(dtype).requires_grad_() for w in layer.factors]
+            in_f, out_f, params = layer.in_features, layer.out_features, kernels.ks_param_count(patterns)
+            W = layer.dense_weight().detach().to(dtype).requires_grad_()
+            for n in tokens:
+                x = torch.randn(n, in_f, device=device, dtype=dtype, generator=gen)
+                dy = torch.randn(n, out_f, device=device, dtype=dtype, generator=gen)
+                y_ref = F.linear(x, W).detach().float()
+                dense_ms = {}
+                runs = [("dense", "bs_first")] if "dense" in names else []
+                runs += [(impl, lay) for impl in names if impl != "dense" for lay in args.layouts]
+                for impl, layout in runs:
+                    bs_last = layout == "bs_last"
+                    xin = (x.t().contiguous() if bs_last else x.clone()).requires_grad_()
+                    dyin = dy.t().contiguous() if bs_last else dy
+                    params_t = (W,) if impl == "dense" else tuple(ws)
+                    if impl == "dense":
+                        def fn(x_):
+                            return F.linear(x_, W)
+                    else:
+                        def fn(x_, impl=impl, bs_last=bs_last):
+                            return kernels.ks_chain(x_, ws, patterns, impl, bs_last)
+                    y = fn(xin).detach().float()
+                    rel_err = (((y.t() if bs_last else y) - y_ref).norm() / y_ref.norm()).item()
+                    for pass_ in ("fwd", "fwd_bwd"):
+                        if pass_ == "fwd":
+                            def step():
+                                with torch.no_grad():
+                                    fn(xin)
+                        else:
+                            def step():
+                                torch.autograd.grad(fn(xin), (xin, *params_t), dyin)
+                        ms = time_ms(step, warmup, repeats, device)
+                        if impl == "dense":
+                            dense_ms[pass_] = ms
+                        weight_elems = in_f * out_f if impl == "dense" else params
+                        gbps = floor_bytes(n, in_f, out_f, weight_elems, pass_, elt) / ms / 1e6
+                        macs = in_f * out_f if impl == "dense" else params
+                        rec = {
+                            "date": str(datetime.date.today()), "device": device_name(device), "dtype": str(dtype),
+                            "bench": "ks", "chain": kind, "item": item, "patterns": [list(p) for p in patterns],
+                            "impl": impl, "layout": layout, "pass": pass_, "in": in_f, "out": out_f,
+                            "rank": args.rank, "params": params, "tokens": n, "ms": ms,
+                            "ratio_vs_dense": ms / dense_ms[pass_] if pass_ in dense_ms else None,
+                            "gbps": gbps, "tflops": 2 * n * macs * (1 if pass_ == "fwd" else 3) / ms / 1e9,
+                            "roofline_frac": gbps / args.peak_gbps, "fwd_rel_err": rel_err,
+                            "torch": torch.__version__,
+                            "triton": kernels.triton.__version__ if kernels.HAS_TRITON else None,
+                        }
+                        ratio = f"{rec['ratio_vs_dense']:6.2f}x" if rec["ratio_vs_dense"] is not None else "    -  "
+                        what = f"{kind}:{item}" + (f" {patterns[0]}" if item != "chain" else "")
+                        print(f"{in_f:5d}->{out_f:<5d} n={n:<6d} {what:32s} {impl:6s} {layout:8s} {pass_:8s} "
+                              f"{ms:9.3f} ms {ratio} dense {gbps:8.1f} GB/s {rec['tflops']:7.2f} TFLOP/s "
+                              f"roofline {rec['roofline_frac']:6.1%} err {rel_err:.1e}")
+                        with open(out_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+    if not on_gpu:
+        print("(CPU: a smoke run; the timings, the interpreter's above all, mean nothing)")
 
 
 if __name__ == "__main__":
