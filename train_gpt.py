@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from kernels import IMPLS as KRON_IMPLS, KronLinear
+from kernels import IMPLS as KRON_IMPLS, KS_IMPLS, KronLinear, KSLinear, butterfly_patterns, monarch_patterns
+from kernels import kron_macs_per_token
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,6 +66,11 @@ class Hyperparameters:
     kron_impl: str = "auto"  # auto (triton on CUDA, torch elsewhere) | triton | torch | dense (debugging)
     kron_optimizer: str = "muon"  # muon | adam: which optimizer trains the factors (devlog 2026-11-23)
     kron_adam_lr: float = 0.008  # Adam LR for the factors when kron_optimizer=adam
+    # Kronecker-sparse MLP (kernels.KSLinear): a chain of block-sparse factors (Monarch or butterfly)
+    ks_mlp: str = "off"  # off | fc | proj | both: which MLP matrices become KS chains
+    ks_chain: str = "monarch"  # monarch (2 factors) | butterfly (log-depth chain)
+    ks_rank: int = 1  # widens the chain's inner blocks (parameters grow ~linearly in it)
+    ks_impl: str = "bmm"  # bmm (reshape + batched matmul) | triton | auto (triton on CUDA)
     # architecture ablations (issue 6), each off by default; describe_model() prints their params and FLOPs/token
     n_kv_heads: int = 0  # grouped-query attention: K/V heads shared by num_heads/n_kv_heads queries (0 = num_heads)
     mla_kv_rank: int = 0  # multi-head latent attention when > 0: rank of the cached K/V latent (768-dim model: 256)
@@ -73,7 +79,7 @@ class Hyperparameters:
     moe_experts: int = 0  # mixture-of-experts MLP when > 0: routed experts per block
     moe_shared: int = 0  # always-on shared experts (no routing)
     moe_topk: int = 2  # routed experts per token
-    moe_hidden: int = 0  # expert hidden width (0 = mlp_ratio * model_dim / (moe_topk + moe_shared): dense FLOPs)
+    moe_hidden: int = 0  # expert width (0 = mlp_ratio * model_dim / (moe_topk + moe_shared), to 64: dense FLOPs)
     moe_balance: str = "aux"  # aux (load-balancing loss) | bias (aux-loss-free routing bias)
     moe_aux_coef: float = 0.01  # aux: loss += coef * experts * sum_e load_e * mean_prob_e (1 * coef at balance)
     moe_bias_rate: float = 0.001  # bias: per optimizer step, bias_e += rate * sign(mean load - load_e)
@@ -201,11 +207,77 @@ def check_config(args: Hyperparameters, world_size: int):
         fail(f"no_attn_layers names blocks {bad} outside 0..{args.num_layers - 1}")
     if args.num_iterations < 1:
         fail("num_iterations must be >= 1")
+    check_architecture(args, fail)
     choices = dict(kron_mlp=("off", "fc", "proj", "both"), kron_impl=KRON_IMPLS, kron_optimizer=("muon", "adam"))
     for name, valid in choices.items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
     kron_factors(args)  # fails on a malformed --kron_factors
+    for name, valid in dict(ks_mlp=("off", "fc", "proj", "both"), ks_chain=("monarch", "butterfly"),
+                            ks_impl=KS_IMPLS).items():
+        if getattr(args, name) not in valid:
+            fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
+    def claimed(mode):
+        return {"fc", "proj"} if mode == "both" else {mode} - {"off"}
+    if claimed(args.kron_mlp) & claimed(args.ks_mlp):
+        fail(f"--kron_mlp={args.kron_mlp} and --ks_mlp={args.ks_mlp} claim the same MLP matrix; give each of "
+             f"fc/proj to at most one of them")
+    if args.ks_mlp != "off":
+        hidden = args.mlp_ratio * args.model_dim
+        for which, out_f, in_f in (("fc", hidden, args.model_dim), ("proj", args.model_dim, hidden)):
+            if args.ks_mlp in (which, "both"):
+                try:
+                    ks_patterns(args, out_f, in_f)
+                except ValueError as e:
+                    fail(f"--ks_mlp {which} ({in_f}->{out_f}): {e}")
+
+
+def check_architecture(args: Hyperparameters, fail):
+    """The architecture-ablation flags (GQA, MLA, MoE, mlp_act, NEFTune, dropout): values and combinations."""
+    for name, valid in dict(mlp_act=MLP_ACTS, moe_balance=("aux", "bias")).items():
+        if getattr(args, name) not in valid:
+            fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
+    H = args.num_heads
+    divisors = [d for d in range(1, H + 1) if H % d == 0]
+    if args.n_kv_heads < 0 or (args.n_kv_heads and H % args.n_kv_heads):
+        fail(f"--n_kv_heads={args.n_kv_heads} must divide num_heads={H}; valid values: 0 (= num_heads), "
+             f"{', '.join(map(str, divisors))}")
+    if min(args.mla_kv_rank, args.mla_q_rank) < 0:
+        fail("--mla_kv_rank and --mla_q_rank must be >= 0 (0 = off)")
+    if args.mla_kv_rank > 0:
+        if kv_heads(args) != H:
+            fail(f"--mla_kv_rank and --n_kv_heads={args.n_kv_heads} are alternatives (MLA already shares one latent "
+                 f"across heads); keep n_kv_heads=0")
+        if args.mla_rope_dim < 2 or args.mla_rope_dim % 2:
+            fail(f"--mla_rope_dim={args.mla_rope_dim} must be even and >= 2 (rotary dims come in pairs)")
+    elif args.mla_q_rank:
+        fail(f"--mla_q_rank={args.mla_q_rank} needs --mla_kv_rank > 0 (MLA on)")
+    mlp_factorized = args.kron_mlp != "off" or args.ks_mlp != "off"
+    if args.moe_experts < 0:
+        fail(f"--moe_experts={args.moe_experts} must be >= 0 (0 = dense MLP)")
+    if args.moe_experts > 0:
+        if not 1 <= args.moe_topk <= args.moe_experts:
+            fail(f"--moe_topk={args.moe_topk}; valid values: 1..moe_experts={args.moe_experts}")
+        if args.moe_shared < 0 or args.moe_hidden < 0:
+            fail("--moe_shared and --moe_hidden must be >= 0")
+        if moe_expert_hidden(args) % 8 or args.model_dim % 8:
+            fail(f"--moe_hidden={args.moe_hidden} and model_dim={args.model_dim} must be multiples of 8 (16-byte "
+                 f"strides for torch._grouped_mm)")
+        if args.mlp_act not in ("relu2", "gelu"):
+            fail(f"--moe_experts: experts support --mlp_act relu2 or gelu, not {args.mlp_act!r}")
+        if mlp_factorized:
+            fail("--moe_experts and --kron_mlp/--ks_mlp are alternatives (experts are 3-D weights, not "
+                 "mlp_linear matrices); turn one off")
+        if args.moe_aux_coef < 0 or args.moe_bias_rate < 0:
+            fail("--moe_aux_coef and --moe_bias_rate must be >= 0")
+        if not hasattr(torch, "_grouped_mm"):
+            fail(f"--moe_experts needs torch._grouped_mm (torch >= 2.8); this is torch {torch.__version__}")
+    if args.mlp_act == "swiglu" and mlp_factorized:
+        fail("--mlp_act=swiglu and --kron_mlp/--ks_mlp are alternatives (SwiGLU has its own merged weights)")
+    if args.neftune_alpha < 0:
+        fail(f"--neftune_alpha={args.neftune_alpha} must be >= 0 (0 = off)")
+    if not 0 <= args.dropout < 1:
+        fail(f"--dropout={args.dropout} must be in [0, 1)")
 
 
 def parse_layer_list(text: str) -> list[int]:
@@ -629,7 +701,38 @@ def mlp_linear(args: Hyperparameters, which: str, in_features: int, out_features
     if args.kron_mlp in (which, "both"):
         return KronLinear(in_features, out_features, rank=args.kron_rank, factors=kron_factors(args)[which],
                           impl=args.kron_impl, zero_init=zero_init)
+    if args.ks_mlp in (which, "both"):  # zero_init zeroes the last factor only, so the chain still learns
+        return KSLinear(ks_patterns(args, out_features, in_features), impl=args.ks_impl, zero_init_last=zero_init)
     return CastedLinear(in_features, out_features, zero_init=zero_init)
+
+
+def ks_patterns(args: Hyperparameters, out_features: int, in_features: int) -> list:
+    build = monarch_patterns if args.ks_chain == "monarch" else butterfly_patterns
+    return build(out_features, in_features, rank=args.ks_rank)
+
+
+class ReLU2(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x).square()
+
+
+class LearnedGELU(nn.Module):
+    """GELU(scale * x + shift) with a learned per-channel scale (init 1) and shift (init 0), trained by Adam."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+        self.shift = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(x * self.scale.type_as(x) + self.shift.type_as(x))
+
+
+MLP_ACTS = ("relu2", "gelu", "swiglu", "learned_gelu")  # swiglu is its own module, SwiGLUMLP
+
+
+def activation(name: str, width: int) -> nn.Module:
+    return {"relu2": ReLU2, "gelu": nn.GELU, "learned_gelu": lambda: LearnedGELU(width)}[name]()
 
 
 class MLP(nn.Module):
@@ -637,26 +740,142 @@ class MLP(nn.Module):
         super().__init__()
         dim, hidden = args.model_dim, args.mlp_ratio * args.model_dim
         self.c_fc = mlp_linear(args, "fc", dim, hidden, zero_init=False)
+        self.act = activation(args.mlp_act, hidden)
         self.c_proj = mlp_linear(args, "proj", hidden, dim, zero_init=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+def swiglu_hidden(args: Hyperparameters) -> int:
+    return max(128, round(2 * args.mlp_ratio * args.model_dim / 3 / 128) * 128)
+
+
+class SwiGLUMLP(nn.Module):
+    """c_proj(silu(gate) * up), gate and up from one merged (2, hidden, dim) weight. hidden = 2/3 of the dense MLP's
+    rounded to a multiple of 128, so the parameters match the dense MLP (exactly at dim 768: hidden 2048)."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        dim, hidden = args.model_dim, swiglu_hidden(args)
+        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
+        self.fc_w = nn.Parameter(torch.empty(2, hidden, dim).uniform_(-bound, bound))
+        self.c_proj = CastedLinear(hidden, dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = F.linear(x, self.fc_w.flatten(end_dim=1).type_as(x)).chunk(2, dim=-1)
+        return self.c_proj(F.silu(gate) * up)
+
+
+def moe_expert_hidden(args: Hyperparameters) -> int:
+    """--moe_hidden, or the dense MLP width split over the experts a token uses (active FLOPs = dense), rounded to a
+    multiple of 64 (torch._grouped_mm wants 16-byte strides)."""
+    dense = args.mlp_ratio * args.model_dim / (args.moe_topk + args.moe_shared)
+    return args.moe_hidden or max(64, round(dense / 64) * 64)
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts MLP (--moe_experts > 0): `experts` routed experts, each token picks `topk` of them, plus
+    `shared` experts every token uses; each expert is a relu^2 (or gelu) MLP of width `hidden`.
+
+    Routing: probs = softmax(router(x)) in fp32; a token takes the top-k experts by probs + bias and weights their
+    outputs by probs (not renormalized, so the router gets gradients even at top-1). Shared experts are simply
+    experts that every token picks with weight 1, so one code path computes all of them. Dropless and fixed-shape:
+    the N * (topk + shared) (token, expert) pairs are sorted by expert and run through torch._grouped_mm over the
+    contiguous per-expert segments (offsets from the counts): no token is dropped, no capacity padding, no
+    data-dependent shapes, so torch.compile sees one static graph. Outputs return to (token, slot) order by the
+    inverse permutation (a gather, deterministic), then are summed with their gates.
+
+    Balancing (--moe_balance): `aux` adds aux_coef * experts * sum_e f_e * P_e to the training loss (f_e: share of
+    the routed assignments that went to e, P_e: mean router prob of e; 1 * aux_coef when both are uniform, larger
+    otherwise); `bias` (aux-loss-free) leaves the loss alone and, after every optimizer step, moves the selection bias
+    by bias_rate * sign(mean load - load_e) using the step's loads summed over micro-batches and ranks
+    (update_moe_biases, an optimizer hook): under-used experts become more likely to be picked. The bias only
+    selects; it never scales outputs.
+    """
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        dim, E, S = args.model_dim, args.moe_experts, args.moe_shared
+        self.num_experts, self.num_shared, self.topk, self.hidden = E, S, args.moe_topk, moe_expert_hidden(args)
+        self.router = CastedLinear(dim, E)
+        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
+        self.fc_w = nn.Parameter(torch.empty(E + S, self.hidden, dim).uniform_(-bound, bound))  # (experts, out, in)
+        self.proj_w = nn.Parameter(torch.zeros(E + S, dim, self.hidden))  # zero-initialized like c_proj
+        self.act = activation(args.mlp_act, self.hidden)
+        self.aux_coef = args.moe_aux_coef if args.moe_balance == "aux" else 0.0
+        self.bias_rate = args.moe_bias_rate if args.moe_balance == "bias" else 0.0
+        self.register_buffer("shared_ids", torch.arange(E, E + S), persistent=False)
+        self.register_buffer("bias", torch.zeros(E))  # selection bias (moves only with --moe_balance=bias)
+        self.register_buffer("load", torch.zeros(E))  # training assignments since the last optimizer step
+        self.register_buffer("eval_load", torch.zeros(E))  # validation assignments since moe_utilization()
+        self.aux_loss = None  # set by forward, read (and cleared) by GPT.moe_aux_loss
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, dim) -> experts (N, topk + shared), gates (N, topk + shared), router probs (N, experts)."""
+        probs = self.router(x).float().softmax(-1)
+        top = torch.topk(probs + self.bias, self.topk, dim=-1).indices
+        N = x.size(0)
+        experts = torch.cat([top, self.shared_ids.expand(N, -1)], dim=-1)
+        gates = torch.cat([probs.gather(-1, top), probs.new_ones(N, self.num_shared)], dim=-1)
+        return experts, gates, probs
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape, x = x.shape, x.flatten(0, -2)
+        N, slots = x.size(0), self.topk + self.num_shared
+        experts, gates, probs = self.route(x)
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)  # pairs grouped by expert
+        counts = flat.new_zeros(len(self.fc_w), dtype=torch.int32).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))  # pairs per expert (static shape, unlike bincount)
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        h = self.act(torch._grouped_mm(x[order // slots], self.fc_w.type_as(x).mT, offs=offsets))
+        y = torch._grouped_mm(h, self.proj_w.type_as(x).mT, offs=offsets)[order.argsort()].view(N, slots, -1)
+        self.observe(counts[:self.num_experts].float(), probs)
+        return (y * gates.type_as(y)[..., None]).sum(1).view(shape)
+
+    def observe(self, load: Tensor, probs: Tensor):
+        """Record the routed load (for bias balancing and the utilization log) and the aux loss."""
+        f = load / (len(probs) * self.topk)
+        self.aux_loss = self.aux_coef * self.num_experts * (f * probs.mean(0)).sum()
+        with torch.no_grad():
+            (self.load if self.training else self.eval_load).add_(load)
+
+    @torch.no_grad()
+    def update_bias(self, load: Tensor):
+        self.bias += self.bias_rate * torch.sign(load.mean() - load)
+
+    def flops_per_token(self) -> int:
+        return 2 * self.router.weight.numel() + 2 * (self.topk + self.num_shared) * self.fc_w[0].numel() * 2
+
+
+def build_mlp(args: Hyperparameters) -> nn.Module:
+    """A block's MLP: mixture of experts (--moe_experts > 0), SwiGLU, or the dense MLP with --mlp_act."""
+    if args.moe_experts > 0:
+        return MoE(args)
+    if args.mlp_act == "swiglu":
+        return SwiGLUMLP(args)
+    return MLP(args)
+
+
+def dropout_layer(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 class Block(nn.Module):
     def __init__(self, args: Hyperparameters, layer: int, max_seq_len: int):
         super().__init__()
         has_attn = layer not in parse_layer_list(args.no_attn_layers)
-        self.attn = CausalSelfAttention(args.model_dim, args.num_heads, args.attn_scale, max_seq_len) \
-            if has_attn else None
-        self.mlp = MLP(args)
+        self.attn = build_attention(args, max_seq_len) if has_attn else None
+        self.mlp = build_mlp(args)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0
+        self.dropout = dropout_layer(args.dropout)  # on both branch outputs; Identity at --dropout=0
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask) -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, mask)
-        return x + self.mlp(norm(x))
+            x = x + self.dropout(self.attn(norm(x), ve, mask))
+        return x + self.dropout(self.mlp(norm(x)))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -667,16 +886,53 @@ def next_multiple(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+class NEFTune(nn.Module):
+    """Train-time noise on the token embeddings (--neftune_alpha): uniform(-1, 1) * alpha / sqrt(T * dim), T the
+    sequence length; identity in eval mode."""
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        bound = self.alpha / math.sqrt(x.size(-2) * x.size(-1))
+        return x + torch.empty_like(x).uniform_(-bound, bound)
+
+
+class TiedHead(nn.Module):
+    """lm_head reading the token-embedding table E (--tie_embeddings; E is then padded to the head's 128-multiple
+    rows): logits = x @ E^T / sqrt(dim). E keeps the embedding init N(0, 1), so with x RMS-normed the initial
+    logits have unit std (the untied head starts at zero), and the fixed 1/sqrt(dim) keeps Adam at embed_lr from
+    moving the logits much faster than the untied head at head_lr (0.6/sqrt(768) = 0.022 vs 0.008 per step).
+    E is one parameter, owned by the Adam embedding group. Never FP8: N(0, 1) entries overflow the FP8 head scales."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight  # the same Parameter as GPT.embed.weight (model.parameters() lists it once)
+        self.scale = weight.size(1) ** -0.5
+        self.use_fp8 = False  # main() sets it; ignored
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.type_as(x)) * self.scale
+
+
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         L, dim, nve = args.num_layers, args.model_dim, args.num_value_embeds
         max_seq_len = max(args.seq_len, args.val_seq_len)
-        self.embed = nn.Embedding(args.vocab_size, dim)
-        self.value_embeds = nn.ModuleList([nn.Embedding(args.vocab_size, dim) for _ in range(nve)])
+        padded_vocab = next_multiple(args.vocab_size, 128)
+        self.embed = nn.Embedding(padded_vocab if args.tie_embeddings else args.vocab_size, dim)
+        self.embed_noise = NEFTune(args.neftune_alpha) if args.neftune_alpha > 0 else nn.Identity()
+        self.value_embeds = nn.ModuleList([nn.Embedding(args.vocab_size, value_embed_dim(args))
+                                           for _ in range(nve)])
         self.blocks = nn.ModuleList([Block(args, i, max_seq_len) for i in range(L)])
         self.skip_weights = nn.Parameter(torch.ones(L // 2))  # U-net: block L-1-i receives block i's output
-        self.lm_head = CastedLinear(dim, next_multiple(args.vocab_size, 128), zero_init=True)
+        self.lm_head = TiedHead(self.embed.weight) if args.tie_embeddings else \
+            CastedLinear(dim, padded_vocab, zero_init=True)
+        self.moe_layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
         # layer -> value-embedding table: tables 0..nve-1 for the first nve layers and again for the last nve
         self.ve_table = [i if i < nve else (i - (L - nve) if i >= L - nve else None) for i in range(L)]
         half = args.window_pattern[:L // 2]
@@ -697,7 +953,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(x)
         if self.training:
-            return F.cross_entropy(self.logits(x), targets)
+            return F.cross_entropy(self.logits(x), targets) + self.moe_aux_loss()
         # Validation sequences are long; chunking the head keeps the fp32 logits small. Same mean, up to fp order.
         total = sum(F.cross_entropy(self.logits(xc), tc, reduction="sum")
                     for xc, tc in zip(x.split(self.eval_chunk_tokens), targets.split(self.eval_chunk_tokens)))
@@ -708,7 +964,7 @@ class GPT(nn.Module):
         assert inputs.ndim == 1 and len(inputs) % BLOCK_SIZE == 0, "one packed sequence, a multiple of 128 tokens"
         masks = self.attention_masks(inputs, self.default_window_blocks if window_blocks is None else window_blocks)
         ves = [ve(inputs)[None] for ve in self.value_embeds]
-        x = x0 = norm(self.embed(inputs)[None])
+        x = x0 = norm(self.embed_noise(self.embed(inputs)[None]))
         skips, half = [], len(self.blocks) // 2
         for i, block in enumerate(self.blocks):
             if i >= half:
@@ -722,6 +978,13 @@ class GPT(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         return 30 * torch.sigmoid(self.lm_head(x).float() / 7.5)
 
+    def moe_aux_loss(self):
+        """The MoE load-balancing losses of the last forward, summed and cleared (0 without MoE layers)."""
+        total = 0
+        for moe in self.moe_layers:
+            total, moe.aux_loss = total + moe.aux_loss, None
+        return total
+
 
 def build_model(args: Hyperparameters) -> GPT:
     """The model in fp32 on the CPU; main() moves it to the device (embeddings to bf16 on GPU)."""
@@ -729,14 +992,15 @@ def build_model(args: Hyperparameters) -> GPT:
 
 
 def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
-    """Which optimizer owns which parameter: the recipe's split (Kronecker factors: --kron_optimizer)."""
+    """Which optimizer owns which parameter: the recipe's split (Kronecker factors: --kron_optimizer). 3-D expert
+    and merged weights go to Muon as batches of matrices; learned_gelu's per-channel affine is a scalar group."""
     kron = [p for m in model.blocks.modules() if isinstance(m, KronLinear) for p in (m.A, m.B)]
     kron_to_adam = args is not None and args.kron_optimizer == "adam"
     adam_ids = {id(p) for p in kron} if kron_to_adam else set()
     matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids]
     scalars = [p for p in model.parameters() if p.ndim < 2]
     embeds = [model.embed.weight] + [e.weight for e in model.value_embeds]
-    head = [model.lm_head.weight]
+    head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied: embeds own it
     groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, kron=kron if kron_to_adam else [])
     assert sum(map(len, groups.values())) == len(list(model.parameters()))
     return groups
@@ -748,10 +1012,12 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
                    dict(params=groups["scalars"], lr=args.scalar_lr)]
     if groups["kron"]:
         adam_groups.append(dict(params=groups["kron"], lr=args.kron_adam_lr))
-    adam = torch.optim.Adam(adam_groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                            fused=groups["head"][0].is_cuda)
+    adam = torch.optim.Adam([g for g in adam_groups if g["params"]], betas=(args.adam_beta1, args.adam_beta2),
+                            eps=args.adam_eps, fused=groups["embeds"][0].is_cuda)
     muon = Muon(groups["matrices"], lr=args.muon_lr, momentum=args.muon_momentum_start, ns_steps=args.ns_steps,
                 rank=rank, world_size=world_size)
+    if model.moe_layers:
+        muon.register_step_post_hook(lambda *_: update_moe_biases(model, world_size))
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -779,6 +1045,71 @@ def long_window_blocks(step: int, args: Hyperparameters) -> int:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def dense_flops_per_token(module: nn.Module) -> int:
+    """Forward FLOPs per token of every matrix in module, each used once per token (KronLinear: its contraction)."""
+    kron = [m for m in module.modules() if isinstance(m, KronLinear)]
+    kron_ids = {id(p) for m in kron for p in m.parameters()}
+    return (sum(2 * kron_macs_per_token(*m.factors, m.rank) for m in kron)
+            + sum(2 * p.numel() for p in module.parameters() if p.ndim >= 2 and id(p) not in kron_ids))
+
+
+def describe_model(model: GPT, args: Hyperparameters) -> str:
+    """Parameters per component and an estimate of the forward FLOPs per token: matrices (MoE: router plus the
+    active experts), attention scores with every key of the final long/short window visible (documents only
+    shorten it), and the head. Training costs about 3x the forward."""
+    attns = [b.attn for b in model.blocks if b.attn is not None]
+    mlps = [b.mlp for b in model.blocks]
+    long_blocks = long_window_blocks(args.num_iterations, args)
+    context = {k: min(args.seq_len, n * BLOCK_SIZE - BLOCK_SIZE // 2)
+               for k, n in (("L", long_blocks), ("S", max(long_blocks // 2, 1)))}
+    score_flops = sum(2 * context[model.window_kind[i]] * b.attn.num_heads * (b.attn.qk_dim + b.attn.v_dim)
+                      for i, b in enumerate(model.blocks) if b.attn is not None)
+    attn_flops = sum(dense_flops_per_token(a) for a in attns) + score_flops
+    mlp_flops = sum(m.flops_per_token() if isinstance(m, MoE) else dense_flops_per_token(m) for m in mlps)
+    head = param_groups(model)["head"]
+    head_flops = 2 * model.lm_head.weight.numel()
+    embeds = model.embed.weight.numel() + sum(e.weight.numel() for e in model.value_embeds)
+    attn_params, mlp_params = sum(map(count_params, attns)), sum(map(count_params, mlps))
+    other = count_params(model) - embeds - sum(p.numel() for p in head) - attn_params - mlp_params
+    kind = lambda ms: ", ".join(sorted({type(m).__name__ + (f"({args.mlp_act})" if isinstance(m, MLP) else "")
+                                        for m in ms}))
+    moe = (f", {mlps[0].num_experts} experts top-{mlps[0].topk} + {mlps[0].num_shared} shared of width "
+           f"{mlps[0].hidden} ({args.moe_balance} balancing)" if model.moe_layers else "")
+    return (f"architecture: attention {kind(attns)} x{len(attns)} (KV cache "
+            f"{sum(a.kv_cache_floats_per_token() for a in attns):,} floats/token over all layers), mlp {kind(mlps)}"
+            f" x{len(mlps)}{moe}, head {'tied to the embedding' if not head else 'untied'}, dropout {args.dropout},"
+            f" neftune_alpha {args.neftune_alpha}\n"
+            f"params: embeddings {embeds:,} + head {sum(p.numel() for p in head):,} + attention {attn_params:,} + "
+            f"mlp {mlp_params:,} + block/skip scalars {other:,} = {count_params(model):,}\n"
+            f"forward FLOPs/token: attention {attn_flops / 1e6:.1f}M (of which scores {score_flops / 1e6:.1f}M "
+            f"at windows {context['L']}/{context['S']}) + mlp {mlp_flops / 1e6:.1f}M (active) + head "
+            f"{head_flops / 1e6:.1f}M = {(attn_flops + mlp_flops + head_flops) / 1e6:.1f}M")
+
+
+@torch.no_grad()
+def update_moe_biases(model: GPT, world_size: int):
+    """After each optimizer step (a Muon hook): sum every MoE layer's training load over ranks, move the selection
+    biases (--moe_balance=bias; aux leaves them at 0) and reset the loads."""
+    loads = all_reduce_sum_(torch.stack([m.load for m in model.moe_layers]), world_size)
+    for moe, load in zip(model.moe_layers, loads):
+        moe.update_bias(load)
+        moe.load.zero_()
+
+
+def moe_utilization(model: GPT) -> str:
+    """' moe_load:...' for the validation log line: per MoE block, the least and the most used expert's share of
+    routed assignments relative to uniform (1.00-1.00 = perfectly balanced), over this rank's validation tokens
+    since the last call; '' without MoE."""
+    if not model.moe_layers:
+        return ""
+    parts = []
+    for moe in model.moe_layers:
+        share = moe.eval_load * moe.num_experts / moe.eval_load.sum().clamp_min(1)
+        parts.append(f"{share.min().item():.2f}-{share.max().item():.2f}")
+        moe.eval_load.zero_()
+    return " moe_load(min-max/uniform):" + ",".join(parts)
 
 
 # -----------------------------------------------------------------------------------------------------------------
