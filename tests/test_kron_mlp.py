@@ -61,3 +61,16 @@ def test_smoke_trains_with_kron_mlp_both(shakespeare_shards, tmp_path, capsys):
     vals = [float(l.split("val_loss:")[1].split()[0]) for l in out.splitlines() if "val_loss:" in l]
     assert code == 0 and "KronLinear layers" in out
     assert vals[0] > 10.5 and vals[-1] < vals[0] - 2.5, vals
+
+
+def test_kron_decompose_output_feeds_init_from(tmp_path):
+    from conftest import load_script
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke"])
+    dense = tg.build_model(args)
+    tg.save_checkpoint(tmp_path / "dense.pt", dense, tg.build_optimizers(dense, args), args, 5, 1.0)
+    load_script("tools/kron_decompose.py").main(["--checkpoint", str(tmp_path / "dense.pt"),
+                                                "--out", str(tmp_path / "kron.pt"), "--rank", "2"])
+    student = tg.build_model(kron_args("--kron_rank=2"))
+    report = tg.load_weights(student, tg.load_checkpoint(str(tmp_path / "kron.pt"))["model"])
+    assert "missing (fresh init): none" in report and "unexpected (ignored): none" in report
+    assert torch.equal(student.embed.weight, dense.embed.weight)
