@@ -64,7 +64,7 @@ class Hyperparameters:
     kron_rank: int = 1  # r, the number of Kronecker terms
     kron_factors: str = ""  # "m1,k1,m2,k2;m1,k1,m2,k2" for c_fc;c_proj ("" = balanced shapes, cheapest order)
     kron_impl: str = "auto"  # auto (triton on CUDA, torch elsewhere) | triton | torch | dense (debugging)
-    kron_optimizer: str = "muon"  # muon | adam: which optimizer trains the factors (devlog 2026-11-23)
+    kron_optimizer: str = "adam"  # adam | muon: which optimizer trains the factors (devlog 2026-11-23)
     kron_adam_lr: float = 0.008  # Adam LR for the factors when kron_optimizer=adam
     # Kronecker-sparse MLP (kernels.KSLinear): a chain of block-sparse factors (Monarch or butterfly)
     ks_mlp: str = "off"  # off | fc | proj | both: which MLP matrices become KS chains
@@ -208,7 +208,7 @@ def check_config(args: Hyperparameters, world_size: int):
     if args.num_iterations < 1:
         fail("num_iterations must be >= 1")
     check_architecture(args, fail)
-    choices = dict(kron_mlp=("off", "fc", "proj", "both"), kron_impl=KRON_IMPLS, kron_optimizer=("muon", "adam"))
+    choices = dict(kron_mlp=("off", "fc", "proj", "both"), kron_impl=KRON_IMPLS, kron_optimizer=("adam", "muon"))
     for name, valid in choices.items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
@@ -1099,9 +1099,9 @@ def update_moe_biases(model: GPT, world_size: int):
 
 
 def moe_utilization(model: GPT) -> str:
-    """' moe_load:...' for the validation log line: per MoE block, the least and the most used expert's share of
-    routed assignments relative to uniform (1.00-1.00 = perfectly balanced), over this rank's validation tokens
-    since the last call; '' without MoE."""
+    """' moe_load_min_max:0.91-1.12,...' for the validation log line: per MoE block, the least and the most used
+    expert's share of the routed assignments relative to uniform (1.00-1.00 = perfectly balanced), over this rank's
+    validation tokens since the last call; '' without MoE."""
     if not model.moe_layers:
         return ""
     parts = []
@@ -1109,7 +1109,7 @@ def moe_utilization(model: GPT) -> str:
         share = moe.eval_load * moe.num_experts / moe.eval_load.sum().clamp_min(1)
         parts.append(f"{share.min().item():.2f}-{share.max().item():.2f}")
         moe.eval_load.zero_()
-    return " moe_load(min-max/uniform):" + ",".join(parts)
+    return " moe_load_min_max:" + ",".join(parts)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1517,7 +1517,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizers[1].orthogonalize = torch.compile(zeropower_via_newtonschulz5)
     train_model = torch.compile(trainee, dynamic=False) if compiled else trainee
 
-    groups = param_groups(model)
+    groups = param_groups(model, args)
     kron_layers = [m for m in model.modules() if isinstance(m, KronLinear)]
     if kron_layers:
         k = kron_layers[0]
@@ -1526,10 +1526,11 @@ def main(argv: list[str] | None = None) -> int:
             f"parameters "
             f"(dense: {sum(m.in_features * m.out_features for m in kron_layers):,})")
     log(f"model: {count_params(model):,} parameters (block matrices {sum(p.numel() for p in groups['matrices']):,}, "
-        f"embeddings {sum(p.numel() for p in groups['embeds']):,}, head {groups['head'][0].numel():,}, "
+        f"embeddings {sum(p.numel() for p in groups['embeds']):,}, head {sum(p.numel() for p in groups['head']):,}, "
         f"scalars {sum(p.numel() for p in groups['scalars']):,}); world_size {env.world_size}, "
         f"grad accumulation {args.micro_batches // env.world_size}, device {device_name(env.device)}, "
         f"fp8 head {fp8}, compile {compiled}", console=True)
+    log(describe_model(model, args))
     if init_report:
         log(f"init_from {args.init_from}: {init_report}")
     if resume is not None:
@@ -1567,7 +1568,7 @@ def main(argv: list[str] | None = None) -> int:
                 train_time_ms += 1000 * (time.perf_counter() - t0)
                 val_loss = evaluate(train_model, val_data, window, env.world_size)
                 log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
-                    f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
+                    f"step_avg:{train_time_ms / max(step, 1):.2f}ms{moe_utilization(model)}")
                 if not math.isfinite(val_loss):
                     status, reason = "failed", f"non-finite val loss at step {step}"
                     break

@@ -37,7 +37,7 @@ def test_c_proj_starts_at_zero_with_one_live_factor():
 def test_factors_go_to_the_chosen_optimizer():
     model = tg.build_model(kron_args())
     kron_ids = {id(p) for m in model.modules() if isinstance(m, KronLinear) for p in (m.A, m.B)}
-    muon = tg.build_optimizers(model, kron_args())[1]
+    muon = tg.build_optimizers(model, kron_args("--kron_optimizer=muon"))[1]
     assert kron_ids <= {id(p) for g in muon.param_groups for p in g["params"]}
     adam, muon = tg.build_optimizers(model, kron_args("--kron_optimizer=adam"))
     assert not kron_ids & {id(p) for g in muon.param_groups for p in g["params"]}
