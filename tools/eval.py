@@ -1,0 +1,87 @@
+"""Validation loss of a train_gpt.py checkpoint on any token shards.
+
+    python tools/eval.py --checkpoint PATH [--val_files GLOB] [--val_tokens N] [--seq_len N] [--window_blocks N]
+        [--device cpu|cuda]
+
+Defaults are the checkpoint's own validation: its val_files, val_tokens and val_seq_len (capped at val_tokens), at
+its final long window (model.default_window_blocks, the window the run validates with at the end). The model is
+built from the checkpoint's flags and evaluated exactly as train_gpt.py's `evaluate` does: eval mode, one packed
+sequence per forward, the mean of the per-sequence mean losses (all sequences have the same length). On CUDA it
+mirrors training: bf16 embeddings (so bf16 activations), torch.compile when the checkpoint's `compile` flag is on.
+Prints a readable line, then a machine-readable last line `eval: {...}` (JSON).
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_gpt as tg  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--val_files", help="glob of .bin shards (default: the checkpoint's val_files)")
+    p.add_argument("--val_tokens", type=int, help="the first N tokens of the stream (default: the checkpoint's)")
+    p.add_argument("--seq_len", type=int, help="tokens per forward, a multiple of 128 dividing val_tokens "
+                                               "(default: the checkpoint's val_seq_len, at most val_tokens)")
+    p.add_argument("--window_blocks", type=int, help="long sliding window in 128-token blocks (short = half; "
+                                                     "default: the checkpoint's final window)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def eval_config(ckpt: dict, opts, device: torch.device) -> tg.Hyperparameters:
+    args = tg.checkpoint_args(ckpt)
+    args.val_files = opts.val_files or args.val_files
+    args.val_tokens = opts.val_tokens or args.val_tokens
+    args.val_seq_len = opts.seq_len or min(args.val_seq_len, args.val_tokens)  # also sizes the rotary tables
+    if args.val_seq_len % tg.BLOCK_SIZE or args.val_tokens % args.val_seq_len:
+        raise SystemExit(f"error: --seq_len={args.val_seq_len} must be a multiple of {tg.BLOCK_SIZE} dividing "
+                         f"--val_tokens={args.val_tokens}")
+    if device.type != "cuda":  # same state dict, kernels this device runs
+        args.kron_impl = "auto" if args.kron_impl == "triton" else args.kron_impl  # auto = torch on a CPU
+        args.ks_impl = "auto" if args.ks_impl == "triton" else args.ks_impl  # auto = bmm on a CPU
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opts = build_parser().parse_args(argv)
+    device = torch.device(opts.device)
+    ckpt = tg.load_checkpoint(opts.checkpoint)
+    args = eval_config(ckpt, opts, device)
+    model = tg.build_model(args)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    compiled = device.type == "cuda" and args.compile
+    if device.type == "cuda":
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                m.bfloat16()
+    window = opts.window_blocks or model.default_window_blocks
+    batches = tg.val_batches(args, 0, 1, device)
+    run = torch.compile(model, dynamic=False) if compiled else model
+    t = time.perf_counter()
+    window_t = torch.tensor(window, dtype=torch.int32, device=device)  # as training passes it
+    with torch.no_grad():
+        losses = [run(inputs, targets, window_t).item() for inputs, targets in batches]
+    loss = sum(losses) / len(losses)
+    result = dict(checkpoint=str(opts.checkpoint), files=args.val_files, tokens=len(batches) * args.val_seq_len,
+                  seq_len=args.val_seq_len, window_blocks=window, loss=loss, ppl=math.exp(loss),
+                  params=tg.count_params(model), step=ckpt.get("step"), device=str(device), compiled=compiled,
+                  seconds=round(time.perf_counter() - t, 3))
+    print(f"{opts.checkpoint}: val loss {loss:.4f} (ppl {result['ppl']:.2f}) on {result['tokens']:,} tokens of "
+          f"{args.val_files} in {len(batches)} x {args.val_seq_len}-token sequences, window {window} blocks, "
+          f"{result['params']:,} params, step {result['step']}")
+    print(f"eval: {json.dumps(result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
