@@ -535,10 +535,66 @@ def flex_block_mask(inputs: Tensor, window_blocks) -> BlockMask:
                                     mask_mod=doc_causal_window_mask(docs, window_blocks))
 
 
+class KVCache:
+    """Inference cache for tools/sample.py: each attention layer's keys and values so far, in call order. Passed to
+    GPT.hidden(cache=...) in place of the masks; attend() appends to it and masks new queries against every cached
+    key with the same doc_causal_window_mask as training (absolute positions, documents split at EOT)."""
+
+    def __init__(self):
+        self.keys, self.values, self.docs, self.layer = [], [], None, 0
+        self.length = 0  # tokens already cached (the absolute position of the next token)
+
+    def begin(self, inputs: Tensor, window_blocks) -> dict:
+        docs = document_ids(inputs) + (self.docs[-1] if self.docs is not None else 0)
+        self.docs = docs if self.docs is None else torch.cat([self.docs, docs])
+        self.layer, self.new_tokens = 0, len(inputs)
+        return {"L": KVCacheWindow(self, max(int(window_blocks), 1)),
+                "S": KVCacheWindow(self, max(int(window_blocks) // 2, 1))}
+
+    def end(self):
+        self.length += self.new_tokens
+
+    def clone(self) -> "KVCache":
+        other = KVCache()
+        other.keys, other.values, other.docs, other.length = list(self.keys), list(self.values), self.docs, self.length
+        return other
+
+
+@dataclass
+class KVCacheWindow:
+    cache: KVCache
+    window_blocks: int
+
+    @property
+    def offset(self) -> int:
+        return self.cache.length
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        c, i = self.cache, self.cache.layer
+        if i == len(c.keys):
+            c.keys.append(k), c.values.append(v)
+        else:
+            c.keys[i], c.values[i] = torch.cat([c.keys[i], k], dim=2), torch.cat([c.values[i], v], dim=2)
+        c.layer += 1
+        q_idx = torch.arange(c.length, c.length + q.size(2), device=q.device)
+        kv_idx = torch.arange(c.keys[i].size(2), device=q.device)
+        mask = doc_causal_window_mask(c.docs, self.window_blocks)(0, 0, q_idx[:, None], kv_idx[None, :])
+        return F.scaled_dot_product_attention(q, c.keys[i], c.values[i], attn_mask=mask, scale=scale,
+                                              enable_gqa=c.keys[i].size(1) != q.size(1))
+
+
+def rotary_offset(mask) -> int:
+    """Absolute position of the first query: 0 in training, the cached length when decoding."""
+    return mask.offset if isinstance(mask, KVCacheWindow) else 0
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
     """q (1, heads, T, qk_dim), k (1, kv_heads, T, qk_dim), v (1, kv_heads, T, v_dim); fewer kv_heads than heads
-    (dividing them) is grouped-query attention. FlexAttention on GPU; on CPU (no FlexAttention backward) dense SDPA."""
+    (dividing them) is grouped-query attention. FlexAttention on GPU; on CPU (no FlexAttention backward) dense SDPA;
+    a KVCacheWindow when decoding."""
     gqa = k.size(1) != q.size(1)
+    if isinstance(mask, KVCacheWindow):
+        return mask.attend(q, k, v, scale)
     if isinstance(mask, BlockMask):
         return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
@@ -557,8 +613,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos", theta.cos(), persistent=False)
         self.register_buffer("sin", theta.sin(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, heads, head_dim)
-        cos, sin = self.cos[None, :x.size(1), None, :], self.sin[None, :x.size(1), None, :]
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:  # x: (B, T, heads, head_dim) at positions offset..
+        cos = self.cos[None, offset:offset + x.size(1), None, :]
+        sin = self.sin[None, offset:offset + x.size(1), None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
@@ -580,7 +637,7 @@ class CausalSelfAttention(nn.Module):
         B, T = x.shape[:2]
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
         q, k, v = qkv.chunk(3, dim=-2)
-        q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        q, k = self.rotary(norm(q), rotary_offset(mask)), self.rotary(norm(k), rotary_offset(mask))
         v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -610,7 +667,7 @@ class GroupedQueryAttention(nn.Module):
         q = F.linear(x, self.q_w.type_as(x)).view(B, T, self.num_heads, self.head_dim)
         kv = F.linear(x, self.kv_w.flatten(end_dim=1).type_as(x)).view(B, T, 2 * self.n_kv_heads, self.head_dim)
         k, v = kv.chunk(2, dim=-2)
-        q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        q, k = self.rotary(norm(q), rotary_offset(mask)), self.rotary(norm(k), rotary_offset(mask))
         v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -664,14 +721,14 @@ class LatentAttention(nn.Module):
         kv = F.linear(latent, self.kv_up.flatten(end_dim=1).type_as(latent)).view(B, T, 2 * H, hd)
         k_content, v = kv.chunk(2, dim=-2)
         k = torch.cat([k_content, self.k_rope(x).view(B, T, 1, r).expand(B, T, H, r)], dim=-1)
-        q, k = self.rope(norm(q)), self.rope(norm(k))
+        q, k = self.rope(norm(q), rotary_offset(mask)), self.rope(norm(k), rotary_offset(mask))
         v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def rope(self, x: Tensor) -> Tensor:  # (B, T, H, head_dim + rope_dim): rotate the rope part only
+    def rope(self, x: Tensor, offset: int = 0) -> Tensor:  # (B, T, H, head_dim + rope_dim): rotate the rope part
         content, pos = x.split([self.head_dim, self.rope_dim], dim=-1)
-        return torch.cat([content, self.rotary(pos)], dim=-1)
+        return torch.cat([content, self.rotary(pos, offset)], dim=-1)
 
     def kv_cache_floats_per_token(self) -> int:
         return self.kv_rank + self.rope_dim
@@ -933,6 +990,7 @@ class GPT(nn.Module):
         self.lm_head = TiedHead(self.embed.weight) if args.tie_embeddings else \
             CastedLinear(dim, padded_vocab, zero_init=True)
         self.moe_layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+        self.vocab_size = args.vocab_size  # real tokens; the head's padding rows are never targets
         # layer -> value-embedding table: tables 0..nve-1 for the first nve layers and again for the last nve
         self.ve_table = [i if i < nve else (i - (L - nve) if i >= L - nve else None) for i in range(L)]
         half = args.window_pattern[:L // 2]
@@ -959,10 +1017,15 @@ class GPT(nn.Module):
                     for xc, tc in zip(x.split(self.eval_chunk_tokens), targets.split(self.eval_chunk_tokens)))
         return total / len(targets)
 
-    def hidden(self, inputs: Tensor, window_blocks=None) -> Tensor:
-        """The final normed hidden states (T, model_dim) that the head reads."""
-        assert inputs.ndim == 1 and len(inputs) % BLOCK_SIZE == 0, "one packed sequence, a multiple of 128 tokens"
-        masks = self.attention_masks(inputs, self.default_window_blocks if window_blocks is None else window_blocks)
+    def hidden(self, inputs: Tensor, window_blocks=None, cache: KVCache | None = None) -> Tensor:
+        """The final normed hidden states (T, model_dim) that the head reads. With a KVCache, inputs continue the
+        cached sequence (any length) and are appended to it."""
+        window_blocks = self.default_window_blocks if window_blocks is None else window_blocks
+        if cache is not None:
+            masks = cache.begin(inputs, window_blocks)
+        else:
+            assert inputs.ndim == 1 and len(inputs) % BLOCK_SIZE == 0, "one packed sequence, a multiple of 128"
+            masks = self.attention_masks(inputs, window_blocks)
         ves = [ve(inputs)[None] for ve in self.value_embeds]
         x = x0 = norm(self.embed_noise(self.embed(inputs)[None]))
         skips, half = [], len(self.blocks) // 2
@@ -973,6 +1036,8 @@ class GPT(nn.Module):
             x = block(x, x0, None if table is None else ves[table], masks[self.window_kind[i]])
             if i < half:
                 skips.append(x)
+        if cache is not None:
+            cache.end()
         return norm(x)[0]
 
     def logits(self, x: Tensor) -> Tensor:
