@@ -56,7 +56,7 @@ def test_bad_kron_flags_name_the_fix():
 def test_smoke_trains_with_kron_mlp_both(shakespeare_shards, tmp_path, capsys):
     train, val = shakespeare_shards
     code = tg.main(["--preset=smoke", "--kron_mlp=both", f"--train_files={train}", f"--val_files={val}",
-                    f"--records_dir={tmp_path}", "--num_iterations=12", "--val_every=6"])
+                    f"--records_dir={tmp_path}", "--num_iterations=8", "--val_every=4"])
     out = capsys.readouterr().out
     vals = [float(l.split("val_loss:")[1].split()[0]) for l in out.splitlines() if "val_loss:" in l]
     assert code == 0 and "KronLinear layers" in out

@@ -50,7 +50,7 @@ def test_bad_ks_flags():
 def test_smoke_trains_with_ks_mlp_both(shakespeare_shards, tmp_path, capsys):
     train, val = shakespeare_shards
     code = tg.main(["--preset=smoke", "--ks_mlp=both", f"--train_files={train}", f"--val_files={val}",
-                    f"--records_dir={tmp_path}", "--num_iterations=12", "--val_every=6"])
+                    f"--records_dir={tmp_path}", "--num_iterations=8", "--val_every=4"])
     vals = [float(l.split("val_loss:")[1].split()[0]) for l in capsys.readouterr().out.splitlines()
             if "val_loss:" in l]
     assert code == 0 and vals[0] > 10.5 and vals[-1] < vals[0] - 2.5, vals
