@@ -71,6 +71,13 @@ class Hyperparameters:
     ks_chain: str = "monarch"  # monarch (2 factors) | butterfly (log-depth chain)
     ks_rank: int = 1  # widens the chain's inner blocks (parameters grow ~linearly in it)
     ks_impl: str = "bmm"  # bmm (reshape + batched matmul) | triton | auto (triton on CUDA)
+    # mixture of tokenizers: each token also attends over its own UTF-8 bytes (CharCrossAttention)
+    mot: str = "off"  # off | cross (per-token cross-attention over its bytes) | cross+self (bytes self-attend first)
+    bytes_per_token: int = 16  # byte slots per token: the token's last bytes, right-aligned, PAD on the left
+    char_dim: int = 128  # width of the byte embeddings and of the per-token cross-attention
+    mot_heads: int = 4  # cross-attention heads (head dim = char_dim / mot_heads)
+    mot_pull_left: bool = False  # fill a token's PAD slots with the trailing bytes of earlier tokens of its document
+    mot_self_window: int = 64  # cross+self: causal byte self-attention window in tokens (x bytes_per_token, to 128s)
     # architecture ablations (issue 6), each off by default; describe_model() prints their params and FLOPs/token
     n_kv_heads: int = 0  # grouped-query attention: K/V heads shared by num_heads/n_kv_heads queries (0 = num_heads)
     mla_kv_rank: int = 0  # multi-head latent attention when > 0: rank of the cached K/V latent (768-dim model: 256)
@@ -213,6 +220,7 @@ def check_config(args: Hyperparameters, world_size: int):
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
     kron_factors(args)  # fails on a malformed --kron_factors
+    check_mot(args, fail)
     for name, valid in dict(ks_mlp=("off", "fc", "proj", "both"), ks_chain=("monarch", "butterfly"),
                             ks_impl=KS_IMPLS).items():
         if getattr(args, name) not in valid:
@@ -230,6 +238,26 @@ def check_config(args: Hyperparameters, world_size: int):
                     ks_patterns(args, out_f, in_f)
                 except ValueError as e:
                     fail(f"--ks_mlp {which} ({in_f}->{out_f}): {e}")
+
+
+def check_mot(args: Hyperparameters, fail):
+    if args.mot not in ("off", "cross", "cross+self"):
+        fail(f"--mot={args.mot!r}; valid values: off, cross, cross+self")
+    if args.mot == "off":
+        return
+    if args.bytes_per_token < 1:
+        fail(f"--bytes_per_token={args.bytes_per_token} must be >= 1")
+    if args.char_dim < 1 or args.mot_heads < 1 or args.char_dim % args.mot_heads:
+        fail(f"--char_dim={args.char_dim} must be a positive multiple of --mot_heads={args.mot_heads}")
+    if args.vocab_size > GPT2_VOCAB:
+        fail(f"--mot needs GPT-2 token ids (the byte table has {GPT2_VOCAB} rows); vocab_size={args.vocab_size}")
+    if args.mot == "cross+self":
+        if args.mot_self_window < 1:
+            fail(f"--mot_self_window={args.mot_self_window} must be >= 1 token")
+        longest = max(args.seq_len, args.val_seq_len) * args.bytes_per_token
+        if longest >= 2 ** 31:
+            fail(f"--mot=cross+self: byte stream of {longest:,} positions (seq_len x bytes_per_token) overflows "
+                 f"int32 mask indices; lower seq_len/val_seq_len or bytes_per_token")
 
 
 def check_architecture(args: Hyperparameters, fail):
@@ -461,6 +489,8 @@ class Muon(torch.optim.Optimizer):
 
 BLOCK_SIZE = 128  # FlexAttention tile and the unit of sliding windows
 EOT_TOKEN = 50256  # GPT-2 end of text; it precedes every document
+GPT2_VOCAB = 50257  # rows of the --mot byte table
+BYTE_PAD, BYTE_EOT, BYTE_VOCAB = 256, 257, 258  # --mot byte ids: 0..255 are the bytes themselves
 
 
 def norm(x: Tensor) -> Tensor:
@@ -504,18 +534,20 @@ def doc_causal_window_mask(docs: Tensor, window_blocks):
     return mask_mod
 
 
-def dense_attention_mask(inputs: Tensor, window_blocks) -> Tensor:
-    """(T, T) boolean mask for scaled_dot_product_attention, evaluated from the same mask_mod."""
-    idx = torch.arange(len(inputs), device=inputs.device)
-    return doc_causal_window_mask(document_ids(inputs), window_blocks)(0, 0, idx[:, None], idx[None, :])
+def dense_attention_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None) -> Tensor:
+    """(T, T) boolean mask for scaled_dot_product_attention, evaluated from the same mask_mod. docs: per-position
+    document ids given directly (--mot=cross+self's byte stream) instead of from the tokens."""
+    docs = document_ids(inputs) if docs is None else docs
+    idx = torch.arange(len(docs), device=docs.device)
+    return doc_causal_window_mask(docs, window_blocks)(0, 0, idx[:, None], idx[None, :])
 
 
-def flex_block_mask(inputs: Tensor, window_blocks) -> BlockMask:
+def flex_block_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None) -> BlockMask:
     """Block-sparse FlexAttention mask from per-block document ranges, so fully masked blocks are skipped and
     fully visible blocks skip the mask_mod. Equals dense_attention_mask (tested)."""
-    docs = document_ids(inputs)
-    n = len(inputs) // BLOCK_SIZE
-    blocks = torch.arange(n, device=inputs.device)
+    docs = document_ids(inputs) if docs is None else docs
+    n = len(docs) // BLOCK_SIZE
+    blocks = torch.arange(n, device=docs.device)
     q, kv = blocks[:, None], blocks[None, :]
     first, last = docs.view(n, BLOCK_SIZE)[:, 0], docs.view(n, BLOCK_SIZE)[:, -1]
     in_window = (q >= kv) & (q - kv < window_blocks)
@@ -975,6 +1007,128 @@ class TiedHead(nn.Module):
         return F.linear(x, self.weight.type_as(x)) * self.scale
 
 
+def byte_table(bytes_per_token: int) -> Tensor:
+    """(GPT2_VOCAB, bytes_per_token) int16: row t holds token t's last bytes_per_token UTF-8 bytes right-aligned
+    (the token's final byte in the last slot), BYTE_PAD before them; EOT_TOKEN is [PAD, ..., PAD, BYTE_EOT].
+    Built from tiktoken once and cached under data/local/ (git-ignored). Integer on purpose: ids up to 257 do not
+    survive a cast to bf16."""
+    path = Path(__file__).resolve().parent / "data" / "local" / f"byte_table_gpt2_{bytes_per_token}.pt"
+    if path.exists():
+        return torch.load(path)
+    import tiktoken  # only --mot needs it; TIKTOKEN_CACHE_DIR makes it work offline
+    enc = tiktoken.get_encoding("gpt2")
+    table = torch.full((GPT2_VOCAB, bytes_per_token), BYTE_PAD, dtype=torch.int16)
+    for t in range(GPT2_VOCAB):
+        piece = [BYTE_EOT] if t == EOT_TOKEN else list(enc.decode_single_token_bytes(t))[-bytes_per_token:]
+        table[t, bytes_per_token - len(piece):] = torch.tensor(piece, dtype=torch.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(table, tmp)
+    os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written table
+    return table
+
+
+def token_bytes(inputs: Tensor, table: Tensor, pull_left: bool) -> Tensor:
+    """(T, S) int64 byte ids seen by each token of one packed sequence: table[inputs], and with pull_left the PAD
+    slots filled with the trailing bytes of tokens t-1, t-2, ... (up to S-1 back) of the same document, so row t
+    is the last S bytes of its document up to and including token t. Never reads a later token or an earlier
+    document (documents start at EOT, whose own byte belongs to the new document)."""
+    own = table[inputs.long()].long()  # (T, S)
+    if not pull_left:
+        return own
+    T, S = own.shape
+    back = torch.arange(S - 1, -1, -1, device=inputs.device)  # lookback k for window column j (oldest first)
+    src = torch.arange(T, device=inputs.device)[:, None] - back  # (T, S) source token index, k = S-1 .. 0
+    docs = document_ids(inputs)
+    ok = (src >= 0) & (docs[src.clamp_min(0)] == docs[:, None])  # same document, not before the sequence
+    window = own[src.clamp_min(0)]  # (T, S tokens, S bytes): each lookback token's bytes, oldest token first
+    valid = ok[:, :, None] & (window != BYTE_PAD)
+    window, valid = window.flatten(1), valid.flatten(1)  # (T, S*S) bytes in stream order
+    from_end = valid.flip(1).cumsum(1).flip(1)  # valid bytes at or after each position
+    keep = valid & (from_end <= S)
+    slot = torch.where(keep, S - from_end, S)  # column S is a discard column
+    out = torch.full((T, S + 1), BYTE_PAD, dtype=torch.long, device=inputs.device)
+    return out.scatter_(1, slot, torch.where(keep, window, BYTE_PAD))[:, :S]
+
+
+class CharSelfAttention(nn.Module):
+    """--mot=cross+self: one pre-norm self-attention layer over the byte stream of the sequence (T * S positions:
+    token order, then slot order, PAD slots included as learned inputs), causal, documents split at EOT, sliding
+    window of mot_self_window tokens in 128-position blocks: the same doc_causal_window_mask as the blocks (dense on
+    CPU, BlockMask on GPU), built once per sequence. Output projection zero-initialized (starts as identity)."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        C, S = args.char_dim, args.bytes_per_token
+        self.heads, self.bytes_per_token = args.mot_heads, S
+        self.window_blocks = max(1, -(-args.mot_self_window * S // BLOCK_SIZE))
+        self.qkv = CastedLinear(C, 3 * C)
+        self.proj = CastedLinear(C, C, zero_init=True)
+
+    def forward(self, chars: Tensor, inputs: Tensor) -> Tensor:  # chars (T, S, C), inputs (T,)
+        T, S, C = chars.shape
+        if T * S >= 2 ** 31:
+            raise ValueError(f"--mot=cross+self: {T} tokens x {S} bytes = {T * S:,} positions overflow int32 masks")
+        docs = document_ids(inputs).repeat_interleave(S)  # (T * S,)
+        build = flex_block_mask if chars.is_cuda else dense_attention_mask
+        mask = build(docs, self.window_blocks, docs=docs)
+        q, k, v = self.qkv(norm(chars.flatten(0, 1))).view(T * S, 3, self.heads, -1).permute(1, 2, 0, 3)[:, None]
+        y = attend(norm(q), norm(k), v, mask, q.size(-1) ** -0.5)  # (1, heads, T * S, hd)
+        return chars + self.proj(y[0].transpose(0, 1).reshape(T, S, C))
+
+
+class NoCharMixing(nn.Module):
+    """--mot=cross: the byte embeddings go to the cross-attention unchanged."""
+
+    def forward(self, chars: Tensor, inputs: Tensor) -> Tensor:
+        return chars
+
+
+class CharCrossAttention(nn.Module):
+    """--mot=cross (and cross+self): each token attends over its own byte slots (token_bytes). Query: the RMS-normed
+    token embedding projected to char_dim; keys/values: byte embedding + slot-position embedding (cross+self: after
+    CharSelfAttention); QK RMS-norm; PAD slots masked (every row has at least one real byte). The output projection
+    to model_dim is zero-initialized, so the model starts as the baseline; returns a * tok + b * chars with learned
+    scalars a = b = 1 at init, which GPT.hidden then RMS-norms into x0. Per token: one (heads, 1, S) attention, a
+    batched matmul over tokens."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        S, C, dim = args.bytes_per_token, args.char_dim, args.model_dim
+        self.heads, self.pull_left = args.mot_heads, args.mot_pull_left
+        self.register_buffer("byte_table", byte_table(S), persistent=False)  # moves with the model, not saved
+        self.char_embed = nn.Embedding(BYTE_VOCAB, C)
+        self.slot_embed = nn.Embedding(S, C)
+        self.q = CastedLinear(dim, C)
+        self.kv = CastedLinear(C, 2 * C)
+        self.proj = CastedLinear(C, dim, zero_init=True)
+        self.mix = nn.Parameter(torch.ones(2))  # a (token), b (chars)
+        self.char_mixing = CharSelfAttention(args) if args.mot == "cross+self" else NoCharMixing()
+
+    def forward(self, tok: Tensor, inputs: Tensor) -> Tensor:  # tok (1, T, dim), inputs (T,)
+        ids = token_bytes(inputs, self.byte_table, self.pull_left)  # (T, S)
+        T, S = ids.shape
+        chars = self.char_mixing(self.char_embed(ids) + self.slot_embed.weight, inputs)  # (T, S, C)
+        q = self.q(norm(tok[0])).view(T, self.heads, 1, -1)
+        k, v = self.kv(chars.type_as(q)).view(T, S, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (T, heads, S, hd)
+        q, k = norm(q), norm(k)
+        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5  # (T, heads, 1, S)
+        scores = scores.float().masked_fill((ids == BYTE_PAD)[:, None, None, :], float("-inf"))
+        out = (scores.softmax(-1).type_as(v) @ v).view(T, -1)  # (T, C)
+        return self.mix[0] * tok + self.mix[1] * self.proj(out)[None]
+
+
+class NoChars(nn.Module):
+    """--mot=off: the token embedding alone (no parameters, no buffers)."""
+
+    def forward(self, tok: Tensor, inputs: Tensor) -> Tensor:
+        return tok
+
+
+def build_mot(args: Hyperparameters) -> nn.Module:
+    return NoChars() if args.mot == "off" else CharCrossAttention(args)
+
+
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -983,6 +1137,7 @@ class GPT(nn.Module):
         padded_vocab = next_multiple(args.vocab_size, 128)
         self.embed = nn.Embedding(padded_vocab if args.tie_embeddings else args.vocab_size, dim)
         self.embed_noise = NEFTune(args.neftune_alpha) if args.neftune_alpha > 0 else nn.Identity()
+        self.mot = build_mot(args)  # mixes byte-level information into x0 (--mot)
         self.value_embeds = nn.ModuleList([nn.Embedding(args.vocab_size, value_embed_dim(args))
                                            for _ in range(nve)])
         self.blocks = nn.ModuleList([Block(args, i, max_seq_len) for i in range(L)])
@@ -1027,7 +1182,7 @@ class GPT(nn.Module):
             assert inputs.ndim == 1 and len(inputs) % BLOCK_SIZE == 0, "one packed sequence, a multiple of 128"
             masks = self.attention_masks(inputs, window_blocks)
         ves = [ve(inputs)[None] for ve in self.value_embeds]
-        x = x0 = norm(self.embed_noise(self.embed(inputs)[None]))
+        x = x0 = norm(self.mot(self.embed_noise(self.embed(inputs)[None]), inputs))
         skips, half = [], len(self.blocks) // 2
         for i, block in enumerate(self.blocks):
             if i >= half:
@@ -1064,8 +1219,11 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     adam_ids = {id(p) for p in kron} if kron_to_adam else set()
     matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids]
     scalars = [p for p in model.parameters() if p.ndim < 2]
-    embeds = [model.embed.weight] + [e.weight for e in model.value_embeds]
+    mot_embeds = [m.weight for m in model.mot.modules() if isinstance(m, nn.Embedding)]
+    embeds = [model.embed.weight] + [e.weight for e in model.value_embeds] + mot_embeds
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied: embeds own it
+    # --mot matrices live outside the blocks: Adam at head_lr (the byte/slot embeddings are embeds, a and b scalars)
+    head += [p for p in model.mot.parameters() if p.ndim >= 2 and all(p is not e for e in mot_embeds)]
     groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, kron=kron if kron_to_adam else [])
     assert sum(map(len, groups.values())) == len(list(model.parameters()))
     return groups
@@ -1133,11 +1291,12 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
                       for i, b in enumerate(model.blocks) if b.attn is not None)
     attn_flops = sum(dense_flops_per_token(a) for a in attns) + score_flops
     mlp_flops = sum(m.flops_per_token() if isinstance(m, MoE) else dense_flops_per_token(m) for m in mlps)
-    head = param_groups(model)["head"]
+    head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied
     head_flops = 2 * model.lm_head.weight.numel()
+    mot_params = count_params(model.mot)
     embeds = model.embed.weight.numel() + sum(e.weight.numel() for e in model.value_embeds)
     attn_params, mlp_params = sum(map(count_params, attns)), sum(map(count_params, mlps))
-    other = count_params(model) - embeds - sum(p.numel() for p in head) - attn_params - mlp_params
+    other = count_params(model) - embeds - sum(p.numel() for p in head) - attn_params - mlp_params - mot_params
     kind = lambda ms: ", ".join(sorted({type(m).__name__ + (f"({args.mlp_act})" if isinstance(m, MLP) else "")
                                         for m in ms}))
     moe = (f", {mlps[0].num_experts} experts top-{mlps[0].topk} + {mlps[0].num_shared} shared of width "
@@ -1147,7 +1306,8 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
             f" x{len(mlps)}{moe}, head {'tied to the embedding' if not head else 'untied'}, dropout {args.dropout},"
             f" neftune_alpha {args.neftune_alpha}\n"
             f"params: embeddings {embeds:,} + head {sum(p.numel() for p in head):,} + attention {attn_params:,} + "
-            f"mlp {mlp_params:,} + block/skip scalars {other:,} = {count_params(model):,}\n"
+            f"mlp {mlp_params:,} + block/skip scalars {other:,}"
+            f"{f' + mot {type(model.mot).__name__} {mot_params:,}' if mot_params else ''} = {count_params(model):,}\n"
             f"forward FLOPs/token: attention {attn_flops / 1e6:.1f}M (of which scores {score_flops / 1e6:.1f}M "
             f"at windows {context['L']}/{context['S']}) + mlp {mlp_flops / 1e6:.1f}M (active) + head "
             f"{head_flops / 1e6:.1f}M = {(attn_flops + mlp_flops + head_flops) / 1e6:.1f}M")
