@@ -652,7 +652,20 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
-class CausalSelfAttention(nn.Module):
+class HeadAttention(nn.Module):
+    """The part multi-head and grouped-query attention share after their projections: RMS-norm and rotary on q and
+    k, value-embedding mixing, attention, output projection."""
+
+    def rotate_mix_attend(self, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask) -> Tensor:
+        B, T = q.shape[:2]  # q (B, T, heads, head_dim); k, v (B, T, kv_heads, head_dim)
+        offset = rotary_offset(mask)
+        q, k = self.rotary(norm(q), offset), self.rotary(norm(k), offset)
+        v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class CausalSelfAttention(HeadAttention):
     """Multi-head attention, q, k and v from one merged (3, dim, dim) weight (Muon orthogonalizes each of the 3)."""
 
     def __init__(self, dim: int, num_heads: int, attn_scale: float, max_seq_len: int):
@@ -669,16 +682,13 @@ class CausalSelfAttention(nn.Module):
         B, T = x.shape[:2]
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
         q, k, v = qkv.chunk(3, dim=-2)
-        q, k = self.rotary(norm(q), rotary_offset(mask)), self.rotary(norm(k), rotary_offset(mask))
-        v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.rotate_mix_attend(q, k, v, ve, mask)
 
     def kv_cache_floats_per_token(self) -> int:
         return 2 * self.num_heads * self.head_dim
 
 
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(HeadAttention):
     """Grouped-query attention (--n_kv_heads): n_kv_heads K/V heads, each shared by num_heads / n_kv_heads query
     heads (1 = multi-query). Separate q (dim, dim) and kv (2, kv_dim, dim) weights; the value embedding it receives
     is kv_dim wide (the tables shrink with the values, see value_embed_dim)."""
@@ -699,10 +709,7 @@ class GroupedQueryAttention(nn.Module):
         q = F.linear(x, self.q_w.type_as(x)).view(B, T, self.num_heads, self.head_dim)
         kv = F.linear(x, self.kv_w.flatten(end_dim=1).type_as(x)).view(B, T, 2 * self.n_kv_heads, self.head_dim)
         k, v = kv.chunk(2, dim=-2)
-        q, k = self.rotary(norm(q), rotary_offset(mask)), self.rotary(norm(k), rotary_offset(mask))
-        v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.rotate_mix_attend(q, k, v, ve, mask)
 
     def kv_cache_floats_per_token(self) -> int:
         return 2 * self.n_kv_heads * self.head_dim
