@@ -48,3 +48,22 @@ def write_shard(path, tokens):
     with open(path, "wb") as f:
         f.write(header.tobytes())
         f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+# Slow tests (compiled models, full-size shapes under the Triton interpreter) are skipped unless --slow is given;
+# CI runs the default set (under 20 minutes), `python -m pytest -q tests --slow` runs everything.
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running; skipped unless --slow is given")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
