@@ -522,27 +522,35 @@ def document_ids(inputs: Tensor) -> Tensor:
     return (inputs == EOT_TOKEN).cumsum(0)
 
 
-def doc_causal_window_mask(docs: Tensor, window_blocks):
+def in_window(block_distance, window_blocks, halvings: int = 0):
+    """Key block `block_distance` (>= 0) blocks before the query block is one of the last max(window_blocks >>
+    halvings, 1) blocks. The clamp is written as `or distance == 0` and the halving happens here, on the raw
+    window, so a compiled mask_mod captures only the window tensor the caller passed: inductor's CPU FlexAttention
+    cannot lower a mask that captures a computed (pointwise) buffer such as window.clamp_min(1)."""
+    return (block_distance < (window_blocks >> halvings)) | (block_distance == 0)
+
+
+def doc_causal_window_mask(docs: Tensor, window_blocks, halvings: int = 0):
     """The one attention mask definition, shared by FlexAttention and the dense CPU path.
 
     Query i sees key j iff j <= i, both lie in the same document, and j's 128-block is one of the last
-    `window_blocks` blocks up to and including i's block.
+    max(window_blocks >> halvings, 1) blocks up to and including i's block (halvings=1: the short window).
     """
     def mask_mod(b, h, q_idx, kv_idx):
         return ((q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
-                & (q_idx // BLOCK_SIZE - kv_idx // BLOCK_SIZE < window_blocks))
+                & in_window(q_idx // BLOCK_SIZE - kv_idx // BLOCK_SIZE, window_blocks, halvings))
     return mask_mod
 
 
-def dense_attention_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None) -> Tensor:
+def dense_attention_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None, halvings: int = 0) -> Tensor:
     """(T, T) boolean mask for scaled_dot_product_attention, evaluated from the same mask_mod. docs: per-position
     document ids given directly (--mot=cross+self's byte stream) instead of from the tokens."""
     docs = document_ids(inputs) if docs is None else docs
     idx = torch.arange(len(docs), device=docs.device)
-    return doc_causal_window_mask(docs, window_blocks)(0, 0, idx[:, None], idx[None, :])
+    return doc_causal_window_mask(docs, window_blocks, halvings)(0, 0, idx[:, None], idx[None, :])
 
 
-def flex_block_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None) -> BlockMask:
+def flex_block_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None, halvings: int = 0) -> BlockMask:
     """Block-sparse FlexAttention mask from per-block document ranges, so fully masked blocks are skipped and
     fully visible blocks skip the mask_mod. Equals dense_attention_mask (tested)."""
     docs = document_ids(inputs) if docs is None else docs
@@ -550,11 +558,11 @@ def flex_block_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None) -
     blocks = torch.arange(n, device=docs.device)
     q, kv = blocks[:, None], blocks[None, :]
     first, last = docs.view(n, BLOCK_SIZE)[:, 0], docs.view(n, BLOCK_SIZE)[:, -1]
-    in_window = (q >= kv) & (q - kv < window_blocks)
+    visible = (q >= kv) & in_window(q - kv, window_blocks, halvings)
     # docs are non-decreasing, so for kv <= q some pair shares a document iff kv's last doc reaches q's first doc,
     # and every pair does iff both blocks lie inside one document (and kv < q, so no pair is acausal).
-    some = in_window & (first[:, None] <= last[None, :])
-    every = in_window & (q > kv) & (last[:, None] == first[None, :])
+    some = visible & (first[:, None] <= last[None, :])
+    every = visible & (q > kv) & (last[:, None] == first[None, :])
 
     def ordered(m):
         counts = m.sum(-1, dtype=torch.int32)
@@ -564,7 +572,17 @@ def flex_block_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None) -
     partial_counts, partial_idx = ordered(some & ~every)
     full_counts, full_idx = ordered(every)
     return BlockMask.from_kv_blocks(partial_counts, partial_idx, full_counts, full_idx, BLOCK_SIZE=BLOCK_SIZE,
-                                    mask_mod=doc_causal_window_mask(docs, window_blocks))
+                                    mask_mod=doc_causal_window_mask(docs, window_blocks, halvings))
+
+
+# FlexAttention has no backward on CPU, so CPU runs use dense SDPA masks. Tests and tools/preflight.py set this to
+# run the GPU's BlockMask path on CPU (compiled forward: inductor does compile FlexAttention there).
+FLEX_ATTENTION_ON_CPU = False
+
+
+def mask_builder(x: Tensor):
+    """flex_block_mask on GPU (or with FLEX_ATTENTION_ON_CPU), dense_attention_mask otherwise."""
+    return flex_block_mask if x.is_cuda or FLEX_ATTENTION_ON_CPU else dense_attention_mask
 
 
 class KVCache:
@@ -1077,8 +1095,7 @@ class CharSelfAttention(nn.Module):
         if T * S >= 2 ** 31:
             raise ValueError(f"--mot=cross+self: {T} tokens x {S} bytes = {T * S:,} positions overflow int32 masks")
         docs = document_ids(inputs).repeat_interleave(S)  # (T * S,)
-        build = flex_block_mask if chars.is_cuda else dense_attention_mask
-        mask = build(docs, self.window_blocks, docs=docs)
+        mask = mask_builder(chars)(docs, self.window_blocks, docs=docs)
         q, k, v = self.qkv(norm(chars.flatten(0, 1))).view(T * S, 3, self.heads, -1).permute(1, 2, 0, 3)[:, None]
         y = attend(norm(q), norm(k), v, mask, q.size(-1) ** -0.5)  # (1, heads, T * S, hd)
         return chars + self.proj(y[0].transpose(0, 1).reshape(T, S, C))
@@ -1162,10 +1179,8 @@ class GPT(nn.Module):
 
     def attention_masks(self, inputs: Tensor, window_blocks) -> dict:
         """Build the long and the short mask once per sequence; every block reuses one of them."""
-        build = flex_block_mask if inputs.is_cuda else dense_attention_mask
-        long_blocks = window_blocks.clamp_min(1) if isinstance(window_blocks, Tensor) else max(window_blocks, 1)
-        short_blocks = (long_blocks // 2).clamp_min(1) if isinstance(long_blocks, Tensor) else max(long_blocks // 2, 1)
-        return {"L": build(inputs, long_blocks), "S": build(inputs, short_blocks)}
+        build = mask_builder(inputs)
+        return {"L": build(inputs, window_blocks), "S": build(inputs, window_blocks, halvings=1)}
 
     def forward(self, inputs: Tensor, targets: Tensor | None = None, window_blocks=None) -> Tensor:
         """inputs: 1-D token ids (one packed sequence). Returns the mean loss, or float32 logits without targets."""
