@@ -370,12 +370,25 @@ def all_reduce_sum_(t: Tensor, world_size: int):
 # Kernels and optimizer: FP8 head matmul, Muon
 
 
+def _to_fp8(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    return t.mul(scale).to(dtype)
+
+
+# The op bodies are opaque to the model's torch.compile, so the scale-and-cast passes get their own compiled
+# kernels on GPU (one fused read-scale-cast-write each). On CPU they stay eager: tests need no inductor here.
+_to_fp8_compiled = torch.compile(_to_fp8, dynamic=False)
+
+
+def to_fp8(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    return (_to_fp8_compiled if t.is_cuda else _to_fp8)(t, scale, dtype)
+
+
 @torch.library.custom_op("speedrun::fp8_mm", mutates_args=())
 def fp8_mm(x: Tensor, w: Tensor, x_scale: float, w_scale: float,
            grad_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     # x (N, D) @ w (V, D)^T in e4m3 with per-tensor scales; also returns the fp8 operands for the backward.
-    x_f8 = x.mul(x_scale).to(torch.float8_e4m3fn)
-    w_f8 = w.mul(w_scale).to(torch.float8_e4m3fn)
+    x_f8 = to_fp8(x, x_scale, torch.float8_e4m3fn)
+    w_f8 = to_fp8(w, w_scale, torch.float8_e4m3fn)
     out = torch._scaled_mm(x_f8, w_f8.t(), out_dtype=torch.bfloat16, use_fast_accum=True,
                            scale_a=x.new_tensor(1 / x_scale, dtype=torch.float32),
                            scale_b=x.new_tensor(1 / w_scale, dtype=torch.float32))
@@ -391,19 +404,21 @@ def _(x, w, x_scale, w_scale, grad_scale):
 def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_scale: float, w_scale: float,
                     grad_scale: float) -> tuple[Tensor, Tensor]:
     # Gradients in e5m2 (wider range); _scaled_mm wants a row-major first and a column-major second operand.
-    g_f8 = g.mul(grad_scale).to(torch.float8_e5m2)
+    g_f8 = to_fp8(g, grad_scale, torch.float8_e5m2)
     inv_g = g.new_tensor(1 / grad_scale, dtype=torch.float32)
     grad_x = torch._scaled_mm(g_f8, w_f8.t().contiguous().t(), out_dtype=torch.bfloat16, use_fast_accum=False,
                               scale_a=inv_g, scale_b=g.new_tensor(1 / w_scale, dtype=torch.float32))
-    grad_w = torch._scaled_mm(g_f8.t().contiguous(), x_f8.t().contiguous().t(), out_dtype=torch.float32,
-                              use_fast_accum=False, scale_a=inv_g,
-                              scale_b=g.new_tensor(1 / x_scale, dtype=torch.float32))
+    # grad_w = (x^T g)^T: the (D, V) product keeps the 50,304-long vocab dim as the GEMM's wide output (the
+    # record's orientation); the same dot products as g^T x, bitwise equal on CPU (tested).
+    grad_w = torch._scaled_mm(x_f8.t().contiguous(), g_f8.t().contiguous().t(), out_dtype=torch.float32,
+                              use_fast_accum=False, scale_a=g.new_tensor(1 / x_scale, dtype=torch.float32),
+                              scale_b=inv_g).t()
     return grad_x, grad_w
 
 
 @fp8_mm_backward.register_fake
 def _(g, x_f8, w_f8, x_scale, w_scale, grad_scale):
-    return x_f8.to(torch.bfloat16), w_f8.to(torch.float32)
+    return x_f8.to(torch.bfloat16), w_f8.t().contiguous().t().to(torch.float32)  # grad_w is a transposed view
 
 
 def _fp8_mm_setup_context(ctx, inputs, output):
@@ -446,9 +461,12 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz, for the 2-D (and stacked 2-D) matrices inside the blocks.
 
-    Parameters are grouped by shape so each group's updates are orthogonalized as one batch. Momentum runs on every
-    rank (gradients are already averaged, so optimizer state is identical everywhere and rank 0 can save it); the
-    Newton-Schulz work is split: rank r orthogonalizes a contiguous share of each group, then all ranks all-gather.
+    Parameters are grouped by shape so each group's updates are orthogonalized as one batch. The work is dealt
+    round-robin: rank r owns parameters r, r + world_size, ... of every group (shares differ by at most one), keeps
+    their momentum and orthogonalizes their updates; then an all-gather brings every rank every update. Each
+    group's gather is asynchronous and overlaps the next group's Newton-Schulz; momentum of parameters a rank does
+    not own is neither computed nor stored (gather_momentum() collects it for a checkpoint). With grad_sync set,
+    each group waits only for its own gradients' all-reduce (GradientSync), so those overlap the work too.
     """
 
     def __init__(self, params, lr: float, momentum: float, ns_steps: int = 5, rank: int = 0, world_size: int = 1):
@@ -458,30 +476,103 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
         self.rank, self.world_size = rank, world_size
         self.orthogonalize = zeropower_via_newtonschulz5
+        self.grad_sync = None  # a GradientSync when gradients are still being summed over ranks at step()
+
+    def owned(self, params: list) -> list:
+        return params[self.rank::self.world_size]
 
     @torch.no_grad()
     def step(self):
+        pending = []
         for group in self.param_groups:
             params, momentum = group["params"], group["momentum"]
+            mine = self.owned(params)
+            if self.grad_sync is not None:
+                self.grad_sync.wait(mine)
             updates = []
-            for p in params:
+            for p in mine:
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.lerp_(p.grad, 1 - momentum)
                 updates.append(p.grad.lerp_(buf, momentum))  # Nesterov
             share = math.ceil(len(params) / self.world_size)
-            mine = updates[self.rank * share:(self.rank + 1) * share]
             ortho = torch.zeros((share, *params[0].shape), dtype=torch.bfloat16, device=params[0].device)
             if mine:
-                ortho[:len(mine)] = self.orthogonalize(torch.stack(mine), group["ns_steps"])
-            if self.world_size > 1:
-                gathered = torch.empty((self.world_size * share, *params[0].shape), dtype=ortho.dtype,
-                                       device=ortho.device)
-                dist.all_gather_into_tensor(gathered, ortho)
-                ortho = gathered
-            rows, cols = params[0].shape[-2:]
-            scale = max(1.0, rows / cols) ** 0.5
-            for p, u in zip(params, ortho):
-                p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+                ortho[:len(mine)] = self.orthogonalize(torch.stack(updates), group["ns_steps"])
+            if self.world_size == 1:
+                self._apply(group, params, ortho)
+                continue
+            gathered = torch.empty((self.world_size * share, *params[0].shape), dtype=ortho.dtype,
+                                   device=ortho.device)
+            handle = dist.all_gather_into_tensor(gathered, ortho, async_op=True)
+            pending.append((group, params, gathered, handle))
+        for group, params, gathered, handle in pending:
+            handle.wait()
+            # rank r's j-th update (row r * share + j) belongs to params[j * world_size + r]
+            share = len(gathered) // self.world_size
+            order = gathered.view(self.world_size, share, *gathered.shape[1:]).transpose(0, 1).flatten(0, 1)
+            self._apply(group, params, order)
+
+    @staticmethod
+    def _apply(group: dict, params: list, ortho: Tensor):
+        rows, cols = params[0].shape[-2:]
+        scale = max(1.0, rows / cols) ** 0.5
+        for p, u in zip(params, ortho):
+            p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+
+    @torch.no_grad()
+    def gather_momentum(self):
+        """Collective: give every rank the momentum of every parameter (a checkpoint holds the whole state)."""
+        if self.world_size == 1:
+            return
+        for group in self.param_groups:
+            params = group["params"]
+            share = math.ceil(len(params) / self.world_size)
+            mine = [self.state[p].get("momentum_buffer") for p in self.owned(params)]
+            local = torch.zeros((share, *params[0].shape), dtype=params[0].dtype, device=params[0].device)
+            for j, buf in enumerate(mine):
+                if buf is not None:
+                    local[j] = buf
+            gathered = torch.empty((self.world_size * share, *params[0].shape), dtype=local.dtype,
+                                   device=local.device)
+            dist.all_gather_into_tensor(gathered, local)
+            for i, p in enumerate(params):
+                self.state[p]["momentum_buffer"] = gathered[(i % self.world_size) * share + i // self.world_size].clone()
+
+
+class GradientSync:
+    """Sums gradients over ranks without waiting for the whole backward: a hook on each parameter starts its
+    asynchronous all-reduce as soon as the last micro-batch's gradient is accumulated into it, and the optimizers
+    wait (wait(params)) only for the gradients they are about to read. Only built when world_size > 1."""
+
+    def __init__(self, params: list):
+        self.params, self.armed, self.handles = params, False, {}
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._reduce)
+
+    def _reduce(self, p: Tensor):
+        if self.armed:
+            self.handles[p] = dist.all_reduce(p.grad, async_op=True)
+
+    def wait(self, params):
+        for p in params:
+            handle = self.handles.pop(p, None)
+            if handle is not None:
+                handle.wait()
+
+    def add(self, params: list):
+        """Parameters created after the optimizers (the distillation projection)."""
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._reduce)
+        self.params = self.params + list(params)
+
+    def reduce_rest(self):
+        """After the last backward: start the all-reduce of every gradient no hook reached (one whose last
+        accumulation came in an earlier micro-batch), in parameter order, then disarm. Collectives must be issued
+        in the same order on every rank: every rank runs the same graph, so its hooks fire in the same order."""
+        for p in self.params:
+            if p.grad is not None and p not in self.handles:
+                self.handles[p] = dist.all_reduce(p.grad, async_op=True)
+        self.armed = False
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1094,7 +1185,10 @@ class CharSelfAttention(nn.Module):
         T, S, C = chars.shape
         if T * S >= 2 ** 31:
             raise ValueError(f"--mot=cross+self: {T} tokens x {S} bytes = {T * S:,} positions overflow int32 masks")
-        docs = document_ids(inputs).repeat_interleave(S)  # (T * S,)
+        # (T * S,) = document_ids(inputs).repeat_interleave(S), computed as a scan over the byte stream (an EOT counts
+        # at its first slot): inductor's CPU FlexAttention cannot lower a mask capturing a view of the token-level ids
+        first_slot = torch.arange(T * S, device=inputs.device) % S == 0
+        docs = ((inputs == EOT_TOKEN).repeat_interleave(S) & first_slot).cumsum(0)
         mask = mask_builder(chars)(docs, self.window_blocks, docs=docs)
         q, k, v = self.qkv(norm(chars.flatten(0, 1))).view(T * S, 3, self.heads, -1).permute(1, 2, 0, 3)[:, None]
         y = attend(norm(q), norm(k), v, mask, q.size(-1) ** -0.5)  # (1, heads, T * S, hd)
@@ -1261,6 +1355,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
                             eps=args.adam_eps, fused=groups["embeds"][0].is_cuda)
     muon = Muon(groups["matrices"], lr=args.muon_lr, momentum=args.muon_momentum_start, ns_steps=args.ns_steps,
                 rank=rank, world_size=world_size)
+    if world_size > 1:
+        muon.grad_sync = GradientSync(list(model.parameters()))
     if model.moe_layers:
         muon.register_step_post_hook(lambda *_: update_moe_biases(model, world_size))
     for opt in (adam, muon):
@@ -1652,28 +1748,84 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+class WindowTensors:
+    """The long-window size of each step as a device tensor, made once per distinct value (a few dozen over a run)
+    rather than copied from Python every step. A tensor, not an int, so a new size reuses the compiled graph."""
+
+    def __init__(self, args: Hyperparameters, device: torch.device):
+        self.args, self.device, self.cache = args, device, {}
+
+    def __getitem__(self, step: int) -> Tensor:
+        blocks = long_window_blocks(step, self.args)
+        if blocks not in self.cache:
+            self.cache[blocks] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
+        return self.cache[blocks]
+
+
+class LossWatch:
+    """Non-blocking divergence check: each step's loss is copied into pinned host memory behind a CUDA event, and
+    first_nonfinite() reads only the copies whose event has completed, so the training loop never waits for the
+    GPU. A non-finite loss is found a step or two late; wait=True (end of run) reads all."""
+
+    def __init__(self, device: torch.device):
+        self.on_gpu, self.pending = device.type == "cuda", []
+
+    def push(self, step: int, loss: Tensor):
+        if not self.on_gpu:
+            self.pending.append((step, loss, None))
+            return
+        host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+        host.copy_(loss.detach(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((step, host, event))
+
+    def first_nonfinite(self, wait: bool = False) -> int | None:
+        """The step of the first non-finite loss among the copies that are ready (all with wait), or None."""
+        while self.pending:
+            step, value, event = self.pending[0]
+            if event is not None and not (wait or event.query()):
+                return None
+            if event is not None:
+                event.synchronize()
+            self.pending.pop(0)
+            if not math.isfinite(value.item()):
+                return step
+        return None
+
+
 def train_step(model, optimizers, micro_batches, window, args, step, world_size) -> Tensor:
     """One optimizer step: accumulate this rank's micro-batches, sum gradients over ranks, step. Returns the summed
-    (over micro-batches and ranks) loss divided by micro_batches = the global mean loss, as a tensor."""
+    (over micro-batches and ranks) loss divided by micro_batches = the global mean loss, as a tensor.
+
+    With several ranks the gradient all-reduces start during the last backward (GradientSync) and each optimizer
+    waits only for its own gradients; Muon steps first so its Newton-Schulz overlaps the rest of the reduction.
+    The optimizers own disjoint parameters, so their order does not change the math."""
+    sync = next((opt.grad_sync for opt in optimizers if isinstance(opt, Muon)), None)
     step_loss = torch.zeros((), device=micro_batches[0][0].device)
-    for inputs, targets in micro_batches:
+    for i, (inputs, targets) in enumerate(micro_batches):
+        if sync is not None:
+            sync.armed = i == len(micro_batches) - 1
         loss = model(inputs, targets, window)
         # Every micro-batch of the global batch is weighted 1/micro_batches, so a sum over ranks is the mean.
         (loss / args.micro_batches).backward()
         step_loss += loss.detach() / args.micro_batches
-    params = [p for p in model.parameters() if p.grad is not None]
-    if world_size > 1:
-        handles = [dist.all_reduce(p.grad, async_op=True) for p in params]
-        handles.append(dist.all_reduce(step_loss, async_op=True))
-        for h in handles:
-            h.wait()
+    if sync is not None:
+        sync.reduce_rest()
+    loss_handle = dist.all_reduce(step_loss, async_op=True) if world_size > 1 else None
     lr_mult, momentum = lr_multiplier(step, args), muon_momentum(step, args)
-    for opt in optimizers:
+    for opt in sorted(optimizers, key=lambda o: not isinstance(o, Muon)):
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_mult
             if isinstance(opt, Muon):
                 group["momentum"] = momentum
+        if sync is not None and not isinstance(opt, Muon):
+            sync.wait([p for group in opt.param_groups for p in group["params"]])
         opt.step()
+    if sync is not None:
+        sync.wait(list(sync.handles))
+    if loss_handle is not None:
+        loss_handle.wait()
     model.zero_grad(set_to_none=True)
     return step_loss
 
@@ -1694,10 +1846,11 @@ def compile_warmup(model, raw_model, optimizers, args, env, val_window):
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     gen = torch.Generator().manual_seed(12345)
     accum = args.micro_batches // env.world_size
+    windows = WindowTensors(args, env.device)
     for step in range(args.warmup_steps):
         tokens = torch.randint(0, args.vocab_size, (accum, args.seq_len + 1), generator=gen).to(env.device)
         micro = [(t[:-1].int(), t[1:].long()) for t in tokens]
-        window = torch.tensor(long_window_blocks(step, args), dtype=torch.int32, device=env.device)
+        window = windows[step]
         train_step(model, optimizers, micro, window, args, step, env.world_size)
     if args.warmup_steps:
         val = torch.randint(0, args.vocab_size, (args.val_seq_len + 1,), generator=gen).to(env.device)
@@ -1752,6 +1905,8 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(trainee, Distiller) and trainee.proj is not None:
         optimizers[0].add_param_group(dict(params=list(trainee.proj.parameters()), lr=args.head_lr,
                                            initial_lr=args.head_lr))
+        if optimizers[1].grad_sync is not None:
+            optimizers[1].grad_sync.add(list(trainee.proj.parameters()))
     start_step, train_time_ms = 0, 0.0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -1788,14 +1943,16 @@ def main(argv: list[str] | None = None) -> int:
 
     train_loader = train_batches(args, env.rank, env.world_size, env.device, start_step)
     val_data = val_batches(args, env.rank, env.world_size, env.device)
-    final_window = torch.tensor(long_window_blocks(args.num_iterations, args), dtype=torch.int32, device=env.device)
+    final_window = WindowTensors(args, env.device)[args.num_iterations]
     if compiled and args.warmup_steps:
         t = time.perf_counter()
         compile_warmup(train_model, trainee, optimizers, args, env, final_window)
         log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t:.1f}s (untimed)")
 
     def checkpoint(step: int, name: str):
-        """Untimed: rank 0 writes while the others wait at the next collective."""
+        """Untimed: every rank hands its Muon momentum to the others, then rank 0 writes while the others wait at
+        the next collective."""
+        optimizers[1].gather_momentum()
         if env.master:
             path = save_checkpoint(record.path.with_name(f"{record.path.stem}_{name}.pt"), model, optimizers,
                                    args, step, train_time_ms)
@@ -1803,13 +1960,14 @@ def main(argv: list[str] | None = None) -> int:
             return path
 
     status, reason, val_loss, step, saved = "ok", None, float("nan"), start_step, None
-    prev_loss = None
+    windows = WindowTensors(args, env.device)
+    loss_watch = LossWatch(env.device)
     try:
         synchronize(env.device)
         t0 = time.perf_counter()
         for step in range(start_step, args.num_iterations + 1):
             last = step == args.num_iterations
-            window = torch.tensor(long_window_blocks(step, args), dtype=torch.int32, device=env.device)
+            window = windows[step]
             if last or (args.val_every > 0 and step % args.val_every == 0):
                 synchronize(env.device)
                 train_time_ms += 1000 * (time.perf_counter() - t0)
@@ -1831,16 +1989,17 @@ def main(argv: list[str] | None = None) -> int:
             if last:
                 break
             loss = train_step(train_model, optimizers, next(train_loader), window, args, step, env.world_size)
-            # Check the previous step's loss: its value is ready, so the check does not stall the GPU pipeline.
-            if prev_loss is not None and not math.isfinite(prev_loss.item()):
-                status, reason = "failed", f"non-finite train loss at step {step}"
+            loss_watch.push(step + 1, loss)
+            bad_step = loss_watch.first_nonfinite()
+            if bad_step is not None:
+                status, reason = "failed", f"non-finite train loss at step {bad_step}"
                 break
-            prev_loss = loss
             approx_ms = train_time_ms + 1000 * (time.perf_counter() - t0)
             log(f"step:{step + 1}/{args.num_iterations} train_time:{approx_ms:.0f}ms "
                 f"step_avg:{approx_ms / (step + 1):.2f}ms")
-        if status == "ok" and prev_loss is not None and not math.isfinite(prev_loss.item()):
-            status, reason = "failed", f"non-finite train loss at step {step}"
+        bad_step = loss_watch.first_nonfinite(wait=True)
+        if status == "ok" and bad_step is not None:
+            status, reason = "failed", f"non-finite train loss at step {bad_step}"
     except BaseException as e:  # the record says how the run ended, then the error propagates
         # No final_val_loss key: tools/records.py reads that as a crash (rerun it), not a divergence.
         record.log(f"status: failed reason: {type(e).__name__}: {e}")
