@@ -10,11 +10,13 @@ model, data loader, logging/records, training loop. Every run is written to reco
 
 import copy
 import dataclasses
+import difflib
 import glob
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -152,11 +154,16 @@ def apply_overrides(args: Hyperparameters, argv: list[str]) -> Hyperparameters:
     valid = "valid flags: " + ", ".join(f"--{name}" for name in fields)
     pairs = []
     for item in argv:
+        if item in ("--help", "-h"):
+            print(flag_help())
+            raise SystemExit(0)
         if not item.startswith("--") or "=" not in item:
             raise SystemExit(f"error: expected --name=value, got {item!r}\n{valid}")
         name, value = item[2:].split("=", 1)
         if name not in fields:
-            raise SystemExit(f"error: unknown flag --{name}\n{valid}")
+            near = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+            hint = f"; did you mean --{near[0]}?" if near else f"\n{valid}"
+            raise SystemExit(f"error: unknown flag --{name}{hint} (--help lists every flag)")
         pairs.append((name, value))
     for name, value in pairs:
         if name == "preset":
@@ -179,6 +186,24 @@ def _parse_value(name, typ, value, valid):
         return typ(value)
     except ValueError as e:
         raise SystemExit(f"error: --{name}={value!r} is not a valid {typ.__name__} ({e})\n{valid}") from None
+
+
+def flag_help() -> str:
+    """The flag table for --help: name, default and the comment beside it in the Hyperparameters class."""
+    comments, section = {}, ""
+    lines = ["usage: torchrun --standalone --nproc_per_node=N train_gpt.py [--name=value ...]   (or ./run.sh)",
+             f"presets: {', '.join(PRESETS)} (--preset=NAME applies its values first; explicit flags win)", ""]
+    source = Path(__file__).read_text().split("class Hyperparameters:", 1)[1].split("\n\n\n", 1)[0]
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# "):
+            section = stripped[2:]
+            lines.append(f"[{section}]")
+        elif ":" in stripped and "=" in stripped:
+            name = stripped.split(":", 1)[0]
+            comments[name] = stripped.split("#", 1)[1].strip() if "#" in stripped else ""
+            lines.append(f"  --{name}={getattr(Hyperparameters(), name)!r}  {comments[name]}")
+    return "\n".join(lines)
 
 
 def changed_flags(args: Hyperparameters) -> dict:
@@ -212,8 +237,7 @@ def check_config(args: Hyperparameters, world_size: int):
     bad = [i for i in parse_layer_list(args.no_attn_layers) if not 0 <= i < args.num_layers]
     if bad:
         fail(f"no_attn_layers names blocks {bad} outside 0..{args.num_layers - 1}")
-    if args.num_iterations < 1:
-        fail("num_iterations must be >= 1")
+    check_ranges(args, fail)
     check_architecture(args, fail)
     choices = dict(kron_mlp=("off", "fc", "proj", "both"), kron_impl=KRON_IMPLS, kron_optimizer=("adam", "muon"))
     for name, valid in choices.items():
@@ -238,6 +262,65 @@ def check_config(args: Hyperparameters, world_size: int):
                     ks_patterns(args, out_f, in_f)
                 except ValueError as e:
                     fail(f"--ks_mlp {which} ({in_f}->{out_f}): {e}")
+
+
+# Numeric flags and the smallest value each accepts; upper bounds where they exist. Flags with richer rules (heads,
+# windows, MoE, ...) are checked by the functions below.
+MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=1,
+                  vocab_size=1, model_dim=4, num_heads=1, mlp_ratio=1, num_value_embeds=0, kron_rank=1, ks_rank=1,
+                  val_tokens=1, window_schedule_tokens=1, ns_steps=1, muon_momentum_warmup_steps=0, val_every=0,
+                  warmup_steps=0, save_every=0, bytes_per_token=1, char_dim=1, mot_heads=1, mot_self_window=1,
+                  muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, kron_adam_lr=0.0, adam_eps=0.0,
+                  attn_scale=0.0, kd_temp=1e-6, kd_cosine=0.0)
+UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_momentum_end", "adam_beta1",
+                 "adam_beta2", "kd_alpha")
+# flag -> (what makes it meaningful, a predicate on args): setting the flag without that draws a warning
+NEEDS = dict(
+    kron_rank=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
+    kron_factors=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
+    kron_impl=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
+    kron_optimizer=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
+    kron_adam_lr=("--kron_mlp and --kron_optimizer=adam", lambda a: a.kron_mlp != "off" and
+                  a.kron_optimizer == "adam"),
+    ks_chain=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
+    ks_rank=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
+    ks_impl=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
+    bytes_per_token=("--mot other than off", lambda a: a.mot != "off"),
+    char_dim=("--mot other than off", lambda a: a.mot != "off"),
+    mot_heads=("--mot other than off", lambda a: a.mot != "off"),
+    mot_pull_left=("--mot other than off", lambda a: a.mot != "off"),
+    mot_self_window=("--mot=cross+self", lambda a: a.mot == "cross+self"),
+    mla_q_rank=("--mla_kv_rank > 0", lambda a: a.mla_kv_rank > 0),
+    mla_rope_dim=("--mla_kv_rank > 0", lambda a: a.mla_kv_rank > 0),
+    moe_shared=("--moe_experts > 0", lambda a: a.moe_experts > 0),
+    moe_topk=("--moe_experts > 0", lambda a: a.moe_experts > 0),
+    moe_hidden=("--moe_experts > 0", lambda a: a.moe_experts > 0),
+    moe_balance=("--moe_experts > 0", lambda a: a.moe_experts > 0),
+    moe_aux_coef=("--moe_experts > 0 and --moe_balance=aux", lambda a: a.moe_experts > 0 and
+                  a.moe_balance == "aux"),
+    moe_bias_rate=("--moe_experts > 0 and --moe_balance=bias", lambda a: a.moe_experts > 0 and
+                   a.moe_balance == "bias"),
+    kd_alpha=("--teacher", lambda a: bool(a.teacher)),
+    kd_temp=("--teacher", lambda a: bool(a.teacher)),
+    kd_cosine=("--teacher", lambda a: bool(a.teacher)),
+    init_partial=("--init_from", lambda a: bool(a.init_from)),
+)
+
+
+def check_ranges(args: Hyperparameters, fail):
+    for name, low in MIN_VALUES.items():
+        if getattr(args, name) < low:
+            fail(f"--{name}={getattr(args, name)} must be >= {low}")
+    for name in UNIT_INTERVAL:
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name}={getattr(args, name)} must be in [0, 1]")
+
+
+def meaningless_flags(args: Hyperparameters) -> list[str]:
+    """Warnings for flags that differ from their default while the flags that would use them are off."""
+    changed = changed_flags(args)
+    return [f"warning: --{name}={changed[name]!r} has no effect without {what}"
+            for name, (what, used) in NEEDS.items() if name in changed and not used(args)]
 
 
 def check_mot(args: Hyperparameters, fail):
@@ -1527,17 +1610,30 @@ def steps_available(files: list[Path], batch_tokens: int) -> int:
     return sum((read_shard_header(f) - 1) // batch_tokens for f in files)
 
 
-def train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device, start_step: int = 0):
-    """Each step: the next micro_batches x seq_len tokens; rank r reads its contiguous share, then splits it into
-    micro_batches / world_size sequences (one per accumulation micro-step). Starts at batch `start_step`."""
-    files = find_shards(args.train_files, "train")
-    global_tokens, accum = args.micro_batches * args.seq_len, args.micro_batches // world_size
+def require_train_steps(files: list[Path], args: Hyperparameters) -> list[Path]:
+    global_tokens = args.micro_batches * args.seq_len
     available = steps_available(files, global_tokens)
     if available < args.num_iterations:
         raise SystemExit(
             f"error: {args.train_files!r} holds {available} steps of {global_tokens} tokens but num_iterations="
             f"{args.num_iterations}; download more shards (python data/cached_fineweb10B.py N, 100M tokens each) "
             f"or lower --num_iterations")
+    return files
+
+
+def require_val_tokens(files: list[Path], args: Hyperparameters, world_size: int) -> list[Path]:
+    global_tokens = world_size * args.val_seq_len
+    if steps_available(files, global_tokens) < args.val_tokens // global_tokens:
+        raise SystemExit(f"error: {args.val_files!r} holds fewer than val_tokens={args.val_tokens} usable tokens; "
+                         f"lower --val_tokens (a multiple of world_size x val_seq_len = {global_tokens})")
+    return files
+
+
+def train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device, start_step: int = 0):
+    """Each step: the next micro_batches x seq_len tokens; rank r reads its contiguous share, then splits it into
+    micro_batches / world_size sequences (one per accumulation micro-step). Starts at batch `start_step`."""
+    files = require_train_steps(find_shards(args.train_files, "train"), args)
+    global_tokens, accum = args.micro_batches * args.seq_len, args.micro_batches // world_size
     local = token_batches(files, global_tokens, rank * accum * args.seq_len, accum * args.seq_len, device,
                           skip=start_step)
     for inputs, targets in local:
@@ -1545,12 +1641,9 @@ def train_batches(args: Hyperparameters, rank: int, world_size: int, device: tor
 
 
 def val_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device):
-    files = find_shards(args.val_files, "val")
+    files = require_val_tokens(find_shards(args.val_files, "val"), args, world_size)
     global_tokens = world_size * args.val_seq_len
     steps = args.val_tokens // global_tokens
-    if steps_available(files, global_tokens) < steps:
-        raise SystemExit(f"error: {args.val_files!r} holds fewer than val_tokens={args.val_tokens} usable tokens; "
-                         f"lower --val_tokens (a multiple of world_size x val_seq_len = {global_tokens})")
     batches = token_batches(files, global_tokens, rank * args.val_seq_len, args.val_seq_len, device)
     return [next(batches) for _ in range(steps)]
 
@@ -1650,11 +1743,12 @@ def save_checkpoint(path: Path, model: GPT, optimizers: list, args: Hyperparamet
     return path
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """mmap=True only maps the file: a cheap readability check before a run builds anything."""
     if not Path(path).is_file():
         raise SystemExit(f"error: checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be "
                          f"truncated; use another one (runs write *_stepN.pt and *_final.pt)") from None
@@ -1880,10 +1974,73 @@ def parse_args(argv: list[str]) -> tuple[Hyperparameters, dict | None]:
     return apply_overrides(checkpoint_args(ckpt), list(argv)), ckpt
 
 
+def check_gpus():
+    """Before any process group: every local rank needs its own GPU when CUDA is there."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and local_world > torch.cuda.device_count():
+        raise SystemExit(f"error: {local_world} processes per node but {torch.cuda.device_count()} GPU(s) visible; "
+                         f"use --nproc_per_node={torch.cuda.device_count()} (NPROC={torch.cuda.device_count()} "
+                         f"./run.sh); micro_batches stays the same, gradient accumulation makes up the difference")
+
+
+def check_inputs(args: Hyperparameters, world_size: int):
+    """Everything a run reads, checked before a model or a record exists: shards present with valid headers and
+    enough tokens, checkpoint files readable (memory-mapped, not loaded)."""
+    require_train_steps(find_shards(args.train_files, "train"), args)
+    require_val_tokens(find_shards(args.val_files, "val"), args, world_size)
+    for flag in ("init_from", "teacher"):
+        if getattr(args, flag):
+            load_checkpoint(getattr(args, flag), mmap=True)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) asks the run to stop at the next step boundary, where the
+    weights and optimizer states are consistent; the loop then raises KeyboardInterrupt and the run ends as
+    'interrupted'. A second signal stops at once."""
+
+    class AtBoundary(KeyboardInterrupt):
+        """Raised by check(): the last step finished, so the state can be checkpointed."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def close(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt(f"signal {signum} (second)")
+        self.requested = True
+        print(f"signal {signum}: stopping after this step (send it again to stop now)", file=sys.stderr, flush=True)
+
+    def check(self):
+        if self.requested:
+            raise StopRequest.AtBoundary("stop requested")
+
+
+def fail_once(error: SystemExit, rank: int):
+    """A configuration error under torchrun: rank 0 says it, the other ranks leave quietly with the same code."""
+    if rank == 0:
+        raise error
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, resume = parse_args(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        args, resume = parse_args(sys.argv[1:] if argv is None else argv)
+        for warning in meaningless_flags(args) if rank == 0 else []:
+            print(warning, file=sys.stderr)
+        check_gpus()
+        check_config(args, int(os.environ.get("WORLD_SIZE", "1")))
+        check_inputs(args, int(os.environ.get("WORLD_SIZE", "1")))
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        fail_once(e, rank)
     env = setup_distributed()
-    check_config(args, env.world_size)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     on_gpu = env.device.type == "cuda"
@@ -1962,10 +2119,12 @@ def main(argv: list[str] | None = None) -> int:
     status, reason, val_loss, step, saved = "ok", None, float("nan"), start_step, None
     windows = WindowTensors(args, env.device)
     loss_watch = LossWatch(env.device)
+    stop = StopRequest()
     try:
         synchronize(env.device)
         t0 = time.perf_counter()
         for step in range(start_step, args.num_iterations + 1):
+            stop.check()
             last = step == args.num_iterations
             window = windows[step]
             if last or (args.val_every > 0 and step % args.val_every == 0):
@@ -2000,11 +2159,25 @@ def main(argv: list[str] | None = None) -> int:
         bad_step = loss_watch.first_nonfinite(wait=True)
         if status == "ok" and bad_step is not None:
             status, reason = "failed", f"non-finite train loss at step {bad_step}"
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (StopRequest)
+        # At a step boundary one process can write a resumable checkpoint; several ranks may have stopped at
+        # different steps or inside a collective, so they keep only the last periodic checkpoint.
+        if isinstance(e, StopRequest.AtBoundary) and args.save_every and env.world_size == 1 and step > start_step:
+            train_time_ms += 1000 * (time.perf_counter() - t0)
+            saved = checkpoint(step, f"step{step}_interrupted")
+        resume_hint = f"; resume: --resume={saved}" if saved else ""
+        record.log(f"status: interrupted at step {step}{resume_hint}")
+        summary = dict(status="interrupted", steps=step, record=str(record.path),
+                       checkpoint=str(saved) if saved else None, resumed_from=args.resume or None)
+        record.log(f"summary: {json.dumps(summary)}")
+        return 130
     except BaseException as e:  # the record says how the run ended, then the error propagates
         # No final_val_loss key: tools/records.py reads that as a crash (rerun it), not a divergence.
         record.log(f"status: failed reason: {type(e).__name__}: {e}")
         record.log(f"summary: {json.dumps(dict(status='failed', reason=repr(e), record=str(record.path)))}")
         raise
+    finally:
+        stop.close()
 
     if isinstance(trainee, Distiller):
         log(f"teacher forward: {teacher_cost_ms(trainee.teacher, val_data[0][0][:args.seq_len], env.device):.1f}ms "

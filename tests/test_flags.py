@@ -16,11 +16,13 @@ def test_override_types():
     assert tg.apply_overrides(tg.Hyperparameters(), ["--compile=1"]).compile is True
 
 
-def test_unknown_flag_lists_valid_names(capsys):
+def test_unknown_flag_suggests_the_nearest_or_lists_valid_names(capsys):
     with pytest.raises(SystemExit) as e:
         tg.apply_overrides(tg.Hyperparameters(), ["--num_iteration=7"])
-    msg = str(e.value)
-    assert "unknown flag --num_iteration" in msg and "--num_iterations" in msg and "--seq_len" in msg
+    assert "unknown flag --num_iteration; did you mean --num_iterations?" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        tg.apply_overrides(tg.Hyperparameters(), ["--zzzz=7"])
+    assert "unknown flag --zzzz" in str(e.value) and "--seq_len" in str(e.value)
 
 
 @pytest.mark.parametrize("bad", ["--num_iterations=seven", "--compile=yes", "--muon_lr=fast", "num_iterations=3",
