@@ -1729,8 +1729,9 @@ CHECKPOINT_FORMAT = "train_gpt-checkpoint-v1"
 def save_checkpoint(path: Path, model: GPT, optimizers: list, args: Hyperparameters, step: int,
                     train_time_ms: float) -> Path:
     """Everything a run needs to continue exactly. Written to a temp file and renamed, so a crash never leaves a
-    half-written checkpoint under the final name. Optimizer states are identical on every rank (gradients are
-    averaged and Muon keeps momentum everywhere), so rank 0's file is the whole state."""
+    half-written checkpoint under the final name. Optimizer states are identical on every rank once Muon's momentum
+    has been gathered from its owners (Muon.gather_momentum(), which the run calls first), so rank 0's file is the
+    whole state."""
     state = dict(
         format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers],
         step=step, train_time_ms=train_time_ms, args=dataclasses.asdict(args),
