@@ -1,13 +1,16 @@
 """Kronecker-factorized linear layers: plain-torch references, fused Triton kernels (forward and backward),
-the autograd Function and nn.Module that wrap them, and the Van Loan nearest-Kronecker decomposition.
+the custom ops (with autograd) and nn.Module that wrap them, and the Van Loan nearest-Kronecker decomposition;
+then the same for Kronecker-sparse (KS) factors and chains.
 
 Convention (same as torch.kron): W (M x K) = sum_{i<r} kron(A_i, B_i) with A_i (m1, k1), B_i (m2, k2),
 M = m1*m2, K = k1*k2. A token x (K,) viewed row-major as X (k1, k2) maps to Y = sum_i A_i X B_i^T (m1, m2),
 flattened to (M,). Backward, with dY (m1, m2) and V_i = dY B_i:
     dX = sum_i A_i^T V_i,   dA_i = sum_tokens V_i X^T,   dB_i = sum_tokens dY^T (A_i X).
 
-Importing this file has no side effects and works without triton (then HAS_TRITON is False and only the
-torch paths are available).
+Each Triton launch sits behind a torch.library custom op (namespace kernels::, e.g. torch.ops.kernels.kron_apply)
+with a fake-tensor function and registered autograd, so torch.compile sees one opaque op per launch instead of
+graph-breaking on the kernel launch. Importing this file registers those ops (its only side effect) and works
+without triton (then HAS_TRITON is False and only the torch paths are available).
 """
 import math
 import os
@@ -137,6 +140,7 @@ if HAS_TRITON:
     @triton.jit
     def _kron_weight_grad_kernel(
         x_ptr, dy_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n_tokens, m1, k1, m2, k2,
+        stride_xt, stride_xf, stride_yt, stride_yf,
         stride_ar, stride_am, stride_ak, stride_br, stride_bm, stride_bk,
         BLOCK_T: tl.constexpr, M1P: tl.constexpr, K1P: tl.constexpr, M2P: tl.constexpr, K2P: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -145,8 +149,6 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         i = tl.program_id(1)
         n_programs = tl.num_programs(0)
-        K = k1 * k2
-        M = m1 * m2
 
         offs_m1 = tl.arange(0, M1P)
         offs_k1 = tl.arange(0, K1P)
@@ -172,11 +174,13 @@ if HAS_TRITON:
         for blk in range(pid, tl.cdiv(n_tokens, BLOCK_T), n_programs):
             tok_x = blk * BLOCK_T + t_x
             x_mask = ((tok_x < n_tokens) & (d < k2))[:, None] & (offs_k1[None, :] < k1)
-            x = tl.load(x_ptr + tok_x.to(tl.int64)[:, None] * K + offs_k1[None, :] * k2 + d[:, None],
+            feat_x = (offs_k1[None, :] * k2 + d[:, None]).to(tl.int64)
+            x = tl.load(x_ptr + tok_x.to(tl.int64)[:, None] * stride_xt + feat_x * stride_xf,
                         mask=x_mask, other=0.0)
             tok_dy = blk * BLOCK_T + t_dy
             dy_mask = ((tok_dy < n_tokens) & (a_row < m1))[:, None] & (offs_m2[None, :] < m2)
-            dy = tl.load(dy_ptr + tok_dy.to(tl.int64)[:, None] * M + a_row[:, None] * m2 + offs_m2[None, :],
+            feat_dy = (a_row[:, None] * m2 + offs_m2[None, :]).to(tl.int64)
+            dy = tl.load(dy_ptr + tok_dy.to(tl.int64)[:, None] * stride_yt + feat_dy * stride_yf,
                          mask=dy_mask, other=0.0).to(dtype)
 
             v = tl.dot(dy, b, input_precision=PRECISION)  # V = dY B_i as [(a, t), d]
@@ -197,7 +201,7 @@ def _precision(dtype):
 
 
 def _kron_apply_triton(x, A, B, a_first=None):
-    """Y_t = sum_i A_i X_t B_i^T for x (N, k1*k2) contiguous; A (r, m1, k1), B (r, m2, k2) may be strided views."""
+    """Y_t = sum_i A_i X_t B_i^T for x (N, k1*k2), A (r, m1, k1), B (r, m2, k2), any strides (no copies)."""
     n = x.shape[0]
     r, m1, k1 = A.shape
     _, m2, k2 = B.shape
@@ -207,13 +211,14 @@ def _kron_apply_triton(x, A, B, a_first=None):
     if a_first is None:
         a_first = _a_first(m1, k1, m2, k2)
     # The kernel always contracts its P factor first; B-first is the transposed problem Y^T = B X^T A^T,
-    # expressed through strides alone.
+    # expressed through strides alone (x's feature stride s puts X[c, d] at (c*k2 + d)*s).
+    s = x.stride(1)
     if a_first:
         P, Q, (dp, dq, dm, dn) = A, B, (k1, k2, m1, m2)
-        sx, sy = (k2, 1), (m2, 1)
+        sx, sy = (k2 * s, s), (m2, 1)
     else:
         P, Q, (dp, dq, dm, dn) = B, A, (k2, k1, m2, m1)
-        sx, sy = (1, k2), (1, m2)
+        sx, sy = (s, k2 * s), (1, m2)
     PP, QP, MP, NP = _pad(dp), _pad(dq), _pad(dm), _pad(dn)
     per_token = max(PP * QP, MP * QP, MP * NP)
     block_t = _block_tokens(per_token)
@@ -228,7 +233,7 @@ def _kron_apply_triton(x, A, B, a_first=None):
 
 
 def _kron_weight_grad_triton(x, dy, A, B, num_programs=None):
-    """(dA, dB) in fp32 for x (N, K), dy (N, M) contiguous. num_programs fixes the reduction split."""
+    """(dA, dB) in fp32 for x (N, K), dy (N, M), any strides (no copies). num_programs fixes the reduction split."""
     n = x.shape[0]
     r, m1, k1 = A.shape
     _, m2, k2 = B.shape
@@ -244,7 +249,7 @@ def _kron_weight_grad_triton(x, dy, A, B, num_programs=None):
     da = torch.empty(num_programs, r, m1, k1, device=x.device, dtype=torch.float32)
     db = torch.empty(num_programs, r, m2, k2, device=x.device, dtype=torch.float32)
     _kron_weight_grad_kernel[(num_programs, r)](
-        x, dy, A, B, da, db, n, m1, k1, m2, k2, *A.stride(), *B.stride(),
+        x, dy, A, B, da, db, n, m1, k1, m2, k2, *x.stride(), *dy.stride(), *A.stride(), *B.stride(),
         BLOCK_T=block_t, M1P=M1P, K1P=K1P, M2P=M2P, K2P=K2P, PRECISION=_precision(x.dtype),
         **_launch_opts(block_t * per_token),
     )
@@ -252,31 +257,54 @@ def _kron_weight_grad_triton(x, dy, A, B, num_programs=None):
 
 
 # -----------------------------------------------------------------------------
-# Autograd Function
+# Custom ops and autograd
+#
+# torch.compile cannot trace a Triton launch under the interpreter and would graph-break around one inside an
+# autograd.Function, so each launch is a custom op: opaque to the compiler, with a fake-tensor function for
+# shapes. The ops take any strides (the kernels get them as arguments), so they never copy their inputs.
 
-class KronLinearFunction(torch.autograd.Function):
-    """y = x W^T, W = sum_i kron(A_i, B_i), with the Triton kernels. A, B may be fp32 while x is bf16:
-    the kernels cast factors on load and return factor grads in the factors' dtype (accumulated in fp32)."""
+@torch.library.custom_op("kernels::kron_apply", mutates_args=())
+def kron_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Y_t = sum_i A_i X_t B_i^T: x (N, k1*k2), A (r, m1, k1), B (r, m2, k2) -> (N, m1*m2) in x.dtype."""
+    return _kron_apply_triton(x, A, B)
 
-    @staticmethod
-    def forward(ctx, x, A, B):
-        x2 = x.reshape(-1, A.shape[2] * B.shape[2]).contiguous()
-        y = _kron_apply_triton(x2, A, B)
-        ctx.save_for_backward(x2, A, B)
-        ctx.x_shape = x.shape
-        return y.reshape(*x.shape[:-1], y.shape[1])
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, A, B = ctx.saved_tensors
-        dy2 = dy.reshape(x2.shape[0], -1).contiguous()
-        dx = dA = dB = None
-        if ctx.needs_input_grad[0]:
-            dx = _kron_apply_triton(dy2, A.transpose(1, 2), B.transpose(1, 2)).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dA, dB = _kron_weight_grad_triton(x2, dy2, A, B)
-            dA, dB = dA.to(A.dtype), dB.to(B.dtype)
-        return dx, dA, dB
+@kron_apply.register_fake
+def _(x, A, B):
+    return x.new_empty(x.shape[0], A.shape[1] * B.shape[1])
+
+
+@torch.library.custom_op("kernels::kron_weight_grad", mutates_args=())
+def kron_weight_grad(x: torch.Tensor, dy: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     num_programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dA, dB) in fp32 of kron_apply(x, A, B) for the output grad dy (N, m1*m2)."""
+    return _kron_weight_grad_triton(x, dy, A, B, num_programs)
+
+
+@kron_weight_grad.register_fake
+def _(x, dy, A, B, num_programs=None):
+    return (torch.empty(A.shape, device=x.device, dtype=torch.float32),
+            torch.empty(B.shape, device=x.device, dtype=torch.float32))
+
+
+def _kron_apply_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _kron_apply_backward(ctx, dy):
+    # dX is the same op on the transposed factors; factor grads are accumulated in fp32 and returned in the
+    # factors' dtype (A, B may be fp32 while x is bf16: the kernels cast factors on load).
+    x, A, B = ctx.saved_tensors
+    dx = dA = dB = None
+    if ctx.needs_input_grad[0]:
+        dx = kron_apply(dy, A.transpose(1, 2), B.transpose(1, 2))
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dA, dB = kron_weight_grad(x, dy, A, B)
+        dA, dB = dA.to(A.dtype), dB.to(B.dtype)
+    return dx, dA, dB
+
+
+kron_apply.register_autograd(_kron_apply_backward, setup_context=_kron_apply_setup_context)
 
 
 # -----------------------------------------------------------------------------
@@ -329,7 +357,8 @@ def kron_linear(x, A, B, impl="auto"):
         impl = "triton" if HAS_TRITON and x.is_cuda else "torch"
     if impl == "triton":
         _check_triton_usable(x)
-        return KronLinearFunction.apply(x, A, B)
+        y = kron_apply(x.reshape(-1, A.shape[2] * B.shape[2]), A, B)
+        return y.reshape(*x.shape[:-1], y.shape[1])
     A, B = A.to(x.dtype), B.to(x.dtype)
     if impl == "torch":
         return kron_linear_ref(x, A, B)
@@ -593,12 +622,12 @@ if HAS_TRITON:
 
 
 def _ks_strides(t, bs_last):
-    """(token stride, feature stride) of a contiguous 2-D activation in the given layout."""
-    return (1, t.shape[1]) if bs_last else (t.shape[1], 1)
+    """(token stride, feature stride) of a 2-D activation, (in, N) when bs_last else (N, in), any strides."""
+    return (t.stride(1), t.stride(0)) if bs_last else (t.stride(0), t.stride(1))
 
 
 def _ks_apply_triton(x, weight, pattern, bs_last=False):
-    """One KS factor for x contiguous (N, in), or (in, N) when bs_last; weight (a*d, b, c) may be a strided view."""
+    """One KS factor for x (N, in), or (in, N) when bs_last, and weight (a*d, b, c); any strides (no copies)."""
     a, b, c, d = pattern
     n = x.shape[1] if bs_last else x.shape[0]
     out = a * b * d
@@ -616,7 +645,7 @@ def _ks_apply_triton(x, weight, pattern, bs_last=False):
 
 
 def _ks_weight_grad_triton(x, dy, pattern, bs_last=False, num_programs=None):
-    """dw (a*d, b, c) in fp32 for contiguous x, dy in the given layout. num_programs fixes the reduction split."""
+    """dw (a*d, b, c) in fp32 for x, dy in the given layout, any strides. num_programs fixes the reduction split."""
     a, b, c, d = pattern
     n = x.shape[1] if bs_last else x.shape[0]
     bb, bc, bd = _ks_blocks(b, c, d)
@@ -637,32 +666,54 @@ def _ks_weight_grad_triton(x, dy, pattern, bs_last=False, num_programs=None):
 
 
 # -----------------------------------------------------------------------------
-# KS autograd Function
+# KS custom ops and autograd (opaque to torch.compile, as for the Kronecker ops above)
 
-class KSFactorFunction(torch.autograd.Function):
-    """One KS factor with the Triton kernels; x 2-D in the layout bs_last says. The weight may be fp32 while x
-    is bf16: the kernels cast it on load and return its grad in its own dtype (accumulated in fp32).
-    Backward: dX is the transposed factor, pattern (a, c, b, d) with weight w^T (a view), and dW sums
-    dY_g^T X_g over tokens per group g."""
+@torch.library.custom_op("kernels::ks_apply", mutates_args=())
+def ks_apply(x: torch.Tensor, weight: torch.Tensor, pattern: list[int], bs_last: bool) -> torch.Tensor:
+    """One KS factor: x (N, in), or (in, N) when bs_last, weight (a*d, b, c) -> (N, out) or (out, N) in x.dtype."""
+    return _ks_apply_triton(x, weight, tuple(pattern), bs_last)
 
-    @staticmethod
-    def forward(ctx, x, weight, pattern, bs_last):
-        x = x.contiguous()
-        ctx.save_for_backward(x, weight)
-        ctx.pattern, ctx.bs_last = pattern, bs_last
-        return _ks_apply_triton(x, weight, pattern, bs_last)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        a, b, c, d = ctx.pattern
-        dy = dy.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = _ks_apply_triton(dy, weight.transpose(1, 2), (a, c, b, d), ctx.bs_last)
-        if ctx.needs_input_grad[1]:
-            dw = _ks_weight_grad_triton(x, dy, ctx.pattern, ctx.bs_last).to(weight.dtype)
-        return dx, dw, None, None
+@ks_apply.register_fake
+def _(x, weight, pattern, bs_last):
+    a, b, _, d = pattern
+    n = x.shape[1] if bs_last else x.shape[0]
+    return x.new_empty((a * b * d, n) if bs_last else (n, a * b * d))
+
+
+@torch.library.custom_op("kernels::ks_weight_grad", mutates_args=())
+def ks_weight_grad(x: torch.Tensor, dy: torch.Tensor, pattern: list[int], bs_last: bool,
+                   num_programs: int | None = None) -> torch.Tensor:
+    """dw (a*d, b, c) in fp32 of ks_apply(x, w, pattern, bs_last) for the output grad dy (same layout as x)."""
+    return _ks_weight_grad_triton(x, dy, tuple(pattern), bs_last, num_programs)
+
+
+@ks_weight_grad.register_fake
+def _(x, dy, pattern, bs_last, num_programs=None):
+    a, b, c, d = pattern
+    return torch.empty((a * d, b, c), device=x.device, dtype=torch.float32)
+
+
+def _ks_apply_setup_context(ctx, inputs, output):
+    x, weight, pattern, bs_last = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.pattern, ctx.bs_last = tuple(pattern), bs_last
+
+
+def _ks_apply_backward(ctx, dy):
+    # dX is the transposed factor, pattern (a, c, b, d) with weight w^T (a view); dW sums dY_g^T X_g over tokens
+    # per group g, in fp32, returned in the weight's dtype (it may be fp32 while x is bf16).
+    x, weight = ctx.saved_tensors
+    a, b, c, d = ctx.pattern
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = ks_apply(dy, weight.transpose(1, 2), [a, c, b, d], ctx.bs_last)
+    if ctx.needs_input_grad[1]:
+        dw = ks_weight_grad(x, dy, list(ctx.pattern), ctx.bs_last).to(weight.dtype)
+    return dx, dw, None, None
+
+
+ks_apply.register_autograd(_ks_apply_backward, setup_context=_ks_apply_setup_context)
 
 
 # -----------------------------------------------------------------------------
@@ -729,7 +780,7 @@ def ks_factor(x, weight, pattern, impl="bmm", bs_last=False):
     batch = x.shape[1:] if bs_last else x.shape[:-1]
     x2 = x.reshape(n_in, -1) if bs_last else x.reshape(-1, n_in)
     if impl == "triton":
-        y = KSFactorFunction.apply(x2, weight, pattern, bs_last)
+        y = ks_apply(x2, weight, list(pattern), bs_last)
     else:
         y = ks_factor_ref(x2, weight.to(x.dtype), pattern, bs_last)
     return y.reshape(n_out, *batch) if bs_last else y.reshape(*batch, n_out)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import (KSFactorFunction, KSLinear, butterfly_patterns, check_ks_chain, ks_chain, ks_chain_dense_matrix,
+from kernels import (KSLinear, butterfly_patterns, check_ks_chain, ks_chain, ks_chain_dense_matrix,
                      ks_dense_matrix, ks_factor, ks_factor_ref, ks_in_features, ks_out_features, ks_param_count,
                      load_ks_chain, monarch_patterns)
 
@@ -96,13 +96,41 @@ def test_triton_forward_and_backward_match_reference(pattern, bs_last):
     x = to_layout(tokens_first(37, ks_in_features(pattern)), bs_last).to(DEVICE)
     dy = to_layout(tokens_first(37, ks_out_features(pattern), seed=2), bs_last).to(DEVICE)
     results = []
-    for fn in (KSFactorFunction.apply, ks_factor_ref):
+    for fn in (kernels.ks_apply, ks_factor_ref):
         x_, w_ = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fn(x_, w_, pattern, bs_last)
         results.append((y, *torch.autograd.grad(y, (x_, w_), dy)))
     for name, got, want in zip(("y", "dX", "dW"), *results):
         assert got.shape == want.shape, name
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+# The chains KSLinear builds for GPT-2's c_fc (768 -> 3072) and c_proj (3072 -> 768). Butterfly chains launch
+# thousands of tiny programs per factor (~1-2 min each under the interpreter), so they run with --slow only.
+GPT2_CHAINS = [pytest.param(make, out_f, in_f, bs_last, id=f"{make.__name__[:-9]}-{in_f}to{out_f}-"
+                            f"{'bs_last' if bs_last else 'bs_first'}",
+                            marks=[pytest.mark.slow] if make is butterfly_patterns else [])
+               for make in (monarch_patterns, butterfly_patterns) for out_f, in_f in ((3072, 768), (768, 3072))
+               for bs_last in (LAYOUTS if make is monarch_patterns else [False])]
+
+
+@needs_triton
+@pytest.mark.parametrize("make, out_f, in_f, bs_last", GPT2_CHAINS)
+def test_triton_chain_at_gpt2_mlp_shapes_matches_reference(make, out_f, in_f, bs_last):
+    patterns = make(out_f, in_f)
+    torch.manual_seed(0)
+    weights = [w.detach().to(DEVICE) for w in KSLinear(patterns).factors]  # the init's scale keeps y O(1)
+    x = to_layout(tokens_first(32, in_f), bs_last).to(DEVICE)
+    dy = to_layout(tokens_first(32, out_f, seed=2), bs_last).to(DEVICE)
+    results = []
+    for impl in ("triton", "bmm"):
+        inputs = [t.clone().requires_grad_() for t in (x, *weights)]
+        y = ks_chain(inputs[0], inputs[1:], patterns, impl, bs_last)
+        results.append((y, *torch.autograd.grad(y, inputs, dy)))
+    names = ["y", "dX"] + [f"dW{l}" for l in range(len(patterns))]
+    for name, got, want in zip(names, *results, strict=True):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item(), msg=name)
 
 
 @needs_triton

@@ -80,7 +80,7 @@ def make_impls(names, A, B, W):
     compiled = torch.compile(kernels.kron_linear_ref) if "torch_compile" in names else None
     fns = {
         "dense": lambda x: F.linear(x, W),
-        "triton": lambda x: kernels.KronLinearFunction.apply(x, A, B),
+        "triton": lambda x: kernels.kron_linear(x, A, B, impl="triton"),
         "torch": lambda x: kernels.kron_linear_ref(x, A, B),
         "torch_compile": lambda x: compiled(x, A, B),
         "kron_matmul": lambda x: F.linear(x, kernels.kron_dense_weight(A, B)),
