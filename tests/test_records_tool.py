@@ -210,7 +210,9 @@ def test_table_rewrites_only_between_markers(fake, tmp_path, capsys):
     after = "\n## After\n\ntext that must survive\r\n"
     readme = root / "README.md"
     readme.write_bytes((before + records.TABLE_START + "\nold table\n" + records.TABLE_END + after).encode())
-    assert records.main(["table", "--records_dir", str(root)]) == 0
+    assert records.main(["table", "--records_dir", str(root)]) == 0  # prints only
+    assert "old table" in readme.read_text()
+    assert records.main(["table", "--records_dir", str(root), "--write"]) == 0
     data = readme.read_bytes().decode()
     assert data.startswith(before + records.TABLE_START + "\n") and data.endswith(records.TABLE_END + after)
     inner = data[len(before) + len(records.TABLE_START):-len(records.TABLE_END + after)]
@@ -219,12 +221,12 @@ def test_table_rewrites_only_between_markers(fake, tmp_path, capsys):
     assert "| 3/5 (1 failed, 1 incomplete) |" in inner and "smoke" not in inner and "old table" not in inner
     assert "| 3/5 (1 failed, 1 incomplete) |" in capsys.readouterr().out
 
-    assert records.main(["table", "--records_dir", str(root), "--include_local"]) == 0
+    assert records.main(["table", "--records_dir", str(root), "--include_local", "--write"]) == 0
     assert "| local | 2026-11-23 | smoke | 1/1 |" in readme.read_text()
     assert readme.read_bytes().decode().startswith(before) and readme.read_bytes().decode().endswith(after)
 
     readme.write_text("# no markers here\n")
-    assert records.main(["table", "--records_dir", str(root)]) == 1
+    assert records.main(["table", "--records_dir", str(root), "--write"]) == 1
     assert "records-table:start" in capsys.readouterr().err
     assert readme.read_text() == "# no markers here\n"
 

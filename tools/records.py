@@ -422,6 +422,8 @@ def cmd_table(args):
     runs = load_runs([records_dir], skip) if records_dir.is_dir() else []
     table = format_table(table_rows(runs, args.target), args.target)
     print(table)
+    if not args.write:  # printing never dirties the tree (a later run would record git_commit ...-dirty)
+        return 0
     readme = Path(args.readme) if args.readme else records_dir / "README.md"
     if not readme.exists():
         print(f"error: {readme} does not exist; create it with the lines {TABLE_START} and {TABLE_END}",
@@ -969,7 +971,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("table", help="rewrite the records table in records/README.md")
+    t = sub.add_parser("table", help="print the records table (--write: also rewrite it in records/README.md)")
+    t.add_argument("--write", action="store_true", help="rewrite the table between the markers of the README")
     t.add_argument("--records_dir", default="records")
     t.add_argument("--readme", default=None, help="default: <records_dir>/README.md")
     t.add_argument("--target", type=float, default=DEFAULT_TARGET)
