@@ -119,7 +119,7 @@ class Hyperparameters:
     seed: int = 0  # model init (identical on every rank); the data order is fixed and never shuffled
     # checkpoints (one format: weights, optimizer states, step, flags, code, data position; see save_checkpoint)
     save_every: int = 0  # write a checkpoint every N steps next to the record file (0 = never)
-    save_checkpoint: bool = False  # write a checkpoint at the end of the run
+    save_checkpoint: str = "off"  # at the end of the run: off | full (resumable) | weights (weights + flags only)
     resume: str = ""  # checkpoint path: continue that run exactly (its flags; flags given here still win)
     init_from: str = ""  # checkpoint path: take only the weights; fresh optimizers and schedule from step 0
     init_partial: bool = False  # with init_from: skip tensors whose shape differs instead of stopping
@@ -176,6 +176,10 @@ def apply_overrides(args: Hyperparameters, argv: list[str]) -> Hyperparameters:
     return args
 
 
+# Values kept for flags whose type grew: --save_checkpoint=true was a bool before it could say "weights".
+FLAG_ALIASES = dict(save_checkpoint={"true": "full", "1": "full", "false": "off", "0": "off"})
+
+
 def _parse_value(name, typ, value, valid):
     try:
         if typ is bool:
@@ -183,7 +187,7 @@ def _parse_value(name, typ, value, valid):
             if lowered not in ("true", "false", "1", "0"):
                 raise ValueError("bools accept true/false/1/0")
             return lowered in ("true", "1")
-        return typ(value)
+        return FLAG_ALIASES.get(name, {}).get(value.lower(), typ(value))
     except ValueError as e:
         raise SystemExit(f"error: --{name}={value!r} is not a valid {typ.__name__} ({e})\n{valid}") from None
 
@@ -239,7 +243,8 @@ def check_config(args: Hyperparameters, world_size: int):
         fail(f"no_attn_layers names blocks {bad} outside 0..{args.num_layers - 1}")
     check_ranges(args, fail)
     check_architecture(args, fail)
-    choices = dict(kron_mlp=("off", "fc", "proj", "both"), kron_impl=KRON_IMPLS, kron_optimizer=("adam", "muon"))
+    choices = dict(kron_mlp=("off", "fc", "proj", "both"), kron_impl=KRON_IMPLS, kron_optimizer=("adam", "muon"),
+                   save_checkpoint=("off", "full", "weights"))
     for name, valid in choices.items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
@@ -1274,7 +1279,8 @@ class CharSelfAttention(nn.Module):
         docs = ((inputs == EOT_TOKEN).repeat_interleave(S) & first_slot).cumsum(0)
         mask = mask_builder(chars)(docs, self.window_blocks, docs=docs)
         q, k, v = self.qkv(norm(chars.flatten(0, 1))).view(T * S, 3, self.heads, -1).permute(1, 2, 0, 3)[:, None]
-        y = attend(norm(q), norm(k), v, mask, q.size(-1) ** -0.5)  # (1, heads, T * S, hd)
+        # v contiguous: inductor's CPU FlexAttention reads an in-graph view at storage offset 0 (v is qkv's third third)
+        y = attend(norm(q), norm(k), v.contiguous(), mask, q.size(-1) ** -0.5)  # (1, heads, T * S, hd)
         return chars + self.proj(y[0].transpose(0, 1).reshape(T, S, C))
 
 
@@ -1727,7 +1733,7 @@ CHECKPOINT_FORMAT = "train_gpt-checkpoint-v1"
 
 
 def save_checkpoint(path: Path, model: GPT, optimizers: list, args: Hyperparameters, step: int,
-                    train_time_ms: float) -> Path:
+                    train_time_ms: float, weights_only: bool = False) -> Path:
     """Everything a run needs to continue exactly. Written to a temp file and renamed, so a crash never leaves a
     half-written checkpoint under the final name. Optimizer states are identical on every rank once Muon's momentum
     has been gathered from its owners (Muon.gather_momentum(), which the run calls first), so rank 0's file is the
@@ -1738,6 +1744,9 @@ def save_checkpoint(path: Path, model: GPT, optimizers: list, args: Hyperparamet
         code={name: (HERE / name).read_text() for name in ("train_gpt.py", "kernels.py")},
         data=dict(step=step, tokens=step * args.micro_batches * args.seq_len, train_files=args.train_files),
         rng=torch.get_rng_state())
+    if weights_only:  # for --init_from, eval, sample and teachers: the optimizer states are most of the bytes
+        for key in ("optimizers", "rng"):
+            del state[key]
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -1764,7 +1773,10 @@ def checkpoint_args(ckpt: dict) -> Hyperparameters:
     dropped = sorted(set(ckpt["args"]) - known)
     if dropped:
         print(f"warning: checkpoint flags unknown to this train_gpt.py are ignored: {dropped}", file=sys.stderr)
-    return Hyperparameters(**{k: v for k, v in ckpt["args"].items() if k in known})
+    values = {k: v for k, v in ckpt["args"].items() if k in known}
+    if isinstance(values.get("save_checkpoint"), bool):  # written before the flag took off/full/weights
+        values["save_checkpoint"] = "full" if values["save_checkpoint"] else "off"
+    return Hyperparameters(**values)
 
 
 def load_weights(model: nn.Module, state: dict, partial: bool = False) -> str:
@@ -1972,6 +1984,9 @@ def parse_args(argv: list[str]) -> tuple[Hyperparameters, dict | None]:
     if not args.resume:
         return args, None
     ckpt = load_checkpoint(args.resume)
+    if "optimizers" not in ckpt:
+        raise SystemExit(f"error: {args.resume} holds weights only (--save_checkpoint=weights), so it cannot be "
+                         f"resumed; start from its weights with --init_from={args.resume}")
     return apply_overrides(checkpoint_args(ckpt), list(argv)), ckpt
 
 
@@ -2107,13 +2122,13 @@ def main(argv: list[str] | None = None) -> int:
         compile_warmup(train_model, trainee, optimizers, args, env, final_window)
         log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t:.1f}s (untimed)")
 
-    def checkpoint(step: int, name: str):
+    def checkpoint(step: int, name: str, weights_only: bool = False):
         """Untimed: every rank hands its Muon momentum to the others, then rank 0 writes while the others wait at
         the next collective."""
         optimizers[1].gather_momentum()
         if env.master:
             path = save_checkpoint(record.path.with_name(f"{record.path.stem}_{name}.pt"), model, optimizers,
-                                   args, step, train_time_ms)
+                                   args, step, train_time_ms, weights_only)
             log(f"checkpoint: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
             return path
 
@@ -2192,8 +2207,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
     if status == "failed":
         log(f"status: failed reason: {reason}")
-    if args.save_checkpoint:
-        saved = checkpoint(step, "final")
+    if args.save_checkpoint != "off":
+        saved = checkpoint(step, "final", weights_only=args.save_checkpoint == "weights")
     tokens_per_step = args.micro_batches * args.seq_len
     summary = dict(
         status=status, final_val_loss=val_loss if math.isfinite(val_loss) else None, train_time_ms=train_time_ms,
@@ -2205,7 +2220,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint=str(saved) if saved else None, resumed_from=args.resume or None)
     if reason:
         summary["reason"] = reason
-    log(f"add it to the records table: python tools/records.py table"
+    log(f"add it to the records table: python tools/records.py table --write"
         f"{' --include_local' if args.track == 'local' else ''}")
     log(f"summary: {json.dumps(summary)}")
     if dist.is_initialized():

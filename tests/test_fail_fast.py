@@ -107,3 +107,24 @@ def tg_summary(stdout: str) -> dict:
     import json
     line = next(l for l in reversed(stdout.splitlines()) if l.startswith("summary: "))
     return json.loads(line[len("summary: "):])
+
+
+def test_weights_only_checkpoint_is_small_loads_for_init_from_and_is_refused_by_resume(tmp_path):
+    import torch
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", "--save_checkpoint=weights"])
+    assert tg.apply_overrides(tg.Hyperparameters(), ["--save_checkpoint=true"]).save_checkpoint == "full"
+    model = tg.build_model(args)
+    opts = tg.build_optimizers(model, args)
+    sum(p.sum() for p in model.parameters()).backward()
+    for opt in opts:
+        opt.step()
+    full = tg.save_checkpoint(tmp_path / "full.pt", model, opts, args, 1, 0.0)
+    weights = tg.save_checkpoint(tmp_path / "weights.pt", model, opts, args, 1, 0.0, weights_only=True)
+    assert weights.stat().st_size < 0.6 * full.stat().st_size
+    loaded = tg.load_checkpoint(str(weights))
+    assert "optimizers" not in loaded and tg.checkpoint_args(loaded).save_checkpoint == "weights"
+    fresh = tg.build_model(args)
+    assert tg.load_weights(fresh, loaded["model"]) is not None
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(SystemExit, match="--init_from="):
+        tg.parse_args([f"--resume={weights}"])
