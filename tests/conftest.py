@@ -14,6 +14,7 @@ if _shared_cache.is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_shared_cache))
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -48,6 +49,47 @@ def write_shard(path, tokens):
     with open(path, "wb") as f:
         f.write(header.tobytes())
         f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def randomize_zero_matrices(model, std: float = 0.02):
+    """Give every all-zero weight matrix (ndim >= 2: zero-initialized output projections, the untied lm_head, MoE
+    proj_w, the zero Kronecker / KS factor) N(0, std) entries, so every path of the model carries signal: with them
+    at zero, most of the computation cannot change the output and tests of it cannot fail."""
+    import torch
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0, std)
+    return model
+
+
+def smoke_args(*flags):
+    """The smoke preset with flags, validated as train_gpt.main() would."""
+    import train_gpt as tg
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", *flags])
+    tg.check_config(args, 1)
+    return args
+
+
+def smoke_model(*flags, seed: int = 0, std: float = 0.02):
+    """The smoke-preset model (fp32, CPU, training mode) with flags, built under torch.manual_seed(seed), its zero
+    matrices randomized (randomize_zero_matrices)."""
+    import torch
+    import train_gpt as tg
+    torch.manual_seed(seed)
+    return randomize_zero_matrices(tg.build_model(smoke_args(*flags)), std)
+
+
+def val_losses(log: str) -> list[float]:
+    """The val_loss values of a training log (stdout or a record's log section), in order."""
+    return [float(line.split("val_loss:")[1].split()[0]) for line in log.splitlines() if "val_loss:" in line]
+
+
+def summary_of(log: str) -> dict:
+    """The JSON of the `summary: ` line that ends every run's output."""
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("summary: "), last
+    return json.loads(last[len("summary: "):])
 
 
 # Slow tests (compiled models, full-size shapes under the Triton interpreter) are skipped unless --slow is given;

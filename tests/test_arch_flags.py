@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 import train_gpt as tg
+from conftest import smoke_args, smoke_model, val_losses
 
 V, VP, D, H, HD, L, HIDDEN = 50257, 50304, 128, 2, 64, 4, 512  # the smoke preset; block 2 has no attention
 ATTN_LAYERS, NVE = 3, 1
@@ -16,23 +17,6 @@ BASELINE = 20_025_616  # smoke-preset parameter count
 
 MLA = ["--mla_kv_rank=32", "--mla_q_rank=48", "--mla_rope_dim=16"]
 MOE = ["--moe_experts=4", "--moe_topk=2", "--moe_shared=1"]
-
-
-def smoke_args(*extra):
-    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", *extra])
-    tg.check_config(args, 1)
-    return args
-
-
-def live_model(*extra, seed=0):
-    """The smoke model with its zero-initialized projections made random, so every path carries signal."""
-    torch.manual_seed(seed)
-    model = tg.build_model(smoke_args(*extra))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2 and p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return model
 
 
 def tokens(T=256, seed=0, eot=(0, 100)):
@@ -67,7 +51,7 @@ FLAGS = [["--n_kv_heads=1"], MLA, MOE, ["--mlp_act=gelu"], ["--mlp_act=swiglu"],
 
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: f[0][2:])
 def test_flag_shapes_causality_and_parameter_count(flags):
-    model = live_model(*flags)
+    model = smoke_model(*flags)
     assert tg.count_params(model) == expected_params(flags)
     groups = tg.param_groups(model, smoke_args(*flags))
     assert sum(p.numel() for g in groups.values() for p in g) == tg.count_params(model)
@@ -148,7 +132,7 @@ def test_flex_attention_gqa_and_wider_qk_equal_sdpa_path(kv_heads, v_dim):
 # --- MLA ----------------------------------------------------------------------------------------------------------
 
 def test_mla_cache_holds_the_latent_and_the_shared_rotary_key():
-    model = live_model(*MLA)
+    model = smoke_model(*MLA)
     attn = model.blocks[0].attn
     assert isinstance(attn, tg.LatentAttention) and isinstance(attn.q_proj, tg.LowRankLinear)
     assert attn.kv_cache_floats_per_token() == 32 + 16
@@ -268,7 +252,7 @@ def test_moe_aux_loss_is_its_minimum_at_uniform_routing():
 
 
 def test_moe_aux_loss_is_added_in_training_only():
-    model = live_model(*MOE)
+    model = smoke_model(*MOE)
     x = tokens()
     loss = model(x[:-128], x[1:-127])
     ce = F.cross_entropy(model(x[:-128]), x[1:-127])  # this forward leaves the aux losses in place
@@ -323,7 +307,7 @@ def test_moe_bias_updates_once_per_optimizer_step_from_the_loads():
 
 
 def test_moe_weights_are_3d_muon_batches_and_utilization_is_logged():
-    model = live_model(*MOE)
+    model = smoke_model(*MOE)
     args = smoke_args(*MOE)
     adam, muon = tg.build_optimizers(model, args)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
@@ -350,14 +334,14 @@ def test_swiglu_matches_dense_parameters_at_768_and_learned_gelu_starts_as_gelu(
     x = torch.randn(3, 16)
     torch.testing.assert_close(act(x), F.gelu(x))
     mlp = tg.build_mlp(smoke_args("--mlp_act=learned_gelu"))
-    groups = tg.param_groups(live_model("--mlp_act=learned_gelu"))
+    groups = tg.param_groups(smoke_model("--mlp_act=learned_gelu"))
     assert mlp.act.scale.shape == (HIDDEN,) and sum(p.shape == (HIDDEN,) for p in groups["scalars"]) == 2 * L
 
 
 @pytest.mark.parametrize("flag", ["--neftune_alpha=5", "--dropout=0.1"])
 def test_noise_is_train_only(flag):
-    model = live_model(flag)
-    reference = live_model()  # same seed, same weights, flag off
+    model = smoke_model(flag)
+    reference = smoke_model()  # same seed, same weights, flag off
     x = tokens()
     model.eval()
     reference.eval()
@@ -381,7 +365,7 @@ def test_neftune_noise_bound():
 
 def test_tied_head_shares_the_embedding_owned_by_adam_embeds():
     args = smoke_args("--tie_embeddings=true")
-    model = live_model("--tie_embeddings=true")
+    model = smoke_model("--tie_embeddings=true")
     assert model.lm_head.weight is model.embed.weight and model.embed.weight.shape == (VP, D)
     groups = tg.param_groups(model, args)
     assert groups["head"] == [] and sum(p is model.embed.weight for g in groups.values() for p in g) == 1
@@ -434,7 +418,7 @@ def test_smoke_trains_with_the_flags(flags, shakespeare_shards, tmp_path, capsys
                     f"--records_dir={tmp_path}", "--num_iterations=8", "--val_every=4", "--micro_batches=1",
                     "--val_tokens=2048"])  # one micro-batch and two val sequences: half the time of the preset
     out = capsys.readouterr().out
-    vals = [float(line.split("val_loss:")[1].split()[0]) for line in out.splitlines() if "val_loss:" in line]
+    vals = val_losses(out)
     assert code == 0 and "architecture:" in out and "forward FLOPs/token" in out
     assert len(vals) == 3 and vals[-1] < vals[0] - 2.5, vals
     assert ("moe_load_min_max:" in out) == ("--moe_experts=4" in flags)

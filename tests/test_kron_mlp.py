@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import val_losses
 from kernels import KronLinear, kron_param_count
 
 
@@ -25,13 +26,21 @@ def test_parameter_count_matches_the_formula():
 
 
 def test_c_proj_starts_at_zero_with_one_live_factor():
+    torch.manual_seed(0)
     model = tg.build_model(kron_args())
     proj = model.blocks[0].mlp.c_proj
     assert proj.B.abs().sum() == 0 and proj.A.abs().sum() > 0  # one factor zero, the other random
-    x = torch.randint(0, 50000, (256,))
-    loss = model(x, x)
-    loss.backward()
-    assert proj.B.grad is not None  # gradient reaches the zero factor (it would not if both were zero)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.02)  # a zero head would stop every gradient before the blocks
+    grads = []
+    for seed in (1, 2):
+        x = torch.randint(0, 50000, (257,), generator=torch.Generator().manual_seed(seed))
+        model.zero_grad()
+        model(x[:-1], x[1:]).backward()
+        grads.append(proj.B.grad.clone())
+    # the zero factor learns (it would not if both were zero), from what the inputs are
+    assert all(g.abs().sum() > 0 for g in grads) and not torch.allclose(grads[0], grads[1])
+    assert proj.A.grad.abs().sum() == 0  # dA = 0 while B = 0: B moves first
 
 
 def test_factors_go_to_the_chosen_optimizer():
@@ -58,7 +67,7 @@ def test_smoke_trains_with_kron_mlp_both(shakespeare_shards, tmp_path, capsys):
     code = tg.main(["--preset=smoke", "--kron_mlp=both", f"--train_files={train}", f"--val_files={val}",
                     f"--records_dir={tmp_path}", "--num_iterations=8", "--val_every=4"])
     out = capsys.readouterr().out
-    vals = [float(l.split("val_loss:")[1].split()[0]) for l in out.splitlines() if "val_loss:" in l]
+    vals = val_losses(out)
     assert code == 0 and "KronLinear layers" in out
     assert vals[0] > 10.5 and vals[-1] < vals[0] - 2.5, vals
 

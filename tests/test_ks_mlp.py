@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import val_losses
 from kernels import KSLinear, ks_param_count, monarch_patterns
 
 
@@ -51,6 +52,5 @@ def test_smoke_trains_with_ks_mlp_both(shakespeare_shards, tmp_path, capsys):
     train, val = shakespeare_shards
     code = tg.main(["--preset=smoke", "--ks_mlp=both", f"--train_files={train}", f"--val_files={val}",
                     f"--records_dir={tmp_path}", "--num_iterations=8", "--val_every=4"])
-    vals = [float(l.split("val_loss:")[1].split()[0]) for l in capsys.readouterr().out.splitlines()
-            if "val_loss:" in l]
+    vals = val_losses(capsys.readouterr().out)
     assert code == 0 and vals[0] > 10.5 and vals[-1] < vals[0] - 2.5, vals

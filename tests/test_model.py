@@ -1,12 +1,13 @@
-"""Model: attention masks (FlexAttention block mask vs dense SDPA mask), shapes, parameter count, value-embedding
-layout, U-net pairing, initial loss, causality."""
+"""Model: attention masks (FlexAttention block-mask structure vs the dense SDPA mask; compiled FlexAttention outputs
+are compared in test_gpu_paths.py), shapes, parameter count, value-embedding layout, U-net pairing, initial loss,
+causality."""
 import math
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import flex_attention
 
 import train_gpt as tg
+from conftest import smoke_model
 
 EOT = tg.EOT_TOKEN
 
@@ -47,15 +48,6 @@ def test_block_mask_structure_matches_dense_mask(window):
     assert torch.equal(full, tiles.all(-1))  # mask_mod is skipped exactly where every pair is visible
 
 
-@pytest.mark.parametrize("window", [1, 2, 3])
-def test_flex_attention_forward_equals_sdpa_path(window):
-    torch.manual_seed(window)
-    q, k, v = (torch.randn(1, 2, 512, 32) for _ in range(3))
-    flex = flex_attention(q, k, v, block_mask=tg.flex_block_mask(SEQ, torch.tensor(window)), scale=0.12)
-    sdpa = tg.attend(q, k, v, tg.dense_attention_mask(SEQ, window), 0.12)
-    torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-5)
-
-
 def test_window_schedule():
     args = tg.Hyperparameters()
     assert tg.long_window_blocks(0, args) == 1  # 128 tokens
@@ -94,20 +86,25 @@ def test_value_embedding_layout(default_model):
 
 def test_initial_loss_is_log_vocab(default_model):
     x = tokens_with_docs(257, [0, 100])
+    inputs, targets = x[:-1], x[1:]
     with torch.no_grad():
-        loss = default_model(x[:-1], x[1:])
-    assert abs(loss.item() - math.log(50304)) < 0.01
-
-
-def smoke_model(seed=0):
-    torch.manual_seed(seed)
-    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke"])
-    model = tg.build_model(args)
-    with torch.no_grad():  # zero-initialized projections would hide most of the computation
-        for p in model.parameters():
-            if p.ndim == 2 and p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return model
+        loss = default_model(inputs, targets)
+    assert abs(loss.item() - math.log(50304)) < 0.01  # the zero head: uniform over the padded vocabulary
+    head, proj = default_model.lm_head.weight, default_model.blocks[10].mlp.c_proj.weight
+    try:  # the same loss with a live head reads the blocks: an independent log-softmax, and a block that matters
+        with torch.no_grad():
+            head.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+            live = default_model(inputs, targets)
+            z = default_model.hidden(inputs) @ head.T
+            manual = -torch.log_softmax(30 * torch.sigmoid(z / 7.5), -1)[torch.arange(256), targets].mean()
+            proj.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+            changed = default_model(inputs, targets)
+    finally:
+        with torch.no_grad():
+            head.zero_(), proj.zero_()
+    assert abs(live.item() - math.log(50304)) > 0.05
+    torch.testing.assert_close(live, manual, rtol=1e-5, atol=1e-5)
+    assert abs(changed.item() - live.item()) > 1e-3
 
 
 def test_unet_block_3_receives_block_0_output():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import smoke_model, val_losses
 
 tiktoken = pytest.importorskip("tiktoken")
 S = 16
@@ -87,11 +88,8 @@ def test_pull_left_never_crosses_eot(table):
 @pytest.mark.parametrize("mode", ["cross", "cross+self"])
 @pytest.mark.parametrize("pull_left", [False, True])
 def test_mot_is_causal(mode, pull_left):
-    torch.manual_seed(0)
-    model = tg.build_model(mot_args(f"--mot={mode}", f"--mot_pull_left={pull_left}", "--mot_self_window=8")).eval()
-    for m in model.mot.modules():  # zero-init output projections would hide any leak
-        if isinstance(m, tg.CastedLinear) and not m.weight.any():
-            torch.nn.init.normal_(m.weight, std=0.1)
+    # zero-initialized projections (the byte path's output, the head) would hide any leak
+    model = smoke_model("--mot=" + mode, f"--mot_pull_left={pull_left}", "--mot_self_window=8", std=0.1).eval()
     inputs = torch.randint(0, 50256, (256,))
     inputs[[0, 70, 150]] = tg.EOT_TOKEN
     changed = inputs.clone()
@@ -101,9 +99,15 @@ def test_mot_is_causal(mode, pull_left):
     with torch.no_grad():
         a, b = model.mot(tok, inputs), model.mot(model.embed(changed)[None], changed)
         la, lb = model(inputs), model(changed)
+        mix = model.mot.mix.clone()
+        model.mot.mix[1] = 0  # the token embedding alone: the logits without the bytes
+        no_bytes = model(inputs)
+        model.mot.mix.copy_(mix)
     assert not torch.equal(a, tok)  # the byte path contributes
     assert torch.equal(a[:, :t + 1], b[:, :t + 1])
     assert torch.allclose(la[:t + 1], lb[:t + 1], atol=1e-5)
+    assert not torch.allclose(la[t + 1:], lb[t + 1:], atol=1e-3)  # later logits do see the changed tokens
+    assert (la - no_bytes).abs().amax(-1).min() > 1e-3  # every position's logits depend on its bytes
 
 
 def test_default_is_unchanged_and_mot_params_are_owned_once():
@@ -138,6 +142,19 @@ def test_byte_stream_masks_agree():
     assert torch.equal(bm.to_dense()[0, 0].bool(), tiles.any(-1))
 
 
+def test_byte_stream_document_ids(monkeypatch):
+    """CharSelfAttention's per-byte document ids are the token's, repeated over its slots."""
+    attn = tg.CharSelfAttention(mot_args("--mot=cross+self", "--bytes_per_token=4"))
+    inputs = torch.randint(0, 50256, (128,))
+    inputs[[0, 50, 51, 127]] = tg.EOT_TOKEN
+    seen = []
+    dense = tg.dense_attention_mask
+    monkeypatch.setattr(tg, "dense_attention_mask", lambda x, w, docs, **kw: seen.append(docs) or dense(x, w, docs))
+    with torch.no_grad():
+        attn(torch.randn(128, 4, attn.qkv.in_features), inputs)
+    assert torch.equal(seen[0], tg.document_ids(inputs).repeat_interleave(4))
+
+
 def test_check_config_names_valid_values():
     for bad, msg in (("--mot=self", "valid values: off, cross, cross\\+self"),
                      ("--char_dim=30", "multiple of --mot_heads"),
@@ -153,6 +170,6 @@ def test_smoke_trains_with_mot(shakespeare_shards, tmp_path, capsys, flags):
     code = tg.main(["--preset=smoke", *flags.split(), f"--train_files={train}", f"--val_files={val}",
                     f"--records_dir={tmp_path}", "--num_iterations=8", "--val_every=4"])
     out = capsys.readouterr().out
-    vals = [float(l.split("val_loss:")[1].split()[0]) for l in out.splitlines() if "val_loss:" in l]
+    vals = val_losses(out)
     assert code == 0
     assert vals[0] > 10.5 and vals[-1] < vals[0] - 2.5, vals

@@ -5,19 +5,13 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import load_script
+from conftest import load_script, smoke_model
 
 sample = load_script("tools/sample.py")
 
 
 def random_model(*extra, seed=0):
-    torch.manual_seed(seed)
-    model = tg.build_model(tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", *extra])).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2 and p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return model
+    return smoke_model(*extra, seed=seed, std=0.05).eval()
 
 
 @pytest.mark.parametrize("extra", [[], ["--n_kv_heads=1"], ["--mla_kv_rank=32", "--mla_rope_dim=16"]])

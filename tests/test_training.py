@@ -1,6 +1,5 @@
 """End-to-end runs on CPU: the smoke preset learns and writes a complete record; NaN marks the record failed;
 1 process x 2-way accumulation equals 2 processes (gloo) x 1-way."""
-import json
 import os
 import subprocess
 import sys
@@ -11,28 +10,25 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import summary_of, val_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(cmd, cwd=ROOT, timeout=600):
+def run(cmd, steps, cwd=ROOT):
+    """Run a training command of `steps` steps. Its budget is the step count, not wall time: the timeout (10 minutes
+    plus 2 per step, against a few seconds per smoke step) only catches a hang, never a slow or loaded machine."""
     env = dict(os.environ, OMP_NUM_THREADS="1" if "torch.distributed.run" in cmd else os.environ.get(
         "OMP_NUM_THREADS", "2"))
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600 + 120 * steps, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
-
-
-def summary_of(stdout):
-    last = stdout.strip().splitlines()[-1]
-    assert last.startswith("summary: ")
-    return json.loads(last[len("summary: "):])
 
 
 def test_smoke_run_learns_and_writes_a_complete_record(shakespeare_shards, tmp_path):
     train, val = shakespeare_shards
     stdout = run([sys.executable, "train_gpt.py", "--preset=smoke", f"--train_files={train}", f"--val_files={val}",
-                  f"--records_dir={tmp_path}"])
+                  f"--records_dir={tmp_path}"], steps=30)
     summary = summary_of(stdout)
     assert summary["status"] == "ok" and summary["steps"] == 30 and summary["world_size"] == 1
     assert summary["final_val_loss"] < 7.0 and summary["tokens"] == 30 * 1024
@@ -42,12 +38,13 @@ def test_smoke_run_learns_and_writes_a_complete_record(shakespeare_shards, tmp_p
     for section in ("train_gpt.py", "kernels.py", "environment", "hyperparameters", "log"):
         assert f"==================== {section} ====================" in text
     assert (ROOT / "train_gpt.py").read_text() in text
-    log = text.split("==================== log ====================\n")[1].splitlines()
-    vals = [float(l.split("val_loss:")[1].split()[0]) for l in log if "val_loss:" in l]
+    log = text.split("==================== log ====================\n")[1]
+    vals = val_losses(log)
     assert len(vals) == 4 and abs(vals[0] - 10.83) < 0.05 and vals[-1] == pytest.approx(summary["final_val_loss"],
                                                                                         abs=1e-4)
-    assert sum(l.startswith("step:") and "train_time:" in l and "val_loss" not in l for l in log) == 30
-    assert any(l.startswith("peak memory") for l in log) and log[-1].startswith("summary: ")
+    lines = log.splitlines()
+    assert sum(l.startswith("step:") and "train_time:" in l and "val_loss" not in l for l in lines) == 30
+    assert any(l.startswith("peak memory") for l in lines) and lines[-1].startswith("summary: ")
 
 
 def test_nonfinite_loss_marks_the_record_failed(shakespeare_shards, tmp_path, capsys):
@@ -77,9 +74,9 @@ def test_two_processes_equal_one_process_with_accumulation(shakespeare_shards, t
     train, val = shakespeare_shards
     common = ["--preset=smoke", f"--train_files={train}", f"--val_files={val}", "--num_iterations=3",
               "--val_every=0", "--val_tokens=2048", "--save_checkpoint=true"]
-    one = summary_of(run([sys.executable, "train_gpt.py", *common, f"--records_dir={tmp_path / 'one'}"]))
+    one = summary_of(run([sys.executable, "train_gpt.py", *common, f"--records_dir={tmp_path / 'one'}"], steps=3))
     two = summary_of(run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train_gpt.py", *common, f"--records_dir={tmp_path / 'two'}"]))
+                          "train_gpt.py", *common, f"--records_dir={tmp_path / 'two'}"], steps=3))
     assert (one["world_size"], two["world_size"]) == (1, 2)
     w1 = torch.load(one["checkpoint"])["model"]
     w2 = torch.load(two["checkpoint"])["model"]
