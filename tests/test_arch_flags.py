@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
 
 import train_gpt as tg
 from conftest import smoke_args, smoke_model, val_losses
@@ -115,18 +114,6 @@ def test_gqa_shares_each_kv_head_across_its_query_group():
     ve_per_head = ve.view(1, 256, kv, hd).repeat_interleave(heads // kv, dim=2).flatten(2)
     torch.testing.assert_close(gqa(x, ve, mask), base(x, ve_per_head, mask), rtol=1e-5, atol=1e-6)
     assert gqa.kv_cache_floats_per_token() == 2 * kv * hd
-
-
-@pytest.mark.parametrize("kv_heads,v_dim", [(1, 32), (2, 16)])
-def test_flex_attention_gqa_and_wider_qk_equal_sdpa_path(kv_heads, v_dim):
-    torch.manual_seed(0)
-    seq = tokens(512, eot=(0, 70, 200, 390))
-    q, k = torch.randn(1, 4, 512, 48), torch.randn(1, kv_heads, 512, 48)
-    v = torch.randn(1, kv_heads, 512, v_dim)
-    flex = flex_attention(q, k, v, block_mask=tg.flex_block_mask(seq, torch.tensor(2)), scale=0.12,
-                          enable_gqa=True)
-    torch.testing.assert_close(flex, tg.attend(q, k, v, tg.dense_attention_mask(seq, 2), 0.12), rtol=1e-5,
-                               atol=1e-5)
 
 
 # --- MLA ----------------------------------------------------------------------------------------------------------
