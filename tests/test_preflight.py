@@ -1,0 +1,245 @@
+"""tools/preflight.py: one --quick run on the CPU (exit code, the `preflight:` JSON line, the report files); the
+runner (a failing check is recorded with its traceback and the others still run; the time budget; bad arguments);
+the references it trusts (chunked attention reference vs dense_attention_mask, the FlexAttention check catching a
+wrong block mask); and, slow, the full CPU run and a 2-process torchrun run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from conftest import ROOT, load_script
+import train_gpt as tg
+
+pf = load_script("tools/preflight.py")
+
+
+def run_preflight(*cli, torchrun=False, timeout=900):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    env = dict(os.environ, OMP_NUM_THREADS="1") if torchrun else os.environ
+    out = subprocess.run(launcher + [str(ROOT / "tools" / "preflight.py"), *cli], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("preflight: {")]
+    return out, json.loads(lines[-1][len("preflight: "):]) if lines else None
+
+
+def printed_report(stdout):
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("preflight: {"))[len("preflight: "):])
+
+
+def assert_report_files(out_dir, report):
+    (json_path,), (md_path,) = sorted(out_dir.glob("*.json")), sorted(out_dir.glob("*.md"))
+    assert report["files"] == [str(json_path), str(md_path)]
+    assert json.loads(json_path.read_text()) == report
+    md = md_path.read_text()
+    for entry in report["checks"] + report["measurements"]:
+        assert f"| {entry['name']} | {entry['status']} |" in md
+    return md
+
+
+def test_quick_run_on_cpu_passes_and_writes_its_report(tmp_path):
+    # a generous budget: the test is about what runs, not about this shared machine's load
+    out, report = run_preflight("--quick", "--out", str(tmp_path), "--budget_s=100000")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert report["ok"] and report["checks_ok"] and report["measurements_ok"]
+    assert report["device_type"] == "cpu" and report["world_size"] == 1 and report["quick"]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert {"env", "flex_attention", "fp8_head", "kron_ks_kernels", "moe", "compiled_training"} <= set(checks)
+    for entry in report["checks"] + report["measurements"]:
+        assert set(entry) >= {"name", "ok", "detail", "seconds"} and entry["ok"]
+        assert f"] {entry['name']} (" in out.stdout  # one line per entry, as it goes
+    for name in ("env", "flex_attention", "fp8_head", "moe", "compiled_training"):
+        assert checks[name]["status"] == "pass", checks[name]
+    # under conftest's TRITON_INTERPRET=1 the Triton kernels run in the interpreter
+    assert checks["kron_ks_kernels"]["status"] == ("pass" if os.environ.get("TRITON_INTERPRET") == "1" else "skip")
+    assert checks["model_flex_forward"]["detail"] == "skipped: not in --quick"
+    training = report["timings"]["compiled_training"]
+    assert training["recompiles"] == 0 and training["graph_breaks"] == 0 and training["graphs"] == 1
+    assert training["losses"] == training["eager_losses"] and training["losses"][-1] < training["losses"][0] - 0.5
+    assert len(set(training["windows"])) > 1  # the window changed between steps without recompiling
+    step = report["timings"]["step_time"]
+    assert step["ms_per_step"] > 0 and step["tokens_per_step"] == 2 * 512 and step["grad_accum"] == 2
+    assert {"--n_kv_heads=1", "--moe_experts=8 --moe_shared=1"} <= set(report["timings"]["overhead"])
+    assert "CPU" in report["timings"]["label"]
+    md = assert_report_files(tmp_path, report)
+    assert "CPU run at smoke sizes" in md and "## Step time" in md
+    assert "preflight passed" in out.stdout
+
+
+def boom(ctx):
+    raise RuntimeError("boom: something broke")
+
+
+def test_a_failing_check_is_recorded_and_the_others_still_run(tmp_path, capsys):
+    env = next(e for e in pf.REGISTRY if e.name == "env")
+    registry = [pf.Entry("boom", boom, "check", fix="do the thing"), env]
+    assert pf.main(["--out", str(tmp_path)], registry=registry) == 1
+    captured = capsys.readouterr()
+    report = printed_report(captured.out)
+    failed, passed = report["checks"]
+    assert not report["ok"] and not report["checks_ok"]
+    assert failed["name"] == "boom" and failed["status"] == "fail" and not failed["ok"]
+    assert "RuntimeError: boom: something broke" in failed["detail"] and "in boom" in failed["detail"]  # traceback
+    assert failed["fix"] == "do the thing"
+    assert passed["name"] == "env" and passed["ok"]
+    assert "[FAIL] boom" in captured.out and "fix: do the thing" in captured.out
+    assert "preflight FAILED boom" in captured.err
+    md = assert_report_files(tmp_path, report)
+    assert "## Failures" in md and "Fix: do the thing" in md
+
+
+def test_measurements_past_the_budget_are_skipped_not_run(tmp_path, capsys):
+    ran = []
+    registry = [pf.Entry("costly", lambda ctx: ran.append(1), "measure", fix="-"),
+                pf.Entry("headline", lambda ctx: ran.append(2) or "done", "measure", fix="-", budgeted=False)]
+    assert pf.main(["--out", str(tmp_path), "--budget_s=0"], registry=registry) == 0
+    report = printed_report(capsys.readouterr().out)
+    costly, headline = report["measurements"]
+    assert ran == [2] and report["ok"]
+    assert costly["status"] == "skip" and "time budget" in costly["detail"] and "--only=costly" in costly["detail"]
+    assert headline["status"] == "pass"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--flags=--bogus=1"], "unknown flag --bogus"),
+    (["--flags=--num_layers=3"], "num_layers=3 must be even"),
+    (["--only=env,nope"], "unknown entries ['nope']"),
+])
+def test_bad_arguments_stop_with_a_clear_error(argv, message, tmp_path, capsys):
+    assert pf.main(argv + ["--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_reports_are_never_overwritten(tmp_path):
+    report = dict(date="2026-01-01", device="NVIDIA H100 80GB HBM3", device_type="cuda", world_size=8, ok=True,
+                  quick=False, flags=[], seconds=1.0, environment={}, checks=[], measurements=[], timings={})
+    first = pf.write_report(dict(report), tmp_path)
+    second = pf.write_report(dict(report), tmp_path)
+    assert [p.name for p in first] == ["2026-01-01_NVIDIA-H100-80GB-HBM3-x8.json", "2026-01-01_NVIDIA-H100-80GB-HBM3-x8.md"]
+    assert [p.name for p in second] == [p.name.replace("-x8", "-x8_2") for p in first]
+
+
+def test_helpers():
+    assert [pf.gqa_heads(h) for h in (6, 2, 8, 12)] == [2, 1, 2, 4]
+    assert pf.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and pf.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert pf.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and pf.peak_tflops("NVIDIA L40S") == 362.0
+    assert pf.peak_tflops("NVIDIA L4") == 121.0 and pf.peak_tflops("Tesla V100-SXM2-32GB") is None
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke"])
+    model = tg.build_model(args)
+    last = tg.describe_model(model, args).splitlines()[-1]
+    assert last.endswith(f"= {pf.forward_flops_per_token(model, args) / 1e6:.1f}M")
+    cmp = pf.Comparison(torch.float32)
+    cmp.add("nan", torch.tensor([1.0, float("nan")]), torch.ones(2))
+    cmp.add("off", torch.tensor([1.0, 1.1]), torch.ones(2))
+    cmp.add("fine", torch.ones(2), torch.ones(2))
+    with pytest.raises(pf.CheckFailed, match="nan: non-finite.*off: relative error"):
+        cmp.verdict()
+    stream = pf.learnable_stream(5000, 50257)
+    assert (stream == tg.EOT_TOKEN).sum() >= 5 and stream.max() <= tg.EOT_TOKEN
+
+
+def test_packed_documents_have_the_boundaries_the_checks_need():
+    docs = tg.document_ids(pf.packed_documents(1024))
+    starts = torch.nonzero(docs[1:] != docs[:-1]).flatten() + 1
+    lengths = torch.diff(torch.cat([starts, torch.tensor([1024])]))
+    assert docs[0] == 0 and (lengths == 1).any()  # starts mid-document; a one-token document
+    assert (starts % tg.BLOCK_SIZE != 0).any() and (lengths > 3 * tg.BLOCK_SIZE).any()
+
+
+@pytest.mark.parametrize("halvings,band", [(0, None), (1, None), (0, 4 * 128)])
+def test_chunked_reference_equals_sdpa_under_dense_attention_mask(halvings, band):
+    tokens = pf.packed_documents(512, seed=1)
+    docs = tg.document_ids(tokens)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 512, 16, generator=g), torch.randn(1, 2, 512, 16, generator=g), \
+        torch.randn(1, 2, 512, 8, generator=g)
+    window = torch.tensor(3, dtype=torch.int32)
+    mask = tg.dense_attention_mask(tokens, window, halvings=halvings)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.12, enable_gqa=True)
+    got = pf.reference_attention(q, k, v, docs, window, halvings, 0.12, band=band, chunk=128)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_flex_check_catches_a_wrong_block_mask():
+    """Compiled FlexAttention honors the block lists (uncompiled CPU flex would not), so a block mask missing
+    blocks that flex_block_mask lists must fail the comparison, and the script's own mask must pass."""
+    def drop_last_partial_block(*args, **kwargs):
+        bm = tg.flex_block_mask(*args, **kwargs)
+        return BlockMask.from_kv_blocks((bm.kv_num_blocks - 1).clamp_min(0), bm.kv_indices, bm.full_kv_num_blocks,
+                                        bm.full_kv_indices, BLOCK_SIZE=tg.BLOCK_SIZE, mask_mod=bm.mask_mod)
+    case = pf.AttnCase("MHA", 2, 2, 32, 32, window=3)
+    tokens = pf.packed_documents(512)
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False)
+    results = {}
+    for name, build in (("script", None), ("broken", drop_last_partial_block)):
+        cmp = pf.Comparison(torch.float32)
+        pf.run_attention_case(case, tokens, 16, 0.12, torch.float32, flex, False, cmp, build_mask=build)
+        results[name] = cmp.problems
+    torch._dynamo.reset()
+    assert results["script"] == [] and results["broken"] and "relative error" in results["broken"][0]
+
+
+def dense_stand_in(q, k, v, block_mask, scale, enable_gqa):
+    """FlexAttention's signature over SDPA with the block mask's mask_mod evaluated densely: has a CPU backward, so
+    the backward comparison (GPU only in preflight) runs here."""
+    idx = torch.arange(q.size(2))
+    mask = block_mask.mask_mod(0, 0, idx[:, None], idx[None, :])
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+
+
+@pytest.mark.parametrize("byte_stream", [False, True])
+def test_attention_backward_comparison(byte_stream):
+    case = pf.AttnCase("GQA", 4, 2, 24, 16, window=3, halvings=1, byte_stream=byte_stream)
+    tokens = pf.packed_documents(64 if byte_stream else 512)
+    cmp = pf.Comparison(torch.float32)
+    pf.run_attention_case(case, tokens, 8, 0.12, torch.float32, dense_stand_in, True, cmp)
+    assert cmp.problems == [] and [n.split()[0] for n in cmp.notes[1:]] == ["dq", "dk", "dv"]
+    off = pf.Comparison(torch.float32)
+    pf.run_attention_case(case, tokens, 8, 0.12, torch.float32,
+                          lambda q, k, v, **kw: dense_stand_in(q, k, v, **dict(kw, scale=0.125)), True, off)
+    assert {p.split(":")[0] for p in off.problems} >= {"GQA out", "dq", "dk"}
+
+
+def test_the_eager_reference_compiles_only_flex_attention_on_gpu():
+    with pf.eager_flex_compiled(on_gpu=True):
+        assert tg.flex_attention is not flex_attention  # attend() calls the compiled kernel
+    assert tg.flex_attention is flex_attention
+    with pf.eager_flex_compiled(on_gpu=False):
+        assert tg.flex_attention is flex_attention
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (conftest sets it)")
+def test_kernel_bench_rows_run_in_the_interpreter():
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke"])
+    rows = pf.kernel_bench_rows(args, torch.device("cpu"), torch.float32, tokens=8, warmup=0, repeats=1)
+    assert [(r["shape"], r["impl"]) for r in rows] == [(shape, impl) for shape in ("128->512", "512->128")
+                                                       for impl in ("dense", "kron_triton", "ks_monarch_triton")]
+    assert all(r["fwd_bwd_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_full_run_on_cpu(tmp_path):
+    out, report = run_preflight("--out", str(tmp_path), "--budget_s=100000", timeout=1800)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["model_flex_forward"]["status"] == "pass"
+    assert all(m["status"] in ("pass", "skip") for m in report["measurements"])
+    assert len(report["timings"]["overhead"]) == 7
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path):
+    out, report = run_preflight("--quick", "--only=env,allreduce_bandwidth,step_time", "--out", str(tmp_path),
+                                torchrun=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert report["world_size"] == 2 and out.stdout.count("preflight: {") == 1  # rank 0 prints and writes
+    assert "gloo all_reduce/all_gather round trips ok on 2 ranks" in report["checks"][0]["detail"]
+    assert [m["status"] for m in report["measurements"]] == ["pass", "pass"]
+    assert report["timings"]["step_time"]["world_size"] == 2 and report["timings"]["step_time"]["grad_accum"] == 1
+    assert len(list(tmp_path.glob("*.json"))) == 1

@@ -1,0 +1,1343 @@
+"""Preflight: prove a node in minutes before a paid run (issue 11).
+
+    python tools/preflight.py                      # every check and measurement (GPU: under 10 minutes on one H100)
+    python tools/preflight.py --quick              # under 3 minutes: fewer attention cases, steps and variants
+    torchrun --standalone --nproc_per_node=8 tools/preflight.py   # every GPU, plus NCCL all-reduce/all-gather
+    python tools/preflight.py --flags="--mot=cross --seq_len=16384"  # the configuration you are about to run
+    python tools/preflight.py --list               # what runs; --only=NAME,... runs a subset
+
+It runs on whatever device is there: CUDA in the training dtype (bf16) at training sizes, else the CPU in fp32 at
+smoke sizes (the smoke preset; every CPU timing is labeled as such and says nothing about a GPU).
+
+Correctness checks, each against an independent reference on the device:
+  env                   versions (torch, triton vs the one torch pins, CUDA, driver), GPU, memory held by others,
+                        FP8 support; NCCL (gloo on CPU) all-reduce / all-gather round trips with known values
+  flex_attention        compiled FlexAttention with the script's flex_block_mask vs dense SDPA under
+                        dense_attention_mask (fp32, query chunk by chunk), forward and, on GPU, backward: packed
+                        documents with boundaries mid-block, long/short windows, MHA/GQA/MLA head shapes, and the
+                        --mot=cross+self byte stream
+  fp8_head              the lm_head's FP8 matmul (train_gpt.fp8_mm with FP8_HEAD_SCALES) forward and backward vs
+                        fp32, at the real head shape: error bounded, all finite, no e4m3/e5m2 saturation
+  kron_ks_kernels       kernels.KronLinear (triton vs dense) and KSLinear (triton vs bmm) at the MLP shapes
+  moe                   train_gpt.MoE output, aux loss and gradients vs a per-expert loop
+  compiled_training     N steps of train_step on a learnable synthetic stream along the real schedule (windows
+                        grow): finite falling loss, graphs/recompiles/graph breaks, compiled == eager losses
+  model_flex_forward    (CPU, not --quick) the model's forward through FlexAttention (FLEX_ATTENTION_ON_CPU,
+                        inductor) vs its dense-mask forward
+Measurements (median of repeats after warm-up; a variant that runs out of memory is reported, not fatal):
+  step_time / fp8_off   ms/step, tokens/s, peak memory, MFU of the recipe (or --flags), and with --fp8_head=false
+  allreduce_bandwidth   NCCL bus bandwidth (world size > 1)
+  kernel_bench          Kronecker and KS kernels vs the dense cuBLAS matmul (GPU)
+  overhead_*            step-time overhead vs the default at equal tokens: --mot, --kron_mlp, --ks_mlp, GQA, MLA, MoE
+Measurements after step_time stop starting once --budget_s would be exceeded (they say so; --only=NAME runs
+one on its own).
+
+Prints one line per check as it goes, then `preflight: {json}`; the same JSON and a Markdown table go to
+records/preflight/<date>_<device>.json/.md (--out DIR; existing files are never overwritten). `ok` is true when
+every check passed and no measurement crashed (`checks_ok` / `measurements_ok` separately). Exit code 0 when ok,
+1 otherwise (each failure names the fix), 2 for bad arguments. Only rank 0 prints and writes; every rank runs
+every check.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+_SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken_cache"  # our machines' offline GPT-2 BPE files (--mot)
+if _SHARED_TIKTOKEN.is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_SHARED_TIKTOKEN))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch._dynamo.backends.registry import lookup_backend  # noqa: E402
+from torch._dynamo.utils import counters as dynamo_counters  # noqa: E402
+from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+import kernels  # noqa: E402
+import train_gpt as tg  # noqa: E402
+
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by GPU name, first match wins; MFU is "unknown" elsewhere.
+PEAK_BF16_TFLOPS = [
+    (r"H100.*PCIe", 756.0), (r"H100.*NVL", 835.0), (r"H100|H800", 989.4), (r"H200", 989.4),
+    (r"A100|A800", 312.0), (r"L40S", 362.0), (r"\bL4\b", 121.0),
+]
+E4M3_MAX, E5M2_MAX, E5M2_TINY = 448.0, 57344.0, 2.0 ** -16  # float8 ranges (E5M2_TINY: smallest subnormal)
+# Allowed error vs the reference: (relative Frobenius error, max |error| / max |reference|), by dtype and pass.
+TOLERANCE = {
+    torch.bfloat16: {"fwd": (1e-2, 3e-2), "bwd": (3e-2, 6e-2)},
+    torch.float32: {"fwd": (1e-4, 1e-3), "bwd": (1e-4, 1e-3)},
+}
+# Relative error of the FP8 head vs fp32. e4m3 keeps 3 mantissa bits; measured on CPU (same conversions): 3.6% for
+# the output, 6.5-6.7% for dx and dw at training-size gradients (e5m2 flushes ~20% of them to zero at init).
+FP8_TOLERANCE = 0.15
+OTHER_PROCESS_GIB = 4.0  # GPU memory in use before we allocate anything above this fails env (a stale process)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Registry: every check and measurement is a named function of the Context, returning a one-line detail
+
+
+class Skip(Exception):
+    """The check does not apply here (the message says why); not a failure."""
+
+
+class CheckFailed(Exception):
+    """An expected failure mode; the message says what was wrong (the entry's fix says what to do)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    fn: Callable
+    kind: str  # "check" (correctness: any failure fails the node) or "measure"
+    fix: str  # printed with a failure: what to do
+    quick: bool = True  # runs under --quick
+    budgeted: bool = True  # a measurement that --budget_s may skip
+
+
+REGISTRY: list[Entry] = []
+
+
+def check(name: str, fix: str, quick: bool = True):
+    def register(fn):
+        REGISTRY.append(Entry(name, fn, "check", fix, quick))
+        return fn
+    return register
+
+
+def measurement(name: str, fix: str, quick: bool = True, budgeted: bool = True):
+    def register(fn):
+        REGISTRY.append(Entry(name, fn, "measure", fix, quick, budgeted))
+        return fn
+    return register
+
+
+@dataclass
+class Context:
+    env: tg.DistEnv
+    args: tg.Hyperparameters  # the base configuration: recipe defaults on GPU, the smoke preset on CPU, + --flags
+    flags: list[str]
+    quick: bool
+    budget_s: float
+    start: float = field(default_factory=time.perf_counter)
+    info: dict = field(default_factory=dict)  # environment facts for the report
+    timings: dict = field(default_factory=dict)
+    stash: dict = field(default_factory=dict)  # the compiled default model, handed from compiled_training to step_time
+    estimate_s: float = 0.0  # expected cost of the next measurement (the costliest so far)
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.env.device.type == "cuda"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.on_gpu else torch.float32
+
+    def say(self, line: str):
+        if self.env.master:
+            print(line, flush=True)
+
+    def progress(self, name: str, msg: str):
+        self.say(f"    {name}: {msg}")
+
+    def release(self):
+        """Free what the last entry left behind: Python garbage, the CUDA cache, compiled graphs (unless stashed)."""
+        gc.collect()
+        if self.on_gpu:
+            torch.cuda.empty_cache()
+        if not self.stash:
+            torch._dynamo.reset()
+
+
+def run_entry(ctx: Context, entry: Entry) -> dict:
+    """Run one entry; a failure is caught and recorded (message + traceback tail), never propagated."""
+    t0 = time.perf_counter()
+    try:
+        over = over_budget(ctx, entry)
+        if over:
+            raise Skip(over)
+        status, detail = "pass", entry.fn(ctx) or ""
+    except Skip as e:
+        status, detail = "skip", f"skipped: {e}"
+    except (Exception, SystemExit) as e:  # SystemExit: train_gpt's config errors
+        status, detail = "fail", describe_failure(e)
+    finally:
+        if entry.name != "compiled_training":
+            ctx.stash.clear()  # its compiled model is handed only to the next entry (step_time)
+        ctx.release()
+    seconds = time.perf_counter() - t0
+    if entry.kind == "measure" and status == "pass":
+        ctx.estimate_s = max(ctx.estimate_s, seconds)
+    status, detail = merge_ranks(ctx, status, detail)
+    result = dict(name=entry.name, ok=status != "fail", status=status, detail=detail, seconds=round(seconds, 2))
+    if status == "fail":
+        result["fix"] = entry.fix
+    ctx.say(result_line(result))
+    return result
+
+
+def over_budget(ctx: Context, entry: Entry) -> str | None:
+    """Why this measurement would overrun --budget_s, or None. Rank 0 decides for all: a rank that skipped a
+    measurement while the others ran it would leave them waiting in its collectives."""
+    if entry.kind != "measure" or not entry.budgeted:
+        return None
+    elapsed = time.perf_counter() - ctx.start
+    reason = None
+    if elapsed + ctx.estimate_s > ctx.budget_s:
+        reason = (f"time budget: {elapsed:.0f}s elapsed of --budget_s={ctx.budget_s:.0f} and a measurement takes "
+                  f"~{ctx.estimate_s:.0f}s here; raise --budget_s or run --only={entry.name}")
+    if ctx.env.world_size > 1:
+        box = [reason]
+        dist.broadcast_object_list(box, src=0)
+        reason = box[0]
+    return reason
+
+
+def describe_failure(e: BaseException) -> str:
+    if isinstance(e, CheckFailed):
+        return str(e)
+    if isinstance(e, torch.OutOfMemoryError):
+        return f"out of GPU memory: {str(e).splitlines()[0]}"
+    tail = "".join(traceback.format_exc().splitlines(keepends=True)[-12:])
+    return f"{type(e).__name__}: {e}\n{tail}".rstrip()
+
+
+def merge_ranks(ctx: Context, status: str, detail: str) -> tuple[str, str]:
+    """All ranks ran the entry; it fails if it failed anywhere, and the detail names the ranks that failed."""
+    if ctx.env.world_size == 1:
+        return status, detail
+    results = [None] * ctx.env.world_size
+    dist.all_gather_object(results, (status, detail))
+    by_detail = {}  # failure detail -> the ranks that reported it
+    for r, (s, d) in enumerate(results):
+        if s == "fail":
+            by_detail.setdefault(d, []).append(str(r))
+    if not by_detail:
+        return results[0]
+    return "fail", "\n".join(f"rank{'s' * (len(rs) > 1)} {','.join(rs)}: {d}" for d, rs in by_detail.items())
+
+
+def result_line(result: dict) -> str:
+    tag = {"pass": "PASS", "skip": "SKIP", "fail": "FAIL"}[result["status"]]
+    line = f"[{tag}] {result['name']} ({result['seconds']:.1f}s): {result['detail']}"
+    if result["status"] == "fail":
+        line += f"\n       fix: {result['fix']}"
+    return line
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Shared helpers: configurations, models placed as main() places them, comparisons, synthetic data
+
+
+def config_args(flags: list[str], on_gpu: bool) -> tg.Hyperparameters:
+    """Recipe defaults on GPU, the smoke preset on CPU, then the flags (explicit flags win, as in train_gpt)."""
+    base = [] if on_gpu else ["--preset=smoke"]
+    return tg.apply_overrides(tg.Hyperparameters(), base + list(flags))
+
+
+def fp8_enabled(args: tg.Hyperparameters, device: torch.device) -> bool:
+    """As main(): the FP8 head where asked for and the GPU supports it (compute capability >= 8.9)."""
+    return args.fp8_head and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def place_model(args: tg.Hyperparameters, device: torch.device) -> tg.GPT:
+    """build_model, then what main() does before training: same seed, on the device, bf16 embeddings on GPU (so
+    every activation is bf16), the FP8 head where supported."""
+    torch.manual_seed(args.seed)
+    model = tg.build_model(args).to(device)
+    if device.type == "cuda":
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                m.bfloat16()
+    model.lm_head.use_fp8 = fp8_enabled(args, device)
+    return model
+
+
+def synchronize(device: torch.device):
+    tg.synchronize(device)
+
+
+def errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(relative Frobenius error, max |error| / max |reference|) of out against ref, in fp32."""
+    out, ref = out.detach().float(), ref.detach().float()
+    diff = out - ref
+    return ((diff.norm() / ref.norm().clamp_min(1e-30)).item(),
+            (diff.abs().max() / ref.abs().max().clamp_min(1e-30)).item())
+
+
+class Comparison:
+    """Collects named comparisons against references; verdict() raises CheckFailed listing every one out of
+    tolerance (or non-finite), else returns a compact summary."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.tolerance = TOLERANCE[dtype]
+        self.notes, self.problems = [], []
+
+    def add(self, name: str, out: torch.Tensor, ref: torch.Tensor, kind: str = "fwd",
+            tolerance: tuple[float, float] | None = None):
+        fro_tol, max_tol = tolerance or self.tolerance[kind]
+        if not torch.isfinite(out).all():
+            self.problems.append(f"{name}: non-finite values ({(~torch.isfinite(out)).sum().item()} elements)")
+            return
+        fro, mx = errors(out, ref)
+        self.notes.append(f"{name} {fro:.1e}")
+        if fro > fro_tol or mx > max_tol:
+            self.problems.append(f"{name}: relative error {fro:.2e} (max {mx:.2e}) exceeds {fro_tol:.0e} "
+                                 f"(max {max_tol:.0e})")
+
+    def fail(self, problem: str):
+        self.problems.append(problem)
+
+    def verdict(self, prefix: str = "") -> str:
+        if self.problems:
+            raise CheckFailed(prefix + "; ".join(self.problems))
+        return prefix + "max rel. errors " + ", ".join(self.notes)
+
+
+def packed_documents(T: int, seed: int = 0, vocab: int = 50000) -> torch.Tensor:
+    """T token ids (CPU, int64) packed like training data: the sequence starts inside a document, then documents
+    of varied lengths follow, each starting at an EOT: a one-token document, boundaries mid-block and exactly on
+    block edges (128), documents longer than any window."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (T,), generator=g)
+    lengths = [1, 70, 58, 128, 500, 127, 1, 129, 2500]
+    pos, i = 37, 0
+    while pos < T:
+        tokens[pos] = tg.EOT_TOKEN
+        pos += lengths[i] if i < len(lengths) else 1 + int(torch.empty(1).exponential_(1 / 1500, generator=g))
+        i += 1
+    return tokens
+
+
+def learnable_stream(n_tokens: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """A token stream a model learns in a few steps: one random 251-token phrase repeated, cut into documents of
+    varied lengths by EOTs (int64, CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    phrase = torch.randint(0, min(vocab_size, tg.EOT_TOKEN), (251,), generator=g)
+    stream = phrase.repeat(n_tokens // 251 + 1)[:n_tokens].clone()
+    if tg.EOT_TOKEN < vocab_size:
+        pos, lengths = 0, [300, 1000, 77, 2500, 640]
+        for i in range(n_tokens):
+            if pos >= n_tokens:
+                break
+            stream[pos] = tg.EOT_TOKEN
+            pos += lengths[i % len(lengths)]
+    return stream
+
+
+def micro_batches(stream: torch.Tensor, args: tg.Hyperparameters, count: int, index: int,
+                  device: torch.device) -> list:
+    """`count` (inputs int32, targets int64) sequences of seq_len from the stream, the index-th group of them."""
+    out = []
+    for m in range(count):
+        start = (index * count + m) * args.seq_len
+        buf = stream[start:start + args.seq_len + 1].to(device)
+        out.append((buf[:-1].to(torch.int32), buf[1:].to(torch.int64)))
+    return out
+
+
+def window_tensor(blocks: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(blocks, dtype=torch.int32, device=device)  # as main() passes it: a tensor, no recompiles
+
+
+def gqa_heads(num_heads: int) -> int:
+    """The K/V head count of the GQA cases: the divisor of num_heads nearest num_heads / 3 (6 heads -> 2)."""
+    divisors = [d for d in range(1, num_heads) if num_heads % d == 0] or [num_heads]
+    return min(divisors, key=lambda d: (abs(d - num_heads / 3), d))
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs dynamo hands it (a recompile hands it another one) and
+    delegates to a real backend (inductor, or aot_eager on CPU)."""
+
+    def __init__(self, name: str):
+        self.name, self.inner, self.graphs = name, lookup_backend(name), 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self.inner(gm, example_inputs)
+
+
+def graph_breaks() -> tuple[int, list[str]]:
+    reasons = dynamo_counters["graph_break"]
+    return sum(reasons.values()), [str(r).splitlines()[0][:160] for r in list(reasons)[:3]]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Check: environment and collectives
+
+
+def nvidia_smi(query: str) -> list[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def triton_pin() -> str | None:
+    """The triton version this torch wheel pins (e.g. '3.4.0'), or None (CPU wheels, source builds)."""
+    try:
+        requires = importlib.metadata.requires("torch") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for req in requires:
+        m = re.match(r"(?:pytorch-)?triton\s*==\s*([^;\s]+)", req)
+        if m:
+            return m.group(1)
+    return None
+
+
+def environment_info(ctx: Context) -> dict:
+    smi = nvidia_smi("driver_version,name")
+    info = dict(python=platform.python_version(), torch=torch.__version__,
+                triton=kernels.triton.__version__ if kernels.HAS_TRITON else None, triton_pinned_by_torch=triton_pin(),
+                cuda=torch.version.cuda, driver=smi[0].split(",")[0].strip() if smi else None,
+                nvidia_smi_gpus=len(smi), host=platform.node(), cpu=tg.cpu_name(), cpu_cores=os.cpu_count(),
+                world_size=ctx.env.world_size, device=tg.device_name(ctx.device), git_commit=tg.git_commit())
+    if ctx.on_gpu:
+        props = torch.cuda.get_device_properties(ctx.device)
+        free, total = torch.cuda.mem_get_info(ctx.device)
+        info.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
+                    gpu_memory_gib=round(total / 2 ** 30, 1), gpu_memory_free_gib=round(free / 2 ** 30, 1),
+                    sms=props.multi_processor_count, visible_gpus=torch.cuda.device_count(),
+                    fp8=(props.major, props.minor) >= (8, 9), peak_bf16_tflops=peak_tflops(props.name))
+        api = getattr(torch._C, "_cuda_getDriverVersion", lambda: 0)()  # e.g. 12080: the newest CUDA it runs
+        info["driver_cuda"] = f"{api // 1000}.{api % 1000 // 10}" if api else None
+    return info
+
+
+def peak_tflops(gpu_name: str) -> float | None:
+    return next((tflops for pattern, tflops in PEAK_BF16_TFLOPS if re.search(pattern, gpu_name)), None)
+
+
+def collectives_roundtrip(ctx: Context) -> str:
+    """All-reduce (fp32, bf16) and all-gather (Muon's all_gather_into_tensor) of values every rank can predict."""
+    ws, rank, device = ctx.env.world_size, ctx.env.rank, ctx.device
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.full((1 << 16,), rank + 1.0, dtype=dtype, device=device)
+        dist.all_reduce(t)
+        expected = ws * (ws + 1) / 2  # small integers: exact in bf16
+        if not torch.all(t == expected):
+            raise CheckFailed(f"all_reduce({dtype}) gave {t.float().unique()[:4].tolist()}, expected {expected}")
+    big = torch.full((1 << 22,), float(rank), device=device)  # 16 MiB: the chunked/ring paths
+    dist.all_reduce(big)
+    if not torch.all(big == ws * (ws - 1) / 2):
+        raise CheckFailed("all_reduce of 16 MiB returned wrong values")
+    mine = torch.full((4, 3), rank, dtype=torch.bfloat16, device=device)
+    gathered = torch.empty((4 * ws, 3), dtype=torch.bfloat16, device=device)
+    dist.all_gather_into_tensor(gathered, mine)
+    expected = torch.arange(ws, device=device).repeat_interleave(4)[:, None].expand(-1, 3).bfloat16()
+    if not torch.equal(gathered, expected):
+        raise CheckFailed("all_gather_into_tensor returned wrong values")
+    synchronize(device)
+    return f"{dist.get_backend()} all_reduce/all_gather round trips ok on {ws} ranks"
+
+
+@check("env", fix="install a torch build whose CUDA version this driver supports and the triton it pins "
+                  "(pip install torch triton; see https://pytorch.org/get-started/locally/), stop other processes "
+                  "on the GPUs (nvidia-smi), and for collectives check NCCL_* variables, `nvidia-smi topo -m` and "
+                  "(NVSwitch nodes) `systemctl status nvidia-fabricmanager`")
+def check_env(ctx: Context) -> str:
+    problems, notes = [], []
+    if ctx.env.world_size > 1:  # first: every rank must reach these collectives, whatever fails below
+        try:
+            notes.append(collectives_roundtrip(ctx))
+        except CheckFailed as e:
+            problems.append(f"collectives: {e}")
+    else:
+        notes.append("world size 1: no collectives to check (run under torchrun for NCCL)")
+    info = environment_info(ctx)
+    ctx.info.update(info)
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")  # GPUs hidden on purpose
+    if info["nvidia_smi_gpus"] and not ctx.on_gpu and not hidden:
+        problems.append(f"nvidia-smi lists {info['nvidia_smi_gpus']} GPU(s) (driver {info['driver']}) but torch "
+                        f"{torch.__version__} (CUDA {torch.version.cuda or 'none: a CPU-only build'}) cannot use "
+                        f"them: install a CUDA build of torch this driver supports, or update the driver")
+    if not hasattr(BlockMask, "from_kv_blocks") or not hasattr(torch, "_scaled_mm"):
+        problems.append(f"torch {torch.__version__} lacks BlockMask.from_kv_blocks / torch._scaled_mm: "
+                        f"pip install 'torch>=2.6'")
+    if not hasattr(torch, "_grouped_mm"):
+        notes.append("no torch._grouped_mm: --moe_experts needs torch >= 2.8")
+    if ctx.on_gpu:
+        if not kernels.HAS_TRITON:
+            problems.append("triton is not importable (torch.compile and the kernels need it): pip install triton"
+                            + (f"=={info['triton_pinned_by_torch']}" if info["triton_pinned_by_torch"] else ""))
+        elif info["triton_pinned_by_torch"] and (info["triton"].split("+")[0]
+                                                 != info["triton_pinned_by_torch"].split("+")[0]):
+            problems.append(f"triton {info['triton']} but torch {torch.__version__} pins "
+                            f"{info['triton_pinned_by_torch']}: pip install triton=={info['triton_pinned_by_torch']}")
+        cc = tuple(map(int, info["compute_capability"].split(".")))
+        if cc < (8, 0):
+            problems.append(f"compute capability {info['compute_capability']} has no bf16 tensor cores: the recipe "
+                            f"needs an Ampere or newer GPU")
+        held = info["gpu_memory_gib"] - info["gpu_memory_free_gib"]
+        if held > OTHER_PROCESS_GIB:
+            problems.append(f"{held:.1f} GiB of {info['gpu_memory_gib']} GiB on {ctx.device} is already in use "
+                            f"(another process? nvidia-smi shows it): stop it before the run")
+        if info["visible_gpus"] > ctx.env.world_size and ctx.env.master:
+            notes.append(f"{info['visible_gpus']} GPUs visible, world size {ctx.env.world_size}")
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    gpu = (f"{info['gpu']} cc {info['compute_capability']}, {info['gpu_memory_free_gib']}/{info['gpu_memory_gib']} "
+           f"GiB free, FP8 {'yes' if info['fp8'] else 'no'}, driver {info['driver']} (CUDA {info['driver_cuda']}), "
+           if ctx.on_gpu
+           else f"CPU {info['cpu']} ({info['cpu_cores']} cores), ")
+    return (f"{gpu}torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, world size "
+            f"{ctx.env.world_size}; " + "; ".join(notes))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Check: FlexAttention with the script's block masks vs dense SDPA
+
+
+@dataclass(frozen=True)
+class AttnCase:
+    name: str
+    heads: int
+    kv_heads: int
+    qk_dim: int
+    v_dim: int
+    window: int  # long-window blocks, as long_window_blocks returns them
+    halvings: int = 0  # 1: the short window
+    byte_stream: bool = False  # --mot=cross+self: tokens x bytes_per_token positions, CharSelfAttention's mask
+
+
+def attention_cases(args: tg.Hyperparameters, quick: bool) -> list[AttnCase]:
+    H, hd = args.num_heads, args.model_dim // args.num_heads
+    final, kv, rope = tg.long_window_blocks(args.num_iterations, args), gqa_heads(args.num_heads), args.mla_rope_dim
+    mot = dataclasses.replace(args, mot="cross+self")
+    char_window = tg.CharSelfAttention(mot).window_blocks
+    char_heads, char_hd = mot.mot_heads, mot.char_dim // mot.mot_heads
+    cases = [AttnCase(f"MHA {H}x{hd} long window", H, H, hd, hd, final),
+             AttnCase(f"MHA {H}x{hd} short window", H, H, hd, hd, final, halvings=1)]
+    if quick:
+        cases.append(AttnCase(f"GQA {H}/{kv} heads + MLA dims qk {hd + rope} v {hd}", H, kv, hd + rope, hd, final))
+    else:
+        cases += [AttnCase(f"MHA {H}x{hd} step-0 window (1 block, halved)", H, H, hd, hd, 1, halvings=1),
+                  AttnCase(f"GQA {H} q / {kv} kv heads", H, kv, hd, hd, final),
+                  AttnCase(f"MLA qk {hd + rope} v {hd}", H, H, hd + rope, hd, final)]
+    cases.append(AttnCase(f"byte stream x{mot.bytes_per_token} ({char_heads}x{char_hd}, window {char_window} "
+                          f"blocks)", char_heads, char_heads, char_hd, char_hd, char_window, byte_stream=True))
+    return cases
+
+
+def reference_attention(q, k, v, docs, window_blocks, halvings: int, scale: float, band: int | None = None,
+                        chunk: int = 1024) -> torch.Tensor:
+    """Dense SDPA in fp32 under the dense mask, one chunk of queries at a time: each chunk's mask rows are
+    dense_attention_mask's rows (the script's mask_mod on index grids) over keys [lo, chunk end); later keys are
+    acausal, and `band` bounds how far back keys are taken (byte streams, whose T x T mask would not fit; a band at
+    least the window loses nothing). GQA by repeating K/V heads. Checkpointed per chunk: the backward holds one
+    chunk's scores at a time."""
+    q, k, v = q.float(), k.float(), v.float()
+    k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+    mask_mod = tg.doc_causal_window_mask(docs, window_blocks, halvings)
+    idx = torch.arange(q.size(2), device=q.device)
+    outs = []
+    for s in range(0, q.size(2), chunk):
+        e = min(s + chunk, q.size(2))
+        lo = 0 if band is None else max(0, s - band)
+        rows = mask_mod(0, 0, idx[s:e, None], idx[None, lo:e])
+
+        def attend(qc, kc, vc, rows=rows):
+            return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=rows, scale=scale)
+        parts = (q[:, :, s:e], k[:, :, lo:e], v[:, :, lo:e])
+        outs.append(checkpoint(attend, *parts, use_reentrant=False) if q.requires_grad else attend(*parts))
+    return torch.cat(outs, dim=2)
+
+
+def run_attention_case(case: AttnCase, tokens: torch.Tensor, bytes_per_token: int, scale: float, dtype, flex_fn,
+                       backward: bool, cmp: Comparison, seed: int = 0, build_mask=None):
+    """FlexAttention (flex_fn) under the script's block mask vs reference_attention, forward (+ backward) on the
+    device of `tokens`; the mask is built as the model builds it (GPT.attention_masks / CharSelfAttention)."""
+    build_mask = build_mask or tg.flex_block_mask
+    device = tokens.device
+    if case.byte_stream:
+        docs = tg.document_ids(tokens).repeat_interleave(bytes_per_token)
+        window = case.window  # CharSelfAttention passes a Python int (and never halves it)
+        block_mask = build_mask(docs, window, docs=docs, halvings=case.halvings)
+        band, chunk = (window + 1) * tg.BLOCK_SIZE, 4096
+    else:
+        tokens = tokens.to(torch.int32)  # as the loader yields them
+        docs = tg.document_ids(tokens)
+        window = window_tensor(case.window, device)
+        block_mask = build_mask(tokens, window, halvings=case.halvings)
+        band, chunk = None, 1024
+    T = len(docs)
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = tg.norm(torch.randn(1, case.heads, T, case.qk_dim, device=device, generator=g)).to(dtype)  # RMS-normed
+    k = tg.norm(torch.randn(1, case.kv_heads, T, case.qk_dim, device=device, generator=g)).to(dtype)
+    v = torch.randn(1, case.kv_heads, T, case.v_dim, device=device, generator=g).to(dtype)
+    leaves = [t.requires_grad_(backward) for t in (q, k, v)]
+    ref_leaves = [t.detach().float().requires_grad_(backward) for t in leaves]
+    out = flex_fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=case.kv_heads != case.heads)
+    ref = reference_attention(*ref_leaves, docs, window, case.halvings, scale, band, chunk)
+    cmp.add(f"{case.name} out", out, ref)
+    if backward:
+        d_out = torch.randn(out.shape, device=device, generator=g).to(dtype)
+        grads = torch.autograd.grad(out, leaves, d_out)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, d_out.float())
+        for name, got, want in zip("qkv", grads, ref_grads):
+            cmp.add(f"d{name}", got, want, "bwd")
+
+
+@check("flex_attention", fix="FlexAttention disagrees with the dense reference on this torch/triton/GPU: training "
+                             "would attend wrongly. Reinstall torch with the triton it pins, or try another torch "
+                             "release; report the failing case (the detail names it)")
+def check_flex_attention(ctx: Context) -> str:
+    args = ctx.args
+    T = args.seq_len if ctx.on_gpu else 1024
+    byte_tokens = (min(args.seq_len, 8192) if ctx.quick else args.seq_len) if ctx.on_gpu else 256
+    backward = ctx.on_gpu  # FlexAttention has no CPU backward
+    cmp, seconds = Comparison(ctx.dtype), {}
+    for case in attention_cases(args, ctx.quick):
+        t0 = time.perf_counter()
+        torch._dynamo.reset()  # each case is its own compile; keeps the recompile limit out of the way
+        flex_fn = torch.compile(flex_attention, dynamic=False)  # as training runs it (CPU: block lists honored)
+        tokens = packed_documents(byte_tokens if case.byte_stream else T, seed=len(seconds)).to(ctx.device)
+        run_attention_case(case, tokens, args.bytes_per_token, args.attn_scale, ctx.dtype, flex_fn, backward, cmp,
+                           seed=len(seconds))
+        seconds[case.name] = round(time.perf_counter() - t0, 1)
+        ctx.progress("flex_attention", f"{case.name}: {seconds[case.name]}s (compile included)")
+    ctx.timings["flex_attention_case_s"] = seconds
+    passes = "forward + backward" if backward else "forward (no CPU backward)"
+    return cmp.verdict(f"T={T} tokens / {byte_tokens}x{args.bytes_per_token} bytes, {ctx.dtype}, {passes}: ")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Check: the FP8 head matmul
+
+
+def head_loss(z: torch.Tensor, targets: torch.Tensor, step_tokens: int) -> torch.Tensor:
+    """The training loss on head outputs z (GPT.logits: 30 * sigmoid(z / 7.5), then cross-entropy), scaled so each
+    token's gradient is as large as in a step of step_tokens tokens (a mean over micro_batches x seq_len)."""
+    return F.cross_entropy(30 * torch.sigmoid(z.float() / 7.5), targets) * len(targets) / step_tokens
+
+
+@check("fp8_head", fix="the FP8 lm_head is inaccurate or overflows here: run with --fp8_head=false (bf16 head), "
+                       "and check that torch._scaled_mm works on this GPU/torch")
+def check_fp8_head(ctx: Context) -> str:
+    args = ctx.args
+    if ctx.on_gpu:
+        cc = torch.cuda.get_device_capability(ctx.device)
+        if cc < (8, 9):
+            raise Skip(f"no FP8 on compute capability {cc[0]}.{cc[1]} (the run uses --fp8_head=false automatically)")
+        if not args.fp8_head:
+            raise Skip("--fp8_head=false: this run does not use the FP8 head")
+    real = args if ctx.on_gpu else tg.Hyperparameters()  # CPU: the recipe's width and gradient size, fewer tokens
+    N, D, V = (16384 if ctx.on_gpu else 128), real.model_dim, tg.next_multiple(real.vocab_size, 128)
+    step_tokens = real.micro_batches * real.seq_len
+    scales = tg.FP8_HEAD_SCALES
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    head = tg.CastedLinear(D, V).to(ctx.device)  # fp32 master weight with the head's init scale
+    head.use_fp8 = True
+    x = tg.norm(torch.randn(N, D, device=ctx.device, generator=g)).bfloat16().requires_grad_()  # normed hidden
+    targets = torch.randint(0, real.vocab_size, (N,), device=ctx.device, generator=g)
+    seen = {}
+    z = head(x)  # CastedLinear's training path: fp8_mm
+    z.register_hook(lambda grad: seen.setdefault("grad", grad.detach()))
+    dx, dw = torch.autograd.grad(head_loss(z, targets, step_tokens), (x, head.weight))
+    z = z.detach()
+    x_ref, w_ref = x.detach().float().requires_grad_(), head.weight.detach().clone().requires_grad_()
+    z_ref = x_ref @ w_ref.t()
+    dx_ref, dw_ref = torch.autograd.grad(head_loss(z_ref, targets, step_tokens), (x_ref, w_ref))
+    cmp = Comparison(ctx.dtype)
+    tol = (FP8_TOLERANCE, 2.0)  # bounded in norm; single elements of an fp8 product may be far off
+    cmp.add("out", z, z_ref, tolerance=tol)
+    cmp.add("dx", dx, dx_ref, tolerance=tol)
+    cmp.add("dw", dw, dw_ref, tolerance=tol)
+    bf16_err = errors(F.linear(x.detach(), head.weight.detach().bfloat16()), z_ref)[0]
+    grad = seen["grad"].float()
+    headroom = {"x": x.detach().float().abs().max().item() * scales["x_scale"] / E4M3_MAX,
+                "w": head.weight.detach().abs().max().item() * scales["w_scale"] / E4M3_MAX,
+                "grad": grad.abs().max().item() * scales["grad_scale"] / E5M2_MAX}
+    for name, used in headroom.items():
+        if not used < 1:
+            cmp.fail(f"{name} saturates its FP8 format: max |{name}| x scale is {used:.2f}x the format's max")
+    nonzero = grad != 0
+    underflow = ((grad.abs() * scales["grad_scale"] < E5M2_TINY) & nonzero).sum().item() / max(nonzero.sum().item(), 1)
+    ctx.timings["fp8_head"] = dict(tokens=N, scale_use=headroom, grad_underflow_frac=underflow, bf16_head_err=bf16_err)
+    use = ", ".join(f"{k} {v:.2g}" for k, v in headroom.items())
+    return cmp.verdict(f"x ({N}, {D}) @ w ({V}, {D}): ") + (f"; bf16 head {bf16_err:.1e}; max / format max: {use}; grads "
+                                                           f"flushed to zero {underflow:.1%}")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Check: Kronecker and Kronecker-sparse kernels, MoE
+
+
+def compare_impls(cmp: Comparison, label: str, layer: nn.Module, impl: str, ref_impl: str, tokens: int, dtype,
+                  device: torch.device):
+    """layer with `impl` in dtype vs layer with `ref_impl` in fp32 on the same parameters: output and all grads."""
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(tokens, layer.in_features, device=device, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(tokens, layer.out_features, device=device, generator=g).to(dtype)
+    params = list(layer.parameters())
+    layer.impl = impl
+    y = layer(x)
+    grads = torch.autograd.grad(y, [x, *params], dy)
+    x_ref = x.detach().float().requires_grad_()
+    layer.impl = ref_impl
+    y_ref = layer(x_ref)
+    ref_grads = torch.autograd.grad(y_ref, [x_ref, *params], dy.float())
+    cmp.add(f"{label} out", y, y_ref)
+    for i, (got, want) in enumerate(zip(grads, ref_grads)):
+        cmp.add(f"d{'x' if i == 0 else f'w{i - 1}'}", got, want, "bwd")
+
+
+@check("kron_ks_kernels", fix="the Triton Kronecker/KS kernels are wrong here: do not use --kron_impl=triton / "
+                              "--ks_impl=triton (--kron_impl=torch, --ks_impl=bmm), and check the triton version "
+                              "(env)")
+def check_kron_ks_kernels(ctx: Context) -> str:
+    if not kernels.HAS_TRITON:
+        if ctx.on_gpu:
+            raise CheckFailed("triton is not importable")
+        raise Skip("triton is not installed")
+    if not ctx.on_gpu and not kernels.TRITON_INTERPRET:
+        raise Skip("CPU without TRITON_INTERPRET=1 (set it before starting to run the kernels in the interpreter)")
+    args = ctx.args  # CPU, not --quick: the real shapes, slow in the interpreter
+    if not ctx.on_gpu and not ctx.quick:
+        args = dataclasses.replace(args, model_dim=tg.Hyperparameters.model_dim, mlp_ratio=tg.Hyperparameters.mlp_ratio)
+    tokens = (4096 if ctx.quick else 16384) if ctx.on_gpu else 16
+    dim, hidden = args.model_dim, args.mlp_ratio * args.model_dim
+    cmp, done = Comparison(ctx.dtype), []
+    for kind, impl, ref_impl in (("kron", "triton", "dense"), ("ks", "triton", "bmm")):
+        layer_args = dataclasses.replace(args, kron_mlp="both" if kind == "kron" else "off",
+                                         ks_mlp="both" if kind == "ks" else "off", moe_experts=0, mlp_act="relu2",
+                                         mla_kv_rank=0, mla_q_rank=0, n_kv_heads=0)
+        try:
+            tg.check_config(layer_args, 1)
+        except SystemExit as e:
+            done.append(f"{kind}: not applicable to this config ({e})")
+            continue
+        for which, in_f, out_f in (("fc", dim, hidden), ("proj", hidden, dim)):
+            torch.manual_seed(0)
+            layer = tg.mlp_linear(layer_args, which, in_f, out_f, zero_init=False).to(ctx.device)  # fp32 masters
+            compare_impls(cmp, f"{kind} {which}", layer, impl, ref_impl, tokens, ctx.dtype, ctx.device)
+        done.append(f"{kind} {impl} vs {ref_impl}")
+    return cmp.verdict(f"{', '.join(done)} at {dim}<->{hidden}, {tokens} tokens, {ctx.dtype}: ")
+
+
+def moe_reference(moe: tg.MoE, x: torch.Tensor, act: str):
+    """Per-expert loop in fp32 on the module's parameters: each token's top-k experts by router probs + bias (the
+    selection computed as the module computes it, so near-ties pick the same experts) and every shared expert,
+    each expert's MLP on its tokens, outputs summed with the gates (fp32 router probs; shared experts weight 1).
+    Returns (output, the selection, the fp32 probs)."""
+    with torch.no_grad():
+        select_probs = F.linear(x, moe.router.weight.type_as(x)).float().softmax(-1)
+        top = torch.topk(select_probs + moe.bias, moe.topk, dim=-1).indices
+    x_ref = x.float()
+    probs = F.linear(x_ref, moe.router.weight.float()).softmax(-1)
+    activation = {"relu2": lambda h: F.relu(h).square(), "gelu": F.gelu}[act]
+    out = torch.zeros_like(x_ref)
+    for e in range(moe.num_experts + moe.num_shared):
+        if e < moe.num_experts:
+            tok, _ = (top == e).nonzero(as_tuple=True)
+            gate = probs[tok, e]
+        else:
+            tok = torch.arange(len(x), device=x.device)
+            gate = torch.ones(len(x), device=x.device)
+        h = activation(x_ref[tok] @ moe.fc_w[e].float().t())
+        out = out.index_add(0, tok, (h @ moe.proj_w[e].float().t()) * gate[:, None])
+    return out, top, probs
+
+
+@check("moe", fix="the grouped-matmul MoE disagrees with a per-expert loop here: do not use --moe_experts on this "
+                  "torch/GPU (torch._grouped_mm; try another torch release)")
+def check_moe(ctx: Context) -> str:
+    if not hasattr(torch, "_grouped_mm"):
+        raise Skip(f"torch {torch.__version__} has no torch._grouped_mm (--moe_experts needs torch >= 2.8)")
+    flags = [] if ctx.args.moe_experts else ["--moe_experts=8", "--moe_shared=1"]
+    args = config_args(ctx.flags + flags, ctx.on_gpu)
+    if args.mlp_act not in ("relu2", "gelu") or args.kron_mlp != "off" or args.ks_mlp != "off":
+        args = dataclasses.replace(args, mlp_act="relu2", kron_mlp="off", ks_mlp="off")
+    tg.check_config(args, 1)
+    tokens = (4096 if ctx.quick else 8192) if ctx.on_gpu else 256
+    torch.manual_seed(0)
+    moe = tg.MoE(args).to(ctx.device)
+    with torch.no_grad():  # live weights: zero-initialized projections carry no signal, a random router spreads load
+        moe.proj_w.normal_(0, moe.hidden ** -0.5)
+        moe.router.weight.normal_(0, args.model_dim ** -0.5)
+    g = torch.Generator(device=ctx.device).manual_seed(2)
+    x = torch.randn(tokens, args.model_dim, device=ctx.device, generator=g).to(ctx.dtype).requires_grad_()
+    params = [x, moe.fc_w, moe.proj_w, moe.router.weight]
+    y = moe(x)
+    experts, _, _ = moe.route(x.detach())
+    dy = torch.randn(y.shape, device=ctx.device, generator=g).to(ctx.dtype)
+    grads = torch.autograd.grad(y, params, dy)
+    y_ref, top, probs = moe_reference(moe, x, args.mlp_act)
+    ref_grads = torch.autograd.grad(y_ref, params, dy.float())
+    cmp = Comparison(ctx.dtype)
+    if not torch.equal(experts[:, :moe.topk].sort(-1).values, top.sort(-1).values):
+        cmp.fail("route() picked different experts than the reference selection")
+    cmp.add("out", y, y_ref)
+    for name, got, want in zip(("dx", "d fc_w", "d proj_w", "d router"), grads, ref_grads):
+        cmp.add(name, got, want, "bwd")
+    load = torch.bincount(top.flatten(), minlength=moe.num_experts).float()
+    aux_ref = moe.aux_coef * moe.num_experts * (load / (tokens * moe.topk) * probs.detach().mean(0)).sum()
+    if moe.aux_coef:
+        cmp.add("aux loss", moe.aux_loss.detach().reshape(1), aux_ref.reshape(1), tolerance=(1e-2, 1e-2))
+    spread = f"{int(load.min())}-{int(load.max())} tokens per routed expert"
+    return cmp.verdict(f"{moe.num_experts} experts top-{moe.topk} + {moe.num_shared} shared, width {moe.hidden}, "
+                       f"{tokens} tokens ({spread}), {ctx.dtype}: ")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Check: the model's FlexAttention path, compiled training steps
+
+
+@check("model_flex_forward", quick=False,
+       fix="the model's FlexAttention path (flex_block_mask inside a compiled graph) disagrees with its dense-mask "
+           "path: report it with the detail; GPU training uses this path")
+def check_model_flex_forward(ctx: Context) -> str:
+    if ctx.on_gpu:
+        raise Skip("GPU training always attends through FlexAttention: compiled_training covers it")
+    args = ctx.args
+    model = place_model(args, ctx.device).eval()
+    with torch.no_grad():  # live weights: the zero-initialized projections would hide the attention
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0, 0.02)
+    inputs = packed_documents(args.seq_len).to(ctx.device)
+    windows = [tg.long_window_blocks(args.num_iterations, args), 1]
+    backend = CountingBackend("inductor")  # CPU FlexAttention exists only compiled, forward only
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    cmp = Comparison(ctx.dtype)
+    with torch.no_grad():
+        for w in windows:
+            ref = model(inputs, None, window_tensor(w, ctx.device))
+            tg.FLEX_ATTENTION_ON_CPU = True
+            try:
+                out = compiled(inputs, None, window_tensor(w, ctx.device))
+            finally:
+                tg.FLEX_ATTENTION_ON_CPU = False
+            cmp.add(f"logits window {w}", out, ref)
+    if backend.graphs != 1:
+        cmp.fail(f"{backend.graphs} graphs for {len(windows)} windows (a window change recompiled)")
+    return cmp.verdict(f"{args.seq_len} tokens, windows {windows}, 1 graph: ")
+
+
+@contextlib.contextmanager
+def eager_flex_compiled(on_gpu: bool):
+    """Eager FlexAttention on GPU materializes every T x T score matrix (tens of GiB at seq_len 49152), so the
+    'uncompiled' reference model on GPU runs eagerly with only the attention kernel compiled."""
+    if not on_gpu:
+        yield
+        return
+    original = tg.flex_attention
+    tg.flex_attention = torch.compile(flex_attention, dynamic=False)
+    try:
+        yield
+    finally:
+        tg.flex_attention = original
+
+
+def run_steps(model, optimizers: list, args: tg.Hyperparameters, stream: torch.Tensor, schedule: list[int], device,
+              micro: int, after_step: Callable[[int, float], None]) -> list[float]:
+    """train_step at the given schedule steps (windows, LR and momentum as at those steps of the run), `micro`
+    sequences of the stream each; returns the losses."""
+    losses = []
+    for i, step in enumerate(schedule):
+        batch = micro_batches(stream, args, micro, i, device)
+        window = window_tensor(tg.long_window_blocks(step, args), device)
+        losses.append(tg.train_step(model, optimizers, batch, window, args, step, 1).item())
+        after_step(i, losses[-1])
+    return losses
+
+
+@check("compiled_training", fix="torch.compile of the training step misbehaves here (the detail says how): try "
+                                "--compile=false to confirm, then another torch/triton release; recompiles or graph "
+                                "breaks cost time every step")
+def check_compiled_training(ctx: Context) -> str:
+    base = ctx.args
+    n_steps = (4 if ctx.quick else 8) if ctx.on_gpu else (4 if ctx.quick else 6)
+    micro = min(base.micro_batches // ctx.env.world_size, 2 if ctx.on_gpu else 1)  # the run's per-sequence graph
+    args = dataclasses.replace(base, micro_batches=micro)
+    schedule = [round(i * (base.num_iterations - 1) / (n_steps - 1)) for i in range(n_steps)]  # windows grow
+    windows = [tg.long_window_blocks(s, base) for s in schedule]
+    stream = learnable_stream(n_steps * micro * args.seq_len + 1, args.vocab_size)
+    model = place_model(args, ctx.device)
+    initial = copy.deepcopy(model.state_dict())
+
+    def log(kind: str, i: int, loss: float):
+        ctx.progress("compiled_training", f"{kind} step {i + 1}/{n_steps} (schedule step {schedule[i]}, window "
+                                          f"{windows[i]}): loss {loss:.4f}")
+
+    eager, eager_note = None, ""
+    try:
+        with eager_flex_compiled(ctx.on_gpu):
+            eager = run_steps(model, tg.build_optimizers(model, args), args, stream, schedule, ctx.device, micro,
+                              lambda i, loss: log("eager", i, loss))
+    except torch.OutOfMemoryError:
+        eager_note = "; eager reference out of memory: compiled-vs-eager comparison skipped"
+    model.load_state_dict(initial)  # the same initial state (MoE buffers included) for the compiled run
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    backend = CountingBackend("inductor" if ctx.on_gpu else "aot_eager")  # CPU inductor would not fit the budget
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    optimizers = tg.build_optimizers(model, args)
+    orthogonalize = None
+    if ctx.on_gpu:  # as main(): Newton-Schulz compiled on GPU
+        orthogonalize = optimizers[1].orthogonalize = torch.compile(tg.zeropower_via_newtonschulz5, backend=backend)
+    graphs_after, t0, compile_s = [], time.perf_counter(), 0.0
+
+    def after(i: int, loss: float):
+        nonlocal compile_s
+        graphs_after.append(backend.graphs)
+        if i == 0:
+            compile_s = time.perf_counter() - t0
+        log("compiled", i, loss)
+    losses = run_steps(compiled, optimizers, args, stream, schedule, ctx.device, micro, after)
+    if ctx.on_gpu and base.compile:  # step_time times this compiled model instead of compiling it again
+        ctx.stash.update(model=model, compiled=compiled, orthogonalize=orthogonalize)
+        ctx.estimate_s = max(ctx.estimate_s, 1.5 * compile_s)  # what a measurement that compiles will take
+    breaks, reasons = graph_breaks()
+    recompiles = graphs_after[-1] - graphs_after[0]
+    problems = []
+    if not all(math.isfinite(v) for v in losses):
+        problems.append(f"non-finite loss: {losses}")
+    elif not losses[-1] < losses[0] - 0.5:
+        problems.append(f"loss does not fall on a repeated stream: {[round(v, 3) for v in losses]}")
+    if recompiles:
+        problems.append(f"{recompiles} recompiles after the first step (windows {windows}): window changes "
+                        f"recompile")
+    if breaks:
+        problems.append(f"{breaks} graph breaks: {reasons}")
+    diff = None
+    if eager is not None:
+        diff = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(losses, eager))
+        tol = 2e-2 if ctx.on_gpu else 1e-4  # bf16 kernels reorder sums; aot_eager runs the eager ops
+        if not diff <= tol:
+            problems.append(f"compiled losses {[round(v, 4) for v in losses]} differ from eager "
+                            f"{[round(v, 4) for v in eager]} by up to {diff:.1e} (relative; allowed {tol:.0e})")
+    ctx.timings["compiled_training"] = dict(losses=losses, eager_losses=eager, windows=windows, graphs=backend.graphs,
+                                            recompiles=recompiles, graph_breaks=breaks, first_step_s=round(compile_s, 1))
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    compared = f"max rel. diff {diff:.1e}" if diff is not None else "n/a"
+    return (f"{n_steps} steps x {micro} x {args.seq_len} tokens ({backend.name}, windows {windows}): loss "
+            f"{losses[0]:.3f} -> {losses[-1]:.3f}, {backend.graphs} graphs, 0 recompiles, 0 graph breaks, compiled "
+            f"vs eager {compared}{eager_note}")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def forward_flops_per_token(model: tg.GPT, args: tg.Hyperparameters) -> float:
+    """describe_model's estimate (its last line ends '= <M>M'), so MFU uses the same count the run prints."""
+    last = tg.describe_model(model, args).splitlines()[-1]
+    return float(re.search(r"= ([\d.]+)M$", last).group(1)) * 1e6
+
+
+def random_micro_batches(args: tg.Hyperparameters, count: int, device: torch.device, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, args.vocab_size, (count, args.seq_len + 1), generator=g).to(device)
+    return [(t[:-1].to(torch.int32), t[1:].to(torch.int64)) for t in tokens]
+
+
+def time_config(ctx: Context, name: str, extra_flags: list[str]) -> dict:
+    """ms/step of train_step at this config as main() runs it (compiled on GPU, eager on CPU; micro_batches /
+    world_size sequences per rank; the final, widest window), median of repeats after warm-up. An OOM is a
+    result, not an exception."""
+    flags = ctx.flags + extra_flags
+    try:
+        args = config_args(flags, ctx.on_gpu)
+        tg.check_config(args, ctx.env.world_size)
+    except SystemExit as e:
+        if extra_flags and ctx.flags:
+            raise Skip(f"{' '.join(extra_flags)} does not combine with --flags: {e}") from None
+        raise
+    ws, accum = ctx.env.world_size, args.micro_batches // ctx.env.world_size
+    warmup, repeats = (3, 5 if ctx.quick else 10) if ctx.on_gpu else (1, 2 if ctx.quick else 3)
+    stash = ctx.stash if not extra_flags else {}
+    model = stash.pop("model", None)
+    try:
+        if model is None:
+            model = place_model(args, ctx.device)
+            compiled = torch.compile(model, dynamic=False) if ctx.on_gpu and args.compile else model
+            orthogonalize = torch.compile(tg.zeropower_via_newtonschulz5) if ctx.on_gpu and args.compile else None
+        else:
+            compiled, orthogonalize = stash.pop("compiled"), stash.pop("orthogonalize")
+        ctx.stash.clear()
+        optimizers = tg.build_optimizers(model, args, ctx.env.rank, ws)
+        if orthogonalize is not None:
+            optimizers[1].orthogonalize = orthogonalize
+        batch = random_micro_batches(args, accum, ctx.device, seed=ctx.env.rank)
+        step = args.num_iterations - 1
+        window = window_tensor(tg.long_window_blocks(args.num_iterations, args), ctx.device)
+        times, loss = [], None
+        for i in range(warmup + repeats):
+            if i == warmup and ctx.on_gpu:
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            synchronize(ctx.device)
+            t0 = time.perf_counter()
+            loss = tg.train_step(compiled, optimizers, batch, window, args, step, ws)
+            synchronize(ctx.device)
+            times.append(time.perf_counter() - t0)
+            if i == 0:
+                ctx.progress(name, f"first step{' (compile included)' if compiled is not model else ''} "
+                                   f"{times[0]:.1f}s")
+        loss = loss.item()
+        if not math.isfinite(loss):
+            raise CheckFailed(f"non-finite loss {loss} at {' '.join(flags) or 'the defaults'}")
+        ms = 1000 * statistics.median(times[warmup:])
+        tokens = args.micro_batches * args.seq_len
+        fwd = forward_flops_per_token(model, args)
+        result = dict(flags=flags, ms_per_step=round(ms, 2), tokens_per_step=tokens,
+                      tokens_per_s=round(tokens / ms * 1000), grad_accum=accum, world_size=ws,
+                      first_step_s=round(times[0], 1), fwd_flops_per_token=fwd, fp8_head=model.lm_head.use_fp8,
+                      compiled=compiled is not model, repeats=repeats)
+        if ctx.on_gpu:
+            result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2 ** 30, 2)
+            tflops = 3 * fwd * tokens / (ms / 1000) / ws / 1e12  # training ~ 3x the forward
+            peak = peak_tflops(torch.cuda.get_device_name(ctx.device))
+            result.update(tflops_per_gpu=round(tflops, 1), peak_tflops=peak,
+                          mfu=round(tflops / peak, 4) if peak else None)
+        else:
+            import resource
+            result["max_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+        return result
+    except torch.OutOfMemoryError as e:
+        return dict(flags=flags, error="OOM", detail=str(e).splitlines()[0])
+    finally:
+        model = compiled = optimizers = batch = None
+        ctx.stash.clear()
+        ctx.release()
+
+
+def timing_line(r: dict) -> str:
+    if r.get("error") == "OOM":
+        return f"out of memory with {' '.join(r['flags']) or 'the defaults'} (not fatal: this config does not fit)"
+    mem = f"peak {r['peak_mem_gib']} GiB" if "peak_mem_gib" in r else f"max RSS {r['max_rss_gib']} GiB (process)"
+    mfu = (f", {r['tflops_per_gpu']} TFLOP/s/GPU, MFU {r['mfu']:.1%}" if r.get("mfu") is not None else
+           f", {r['tflops_per_gpu']} TFLOP/s/GPU, MFU unknown (GPU not in PEAK_BF16_TFLOPS)" if "tflops_per_gpu" in r
+           else ", MFU n/a (CPU)")
+    return (f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:,} tokens/s ({r['tokens_per_step']:,} tokens/step, "
+            f"{r['grad_accum']}-way accumulation x {r['world_size']} ranks), {mem}{mfu}, first step {r['first_step_s']}s")
+
+
+def record_timing(ctx: Context, key: str, result: dict) -> str:
+    label = "" if ctx.on_gpu else "CPU smoke sizes, eager fp32 (not a GPU number): "
+    ctx.timings[key] = result
+    return label + timing_line(result)
+
+
+@measurement("step_time", budgeted=False,
+             fix="the recipe does not train here (see the detail); fix the checks above first")
+def measure_step_time(ctx: Context) -> str:
+    return record_timing(ctx, "step_time", time_config(ctx, "step_time", []))
+
+
+@measurement("fp8_off", fix="the bf16 head does not train here (see the detail)")
+def measure_fp8_off(ctx: Context) -> str:
+    if not fp8_enabled(ctx.args, ctx.device):
+        raise Skip("the FP8 head is not used on this device/config: identical to step_time")
+    result = time_config(ctx, "fp8_off", ["--fp8_head=false"])
+    base = ctx.timings.get("step_time", {}).get("ms_per_step")
+    if base and "ms_per_step" in result:
+        result["fp8_speedup"] = round(result["ms_per_step"] / base, 3)
+    line = record_timing(ctx, "fp8_off", result)
+    return line + (f"; the FP8 head saves {1 - base / result['ms_per_step']:.1%}" if "fp8_speedup" in result else "")
+
+
+@measurement("allreduce_bandwidth", fix="collectives are slow or broken: check NCCL_* variables, `nvidia-smi topo -m`, "
+                                        "NVLink/fabric manager status")
+def measure_allreduce(ctx: Context) -> str:
+    if ctx.env.world_size == 1:
+        raise Skip("world size 1 (run under torchrun to measure NCCL bandwidth)")
+    ws = ctx.env.world_size
+    n = (1 << 26) if ctx.on_gpu else (1 << 20)  # 256 MiB of fp32 (CPU: 4 MiB)
+    t = torch.ones(n, device=ctx.device)
+    times = []
+    for i in range(3 + 5):
+        dist.barrier()
+        synchronize(ctx.device)
+        t0 = time.perf_counter()
+        dist.all_reduce(t)
+        synchronize(ctx.device)
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times[3:])
+    busbw = 4 * n * 2 * (ws - 1) / ws / sec / 1e9
+    ctx.timings["allreduce"] = dict(bytes=4 * n, ms=round(sec * 1000, 2), bus_gbps=round(busbw, 1))
+    return f"{4 * n / 2 ** 20:.0f} MiB all_reduce in {sec * 1000:.2f} ms: bus bandwidth {busbw:.1f} GB/s"
+
+
+def load_bench_kernels():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "tools" / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_bench_rows(args: tg.Hyperparameters, device: torch.device, dtype, tokens: int, warmup: int,
+                      repeats: int) -> list[dict]:
+    """fwd+bwd time of the Kronecker (triton) and Monarch KS (triton) kernels and of the dense matmul of the same
+    (out, in) at both MLP shapes, with tools/bench_kernels.py's impls and timer."""
+    bench = load_bench_kernels()
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for in_f, out_f in ((args.model_dim, args.mlp_ratio * args.model_dim),
+                        (args.mlp_ratio * args.model_dim, args.model_dim)):
+        x = torch.randn(tokens, in_f, device=device, generator=g).to(dtype).requires_grad_()
+        dy = torch.randn(tokens, out_f, device=device, generator=g).to(dtype)
+        layer = kernels.KronLinear(in_f, out_f, rank=args.kron_rank).to(device, dtype)
+        A, B = layer.A.detach().requires_grad_(), layer.B.detach().requires_grad_()
+        W = kernels.kron_dense_weight(A, B).detach().requires_grad_()
+        fns = bench.make_impls(["dense", "triton"], A, B, W)
+        patterns = kernels.monarch_patterns(out_f, in_f, rank=args.ks_rank)
+        ks_weights = [w.detach().to(dtype).requires_grad_() for w in kernels.KSLinear(patterns).to(device).factors]
+        fns["ks_triton"] = lambda x_: kernels.ks_chain(x_, ks_weights, patterns, "triton")
+        params = {"dense": (W,), "triton": (A, B), "ks_triton": tuple(ks_weights)}
+        times = {impl: bench.time_ms(lambda fn=fn, ps=params[impl]: torch.autograd.grad(fn(x), (x, *ps), dy),
+                                     warmup, repeats, device) for impl, fn in fns.items()}
+        for impl, label in (("dense", "dense"), ("triton", "kron_triton"), ("ks_triton", "ks_monarch_triton")):
+            rows.append(dict(shape=f"{in_f}->{out_f}", impl=label, tokens=tokens, fwd_bwd_ms=round(times[impl], 3),
+                             vs_dense=round(times[impl] / times["dense"], 2)))
+    return rows
+
+
+@measurement("kernel_bench", fix="the Triton kernels failed to run (see kron_ks_kernels)")
+def measure_kernels(ctx: Context) -> str:
+    if not ctx.on_gpu:
+        raise Skip("GPU only (CPU timings of the Triton interpreter mean nothing)")
+    tokens = ctx.args.seq_len
+    rows = kernel_bench_rows(ctx.args, ctx.device, torch.bfloat16, tokens, 3, 5 if ctx.quick else 10)
+    ctx.timings["kernel_bench"] = rows
+    return "; ".join(f"{r['shape']} {r['impl']} {r['fwd_bwd_ms']} ms ({r['vs_dense']}x dense)" for r in rows
+                     if r["impl"] != "dense") + f" (fwd+bwd, {tokens} tokens, bf16)"
+
+
+def register_overhead(name: str, flags: Callable[[tg.Hyperparameters], list[str]], quick: bool, fix: str = ""):
+    @measurement(f"overhead_{name}", quick=quick, fix=fix or "this variant does not train here (see the detail); "
+                                                             "runs without its flag are unaffected")
+    def measure(ctx: Context) -> str:
+        extra = flags(ctx.args)
+        result = time_config(ctx, f"overhead_{name}", extra)
+        base = ctx.timings.get("step_time", {}).get("ms_per_step")
+        if base and "ms_per_step" in result:
+            result["overhead_vs_default"] = round(result["ms_per_step"] / base - 1, 4)
+        ctx.timings.setdefault("overhead", {})[" ".join(extra)] = result
+        line = ("" if ctx.on_gpu else "CPU smoke sizes: ") + timing_line(result)
+        if "overhead_vs_default" in result:
+            line = f"{' '.join(extra)}: {result['overhead_vs_default']:+.1%} vs default at equal tokens; " + line
+        return line
+    return measure
+
+
+MOT_FIX = ("--mot does not train here (see the detail); its byte table needs tiktoken's GPT-2 files once (set "
+           "TIKTOKEN_CACHE_DIR, or copy data/local/byte_table_gpt2_<n>.pt from a machine that has it)")
+for _name, _flags, _quick, _fix in (
+        ("gqa", lambda a: [f"--n_kv_heads={gqa_heads(a.num_heads)}"], True, ""),
+        ("moe", lambda a: ["--moe_experts=8", "--moe_shared=1"], True, ""),
+        ("mla", lambda a: [f"--mla_kv_rank={a.model_dim // 3}", f"--mla_q_rank={a.model_dim // 2}"], False, ""),
+        ("kron_mlp", lambda a: ["--kron_mlp=both"], False, ""),
+        ("ks_mlp", lambda a: ["--ks_mlp=both"], False, ""),
+        ("mot_cross", lambda a: ["--mot=cross"], False, MOT_FIX),
+        ("mot_cross_self", lambda a: ["--mot=cross+self"], False, MOT_FIX)):
+    register_overhead(_name, _flags, _quick, _fix)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Report: the preflight line, JSON and Markdown under records/preflight/
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:48]
+
+
+def json_safe(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def markdown(report: dict) -> str:
+    def cell(text) -> str:
+        return str(text).splitlines()[0].replace("|", "\\|") if str(text) else ""
+    env = report["environment"]
+    lines = [f"# Preflight {report['date']} on {report['device']} ({'ok' if report['ok'] else 'FAILED'})", "",
+             f"- mode: {'quick' if report['quick'] else 'full'}, world size {report['world_size']}, flags: "
+             f"`{' '.join(report['flags']) or '(defaults)'}`, {report['seconds']:.0f}s",
+             f"- torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, driver "
+             f"{env.get('driver')}, commit {env.get('git_commit')}", ""]
+    if report["device_type"] == "cpu":
+        lines += ["CPU run at smoke sizes (fp32, eager timings): proves the code paths, says nothing about GPU speed.",
+                  ""]
+    for title, key in (("Checks", "checks"), ("Measurements", "measurements")):
+        lines += [f"## {title}", "", "| name | result | seconds | detail |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['status']} | {r['seconds']:.1f} | {cell(r['detail'])} |" for r in report[key]]
+        lines.append("")
+    configs = [("default", report["timings"].get("step_time")), ("--fp8_head=false", report["timings"].get("fp8_off"))]
+    configs += list(report["timings"].get("overhead", {}).items())
+    configs = [(n, r) for n, r in configs if r]
+    if configs:
+        lines += ["## Step time", "", "| config | ms/step | tokens/s | peak memory GiB | MFU | vs default |",
+                  "|---|---|---|---|---|---|"]
+        for n, r in configs:
+            if "ms_per_step" not in r:
+                lines.append(f"| `{n}` | {r.get('error', '?')} | | | | |")
+                continue
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "unknown" if "tflops_per_gpu" in r else "n/a"
+            over = f"{r['overhead_vs_default']:+.1%}" if "overhead_vs_default" in r else ""
+            lines.append(f"| `{n}` | {r['ms_per_step']} | {r['tokens_per_s']:,} | "
+                         f"{r.get('peak_mem_gib', r.get('max_rss_gib'))} | {mfu} | {over} |")
+        lines.append("")
+    if report["timings"].get("kernel_bench"):
+        lines += ["## Kernels (fwd+bwd, bf16)", "", "| shape | impl | ms | vs dense |", "|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['impl']} | {r['fwd_bwd_ms']} | {r['vs_dense']}x |"
+                  for r in report["timings"]["kernel_bench"]]
+        lines.append("")
+    failures = [r for r in report["checks"] + report["measurements"] if r["status"] == "fail"]
+    if failures:
+        lines += ["## Failures", ""]
+        for r in failures:
+            lines += [f"### {r['name']}", "", "```", r["detail"], "```", "", f"Fix: {r['fix']}", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: Path) -> list[Path]:
+    """<date>_<device>.json and .md, with _2, _3, ... if either exists: never overwrites."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{report['date']}_{slug(report['device'])}" + (f"-x{report['world_size']}" if report["world_size"] > 1
+                                                             else "")
+    for n in range(1, 1000):
+        name = stem if n == 1 else f"{stem}_{n}"
+        paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
+        if any(p.exists() for p in paths):
+            continue
+        try:
+            files = [open(p, "x") for p in paths]
+        except FileExistsError:
+            continue
+        report["files"] = [str(p) for p in paths]
+        with files[0], files[1]:
+            files[0].write(json.dumps(json_safe(report), indent=1) + "\n")
+            files[1].write(markdown(report) + "\n")
+        return paths
+    raise SystemExit(f"error: no free file name for {stem} in {out_dir}")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="under 3 minutes: fewer cases, steps and variants")
+    parser.add_argument("--out", help="directory for the .json/.md report (default records/preflight)")
+    parser.add_argument("--flags", default="", help='train_gpt flags of the run to prove, e.g. "--mot=cross"')
+    parser.add_argument("--only", default="", help="comma-separated entries to run (see --list)")
+    parser.add_argument("--budget_s", type=float, help="start no measurement past this many seconds "
+                                                       "(default 570, --quick 170)")
+    parser.add_argument("--list", action="store_true", help="list the checks and measurements, then exit")
+    return parser.parse_args(argv)
+
+
+def select_entries(cli: argparse.Namespace, registry: list[Entry]) -> list[tuple[Entry, bool]]:
+    """(entry, runs) pairs; --only picks entries by name (even those --quick leaves out)."""
+    names = [n.strip() for n in cli.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - {e.name for e in registry})
+    if unknown:
+        raise SystemExit(f"error: unknown entries {unknown}; valid: {', '.join(e.name for e in registry)}")
+    if names:
+        return [(e, True) for e in registry if e.name in names]
+    return [(e, e.quick or not cli.quick) for e in registry]
+
+
+def main(argv: list[str] | None = None, registry: list[Entry] | None = None) -> int:
+    cli = parse_cli(sys.argv[1:] if argv is None else argv)
+    registry = REGISTRY if registry is None else registry
+    if cli.list:
+        for e in registry:
+            print(f"{e.name:22s} {e.kind:8s} {'quick' if e.quick else 'full only'}")
+        return 0
+    try:
+        flags = shlex.split(cli.flags)
+        on_gpu = torch.cuda.is_available()
+        config_args(flags, on_gpu)  # a bad flag stops here, before any process group exists
+        entries = select_entries(cli, registry)
+    except SystemExit as e:
+        print(f"preflight: {e}" if str(e).startswith("error") else f"preflight: error: {e}", file=sys.stderr)
+        return 2
+    env = tg.setup_distributed()
+    try:
+        args = config_args(flags, env.device.type == "cuda")
+        tg.check_config(args, env.world_size)
+    except SystemExit as e:
+        if env.master:
+            print(f"preflight: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
+    budget = cli.budget_s if cli.budget_s is not None else (170.0 if cli.quick else 570.0)
+    ctx = Context(env=env, args=args, flags=flags, quick=cli.quick, budget_s=budget)
+    ctx.say(f"preflight on {tg.device_name(env.device)} x{env.world_size} ({'quick' if cli.quick else 'full'}; "
+            f"torch {torch.__version__}; flags: {' '.join(flags) or 'defaults'}"
+            f"{'' if env.device.type == 'cuda' else '; CPU: smoke preset sizes'})")
+    results = {"check": [], "measure": []}
+    for entry, runs in entries:
+        if runs:
+            results[entry.kind].append(run_entry(ctx, entry))
+        else:
+            result = dict(name=entry.name, ok=True, status="skip", detail="skipped: not in --quick", seconds=0.0)
+            ctx.say(result_line(result))
+            results[entry.kind].append(result)
+    checks_ok = all(r["ok"] for r in results["check"])
+    measurements_ok = all(r["ok"] for r in results["measure"])
+    report = dict(ok=checks_ok and measurements_ok, checks_ok=checks_ok, measurements_ok=measurements_ok,
+                  device=tg.device_name(env.device), device_type=env.device.type, world_size=env.world_size,
+                  quick=cli.quick, flags=flags, date=datetime.date.today().isoformat(),
+                  seconds=round(time.perf_counter() - ctx.start, 1), environment=ctx.info,
+                  checks=results["check"], measurements=results["measure"],
+                  timings=dict(ctx.timings, label="GPU, bf16" if ctx.on_gpu else
+                               "CPU smoke sizes, fp32, eager: not representative of any GPU"))
+    if env.master:
+        write_report(report, Path(cli.out) if cli.out else ROOT / "records" / "preflight")
+        print(f"preflight: {json.dumps(json_safe(report))}", flush=True)
+        failed = [r for r in results["check"] + results["measure"] if not r["ok"]]
+        for r in failed:
+            print(f"preflight FAILED {r['name']}: {r['detail'].splitlines()[0]}\n  fix: {r['fix']}", file=sys.stderr)
+        if not failed:
+            print(f"preflight passed in {report['seconds']:.0f}s: {report['files'][0]}", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
