@@ -194,19 +194,17 @@ def _parse_value(name, typ, value, valid):
 
 def flag_help() -> str:
     """The flag table for --help: name, default and the comment beside it in the Hyperparameters class."""
-    comments, section = {}, ""
     lines = ["usage: torchrun --standalone --nproc_per_node=N train_gpt.py [--name=value ...]   (or ./run.sh)",
              f"presets: {', '.join(PRESETS)} (--preset=NAME applies its values first; explicit flags win)", ""]
     source = Path(__file__).read_text().split("class Hyperparameters:", 1)[1].split("\n\n\n", 1)[0]
     for line in source.splitlines():
         stripped = line.strip()
-        if stripped.startswith("# "):
-            section = stripped[2:]
-            lines.append(f"[{section}]")
+        if stripped.startswith("# "):  # a section heading
+            lines.append(f"[{stripped[2:]}]")
         elif ":" in stripped and "=" in stripped:
             name = stripped.split(":", 1)[0]
-            comments[name] = stripped.split("#", 1)[1].strip() if "#" in stripped else ""
-            lines.append(f"  --{name}={getattr(Hyperparameters(), name)!r}  {comments[name]}")
+            comment = stripped.split("#", 1)[1].strip() if "#" in stripped else ""
+            lines.append(f"  --{name}={getattr(Hyperparameters(), name)!r}  {comment}")
     return "\n".join(lines)
 
 
@@ -623,8 +621,9 @@ class Muon(torch.optim.Optimizer):
             gathered = torch.empty((self.world_size * share, *params[0].shape), dtype=local.dtype,
                                    device=local.device)
             dist.all_gather_into_tensor(gathered, local)
-            for i, p in enumerate(params):
-                self.state[p]["momentum_buffer"] = gathered[(i % self.world_size) * share + i // self.world_size].clone()
+            for i, p in enumerate(params):  # params[i] is rank (i % world_size)'s (i // world_size)-th
+                row = (i % self.world_size) * share + i // self.world_size
+                self.state[p]["momentum_buffer"] = gathered[row].clone()
 
 
 class GradientSync:
@@ -1909,6 +1908,9 @@ def train_step(model, optimizers, micro_batches, window, args, step, world_size)
     waits only for its own gradients; Muon steps first so its Newton-Schulz overlaps the rest of the reduction.
     The optimizers own disjoint parameters, so their order does not change the math."""
     sync = next((opt.grad_sync for opt in optimizers if isinstance(opt, Muon)), None)
+    if world_size > 1 and sync is None:
+        raise ValueError(f"train_step at world_size {world_size} needs optimizers built for it: "
+                         f"build_optimizers(model, args, rank, world_size) sums the gradients over ranks")
     step_loss = torch.zeros((), device=micro_batches[0][0].device)
     for i, (inputs, targets) in enumerate(micro_batches):
         if sync is not None:
