@@ -219,14 +219,15 @@ def encode_batches(pieces: Iterable[tuple[bool, str]], enc, threads: int) -> Ite
 
 
 class ShardWriter:
-    """Cuts a token stream into NAME_val_000000.bin (the first val_tokens) and NAME_train_NNNNNN.bin shards of
-    shard_size tokens, written into a staging directory inside out_dir until commit()."""
+    """Cuts a token stream into NAME_val_000000.bin (the first val_tokens + 1: the last one is only a target, so
+    train_gpt.py --val_tokens=val_tokens can read the whole shard) and NAME_train_NNNNNN.bin shards of shard_size
+    tokens, written into a staging directory inside out_dir until commit()."""
 
     def __init__(self, out_dir: Path, name: str, val_tokens: int, shard_size: int):
         self.out_dir, self.name, self.shard_size = out_dir, name, shard_size
         self.staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging.", dir=out_dir))
         self.shards: list[tuple[str, int]] = []  # (file name, tokens)
-        self.buf, self.fill, self.total = np.empty(val_tokens, dtype=np.uint16), 0, 0
+        self.buf, self.fill, self.total = np.empty(val_tokens + 1, dtype=np.uint16), 0, 0
 
     def add(self, tokens: np.ndarray) -> None:
         self.total += len(tokens)
@@ -302,10 +303,12 @@ def tokenize(inputs: list, out_dir, name: str | None = None, val_tokens: int = 1
                 print(f"tokenize_text: {writer.total:,} tokens, {docs:,} documents, {rate / 1e6:.2f}M tokens/s",
                       file=sys.stderr, flush=True)
         writer.finish()
-        if writer.total <= val_tokens:
+        if writer.total <= val_tokens + 1:
+            hint = (f"pass a smaller --val_tokens (e.g. {writer.total // 10})" if writer.total >= 20 else
+                    "add more text (a few hundred tokens at least)")
             raise TokenizeError(f"the input has only {writer.total:,} tokens ({docs:,} documents), but "
-                                f"--val_tokens is {val_tokens:,}, leaving nothing for training; pass a smaller "
-                                f"--val_tokens (e.g. {max(1, writer.total // 10)}) or more text")
+                                f"--val_tokens is {val_tokens:,} (+1 target token), leaving nothing for training; "
+                                f"{hint}")
         return writer.commit(replace=old), docs
     finally:
         writer.discard()

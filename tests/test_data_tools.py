@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -64,7 +65,7 @@ def test_round_trip_txt_files(tmp_path):
 
     expected = expected_stream(DOCS)
     val, train = read_output(tmp_path / "out", "doc0")  # default name: first input's stem
-    assert [len(s) for s in val] == [50]
+    assert [len(s) for s in val] == [51]  # val_tokens inputs + their last target
     assert [len(s) for s in train[:-1]] == [40] * (len(train) - 1) and 0 < len(train[-1]) <= 40
     assert np.array_equal(np.concatenate(val + train), expected)
     names = {p.name for p in (tmp_path / "out").iterdir()}
@@ -139,7 +140,7 @@ def test_too_short_stream_is_an_error(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text(DOCS[0], encoding="utf-8")
     n = len(expected_stream(DOCS[:1]))
-    with pytest.raises(SystemExit, match=rf"only {n} tokens.*smaller --val_tokens"):
+    with pytest.raises(SystemExit, match=rf"only {n} tokens.*(smaller --val_tokens|more text)"):
         run([path], tmp_path / "out")
     with pytest.raises(SystemExit, match=rf"only {n} tokens"):
         run([path], tmp_path / "out", "--val_tokens", n)  # exactly val_tokens leaves nothing for training
@@ -258,3 +259,14 @@ def test_downloader_rejects_bad_shard_counts(n, capsys):
     with pytest.raises(SystemExit):
         dl.main([n, "--out_dir", "unused"])
     assert "between 0 and 103" in capsys.readouterr().err
+
+
+def test_a_val_shard_made_with_val_tokens_n_serves_val_tokens_n(tmp_path):
+    import train_gpt as tg
+    text = " ".join(f"word{i} and more text" for i in range(3000))
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    run([tmp_path / "t.txt"], tmp_path / "out", "--val_tokens", 1024, "--name", "t")
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", f"--val_files={tmp_path}/out/t_val_*.bin",
+                                                     "--val_tokens=1024", "--val_seq_len=1024"])
+    batches = tg.val_batches(args, 0, 1, torch.device("cpu"))
+    assert len(batches) == 1 and len(batches[0][0]) == 1024
