@@ -1,7 +1,7 @@
 """tools/preflight.py: one --quick run on the CPU (exit code, the `preflight:` JSON line, the report files); the
 runner (a failing check is recorded with its traceback and the others still run; the time budget; bad arguments);
 the references it trusts (chunked attention reference vs dense_attention_mask, the FlexAttention check catching a
-wrong block mask); and, slow, the full CPU run and a 2-process torchrun run."""
+wrong block mask); a 2-process torchrun run (gloo); and, slow, the full CPU run."""
 import json
 import os
 import subprocess
@@ -106,6 +106,7 @@ def test_measurements_past_the_budget_are_skipped_not_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--flags=--bogus=1"], "unknown flag --bogus"),
+    (["--flags", "--bogus=1"], "unknown flag --bogus"),  # the value may follow as its own argument
     (["--flags=--num_layers=3"], "num_layers=3 must be even"),
     (["--only=env,nope"], "unknown entries ['nope']"),
 ])
@@ -233,7 +234,6 @@ def test_full_run_on_cpu(tmp_path):
     assert len(report["timings"]["overhead"]) == 7
 
 
-@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
     out, report = run_preflight("--quick", "--only=env,allreduce_bandwidth,step_time", "--out", str(tmp_path),
                                 torchrun=True)

@@ -321,12 +321,14 @@ class Comparison:
         return prefix + "max rel. errors " + ", ".join(self.notes)
 
 
-def packed_documents(T: int, seed: int = 0, vocab: int = 50000) -> torch.Tensor:
+def packed_documents(T: int, seed: int = 0, vocab_size: int = tg.GPT2_VOCAB) -> torch.Tensor:
     """T token ids (CPU, int64) packed like training data: the sequence starts inside a document, then documents
     of varied lengths follow, each starting at an EOT: a one-token document, boundaries mid-block and exactly on
-    block edges (128), documents longer than any window."""
+    block edges (128), documents longer than any window, then ~1500-token documents (exponential lengths)."""
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (T,), generator=g)
+    tokens = torch.randint(0, min(vocab_size, tg.EOT_TOKEN), (T,), generator=g)
+    if tg.EOT_TOKEN >= vocab_size:  # a custom vocabulary without GPT-2's EOT: one document
+        return tokens
     lengths = [1, 70, 58, 128, 500, 127, 1, 129, 2500]
     pos, i = 37, 0
     while pos < T:
@@ -826,7 +828,7 @@ def check_model_flex_forward(ctx: Context) -> str:
         for p in model.parameters():
             if p.ndim >= 2 and not p.any():
                 p.normal_(0, 0.02)
-    inputs = packed_documents(args.seq_len).to(ctx.device)
+    inputs = packed_documents(args.seq_len, vocab_size=args.vocab_size).to(ctx.device, torch.int32)
     windows = [tg.long_window_blocks(args.num_iterations, args), 1]
     backend = CountingBackend("inductor")  # CPU FlexAttention exists only compiled, forward only
     compiled = torch.compile(model, backend=backend, dynamic=False)
@@ -960,10 +962,13 @@ def forward_flops_per_token(model: tg.GPT, args: tg.Hyperparameters) -> float:
     return float(re.search(r"= ([\d.]+)M$", last).group(1)) * 1e6
 
 
-def random_micro_batches(args: tg.Hyperparameters, count: int, device: torch.device, seed: int) -> list:
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, args.vocab_size, (count, args.seq_len + 1), generator=g).to(device)
-    return [(t[:-1].to(torch.int32), t[1:].to(torch.int64)) for t in tokens]
+def document_micro_batches(args: tg.Hyperparameters, count: int, device: torch.device, seed: int) -> list:
+    """`count` (inputs int32, targets int64) sequences of packed documents: block sparsity like real data."""
+    out = []
+    for i in range(count):
+        buf = packed_documents(args.seq_len + 1, seed=1000 * seed + i, vocab_size=args.vocab_size).to(device)
+        out.append((buf[:-1].to(torch.int32), buf[1:].to(torch.int64)))
+    return out
 
 
 def time_config(ctx: Context, name: str, extra_flags: list[str]) -> dict:
@@ -993,7 +998,7 @@ def time_config(ctx: Context, name: str, extra_flags: list[str]) -> dict:
         optimizers = tg.build_optimizers(model, args, ctx.env.rank, ws)
         if orthogonalize is not None:
             optimizers[1].orthogonalize = orthogonalize
-        batch = random_micro_batches(args, accum, ctx.device, seed=ctx.env.rank)
+        batch = document_micro_batches(args, accum, ctx.device, seed=ctx.env.rank)
         step = args.num_iterations - 1
         window = window_tensor(tg.long_window_blocks(args.num_iterations, args), ctx.device)
         times, loss = [], None
@@ -1265,6 +1270,11 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--budget_s", type=float, help="start no measurement past this many seconds "
                                                        "(default 570, --quick 170)")
     parser.add_argument("--list", action="store_true", help="list the checks and measurements, then exit")
+    argv = list(argv)
+    for i, item in enumerate(argv[:-1]):  # `--flags "--mot=cross"`: argparse would take the value for an option
+        if item == "--flags":
+            argv[i:i + 2] = [f"--flags={argv[i + 1]}"]
+            break
     return parser.parse_args(argv)
 
 
