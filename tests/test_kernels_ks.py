@@ -1,9 +1,8 @@
 """Kronecker-sparse (KS) factors and chains: bmm reference, Triton kernels (fp32, interpreter on CPU), KSLinear,
-pattern helpers, the fitting tool and the benchmark smoke run."""
+pattern helpers and the benchmark smoke run (the fitting tool: tests/test_ks_fit.py)."""
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,9 @@ import torch
 import kernels
 from kernels import (KSLinear, butterfly_patterns, check_ks_chain, ks_chain, ks_chain_dense_matrix,
                      ks_dense_matrix, ks_factor, ks_factor_ref, ks_in_features, ks_out_features, ks_param_count,
-                     load_ks_chain, monarch_patterns)
+                     monarch_patterns)
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import ks_fit  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("KERNEL_TESTS_ON_GPU") == "1" else "cpu"
 needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton not importable")
@@ -344,89 +341,6 @@ def test_zero_init_last_learns_but_all_zero_does_not():
         # after one step the path is open: every factor gets a gradient and the loss goes down
         assert all((w.grad.abs().max() > 0) == learns for w in lyr.factors)
         assert (losses[-1] < losses[0]) == learns
-
-
-# -----------------------------------------------------------------------------
-# ks_fit tool
-
-FIT_ARGS = ["--num_samples", "512", "--batch_size", "64", "--lr", "2e-2", "--num_epochs", "30",
-            "--scheduler_patience", "2", "--weight_decay", "0", "--save_interval", "10", "--device", "cpu"]
-
-
-def test_ks_fit_recovers_an_exact_chain_and_writes_everything(tmp_path):
-    torch.manual_seed(3)
-    patterns = monarch_patterns(24, 16)
-    target = KSLinear(patterns).dense_weight().detach()
-    state = {"blocks.0.mlp.c_fc.weight": target, "blocks.0.lambdas": torch.ones(2)}
-    torch.save({"model": state, "args": {"x": 1}, "step": 5}, tmp_path / "ckpt.pt")
-    spec = ";".join(",".join(map(str, p)) for p in patterns)
-    out_dir = tmp_path / "out"
-    lines = []
-    summary = ks_fit.fit(ks_fit.build_parser().parse_args(
-        ["--weight_path", str(tmp_path / "ckpt.pt"), "--key", "blocks.0.mlp.c_fc.weight", "--patterns", spec,
-         "--output_dir", str(out_dir), "--save_prefix", "fc", "--log_grad_norm", *FIT_ARGS]), log=lines.append)
-
-    assert summary["compression"]["relative_error"] < 1e-3
-    names = {p.name for p in out_dir.iterdir()}
-    assert names == {"fc_best.pth", "fc_final.pth", "fc_epoch_10.pth", "fc_epoch_20.pth", "fc_epoch_30.pth",
-                     "fc_training_log.json"}
-    for name in names - {"fc_training_log.json"}:
-        ckpt = torch.load(out_dir / name, weights_only=True)
-        for key in ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "train_loss", "val_loss",
-                    "grad_norm", "lr", "patterns", "impl", "bs_last", "compression", "epoch"):
-            assert key in ckpt, (name, key)
-        assert ckpt["grad_norm"] > 0 and ckpt["impl"] == "bmm" and ckpt["bs_last"] is False
-        assert [tuple(p) for p in ckpt["patterns"]] == list(patterns)
-        assert set(ckpt["compression"]) >= {"dense_params", "ks_params", "compression_ratio", "memory_saved_bytes",
-                                            "relative_error"}
-        assert ckpt["compression"]["dense_params"] == 384 and ckpt["compression"]["ks_params"] == 160
-    log = json.loads((out_dir / "fc_training_log.json").read_text())
-    assert len(log["epochs"]) == 30 and set(log["epochs"][0]) >= {"epoch", "train_loss", "val_loss", "lr", "grad_norm"}
-    assert log["best_relative_error"] < 1e-3 and log["compression"]["compression_ratio"] == pytest.approx(2.4)
-    report = "\n".join(lines)
-    assert "dense params 384" in report and "KS params 160" in report and "compression 2.40x" in report
-    assert "relative error" in report and "memory saved" in report
-
-    # the documented three lines
-    chain = load_ks_chain(out_dir / "fc_best.pth")
-    x = torch.randn(5, 16)
-    torch.testing.assert_close(chain(x), x @ target.T, rtol=1e-3, atol=1e-3)
-
-
-@needs_triton
-def test_ks_fit_runs_the_triton_impl_batch_size_last(tmp_path):
-    torch.save(torch.randn(24, 16), tmp_path / "w.pt")
-    summary = ks_fit.main(["--weight_path", str(tmp_path / "w.pt"), "--patterns", "1,4,4,4;4,6,4,1", "--impl",
-                           "triton", "--bs_last", "--num_samples", "80", "--num_epochs", "2", "--batch_size", "64",
-                           "--scheduler", "cosine", "--optimizer", "sgd", "--output_dir", str(tmp_path / "o"),
-                           "--device", "cpu"])
-    assert summary["impl"] == "triton" and summary["bs_last"] and len(summary["epochs"]) == 2
-    assert load_ks_chain(tmp_path / "o" / "ks_chain_final.pth", impl="bmm").bs_last
-
-
-def test_ks_fit_bad_inputs_name_the_valid_options(tmp_path, capsys):
-    torch.save({"model": {"h.0.mlp.c_fc.weight": torch.randn(24, 16), "h.0.lambdas": torch.ones(2)}},
-               tmp_path / "ckpt.pt")
-    torch.save(torch.randn(2, 3, 4), tmp_path / "t3.pt")
-    torch.save(torch.randn(13, 16), tmp_path / "prime.pt")
-    torch.save(torch.randn(16, 16), tmp_path / "w16.pt")
-    cases = [
-        (["--weight_path", "ckpt.pt", "--key", "h.0.mlp.c_fc"], "available keys: h.0.mlp.c_fc.weight \\(24, 16\\)"),
-        (["--weight_path", "ckpt.pt"], "pass --key, one of: h.0.mlp.c_fc.weight"),
-        (["--weight_path", "ckpt.pt", "--key", "h.0.lambdas"], "2-D.*got shape \\(2,\\); 2-D keys: h.0.mlp.c_fc"),
-        (["--weight_path", "t3.pt"], "2-D \\(out_features, in_features\\) matrix, got shape \\(2, 3, 4\\)"),
-        (["--weight_path", "prime.pt"], "no butterfly chain for \\(13, 16\\).*\\(1, 13, 16, 1\\)"),
-        (["--weight_path", "w16.pt"], "rank-4 chain for \\(16, 16\\) has 512 parameters.*use rank <= 1"),
-        (["--weight_path", "w16.pt", "--patterns", "1,4,4,4;4,6,4,1"], "map 16 -> 24 features"),
-        (["--weight_path", "w16.pt", "--patterns", "1,4,4"], "four positive ints"),
-    ]
-    for argv, message in cases:
-        argv[1] = str(tmp_path / argv[1])
-        with pytest.raises(SystemExit):
-            ks_fit.main([*argv, "--output_dir", str(tmp_path / "o")])
-        err = capsys.readouterr().err
-        assert re.search(message, err), (argv, err)
-    assert not (tmp_path / "o").exists()
 
 
 # -----------------------------------------------------------------------------
