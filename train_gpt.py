@@ -11,6 +11,7 @@ model, data loader, logging/records, training loop. Every run is written to reco
 import copy
 import dataclasses
 import difflib
+import functools
 import glob
 import json
 import math
@@ -33,7 +34,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from kernels import IMPLS as KRON_IMPLS, KS_IMPLS, KronLinear, KSLinear, butterfly_patterns, monarch_patterns
-from kernels import kron_macs_per_token
+from kernels import _a_first as kron_contracts_k1_first, choose_kron_factors, kron_factor_init_, kron_macs_per_token
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,6 +60,7 @@ class Hyperparameters:
     num_value_embeds: int = 3  # value-embedding tables, used by the first and the last num_value_embeds layers
     no_attn_layers: str = "7"  # comma-separated block indices that have no attention ("" = none)
     attn_scale: float = 0.12  # fixed softmax scale (q and k are RMS-normed)
+    rope: str = "half"  # half: half the head dims rotated, frequencies 1..1/1024 | canonical: all dims, base 10000
     window_pattern: str = "LSSSLS"  # Long/Short window per block for the first half; the second half mirrors it
     window_schedule_tokens: int = 1728  # long window at step s of S: this * s / S rounded up to a multiple of 128
     # Kronecker-factorized MLP (kernels.KronLinear): W = sum_{i<r} A_i (x) B_i, never materialized
@@ -68,18 +70,21 @@ class Hyperparameters:
     kron_impl: str = "auto"  # auto (triton on CUDA, torch elsewhere) | triton | torch | dense (debugging)
     kron_optimizer: str = "adam"  # adam | muon: which optimizer trains the factors (devlog 2026-11-23)
     kron_adam_lr: float = 0.008  # Adam LR for the factors when kron_optimizer=adam
+    kron_layers: str = ""  # comma-separated blocks whose MLPs --kron_mlp factorizes ("" = all); the others stay dense
     # Kronecker-sparse MLP (kernels.KSLinear): a chain of block-sparse factors (Monarch or butterfly)
     ks_mlp: str = "off"  # off | fc | proj | both: which MLP matrices become KS chains
     ks_chain: str = "monarch"  # monarch (2 factors) | butterfly (log-depth chain)
     ks_rank: int = 1  # widens the chain's inner blocks (parameters grow ~linearly in it)
     ks_impl: str = "bmm"  # bmm (reshape + batched matmul) | triton | auto (triton on CUDA)
+    ks_layers: str = ""  # comma-separated blocks whose MLPs --ks_mlp factorizes ("" = all); the others stay dense
     # mixture of tokenizers: each token also attends over its own UTF-8 bytes (CharCrossAttention)
     mot: str = "off"  # off | cross (per-token cross-attention over its bytes) | cross+self (bytes self-attend first)
     bytes_per_token: int = 16  # byte slots per token: the token's last bytes, right-aligned, PAD on the left
-    char_dim: int = 128  # width of the byte embeddings and of the per-token cross-attention
+    char_dim: int = 128  # width of the byte embeddings and of the per-token cross-attention (0 = model_dim, no q/proj)
     mot_heads: int = 4  # cross-attention heads (head dim = char_dim / mot_heads)
     mot_pull_left: bool = False  # fill a token's PAD slots with the trailing bytes of earlier tokens of its document
     mot_self_window: int = 64  # cross+self: causal byte self-attention window in tokens (x bytes_per_token, to 128s)
+    mot_self_pool: int = 1  # cross+self: K bytes summed (per-slot learned scales) per self-attention position
     # architecture ablations (issue 6), each off by default; describe_model() prints their params and FLOPs/token
     n_kv_heads: int = 0  # grouped-query attention: K/V heads shared by num_heads/n_kv_heads queries (0 = num_heads)
     mla_kv_rank: int = 0  # multi-head latent attention when > 0: rank of the cached K/V latent (768-dim model: 256)
@@ -88,7 +93,7 @@ class Hyperparameters:
     moe_experts: int = 0  # mixture-of-experts MLP when > 0: routed experts per block
     moe_shared: int = 0  # always-on shared experts (no routing)
     moe_topk: int = 2  # routed experts per token
-    moe_hidden: int = 0  # expert width (0 = mlp_ratio * model_dim / (moe_topk + moe_shared), to 64: dense FLOPs)
+    moe_hidden: int = 0  # expert width (0 = mlp_ratio * model_dim / (moe_topk + moe_shared) [x 2/3 swiglu], to 64)
     moe_balance: str = "aux"  # aux (load-balancing loss) | bias (aux-loss-free routing bias)
     moe_aux_coef: float = 0.01  # aux: loss += coef * experts * sum_e load_e * mean_prob_e (1 * coef at balance)
     moe_bias_rate: float = 0.001  # bias: per optimizer step, bias_e += rate * sign(mean load - load_e)
@@ -96,6 +101,7 @@ class Hyperparameters:
     neftune_alpha: float = 0.0  # NEFTune: train-time uniform noise * alpha / sqrt(seq_len * dim) on token embeddings
     dropout: float = 0.0  # dropout on the attention and MLP outputs (train only)
     tie_embeddings: bool = False  # lm_head reads the token embedding table (x @ E^T / sqrt(model_dim))
+    weight_init: str = "uniform"  # uniform | truncated: the matrices' init, both std 0.5/sqrt(fan_in) (see build_model)
     # optimization
     num_iterations: int = 1770  # optimizer steps
     cooldown_frac: float = 0.4  # fraction of steps spent decaying the LR linearly
@@ -111,6 +117,25 @@ class Hyperparameters:
     adam_beta1: float = 0.8  # Adam betas and eps (all Adam groups)
     adam_beta2: float = 0.95  # second-moment decay
     adam_eps: float = 1e-10  # tiny: updates stay sign-like for small gradients
+    # post-#21 optimizer ideas (frontier recipe sections 2.1-2.2), each off by default
+    muon_ns: str = "quintic"  # quintic (#21's fixed Newton-Schulz) | polar_express (5 per-step coefficient sets)
+    normuon_beta2: float = 0.0  # NorMuon when > 0: per-row/column second-moment normalization of Muon's update
+    muon_wd: float = 0.0  # cautious weight decay for Muon: W -= muon_wd * lr * eta * W where update and W agree
+    muon_proj_lr_mult: float = 1.0  # extra Muon LR factor for the MLP output projections (c_proj)
+    muon_momentum_cooldown_steps: int = 0  # over the last N steps momentum returns linearly to muon_momentum_start
+    value_embed_lr: float = 0.0  # Adam LR of the value embeddings (0 = embed_lr)
+    adam_group_betas: str = ""  # per Adam group betas "head=0.5/0.95,embed=...,value_embeds=...,scalars=..."
+    adam_wd: float = 0.0  # cautious Adam weight decay when > 0: W -= lr^2 * adam_wd * group_wd * W where update*W > 0
+    adam_group_wd: str = ""  # per-group multipliers of adam_wd "head=150,value_embeds=5" (groups not named: 1)
+    adam_every: int = 1  # step Adam every N steps on the gradients of those N steps summed (frontier: 2)
+    softcap: str = "r21"  # logit softcap: r21 = 30 sigmoid(z / 7.5) | frontier = 23 sigmoid((z + 5) / 7.5)
+    # training stages (frontier recipe section 1): each stage its own sequence length, document cap, windows, LR
+    stages: str = ""  # "seq_len:doc_cap:short-long:lr_mult,..." equal thirds of num_iterations ("" = #21's schedule)
+    bos_align: bool = False  # each sequence starts at a document start (EOT); documents capped at the stage's cap
+    extension_steps: int = 0  # steps after num_iterations at the final LR with extension_window
+    extension_window: str = ""  # short-long windows in blocks for the extension steps ("" = the last stage's)
+    val_window: str = ""  # short-long windows in blocks for the final validation ("" = the training window)
+    yarn: bool = False  # stages: on each long-window change rescale rotary frequencies (YaRN), grow attn_scale
     # evaluation and runtime
     val_every: int = 125  # validate every this many steps (and at the end); 0 = only at the end
     compile: bool = True  # torch.compile the model (ignored on CPU, where inductor would only slow tests down)
@@ -135,16 +160,45 @@ class Hyperparameters:
     preset: str = ""  # named set of defaults applied before explicit flags: smoke
 
 
+# Tiny CPU configuration that still runs every baseline code path: value embeddings, U-net skips, a block without
+# attention, long/short windows that grow (1 -> 3 blocks), Muon + Adam, gradient accumulation (2-way on one process;
+# --micro_batches=8 for the full 8-way layout).
+SMOKE = dict(
+    num_layers=4, model_dim=128, num_heads=2, num_value_embeds=1, no_attn_layers="2", window_pattern="LS",
+    seq_len=512, micro_batches=2, val_seq_len=1024, val_tokens=4096, window_schedule_tokens=384,
+    num_iterations=30, val_every=10, warmup_steps=0, compile=False,
+    track="local", run_name="smoke",
+)
+
+# The data, schedule and optimizer half of the post-#21 recipe (../shared/docs/frontier_recipe.md sections 1-2,
+# 3.7's softcap) on #21's model. Values from the recipe; where our model differs they are noted.
+FRONTIER = dict(
+    # sections 1.1-1.5: document-aligned batches, three stages of 131k/262k/393k tokens (8 sequences of 16k/32k/48k,
+    # documents capped at 896/2048), windows (short-long blocks) per stage, 15 extension steps, YaRN, validation
+    bos_align=True, stages="16384:896:1-3:1.0,32768:2048:3-7:1.52,49152:2048:5-11:1.73", num_iterations=1270,
+    extension_steps=15, extension_window="6-13", val_window="6-20", cooldown_frac=0.6, final_lr_frac=0.15,
+    yarn=True, attn_scale=0.1, val_every=250,
+    # section 2.1: Polar Express + NorMuon + cautious WD; c_fc gets 2x from its shape, c_proj 4x (ours is stored
+    # 768x3072, the recipe's 3072x768, so the 4x is all muon_proj_lr_mult)
+    muon_ns="polar_express", normuon_beta2=0.9, muon_wd=1.2, muon_lr=0.023, muon_proj_lr_mult=4.0,
+    muon_momentum_cooldown_steps=50,
+    # section 2.2: per-group Adam; our embedding is untied and starts random, so it takes the value embeddings'
+    # settings rather than the tied head's (0.008) until tie/untie lands (Frontier II)
+    head_lr=0.008, embed_lr=0.6, value_embed_lr=0.6, scalar_lr=0.04, adam_every=2, adam_wd=0.005,
+    adam_group_betas="head=0.5/0.95,embed=0.75/0.95,value_embeds=0.75/0.95,scalars=0.9/0.99",
+    adam_group_wd="head=150,embed=5,value_embeds=5,scalars=0",
+    softcap="frontier", run_name="frontier",
+)
+
 PRESETS = {
-    # Tiny CPU configuration that still runs every baseline code path: value embeddings, U-net skips, a block
-    # without attention, long/short windows that grow (1 -> 3 blocks), Muon + Adam, gradient accumulation (2-way on
-    # one process; --micro_batches=8 for the full 8-way layout).
-    "smoke": dict(
-        num_layers=4, model_dim=128, num_heads=2, num_value_embeds=1, no_attn_layers="2", window_pattern="LS",
-        seq_len=512, micro_batches=2, val_seq_len=1024, val_tokens=4096, window_schedule_tokens=384,
-        num_iterations=30, val_every=10, warmup_steps=0, compile=False,
-        track="local", run_name="smoke",
-    ),
+    "smoke": SMOKE,
+    "frontier": FRONTIER,
+    # frontier at smoke size on CPU: three short stages (256/512/768-token sequences), extension, YaRN
+    "frontier_smoke": {**FRONTIER, **{k: v for k, v in SMOKE.items() if k not in ("seq_len", "window_schedule_tokens")},
+                       **dict(
+        stages="256:256:1-1:1.0,512:384:1-3:1.52,768:512:2-4:1.73", num_iterations=30, extension_steps=3,
+        extension_window="2-5", val_window="3-6", val_every=10, muon_momentum_warmup_steps=10,
+        muon_momentum_cooldown_steps=5, run_name="frontier_smoke")},
 }
 
 
@@ -248,15 +302,17 @@ def check_config(args: Hyperparameters, world_size: int):
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
     kron_factors(args)  # fails on a malformed --kron_factors
     check_mot(args, fail)
+    check_schedule(args, fail)
     for name, valid in dict(ks_mlp=("off", "fc", "proj", "both"), ks_chain=("monarch", "butterfly"),
                             ks_impl=KS_IMPLS).items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
     def claimed(mode):
         return {"fc", "proj"} if mode == "both" else {mode} - {"off"}
-    if claimed(args.kron_mlp) & claimed(args.ks_mlp):
-        fail(f"--kron_mlp={args.kron_mlp} and --ks_mlp={args.ks_mlp} claim the same MLP matrix; give each of "
-             f"fc/proj to at most one of them")
+    both = factorized_blocks(args.kron_layers, args.num_layers) & factorized_blocks(args.ks_layers, args.num_layers)
+    if claimed(args.kron_mlp) & claimed(args.ks_mlp) and both:
+        fail(f"--kron_mlp={args.kron_mlp} and --ks_mlp={args.ks_mlp} claim the same MLP matrix in blocks "
+             f"{sorted(both)}; give each of fc/proj to at most one of them per block (--kron_layers/--ks_layers)")
     if args.ks_mlp != "off":
         hidden = args.mlp_ratio * args.model_dim
         for which, out_f, in_f in (("fc", hidden, args.model_dim), ("proj", args.model_dim, hidden)):
@@ -272,9 +328,11 @@ def check_config(args: Hyperparameters, world_size: int):
 MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=1,
                   vocab_size=1, model_dim=4, num_heads=1, mlp_ratio=1, num_value_embeds=0, kron_rank=1, ks_rank=1,
                   val_tokens=1, window_schedule_tokens=1, ns_steps=1, muon_momentum_warmup_steps=0, val_every=0,
-                  warmup_steps=0, save_every=0, bytes_per_token=1, char_dim=1, mot_heads=1, mot_self_window=1,
+                  warmup_steps=0, save_every=0, bytes_per_token=1, char_dim=0, mot_heads=1, mot_self_window=1,
                   muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, kron_adam_lr=0.0, adam_eps=0.0,
-                  attn_scale=0.0, kd_temp=1e-6, kd_cosine=0.0)
+                  attn_scale=0.0, kd_temp=1e-6, kd_cosine=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
+                  muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_wd=0.0, adam_every=1, extension_steps=0,
+                  mot_self_pool=1)
 UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_momentum_end", "adam_beta1",
                  "adam_beta2", "kd_alpha")
 # flag -> (what makes it meaningful, a predicate on args): setting the flag without that draws a warning
@@ -285,14 +343,17 @@ NEEDS = dict(
     kron_optimizer=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
     kron_adam_lr=("--kron_mlp and --kron_optimizer=adam", lambda a: a.kron_mlp != "off" and
                   a.kron_optimizer == "adam"),
+    kron_layers=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
     ks_chain=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
     ks_rank=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
     ks_impl=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
+    ks_layers=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
     bytes_per_token=("--mot other than off", lambda a: a.mot != "off"),
     char_dim=("--mot other than off", lambda a: a.mot != "off"),
     mot_heads=("--mot other than off", lambda a: a.mot != "off"),
     mot_pull_left=("--mot other than off", lambda a: a.mot != "off"),
     mot_self_window=("--mot=cross+self", lambda a: a.mot == "cross+self"),
+    mot_self_pool=("--mot=cross+self", lambda a: a.mot == "cross+self"),
     mla_q_rank=("--mla_kv_rank > 0", lambda a: a.mla_kv_rank > 0),
     mla_rope_dim=("--mla_kv_rank > 0", lambda a: a.mla_kv_rank > 0),
     moe_shared=("--moe_experts > 0", lambda a: a.moe_experts > 0),
@@ -307,6 +368,11 @@ NEEDS = dict(
     kd_temp=("--teacher", lambda a: bool(a.teacher)),
     kd_cosine=("--teacher", lambda a: bool(a.teacher)),
     init_partial=("--init_from", lambda a: bool(a.init_from)),
+    adam_group_wd=("--adam_wd > 0", lambda a: a.adam_wd > 0),
+    extension_window=("--extension_steps > 0", lambda a: a.extension_steps > 0),
+    val_window=("--stages", lambda a: bool(a.stages)),
+    yarn=("--stages (YaRN follows the stages' window changes)", lambda a: bool(a.stages)),
+    window_schedule_tokens=("#21's schedule (it is replaced by --stages)", lambda a: not a.stages),
 )
 
 
@@ -326,6 +392,40 @@ def meaningless_flags(args: Hyperparameters) -> list[str]:
             for name, (what, used) in NEEDS.items() if name in changed and not used(args)]
 
 
+def check_schedule(args: Hyperparameters, fail):
+    """The post-#21 optimizer and stage flags (frontier recipe): values and combinations."""
+    choices = dict(muon_ns=tuple(ORTHOGONALIZERS), softcap=tuple(SOFTCAPS), rope=("half", "canonical"))
+    for name, valid in choices.items():
+        if getattr(args, name) not in valid:
+            fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
+    if args.muon_ns == "polar_express" and args.ns_steps > len(POLAR_EXPRESS_COEFFICIENTS):
+        fail(f"--muon_ns=polar_express has coefficients for {len(POLAR_EXPRESS_COEFFICIENTS)} iterations; "
+             f"--ns_steps={args.ns_steps} must be <= {len(POLAR_EXPRESS_COEFFICIENTS)}")
+    if not 0 <= args.normuon_beta2 < 1:
+        fail(f"--normuon_beta2={args.normuon_beta2} must be in [0, 1) (0 = off)")
+    parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
+    parse_group_values(args.adam_group_wd, "adam_group_wd", float)
+    if args.adam_every > 1 and args.save_every % args.adam_every:
+        fail(f"--save_every={args.save_every} must be a multiple of --adam_every={args.adam_every}, so periodic "
+             f"checkpoints fall where Adam has just stepped")
+    if not args.stages:
+        if args.extension_steps:
+            fail("--extension_steps needs --stages (the extension is a stage at the final LR)")
+        return
+    if not args.bos_align:
+        fail("--stages needs --bos_align=true (the staged loader builds document-aligned sequences)")
+    stages = training_stages(args)
+    if len(stages) - (1 if args.extension_steps else 0) > args.num_iterations:
+        fail(f"--stages has more stages than --num_iterations={args.num_iterations} steps")
+    for st in stages:
+        if st.seq_len % BLOCK_SIZE or st.seq_len < BLOCK_SIZE or st.doc_cap < 1:
+            fail(f"--stages: seq_len {st.seq_len} must be a positive multiple of {BLOCK_SIZE} and doc_cap "
+                 f"{st.doc_cap} >= 1")
+    for flag in ("extension_window", "val_window"):
+        if getattr(args, flag):
+            parse_windows(getattr(args, flag), flag)
+
+
 def check_mot(args: Hyperparameters, fail):
     if args.mot not in ("off", "cross", "cross+self"):
         fail(f"--mot={args.mot!r}; valid values: off, cross, cross+self")
@@ -333,13 +433,18 @@ def check_mot(args: Hyperparameters, fail):
         return
     if args.bytes_per_token < 1:
         fail(f"--bytes_per_token={args.bytes_per_token} must be >= 1")
-    if args.char_dim < 1 or args.mot_heads < 1 or args.char_dim % args.mot_heads:
-        fail(f"--char_dim={args.char_dim} must be a positive multiple of --mot_heads={args.mot_heads}")
+    if args.mot_heads < 1 or char_width(args) % args.mot_heads:
+        fail(f"--char_dim={args.char_dim} (byte width {char_width(args)}; 0 = model_dim) must be a positive "
+             f"multiple of --mot_heads={args.mot_heads}")
     if args.vocab_size > GPT2_VOCAB:
         fail(f"--mot needs GPT-2 token ids (the byte table has {GPT2_VOCAB} rows); vocab_size={args.vocab_size}")
     if args.mot == "cross+self":
         if args.mot_self_window < 1:
             fail(f"--mot_self_window={args.mot_self_window} must be >= 1 token")
+        S, K = args.bytes_per_token, args.mot_self_pool
+        if K < 1 or S % K:
+            fail(f"--mot_self_pool={K} must divide --bytes_per_token={S} (a token's bytes pool in whole groups); "
+                 f"valid values: {', '.join(str(k) for k in range(1, S + 1) if S % k == 0)}")
         longest = max(args.seq_len, args.val_seq_len) * args.bytes_per_token
         if longest >= 2 ** 31:
             fail(f"--mot=cross+self: byte stream of {longest:,} positions (seq_len x bytes_per_token) overflows "
@@ -348,9 +453,16 @@ def check_mot(args: Hyperparameters, fail):
 
 def check_architecture(args: Hyperparameters, fail):
     """The architecture-ablation flags (GQA, MLA, MoE, mlp_act, NEFTune, dropout): values and combinations."""
-    for name, valid in dict(mlp_act=MLP_ACTS, moe_balance=("aux", "bias")).items():
+    for name, valid in dict(mlp_act=MLP_ACTS, moe_balance=("aux", "bias"), weight_init=WEIGHT_INITS).items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
+    for name in ("kron_layers", "ks_layers"):
+        try:
+            bad = sorted(factorized_blocks(getattr(args, name), args.num_layers) - set(range(args.num_layers)))
+        except ValueError:
+            fail(f"--{name}={getattr(args, name)!r}: expected comma-separated block indices such as '0,5,11'")
+        if bad:
+            fail(f"--{name} names blocks {bad} outside 0..{args.num_layers - 1}")
     H = args.num_heads
     divisors = [d for d in range(1, H + 1) if H % d == 0]
     if args.n_kv_heads < 0 or (args.n_kv_heads and H % args.n_kv_heads):
@@ -377,11 +489,13 @@ def check_architecture(args: Hyperparameters, fail):
         if moe_expert_hidden(args) % 8 or args.model_dim % 8:
             fail(f"--moe_hidden={args.moe_hidden} and model_dim={args.model_dim} must be multiples of 8 (16-byte "
                  f"strides for torch._grouped_mm)")
-        if args.mlp_act not in ("relu2", "gelu"):
-            fail(f"--moe_experts: experts support --mlp_act relu2 or gelu, not {args.mlp_act!r}")
-        if mlp_factorized:
-            fail("--moe_experts and --kron_mlp/--ks_mlp are alternatives (experts are 3-D weights, not "
-                 "mlp_linear matrices); turn one off")
+        if args.mlp_act not in ("relu2", "gelu", "swiglu"):
+            fail(f"--moe_experts: experts support --mlp_act relu2, gelu or swiglu, not {args.mlp_act!r}")
+        if args.ks_mlp != "off" or args.kron_mlp not in ("off", "both"):
+            fail(f"--moe_experts with --kron_mlp={args.kron_mlp} --ks_mlp={args.ks_mlp}: experts factorize only as "
+                 f"--kron_mlp=both (each expert a pair of Kronecker sums); use that or turn the factorization off")
+        if args.kron_mlp == "both":
+            check_kron_experts(args, fail)
         if args.moe_aux_coef < 0 or args.moe_bias_rate < 0:
             fail("--moe_aux_coef and --moe_bias_rate must be >= 0")
         if not hasattr(torch, "_grouped_mm"):
@@ -394,8 +508,26 @@ def check_architecture(args: Hyperparameters, fail):
         fail(f"--dropout={args.dropout} must be in [0, 1)")
 
 
+def check_kron_experts(args: Hyperparameters, fail):
+    """--moe_experts with --kron_mlp=both: every row stride that GroupedKronLinear hands torch._grouped_mm must be a
+    multiple of 8 elements (16 bytes in bf16), for c_fc and c_proj of the experts."""
+    dim, hidden = args.model_dim, moe_expert_hidden(args)
+    for which, in_f, out_f in (("fc", dim, hidden), ("proj", hidden, dim)):
+        factors = kron_factors(args)[which] or choose_kron_factors(in_f, out_f, args.kron_rank)
+        odd = {k: v for k, v in grouped_kron_strides(factors, args.kron_rank).items() if v % 8}
+        if odd:
+            fail(f"--moe_experts with --kron_mlp=both: expert c_{which} factors (m1, k1, m2, k2)={factors} give "
+                 f"torch._grouped_mm strides {odd}, not multiples of 8 (16 bytes); pick --moe_hidden (e.g. a "
+                 f"multiple of 64) or --kron_factors so that they are")
+
+
 def parse_layer_list(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
+
+
+def factorized_blocks(layers: str, num_layers: int) -> set[int]:
+    """The blocks a --kron_layers / --ks_layers list names ("" = every block)."""
+    return set(parse_layer_list(layers)) if layers.strip() else set(range(num_layers))
 
 
 def kron_factors(args: Hyperparameters) -> dict:
@@ -403,7 +535,8 @@ def kron_factors(args: Hyperparameters) -> dict:
     if not args.kron_factors:
         return {"fc": None, "proj": None}
     parts = args.kron_factors.split(";")
-    hidden, dim = args.mlp_ratio * args.model_dim, args.model_dim
+    hidden = moe_expert_hidden(args) if args.moe_experts > 0 else args.mlp_ratio * args.model_dim
+    dim = args.model_dim
     try:
         fc, proj = (tuple(int(v) for v in p.split(",")) for p in parts)
         assert len(fc) == len(proj) == 4
@@ -544,6 +677,56 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
     return X.mT if tall else X
 
 
+# Polar Express (arXiv 2505.16932; frontier recipe section 2.1): one (a, b, c) per iteration, computed for 5
+# iterations with safety 2e-2 and cushion 2, so early steps grow small singular values fast and late ones settle.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def zeropower_polar_express(G: Tensor, steps: int) -> Tensor:
+    """Orthogonalize each matrix in G (..., rows, cols) with the first `steps` Polar Express iterations (--muon_ns).
+    The 1.02 keeps the normalized spectral norm safely below 1 (the Frobenius norm only bounds it)."""
+    X = G.bfloat16() if G.is_cuda else G.float()
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFICIENTS[:steps]:
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+ORTHOGONALIZERS = dict(quintic=zeropower_via_newtonschulz5, polar_express=zeropower_polar_express)  # --muon_ns
+
+
+class NorMuon:
+    """NorMuon's normalization of orthogonalized updates (--normuon_beta2 > 0; frontier recipe section 2.1): an EMA
+    v of the mean squared update per row (rows >= cols) or per column, no bias correction; the update is divided by
+    sqrt(v) and rescaled to its original Frobenius norm, so only the balance between neurons changes."""
+
+    def __init__(self, beta2: float):
+        self.beta2 = beta2
+
+    def __call__(self, X: Tensor, states: list[dict]) -> Tensor:
+        X = X.float()  # (k, rows, cols): the k updates this rank owns in a group
+        rows, cols = X.shape[-2:]
+        q = X.square().mean(dim=-1 if rows >= cols else -2, keepdim=True)
+        v = torch.stack([s.setdefault("normuon_v", torch.zeros_like(q[0])) for s in states])
+        v.lerp_(q, 1 - self.beta2)
+        for s, v_i in zip(states, v):
+            s["normuon_v"].copy_(v_i)
+        Y = X / v.clamp_min(1e-10).sqrt()
+        # the clamp only matters for an all-zero update (a matrix behind a zero-initialized projection at step 0)
+        return Y * (X.norm(dim=(-2, -1), keepdim=True) / Y.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz, for the 2-D (and stacked 2-D) matrices inside the blocks.
 
@@ -555,13 +738,17 @@ class Muon(torch.optim.Optimizer):
     each group waits only for its own gradients' all-reduce (GradientSync), so those overlap the work too.
     """
 
-    def __init__(self, params, lr: float, momentum: float, ns_steps: int = 5, rank: int = 0, world_size: int = 1):
-        params = list(params)
-        shapes = sorted({tuple(p.shape) for p in params}, key=lambda s: (-math.prod(s), s))
-        groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
-        super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+    def __init__(self, params, lr: float, momentum: float, ns_steps: int = 5, rank: int = 0, world_size: int = 1,
+                 lr_mults: dict | None = None, weight_decay: float = 0.0):
+        """lr_mults: {parameter: extra LR factor} (default 1); parameters are grouped by (shape, factor)."""
+        params, lr_mults = list(params), lr_mults or {}
+        mult = lambda p: lr_mults.get(p, 1.0)
+        keys = sorted({(tuple(p.shape), mult(p)) for p in params}, key=lambda k: (-math.prod(k[0]), k))
+        groups = [dict(params=[p for p in params if (tuple(p.shape), mult(p)) == k], lr_mult=k[1]) for k in keys]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay))
         self.rank, self.world_size = rank, world_size
         self.orthogonalize = zeropower_via_newtonschulz5
+        self.normalize = None  # a NorMuon when --normuon_beta2 > 0
         self.grad_sync = None  # a GradientSync when gradients are still being summed over ranks at step()
 
     def owned(self, params: list) -> list:
@@ -583,7 +770,10 @@ class Muon(torch.optim.Optimizer):
             share = math.ceil(len(params) / self.world_size)
             ortho = torch.zeros((share, *params[0].shape), dtype=torch.bfloat16, device=params[0].device)
             if mine:
-                ortho[:len(mine)] = self.orthogonalize(torch.stack(updates), group["ns_steps"])
+                mine_ortho = self.orthogonalize(torch.stack(updates), group["ns_steps"])
+                if self.normalize is not None:
+                    mine_ortho = self.normalize(mine_ortho, [self.state[p] for p in mine])
+                ortho[:len(mine)] = mine_ortho
             if self.world_size == 1:
                 self._apply(group, params, ortho)
                 continue
@@ -601,29 +791,40 @@ class Muon(torch.optim.Optimizer):
     @staticmethod
     def _apply(group: dict, params: list, ortho: Tensor):
         rows, cols = params[0].shape[-2:]
-        scale = max(1.0, rows / cols) ** 0.5
+        eta = group["lr"] * max(1.0, rows / cols) ** 0.5 * group.get("lr_mult", 1.0)  # .get: older checkpoints
+        decay = group.get("weight_decay", 0.0) * group["lr"] * eta  # cautious: only where the update agrees with W's sign
         for p, u in zip(params, ortho):
-            p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+            u = u.to(p.dtype)
+            if decay:
+                p.sub_(p * (u * p >= 0), alpha=decay)
+            p.add_(u, alpha=-eta)
+
+    def state_shapes(self, p: Tensor) -> dict:
+        rows, cols = p.shape[-2:]
+        shapes = {"momentum_buffer": tuple(p.shape)}
+        if self.normalize is not None:
+            shapes["normuon_v"] = (rows, 1) if rows >= cols else (1, cols)
+        return shapes
 
     @torch.no_grad()
     def gather_momentum(self):
-        """Collective: give every rank the momentum of every parameter (a checkpoint holds the whole state)."""
+        """Collective: give every rank the optimizer state (momentum, NorMuon's v) of every parameter, which only
+        its owner keeps, so a checkpoint holds the whole state."""
         if self.world_size == 1:
             return
         for group in self.param_groups:
             params = group["params"]
             share = math.ceil(len(params) / self.world_size)
-            mine = [self.state[p].get("momentum_buffer") for p in self.owned(params)]
-            local = torch.zeros((share, *params[0].shape), dtype=params[0].dtype, device=params[0].device)
-            for j, buf in enumerate(mine):
-                if buf is not None:
-                    local[j] = buf
-            gathered = torch.empty((self.world_size * share, *params[0].shape), dtype=local.dtype,
-                                   device=local.device)
-            dist.all_gather_into_tensor(gathered, local)
-            for i, p in enumerate(params):  # params[i] is rank (i % world_size)'s (i // world_size)-th
-                row = (i % self.world_size) * share + i // self.world_size
-                self.state[p]["momentum_buffer"] = gathered[row].clone()
+            for key, shape in self.state_shapes(params[0]).items():  # the same collectives on every rank
+                local = torch.zeros((share, *shape), dtype=params[0].dtype, device=params[0].device)
+                for j, p in enumerate(self.owned(params)):
+                    if key in self.state[p]:
+                        local[j] = self.state[p][key]
+                gathered = torch.empty((self.world_size * share, *shape), dtype=local.dtype, device=local.device)
+                dist.all_gather_into_tensor(gathered, local)
+                for i, p in enumerate(params):  # params[i] is rank (i % world_size)'s (i // world_size)-th
+                    row = (i % self.world_size) * share + i // self.world_size
+                    self.state[p][key] = gathered[row].clone()
 
 
 class GradientSync:
@@ -633,11 +834,14 @@ class GradientSync:
 
     def __init__(self, params: list):
         self.params, self.armed, self.handles = params, False, {}
+        # Gradients that keep accumulating locally across steps (Adam stepped every --adam_every steps): reduced
+        # once, in the step their optimizer steps, so each rank's sum is added over ranks exactly once.
+        self.deferred = set()
         for p in params:
             p.register_post_accumulate_grad_hook(self._reduce)
 
     def _reduce(self, p: Tensor):
-        if self.armed:
+        if self.armed and p not in self.deferred:
             self.handles[p] = dist.all_reduce(p.grad, async_op=True)
 
     def wait(self, params):
@@ -657,7 +861,7 @@ class GradientSync:
         accumulation came in an earlier micro-batch), in parameter order, then disarm. Collectives must be issued
         in the same order on every rank: every rank runs the same graph, so its hooks fire in the same order."""
         for p in self.params:
-            if p.grad is not None and p not in self.handles:
+            if p.grad is not None and p not in self.handles and p not in self.deferred:
                 self.handles[p] = dist.all_reduce(p.grad, async_op=True)
         self.armed = False
 
@@ -694,6 +898,35 @@ class CastedLinear(nn.Linear):
             out = fp8_mm(flat, self.weight, **FP8_HEAD_SCALES)[0]
             return out.view(*x.shape[:-1], -1)
         return F.linear(x, self.weight.type_as(x))
+
+
+# Std of a standard normal truncated to [-2, 2]. --weight_init=truncated draws N(0, (s / TRUNC2_STD)^2) cut at 2 of
+# that std, so the drawn values keep the uniform's std s = 0.5 / sqrt(fan_in) (the variance-preserving convention
+# of truncated-normal variance scaling): only the shape of the distribution changes.
+TRUNC2_STD = math.sqrt(1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(math.sqrt(2)))
+
+
+def recipe_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The matrices drawn from the recipe's uniform(+-sqrt(3) * 0.5 / sqrt(fan_in)), fan_in = the last dim: every
+    parameter of >= 2 dims except embeddings (N(0, 1)), Kronecker/KS factors (their own fan-in rule) and the
+    zero-initialized ones (output projections, the untied head)."""
+    own_init = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    own_init |= {id(p) for m in model.modules() if isinstance(m, (KronLinear, GroupedKronLinear, KSLinear))
+                 for p in m.parameters()}
+    return [p for p in model.parameters() if p.ndim >= 2 and id(p) not in own_init and p.any()]
+
+
+@torch.no_grad()
+def truncated_normal_init_(model: nn.Module) -> nn.Module:
+    """--weight_init=truncated: redraw every recipe matrix from a normal cut at 2 of its std, scaled so the values
+    keep the uniform's std 0.5 / sqrt(fan_in)."""
+    for p in recipe_matrices(model):
+        std = 0.5 * p.size(-1) ** -0.5 / TRUNC2_STD
+        nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+    return model
+
+
+WEIGHT_INITS = dict(uniform=lambda model: model, truncated=truncated_normal_init_)  # --weight_init, in build_model
 
 
 def document_ids(inputs: Tensor) -> Tensor:
@@ -830,22 +1063,60 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
 
 class Rotary(nn.Module):
     """Rotary embedding on `rotated` of the head dims (default half): rotated/2 frequencies from 1 down to 1/1024;
-    the remaining pairs get frequency zero (unrotated)."""
+    the remaining pairs get frequency zero (unrotated). canonical (--rope=canonical): every dim rotated, frequencies
+    10000^(-2k/head_dim)."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, rotated: int | None = None):
+    def __init__(self, head_dim: int, max_seq_len: int, rotated: int | None = None, canonical: bool = False):
         super().__init__()
-        rotated = head_dim // 2 if rotated is None else rotated
-        freqs = (1 / 1024) ** torch.linspace(0, 1, steps=rotated // 2, dtype=torch.float32)
-        freqs = torch.cat([freqs, freqs.new_zeros(head_dim // 2 - rotated // 2)])
-        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+        self.head_dim, self.max_seq_len, self.canonical = head_dim, max_seq_len, canonical
+        self.rotated = head_dim if canonical else head_dim // 2 if rotated is None else rotated
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), self.frequencies())
         self.register_buffer("cos", theta.cos(), persistent=False)
         self.register_buffer("sin", theta.sin(), persistent=False)
+
+    def frequencies(self) -> Tensor:
+        if self.canonical:
+            return 10000.0 ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        freqs = (1 / 1024) ** torch.linspace(0, 1, steps=self.rotated // 2, dtype=torch.float32)
+        return torch.cat([freqs, freqs.new_zeros(self.head_dim // 2 - self.rotated // 2)])
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:  # x: (B, T, heads, head_dim) at positions offset..
         cos = self.cos[None, offset:offset + x.size(1), None, :]
         sin = self.sin[None, offset:offset + x.size(1), None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+
+class YarnRotary(Rotary):
+    """Rotary that follows the long attention window (--yarn, frontier recipe section 1.4). On each change of the
+    long window from o to n tokens, frequency w_k becomes w_k (o/n + g_k (1 - o/n)) with g_k = clamp((r_k - 1) / 31,
+    0, 1), r_k = o w_k / (2 pi): frequencies that turn many times inside the old window keep their value, slow ones
+    are interpolated to the new length. The softmax scale grows by (1 + 0.2 ln(n/o)) per change; it is applied as
+    a gain sqrt(growth) on both q and k, so attention keeps its fixed --attn_scale argument. set_windows() rewrites
+    the buffers in place (a compiled graph reads the new values without recompiling)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, rotated: int | None = None, canonical: bool = False):
+        super().__init__(head_dim, max_seq_len, rotated, canonical)
+        self.register_buffer("gain", torch.ones(()), persistent=False)
+
+    @torch.no_grad()
+    def set_windows(self, long_windows: list[int]):
+        """Recompute from the initial frequencies for the sequence of long windows (tokens) seen so far."""
+        freqs, growth = self.frequencies(), 1.0
+        for old, new in zip(long_windows, long_windows[1:]):
+            if new == old:
+                continue
+            turns = old * freqs / (2 * math.pi)
+            keep = ((turns - 1) / 31).clamp(0, 1)
+            freqs = freqs * (old / new + keep * (1 - old / new))
+            growth *= 1 + 0.2 * math.log(new / old)
+        theta = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), freqs).to(self.cos.device)
+        self.cos.copy_(theta.cos())
+        self.sin.copy_(theta.sin())
+        self.gain.fill_(growth ** 0.5)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        return (super().forward(x.float(), offset) * self.gain).type_as(x)
 
 
 class HeadAttention(nn.Module):
@@ -981,10 +1252,16 @@ def value_embed_dim(args: Hyperparameters) -> int:
 def build_attention(args: Hyperparameters, max_seq_len: int) -> nn.Module:
     """A block's attention: latent (--mla_kv_rank > 0), grouped-query (--n_kv_heads < num_heads) or the baseline."""
     if args.mla_kv_rank > 0:
-        return LatentAttention(args, max_seq_len)
-    if kv_heads(args) != args.num_heads:
-        return GroupedQueryAttention(args.model_dim, args.num_heads, args.n_kv_heads, args.attn_scale, max_seq_len)
-    return CausalSelfAttention(args.model_dim, args.num_heads, args.attn_scale, max_seq_len)
+        attn = LatentAttention(args, max_seq_len)
+    elif kv_heads(args) != args.num_heads:
+        attn = GroupedQueryAttention(args.model_dim, args.num_heads, args.n_kv_heads, args.attn_scale, max_seq_len)
+    else:
+        attn = CausalSelfAttention(args.model_dim, args.num_heads, args.attn_scale, max_seq_len)
+    if args.rope != "half" or args.yarn:  # the rotary variant replaces the default one of the same shape
+        r = attn.rotary
+        attn.rotary = (YarnRotary if args.yarn else Rotary)(r.head_dim, r.max_seq_len, r.rotated,
+                                                           canonical=args.rope == "canonical")
+    return attn
 
 
 def mlp_linear(args: Hyperparameters, which: str, in_features: int, out_features: int, zero_init: bool):
@@ -1020,11 +1297,20 @@ class LearnedGELU(nn.Module):
         return F.gelu(x * self.scale.type_as(x) + self.shift.type_as(x))
 
 
-MLP_ACTS = ("relu2", "gelu", "swiglu", "learned_gelu")  # swiglu is its own module, SwiGLUMLP
+class GatedSiLU(nn.Module):
+    """silu(gate) * up for an input (..., 2 * width) laid out [gate | up]: the SwiGLU activation of MoE experts,
+    whose c_fc is twice as wide."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+MLP_ACTS = ("relu2", "gelu", "swiglu", "learned_gelu")  # dense swiglu is its own module, SwiGLUMLP
 
 
 def activation(name: str, width: int) -> nn.Module:
-    return {"relu2": ReLU2, "gelu": nn.GELU, "learned_gelu": lambda: LearnedGELU(width)}[name]()
+    return {"relu2": ReLU2, "gelu": nn.GELU, "swiglu": GatedSiLU, "learned_gelu": lambda: LearnedGELU(width)}[name]()
 
 
 class MLP(nn.Module):
@@ -1060,15 +1346,19 @@ class SwiGLUMLP(nn.Module):
 
 
 def moe_expert_hidden(args: Hyperparameters) -> int:
-    """--moe_hidden, or the dense MLP width split over the experts a token uses (active FLOPs = dense), rounded to a
-    multiple of 64 (torch._grouped_mm wants 16-byte strides)."""
+    """--moe_hidden, or the dense MLP width split over the experts a token uses (active FLOPs = dense; swiglu experts
+    take 2/3 of it, their c_fc being twice as wide), rounded to a multiple of 64 (torch._grouped_mm wants 16-byte
+    strides)."""
     dense = args.mlp_ratio * args.model_dim / (args.moe_topk + args.moe_shared)
+    if args.mlp_act == "swiglu":
+        dense *= 2 / 3
     return args.moe_hidden or max(64, round(dense / 64) * 64)
 
 
 class MoE(nn.Module):
     """Mixture-of-experts MLP (--moe_experts > 0): `experts` routed experts, each token picks `topk` of them, plus
-    `shared` experts every token uses; each expert is a relu^2 (or gelu) MLP of width `hidden`.
+    `shared` experts every token uses; each expert is a relu^2, gelu or SwiGLU (GatedSiLU) MLP of width `hidden`
+    (KronMoE: its two matrices are Kronecker sums).
 
     Routing: probs = softmax(router(x)) in fp32; a token takes the top-k experts by probs + bias and weights their
     outputs by probs (not renormalized, so the router gets gradients even at top-1). Shared experts are simply
@@ -1091,9 +1381,7 @@ class MoE(nn.Module):
         dim, E, S = args.model_dim, args.moe_experts, args.moe_shared
         self.num_experts, self.num_shared, self.topk, self.hidden = E, S, args.moe_topk, moe_expert_hidden(args)
         self.router = CastedLinear(dim, E)
-        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
-        self.fc_w = nn.Parameter(torch.empty(E + S, self.hidden, dim).uniform_(-bound, bound))  # (experts, out, in)
-        self.proj_w = nn.Parameter(torch.zeros(E + S, dim, self.hidden))  # zero-initialized like c_proj
+        self.make_experts(args)
         self.act = activation(args.mlp_act, self.hidden)
         self.aux_coef = args.moe_aux_coef if args.moe_balance == "aux" else 0.0
         self.bias_rate = args.moe_bias_rate if args.moe_balance == "bias" else 0.0
@@ -1102,6 +1390,23 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(E))  # training assignments since the last optimizer step
         self.register_buffer("eval_load", torch.zeros(E))  # validation assignments since moe_utilization()
         self.aux_loss = None  # set by forward, read (and cleared) by GPT.moe_aux_loss
+
+    def make_experts(self, args: Hyperparameters):
+        """fc_w (experts, hidden, dim) (swiglu: 2 * hidden rows, [gate | up]) and the zero-initialized proj_w."""
+        dim, n = args.model_dim, self.num_experts + self.num_shared
+        width = 2 * self.hidden if args.mlp_act == "swiglu" else self.hidden
+        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
+        self.fc_w = nn.Parameter(torch.empty(n, width, dim).uniform_(-bound, bound))  # (experts, out, in)
+        self.proj_w = nn.Parameter(torch.zeros(n, dim, self.hidden))  # zero-initialized like c_proj
+
+    def expert_mlps(self, x: Tensor, offsets: Tensor) -> Tensor:
+        """x (pairs, dim) sorted by expert (expert e's rows end at offsets[e]) -> each row through its expert."""
+        h = self.act(torch._grouped_mm(x, self.fc_w.type_as(x).mT, offs=offsets))
+        return torch._grouped_mm(h, self.proj_w.type_as(x).mT, offs=offsets)
+
+    def expert_macs(self) -> int:
+        """Multiply-accumulates of one (token, expert) pair."""
+        return self.fc_w[0].numel() + self.proj_w[0].numel()
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (N, dim) -> experts (N, topk + shared), gates (N, topk + shared), router probs (N, experts)."""
@@ -1118,11 +1423,10 @@ class MoE(nn.Module):
         experts, gates, probs = self.route(x)
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # pairs grouped by expert
-        counts = flat.new_zeros(len(self.fc_w), dtype=torch.int32).scatter_add_(
+        counts = flat.new_zeros(self.num_experts + self.num_shared, dtype=torch.int32).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))  # pairs per expert (static shape, unlike bincount)
         offsets = counts.cumsum(0, dtype=torch.int32)
-        h = self.act(torch._grouped_mm(x[order // slots], self.fc_w.type_as(x).mT, offs=offsets))
-        y = torch._grouped_mm(h, self.proj_w.type_as(x).mT, offs=offsets)[order.argsort()].view(N, slots, -1)
+        y = self.expert_mlps(x[order // slots], offsets)[order.argsort()].view(N, slots, -1)
         self.observe(counts[:self.num_experts].float(), probs)
         return (y * gates.type_as(y)[..., None]).sum(1).view(shape)
 
@@ -1138,13 +1442,94 @@ class MoE(nn.Module):
         self.bias += self.bias_rate * torch.sign(load.mean() - load)
 
     def flops_per_token(self) -> int:
-        return 2 * self.router.weight.numel() + 2 * (self.topk + self.num_shared) * self.fc_w[0].numel() * 2
+        return 2 * self.router.weight.numel() + 2 * (self.topk + self.num_shared) * self.expert_macs()
 
 
-def build_mlp(args: Hyperparameters) -> nn.Module:
-    """A block's MLP: mixture of experts (--moe_experts > 0), SwiGLU, or the dense MLP with --mlp_act."""
+def grouped_kron_strides(factors: tuple, rank: int) -> dict:
+    """The row strides (in elements) that GroupedKronLinear hands torch._grouped_mm for factors (m1, k1, m2, k2): on
+    GPU each must be a multiple of 8 (16 bytes of bf16)."""
+    m1, k1, m2, k2 = factors
+    if kron_contracts_k1_first(*factors):
+        return dict(k1=k1, rank_x_k2=rank * k2, m2=m2)
+    return dict(k2=k2, rank_x_k1=rank * k1, m1=m1)
+
+
+def grouped_kron_transposed(X: Tensor, G: Tensor, H: Tensor, offsets: Tensor) -> Tensor:
+    """(G_e X_n H_e^T)^T summed over rank, (P, mh, mg), for rows X (P, p, q) sorted by expert e (offsets: segment
+    ends), G (experts, rank, mg, p), H (experts, rank, mh, q). Two grouped matmuls: contract q with H over the P * p
+    rows of X (segments scaled by p), then p with G over P * mh rows (segments scaled by mh)."""
+    P, p, q = X.shape
+    E, r, mh, mg = H.size(0), H.size(1), H.size(2), G.size(2)
+    U = torch._grouped_mm(X.reshape(P * p, q), H.permute(0, 3, 1, 2).reshape(E, q, r * mh), offs=offsets * p)
+    V = U.view(P, p, r, mh).permute(0, 3, 2, 1).reshape(P * mh, r * p)  # (n, b) rows, (rank, p) columns
+    return torch._grouped_mm(V, G.permute(0, 1, 3, 2).reshape(E, r * p, mg), offs=offsets * mh).view(P, mh, mg)
+
+
+class GroupedKronLinear(nn.Module):
+    """One Kronecker-factorized matrix per expert, stacked: A (experts, rank, m1, k1), B (experts, rank, m2, k2),
+    W_e = sum_i A_ei (x) B_ei, KronLinear's layout and init per expert. forward(x, offsets) applies to each row of x
+    (sorted by expert, as MoE hands them) its own W_e without building it. The fused path is one batched Kronecker
+    contraction over all experts: two torch._grouped_mm (one per factor) in KronLinear's cheaper contraction order;
+    no per-expert loop, static shapes (tests/test_kron_mlp.py checks it against a loop over experts)."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, rank: int, factors=None,
+                 zero_init: bool = False):
+        super().__init__()
+        self.factors = tuple(factors or choose_kron_factors(in_features, out_features, rank))
+        m1, k1, m2, k2 = self.factors
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Parameter(torch.empty(experts, rank, m1, k1))
+        self.B = nn.Parameter(torch.empty(experts, rank, m2, k2))
+        kron_factor_init_(self.A, self.B, zero_init)  # zero_init: B only, as KronLinear
+
+    def forward(self, x: Tensor, offsets: Tensor) -> Tensor:  # x (rows, in_features) -> (rows, out_features)
+        m1, k1, m2, k2 = self.factors
+        A, B, X = self.A.type_as(x), self.B.type_as(x), x.view(-1, k1, k2)
+        if kron_contracts_k1_first(*self.factors):  # A X B^T = (B X^T A^T)^T: the same routine, roles swapped
+            return grouped_kron_transposed(X.mT.contiguous(), B, A, offsets).flatten(1)
+        return grouped_kron_transposed(X, A, B, offsets).mT.flatten(1)
+
+    def macs_per_token(self) -> int:
+        return kron_macs_per_token(*self.factors, self.rank)
+
+    def extra_repr(self) -> str:
+        return (f"experts={len(self.A)}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, factors={self.factors}")
+
+
+class KronMoE(MoE):
+    """--moe_experts with --kron_mlp=both (mixture of Kronecker experts): MoE's routing, each expert's c_fc and
+    c_proj a Kronecker sum (GroupedKronLinear; c_proj's B zero-initialized). Factors: --kron_rank, --kron_factors
+    (at the expert width) or balanced; trained by --kron_optimizer like KronLinear's."""
+
+    def make_experts(self, args: Hyperparameters):
+        dim, n, factors = args.model_dim, self.num_experts + self.num_shared, kron_factors(args)
+        self.c_fc = GroupedKronLinear(n, dim, self.hidden, args.kron_rank, factors["fc"])
+        self.c_proj = GroupedKronLinear(n, self.hidden, dim, args.kron_rank, factors["proj"], zero_init=True)
+
+    def expert_mlps(self, x: Tensor, offsets: Tensor) -> Tensor:
+        return self.c_proj(self.act(self.c_fc(x, offsets)), offsets)
+
+    def expert_macs(self) -> int:
+        return self.c_fc.macs_per_token() + self.c_proj.macs_per_token()
+
+
+def block_mlp_args(args: Hyperparameters, layer: int) -> Hyperparameters:
+    """args as block `layer`'s MLP sees them: --kron_mlp / --ks_mlp off in the blocks that --kron_layers /
+    --ks_layers leave out."""
+    off = {flag: "off" for flag, layers in (("kron_mlp", args.kron_layers), ("ks_mlp", args.ks_layers))
+           if layer not in factorized_blocks(layers, args.num_layers)}
+    return dataclasses.replace(args, **off)
+
+
+def build_mlp(args: Hyperparameters, layer: int | None = None) -> nn.Module:
+    """A block's MLP: mixture of experts (--moe_experts > 0; Kronecker experts with --kron_mlp=both), SwiGLU, or the
+    dense MLP with --mlp_act (matrices factorized per --kron_mlp/--ks_mlp). layer: the block's index, for
+    --kron_layers/--ks_layers (None: as if every block were listed)."""
+    if layer is not None:
+        args = block_mlp_args(args, layer)
     if args.moe_experts > 0:
-        return MoE(args)
+        return KronMoE(args) if args.kron_mlp == "both" else MoE(args)
     if args.mlp_act == "swiglu":
         return SwiGLUMLP(args)
     return MLP(args)
@@ -1159,7 +1544,7 @@ class Block(nn.Module):
         super().__init__()
         has_attn = layer not in parse_layer_list(args.no_attn_layers)
         self.attn = build_attention(args, max_seq_len) if has_attn else None
-        self.mlp = build_mlp(args)
+        self.mlp = build_mlp(args, layer)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0
         self.dropout = dropout_layer(args.dropout)  # on both branch outputs; Identity at --dropout=0
 
@@ -1231,6 +1616,11 @@ def byte_table(bytes_per_token: int) -> Tensor:
     return table
 
 
+def char_width(args: Hyperparameters) -> int:
+    """Width of the --mot byte states: --char_dim, or model_dim at --char_dim=0."""
+    return args.char_dim or args.model_dim
+
+
 def token_bytes(inputs: Tensor, table: Tensor, pull_left: bool) -> Tensor:
     """(T, S) int64 byte ids seen by each token of one packed sequence: table[inputs], and with pull_left the PAD
     slots filled with the trailing bytes of tokens t-1, t-2, ... (up to S-1 back) of the same document, so row t
@@ -1260,18 +1650,21 @@ class CharSelfAttention(nn.Module):
     window of mot_self_window tokens in 128-position blocks: the same doc_causal_window_mask as the blocks (dense on
     CPU, BlockMask on GPU), built once per sequence. Output projection zero-initialized (starts as identity)."""
 
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args: Hyperparameters, positions_per_token: int | None = None):
         super().__init__()
-        C, S = args.char_dim, args.bytes_per_token
-        self.heads, self.bytes_per_token = args.mot_heads, S
+        C, S = char_width(args), positions_per_token or args.bytes_per_token
+        self.heads, self.positions_per_token = args.mot_heads, S
         self.window_blocks = max(1, -(-args.mot_self_window * S // BLOCK_SIZE))
         self.qkv = CastedLinear(C, 3 * C)
         self.proj = CastedLinear(C, C, zero_init=True)
 
     def forward(self, chars: Tensor, inputs: Tensor) -> Tensor:  # chars (T, S, C), inputs (T,)
+        return chars + self.attention(chars, inputs)
+
+    def attention(self, chars: Tensor, inputs: Tensor) -> Tensor:  # chars (T, S, C) -> the residual branch (T, S, C)
         T, S, C = chars.shape
         if T * S >= 2 ** 31:
-            raise ValueError(f"--mot=cross+self: {T} tokens x {S} bytes = {T * S:,} positions overflow int32 masks")
+            raise ValueError(f"--mot=cross+self: {T} tokens x {S} byte positions = {T * S:,} overflow int32 masks")
         # (T * S,) = document_ids(inputs).repeat_interleave(S), computed as a scan over the byte stream (an EOT counts
         # at its first slot): inductor's CPU FlexAttention cannot lower a mask capturing a view of the token-level ids
         first_slot = torch.arange(T * S, device=inputs.device) % S == 0
@@ -1280,7 +1673,36 @@ class CharSelfAttention(nn.Module):
         q, k, v = self.qkv(norm(chars.flatten(0, 1))).view(T * S, 3, self.heads, -1).permute(1, 2, 0, 3)[:, None]
         # v contiguous: inductor's CPU FlexAttention reads an in-graph view at storage offset 0 (v is qkv's third third)
         y = attend(norm(q), norm(k), v.contiguous(), mask, q.size(-1) ** -0.5)  # (1, heads, T * S, hd)
-        return chars + self.proj(y[0].transpose(0, 1).reshape(T, S, C))
+        return self.proj(y[0].transpose(0, 1).reshape(T, S, C))
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Matrices and scores of the positions_per_token positions of a token, each seeing every key of its
+        window (documents only shorten it)."""
+        S, C = self.positions_per_token, self.qkv.in_features
+        context = min(seq_len * S, self.window_blocks * BLOCK_SIZE - BLOCK_SIZE // 2)
+        return S * (2 * (self.qkv.weight.numel() + self.proj.weight.numel()) + 4 * context * C)
+
+
+class PooledCharSelfAttention(CharSelfAttention):
+    """--mot=cross+self --mot_self_pool=K > 1: the byte self-attention runs over T * S / K positions. A token's S
+    byte states are taken K at a time in slot order, each scaled channel-wise by its slot's learned order vector,
+    and summed: an added per-slot vector would cancel out of the sum (a + b = b + a), a per-slot scale keeps the
+    byte order. The attention's output for a group is added back to each of its K bytes, so the cross-attention
+    still sees every slot. Groups never span tokens (K divides S), so causality is the token's, as before; per
+    token the score FLOPs fall K^2-fold (K x fewer positions, each over a K x shorter window), the matrices K-fold."""
+
+    def __init__(self, args: Hyperparameters):
+        K, C = args.mot_self_pool, char_width(args)
+        super().__init__(args, positions_per_token=args.bytes_per_token // K)
+        self.pool = K
+        # (K * C,) flat so it trains with the per-channel scalars (Adam at scalar_lr); near 1, distinct per slot
+        self.order = nn.Parameter(torch.empty(K * C).uniform_(0.5, 1.5))
+
+    def forward(self, chars: Tensor, inputs: Tensor) -> Tensor:  # chars (T, S, C), inputs (T,)
+        T, S, C = chars.shape
+        K = self.pool
+        pooled = (chars.view(T, S // K, K, C) * self.order.view(K, C).type_as(chars)).sum(2)  # (T, S / K, C)
+        return chars + self.attention(pooled, inputs).repeat_interleave(K, dim=1)
 
 
 class NoCharMixing(nn.Module):
@@ -1289,6 +1711,17 @@ class NoCharMixing(nn.Module):
     def forward(self, chars: Tensor, inputs: Tensor) -> Tensor:
         return chars
 
+    def flops_per_token(self, seq_len: int) -> int:
+        return 0
+
+
+def build_char_mixing(args: Hyperparameters) -> nn.Module:
+    """What the byte states go through before the cross-attention: nothing (--mot=cross) or a causal self-attention
+    over the byte stream (cross+self), on every byte or on pooled groups of --mot_self_pool bytes."""
+    if args.mot != "cross+self":
+        return NoCharMixing()
+    return PooledCharSelfAttention(args) if args.mot_self_pool > 1 else CharSelfAttention(args)
+
 
 class CharCrossAttention(nn.Module):
     """--mot=cross (and cross+self): each token attends over its own byte slots (token_bytes). Query: the RMS-normed
@@ -1296,20 +1729,23 @@ class CharCrossAttention(nn.Module):
     CharSelfAttention); QK RMS-norm; PAD slots masked (every row has at least one real byte). The output projection
     to model_dim is zero-initialized, so the model starts as the baseline; returns a * tok + b * chars with learned
     scalars a = b = 1 at init, which GPT.hidden then RMS-norms into x0. Per token: one (heads, 1, S) attention, a
-    batched matmul over tokens."""
+    batched matmul over tokens. --char_dim=0: the bytes live in model_dim, the normed token embedding is the query
+    and the attention output is added as is (no q, no proj); b starts at 0 instead, so step 0 is still the
+    baseline (b's gradient is not zero, so it moves at once)."""
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
-        S, C, dim = args.bytes_per_token, args.char_dim, args.model_dim
+        S, C, dim = args.bytes_per_token, char_width(args), args.model_dim
+        model_width = args.char_dim == 0
         self.heads, self.pull_left = args.mot_heads, args.mot_pull_left
         self.register_buffer("byte_table", byte_table(S), persistent=False)  # moves with the model, not saved
         self.char_embed = nn.Embedding(BYTE_VOCAB, C)
         self.slot_embed = nn.Embedding(S, C)
-        self.q = CastedLinear(dim, C)
+        self.q = nn.Identity() if model_width else CastedLinear(dim, C)
         self.kv = CastedLinear(C, 2 * C)
-        self.proj = CastedLinear(C, dim, zero_init=True)
-        self.mix = nn.Parameter(torch.ones(2))  # a (token), b (chars)
-        self.char_mixing = CharSelfAttention(args) if args.mot == "cross+self" else NoCharMixing()
+        self.proj = nn.Identity() if model_width else CastedLinear(C, dim, zero_init=True)
+        self.mix = nn.Parameter(torch.tensor([1.0, 0.0 if model_width else 1.0]))  # a (token), b (chars)
+        self.char_mixing = build_char_mixing(args)
 
     def forward(self, tok: Tensor, inputs: Tensor) -> Tensor:  # tok (1, T, dim), inputs (T,)
         ids = token_bytes(inputs, self.byte_table, self.pull_left)  # (T, S)
@@ -1323,6 +1759,12 @@ class CharCrossAttention(nn.Module):
         out = (scores.softmax(-1).type_as(v) @ v).view(T, -1)  # (T, C)
         return self.mix[0] * tok + self.mix[1] * self.proj(out)[None]
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """q and proj (none at --char_dim=0), keys/values of the S slots, the (1 x S) attention, the byte mixing."""
+        S, C = self.slot_embed.num_embeddings, self.kv.in_features
+        qproj = sum(2 * p.numel() for m in (self.q, self.proj) for p in m.parameters())
+        return qproj + 2 * S * self.kv.weight.numel() + 4 * S * C + self.char_mixing.flops_per_token(seq_len)
+
 
 class NoChars(nn.Module):
     """--mot=off: the token embedding alone (no parameters, no buffers)."""
@@ -1330,16 +1772,31 @@ class NoChars(nn.Module):
     def forward(self, tok: Tensor, inputs: Tensor) -> Tensor:
         return tok
 
+    def flops_per_token(self, seq_len: int) -> int:
+        return 0
+
 
 def build_mot(args: Hyperparameters) -> nn.Module:
     return NoChars() if args.mot == "off" else CharCrossAttention(args)
+
+
+def softcap_r21(z: Tensor) -> Tensor:
+    return 30 * torch.sigmoid(z / 7.5)
+
+
+def softcap_frontier(z: Tensor) -> Tensor:
+    """Record 54's rescaled cap: logits in (0, 23), the sigmoid shifted so a zero logit starts near 23 * 0.34."""
+    return 23 * torch.sigmoid((z + 5) / 7.5)
+
+
+SOFTCAPS = dict(r21=softcap_r21, frontier=softcap_frontier)  # --softcap
 
 
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         L, dim, nve = args.num_layers, args.model_dim, args.num_value_embeds
-        max_seq_len = max(args.seq_len, args.val_seq_len)
+        max_seq_len = max_sequence_length(args)
         padded_vocab = next_multiple(args.vocab_size, 128)
         self.embed = nn.Embedding(padded_vocab if args.tie_embeddings else args.vocab_size, dim)
         self.embed_noise = NEFTune(args.neftune_alpha) if args.neftune_alpha > 0 else nn.Identity()
@@ -1352,16 +1809,23 @@ class GPT(nn.Module):
             CastedLinear(dim, padded_vocab, zero_init=True)
         self.moe_layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
         self.vocab_size = args.vocab_size  # real tokens; the head's padding rows are never targets
+        self.softcap = SOFTCAPS[args.softcap]
         # layer -> value-embedding table: tables 0..nve-1 for the first nve layers and again for the last nve
         self.ve_table = [i if i < nve else (i - (L - nve) if i >= L - nve else None) for i in range(L)]
         half = args.window_pattern[:L // 2]
         self.window_kind = list(half + half[::-1])
-        self.eval_chunk_tokens = args.seq_len  # validation computes head + loss in chunks of this many tokens
-        self.default_window_blocks = next_multiple(args.window_schedule_tokens, BLOCK_SIZE) // BLOCK_SIZE
+        # validation computes head + loss in chunks of this many tokens
+        self.eval_chunk_tokens = max(st.seq_len for st in training_stages(args)) if args.stages else args.seq_len
+        # the long window (blocks) when none is given: sampling and evaluation tools
+        self.default_window_blocks = window_at(total_steps(args), args, final=True)[0] if args.stages else \
+            next_multiple(args.window_schedule_tokens, BLOCK_SIZE) // BLOCK_SIZE
 
     def attention_masks(self, inputs: Tensor, window_blocks) -> dict:
-        """Build the long and the short mask once per sequence; every block reuses one of them."""
+        """Build the long and the short mask once per sequence; every block reuses one of them. window_blocks: the
+        long window (the short one is its half), or a (long, short) pair (--stages)."""
         build = mask_builder(inputs)
+        if isinstance(window_blocks, tuple):
+            return {"L": build(inputs, window_blocks[0]), "S": build(inputs, window_blocks[1])}
         return {"L": build(inputs, window_blocks), "S": build(inputs, window_blocks, halvings=1)}
 
     def forward(self, inputs: Tensor, targets: Tensor | None = None, window_blocks=None) -> Tensor:
@@ -1400,7 +1864,7 @@ class GPT(nn.Module):
         return norm(x)[0]
 
     def logits(self, x: Tensor) -> Tensor:
-        return 30 * torch.sigmoid(self.lm_head(x).float() / 7.5)
+        return self.softcap(self.lm_head(x).float())
 
     def moe_aux_loss(self):
         """The MoE load-balancing losses of the last forward, summed and cleared (0 without MoE layers)."""
@@ -1411,14 +1875,15 @@ class GPT(nn.Module):
 
 
 def build_model(args: Hyperparameters) -> GPT:
-    """The model in fp32 on the CPU; main() moves it to the device (embeddings to bf16 on GPU)."""
-    return GPT(args)
+    """The model in fp32 on the CPU; main() moves it to the device (embeddings to bf16 on GPU). --weight_init then
+    redraws the recipe's matrices (uniform: nothing to redraw), so every other parameter is the same draw."""
+    return WEIGHT_INITS[args.weight_init](GPT(args))
 
 
 def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     """Which optimizer owns which parameter: the recipe's split (Kronecker factors: --kron_optimizer). 3-D expert
     and merged weights go to Muon as batches of matrices; learned_gelu's per-channel affine is a scalar group."""
-    kron = [p for m in model.blocks.modules() if isinstance(m, KronLinear) for p in (m.A, m.B)]
+    kron = [p for m in model.blocks.modules() if isinstance(m, (KronLinear, GroupedKronLinear)) for p in (m.A, m.B)]
     kron_to_adam = args is not None and args.kron_optimizer == "adam"
     adam_ids = {id(p) for p in kron} if kron_to_adam else set()
     matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids]
@@ -1433,16 +1898,95 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     return groups
 
 
+ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars", "kron")
+
+
+def parse_group_values(text: str, flag: str, parse) -> dict:
+    """--adam_group_betas / --adam_group_wd: 'group=value,...' -> {group: parse(value)}."""
+    values = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in ADAM_GROUPS:
+            raise SystemExit(f"error: --{flag}: unknown Adam group {name!r}; groups: {', '.join(ADAM_GROUPS)}")
+        try:
+            values[name] = parse(value)
+        except ValueError:
+            raise SystemExit(f"error: --{flag}={text!r}: bad value {value!r} for {name}") from None
+    return values
+
+
+def parse_betas(text: str) -> tuple[float, float]:
+    b1, b2 = (float(v) for v in text.split("/"))
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError("betas in [0, 1)")
+    return b1, b2
+
+
+def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
+    """The Adam groups with their LR, betas and weight decay (--adam_group_betas/--adam_group_wd name them)."""
+    groups = param_groups(model, args)
+    value_embeds = {id(e.weight) for e in model.value_embeds}
+    params = dict(head=groups["head"], embed=[p for p in groups["embeds"] if id(p) not in value_embeds],
+                  value_embeds=[p for p in groups["embeds"] if id(p) in value_embeds], scalars=groups["scalars"],
+                  kron=groups["kron"])
+    lrs = dict(head=args.head_lr, embed=args.embed_lr, value_embeds=args.value_embed_lr or args.embed_lr,
+               scalars=args.scalar_lr, kron=args.kron_adam_lr)
+    betas = parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
+    wd_mults = parse_group_values(args.adam_group_wd, "adam_group_wd", float)
+    return [dict(name=name, params=params[name], lr=lrs[name],
+                 betas=betas.get(name, (args.adam_beta1, args.adam_beta2)),
+                 weight_decay=args.adam_wd * wd_mults.get(name, 1.0))
+            for name in ADAM_GROUPS if params[name]]
+
+
+class CautiousAdam(torch.optim.Optimizer):
+    """Adam with cautious weight decay (--adam_wd > 0; frontier recipe section 2.2). Bias-corrected, eps outside
+    the square root: update = lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), fp32 moments. Where
+    update * W > 0 (strictly: decay only pulls W toward zero where the update already does), W -= lr^2 *
+    weight_decay * W, then W -= update."""
+
+    def __init__(self, params, lr: float, betas: tuple, eps: float, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+            decay = lr * lr * group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad.float()
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                update = m / (v.sqrt() + eps) * (lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t))
+                if decay:
+                    p.sub_((p.float() * (update * p.float() > 0)).to(p.dtype), alpha=decay)
+                p.sub_(update.to(p.dtype))
+
+
 def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_size: int = 1) -> list:
     groups = param_groups(model, args)
-    adam_groups = [dict(params=groups["head"], lr=args.head_lr), dict(params=groups["embeds"], lr=args.embed_lr),
-                   dict(params=groups["scalars"], lr=args.scalar_lr)]
-    if groups["kron"]:
-        adam_groups.append(dict(params=groups["kron"], lr=args.kron_adam_lr))
-    adam = torch.optim.Adam([g for g in adam_groups if g["params"]], betas=(args.adam_beta1, args.adam_beta2),
-                            eps=args.adam_eps, fused=groups["embeds"][0].is_cuda)
+    adam_groups = adam_param_groups(model, args)
+    if args.adam_wd > 0:
+        adam = CautiousAdam(adam_groups, lr=args.head_lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    else:
+        adam = torch.optim.Adam(adam_groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                                fused=groups["embeds"][0].is_cuda)
+    # --muon_proj_lr_mult: the dense MLP output projections (the frontier recipe's c_proj LR is 4x the base)
+    projections = [m.c_proj.weight for m in model.blocks.modules()
+                   if isinstance(m, (MLP, SwiGLUMLP)) and type(m.c_proj) is CastedLinear]
     muon = Muon(groups["matrices"], lr=args.muon_lr, momentum=args.muon_momentum_start, ns_steps=args.ns_steps,
-                rank=rank, world_size=world_size)
+                rank=rank, world_size=world_size, weight_decay=args.muon_wd,
+                lr_mults={p: args.muon_proj_lr_mult for p in projections if args.muon_proj_lr_mult != 1.0})
+    muon.orthogonalize = ORTHOGONALIZERS[args.muon_ns]
+    muon.normalize = NorMuon(args.normuon_beta2) if args.normuon_beta2 > 0 else None
     if world_size > 1:
         muon.grad_sync = GradientSync(list(model.parameters()))
     if model.moe_layers:
@@ -1453,7 +1997,95 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
     return [adam, muon]
 
 
+@dataclass(frozen=True)
+class Stage:
+    """Steps start..end-1 of a staged run (--stages): sequence length, document cap, windows in blocks, LR level."""
+    start: int
+    end: int
+    seq_len: int
+    doc_cap: int
+    short: int
+    long: int
+    lr_mult: float
+
+
+def parse_windows(text: str, flag: str) -> tuple[int, int]:
+    """'short-long' window sizes in 128-token blocks."""
+    try:
+        short, long = (int(v) for v in text.split("-"))
+        assert 1 <= short <= long
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: --{flag}: {text!r} is not short-long window blocks with 1 <= short <= long "
+                         f"(e.g. 3-7)") from None
+    return short, long
+
+
+@functools.lru_cache(maxsize=8)
+def _stages(spec: str, num_iterations: int, extension_steps: int, extension_window: str,
+            final_lr_frac: float) -> tuple[Stage, ...]:
+    items = spec.split(",")
+    stages = []
+    for i, item in enumerate(items):
+        try:
+            seq_len, doc_cap, windows, lr_mult = item.split(":")
+            stages.append(Stage(round(num_iterations * i / len(items)), round(num_iterations * (i + 1) / len(items)),
+                                int(seq_len), int(doc_cap), *parse_windows(windows, "stages"), float(lr_mult)))
+        except ValueError:
+            raise SystemExit(f"error: --stages: {item!r} is not seq_len:doc_cap:short-long:lr_mult "
+                             f"(e.g. 16384:896:1-3:1.0)") from None
+    if extension_steps:
+        last = stages[-1]
+        windows = parse_windows(extension_window, "extension_window") if extension_window else (last.short, last.long)
+        stages.append(Stage(num_iterations, num_iterations + extension_steps, last.seq_len, last.doc_cap, *windows,
+                            final_lr_frac))
+    return tuple(stages)
+
+
+def training_stages(args: Hyperparameters) -> tuple[Stage, ...]:
+    """--stages parsed: n stages split num_iterations into equal parts (boundaries rounded), then the extension
+    steps as one more stage at the last stage's length. Empty without --stages (#21's single schedule)."""
+    if not args.stages:
+        return ()
+    return _stages(args.stages, args.num_iterations, args.extension_steps, args.extension_window, args.final_lr_frac)
+
+
+def stage_at(step: int, stages: tuple[Stage, ...]) -> Stage:
+    return next((st for st in stages if step < st.end), stages[-1])
+
+
+def total_steps(args: Hyperparameters) -> int:
+    """Optimizer steps of the run: the scheduled num_iterations plus the extension steps."""
+    return args.num_iterations + args.extension_steps
+
+
+def sequence_length(step: int, args: Hyperparameters) -> int:
+    stages = training_stages(args)
+    return stage_at(step, stages).seq_len if stages else args.seq_len
+
+
+def tokens_after(steps: int, args: Hyperparameters) -> int:
+    """Training tokens consumed by the first `steps` steps (over all ranks)."""
+    stages = training_stages(args)
+    if not stages:
+        return steps * args.micro_batches * args.seq_len
+    return sum(max(0, min(steps, st.end) - st.start) * args.micro_batches * st.seq_len for st in stages)
+
+
+def max_sequence_length(args: Hyperparameters) -> int:
+    """The longest sequence the model sees (rotary tables): training stages and validation."""
+    return max([args.seq_len if not args.stages else 0, args.val_seq_len]
+               + [st.seq_len for st in training_stages(args)])
+
+
 def lr_multiplier(step: int, args: Hyperparameters) -> float:
+    stages = training_stages(args)
+    if stages:  # the stage's level until the cooldown, then linear to final_lr_frac at num_iterations (and after)
+        start = int((1 - args.cooldown_frac) * args.num_iterations)
+        level = stage_at(step, stages).lr_mult
+        if step < start:
+            return level
+        t = min(1.0, (step - start) / max(args.num_iterations - start, 1))
+        return level * (1 - t) + args.final_lr_frac * t
     x = step / args.num_iterations
     if x < 1 - args.cooldown_frac:
         return 1.0
@@ -1462,14 +2094,58 @@ def lr_multiplier(step: int, args: Hyperparameters) -> float:
 
 
 def muon_momentum(step: int, args: Hyperparameters) -> float:
+    """Linear warm-up from start to end; with --muon_momentum_cooldown_steps, back to start over the last steps."""
     frac = min(step / args.muon_momentum_warmup_steps, 1) if args.muon_momentum_warmup_steps else 1.0
+    cooldown, left = args.muon_momentum_cooldown_steps, total_steps(args) - step
+    if cooldown and left < cooldown:
+        frac = min(frac, left / cooldown)
     return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum_end
 
 
 def long_window_blocks(step: int, args: Hyperparameters) -> int:
-    """Long sliding window (in 128-token blocks) at a step: grows from 1 block to the schedule's end."""
+    """Long sliding window (in 128-token blocks) at a step: grows from 1 block to the schedule's end (#21), or the
+    stage's long window (--stages)."""
+    stages = training_stages(args)
+    if stages:
+        return stage_at(step, stages).long
     tokens = args.window_schedule_tokens * step / args.num_iterations
     return max(1, math.ceil(tokens / BLOCK_SIZE))
+
+
+def window_at(step: int, args: Hyperparameters, final: bool = False):
+    """What the model's forward takes as its window: #21's long window in blocks (the short one is its half), or
+    with --stages a (long, short) pair. final: the window of the final validation (--val_window)."""
+    stages = training_stages(args)
+    if not stages:
+        return long_window_blocks(step, args)
+    if final and args.val_window:
+        short, long = parse_windows(args.val_window, "val_window")
+    else:
+        stage = stage_at(step, stages)
+        short, long = stage.short, stage.long
+    return long, short
+
+
+def long_window_history(step: int, args: Hyperparameters) -> list[int]:
+    """The long windows (tokens) of every stage up to the one holding `step`: what YaRN has adapted to."""
+    stages = training_stages(args)
+    return [st.long * BLOCK_SIZE for st in stages if st.start <= step]
+
+
+def stage_table(args: Hyperparameters) -> str:
+    """One line per stage for describe_model and the run log."""
+    stages = training_stages(args)
+    if not stages:
+        return ""
+    lines = ["stages: steps | tokens/step | seq_len | doc cap | windows short/long (blocks) | LR level"]
+    for i, st in enumerate(stages):
+        name = "ext" if i == len(stages) - 1 and args.extension_steps else str(i + 1)
+        lines.append(f"  {name:>3}: {st.start}-{st.end - 1} | {args.micro_batches * st.seq_len:,} | {st.seq_len} | "
+                     f"{st.doc_cap} | {st.short}/{st.long} | {st.lr_mult:g}")
+    final = window_at(total_steps(args), args, final=True)
+    lines.append(f"  final validation windows {final[1]}/{final[0]} blocks; "
+                 f"{tokens_after(total_steps(args), args):,} training tokens")
+    return "\n".join(lines)
 
 
 def count_params(model: nn.Module) -> int:
@@ -1490,16 +2166,17 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
     shorten it), and the head. Training costs about 3x the forward."""
     attns = [b.attn for b in model.blocks if b.attn is not None]
     mlps = [b.mlp for b in model.blocks]
-    long_blocks = long_window_blocks(args.num_iterations, args)
-    context = {k: min(args.seq_len, n * BLOCK_SIZE - BLOCK_SIZE // 2)
-               for k, n in (("L", long_blocks), ("S", max(long_blocks // 2, 1)))}
+    final = window_at(total_steps(args), args, final=True)
+    long_blocks, short_blocks = final if isinstance(final, tuple) else (final, max(final // 2, 1))
+    context = {k: min(model.eval_chunk_tokens, n * BLOCK_SIZE - BLOCK_SIZE // 2)
+               for k, n in (("L", long_blocks), ("S", short_blocks))}
     score_flops = sum(2 * context[model.window_kind[i]] * b.attn.num_heads * (b.attn.qk_dim + b.attn.v_dim)
                       for i, b in enumerate(model.blocks) if b.attn is not None)
     attn_flops = sum(dense_flops_per_token(a) for a in attns) + score_flops
     mlp_flops = sum(m.flops_per_token() if isinstance(m, MoE) else dense_flops_per_token(m) for m in mlps)
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied
     head_flops = 2 * model.lm_head.weight.numel()
-    mot_params = count_params(model.mot)
+    mot_params, mot_flops = count_params(model.mot), model.mot.flops_per_token(model.eval_chunk_tokens)
     embeds = model.embed.weight.numel() + sum(e.weight.numel() for e in model.value_embeds)
     attn_params, mlp_params = sum(map(count_params, attns)), sum(map(count_params, mlps))
     other = count_params(model) - embeds - sum(p.numel() for p in head) - attn_params - mlp_params - mot_params
@@ -1516,7 +2193,9 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
             f"{f' + mot {type(model.mot).__name__} {mot_params:,}' if mot_params else ''} = {count_params(model):,}\n"
             f"forward FLOPs/token: attention {attn_flops / 1e6:.1f}M (of which scores {score_flops / 1e6:.1f}M "
             f"at windows {context['L']}/{context['S']}) + mlp {mlp_flops / 1e6:.1f}M (active) + head "
-            f"{head_flops / 1e6:.1f}M = {(attn_flops + mlp_flops + head_flops) / 1e6:.1f}M")
+            f"{head_flops / 1e6:.1f}M{f' + mot {mot_flops / 1e6:.1f}M' if mot_flops else ''} = "
+            f"{(attn_flops + mlp_flops + head_flops + mot_flops) / 1e6:.1f}M"
+            + (f"\n{stage_table(args)}" if args.stages else ""))
 
 
 @torch.no_grad()
@@ -1616,6 +2295,14 @@ def steps_available(files: list[Path], batch_tokens: int) -> int:
 
 
 def require_train_steps(files: list[Path], args: Hyperparameters) -> list[Path]:
+    if args.bos_align:  # a lower bound: capped and cut documents skip tokens, found when the stream runs out
+        needed = tokens_after(total_steps(args), args) + total_steps(args) * args.micro_batches
+        available = sum(read_shard_header(f) for f in files)
+        if available < needed:
+            raise SystemExit(f"error: {args.train_files!r} holds {available:,} tokens but the run needs at least "
+                             f"{needed:,}; download more shards (python data/cached_fineweb10B.py N, 100M tokens "
+                             f"each) or lower --num_iterations")
+        return files
     global_tokens = args.micro_batches * args.seq_len
     available = steps_available(files, global_tokens)
     if available < args.num_iterations:
@@ -1634,9 +2321,77 @@ def require_val_tokens(files: list[Path], args: Hyperparameters, world_size: int
     return files
 
 
+class DocumentStream:
+    """The training shards as documents in order, one shard in memory. A document starts at an EOT token and ends
+    before the next one (or at its shard's end); a shard's tokens before its first EOT are skipped."""
+
+    def __init__(self, files: list[Path]):
+        self.files = iter(files)
+        self.tokens, self.starts, self.ends, self.next_doc = None, [], [], 0
+
+    def _load_next_shard(self):
+        path = next(self.files, None)
+        if path is None:
+            raise RuntimeError("the training shards ran out of documents; download more shards (python "
+                               "data/cached_fineweb10B.py N) or lower --num_iterations")
+        self.tokens = load_data_shard(path).numpy()
+        self.starts = np.flatnonzero(self.tokens == EOT_TOKEN)
+        self.ends = np.append(self.starts[1:], len(self.tokens))
+        self.next_doc = 0
+
+    def sequence(self, length: int, doc_cap: int, build: bool = True) -> np.ndarray | None:
+        """The next `length` tokens as whole documents from the next unused document start, each cut to doc_cap
+        tokens; the last one is cut to what is still needed and its rest skipped (the next sequence starts at the
+        next document). build=False only advances (another rank's sequence)."""
+        pieces, need = [], length
+        while need:
+            while self.next_doc == len(self.starts):
+                self._load_next_shard()
+            start, end = self.starts[self.next_doc], self.ends[self.next_doc]
+            self.next_doc += 1
+            n = min(end - start, doc_cap, need)
+            if build:
+                pieces.append(self.tokens[start:start + n])
+            need -= n
+        return np.concatenate(pieces) if build else None
+
+
+def aligned_train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device,
+                          start_step: int = 0):
+    """--bos_align (frontier recipe section 1.1): every sequence starts at a document start; each step makes the
+    global batch's micro_batches sequences in stream order (stage length + 1 tokens, documents capped at the stage's
+    doc_cap) and rank r keeps sequences r * accum .. (r + 1) * accum - 1, so the math is the same on any number of
+    ranks. Resuming replays the stream's document boundaries up to start_step without building the sequences."""
+    stream = DocumentStream(find_shards(args.train_files, "train"))
+    stages, accum = training_stages(args), args.micro_batches // world_size
+    for step in range(total_steps(args)):
+        stage = stage_at(step, stages) if stages else None
+        length, cap = (stage.seq_len, stage.doc_cap) if stage else (args.seq_len, args.seq_len + 1)
+        mine = range(rank * accum, (rank + 1) * accum) if step >= start_step else range(0)
+        sequences = [stream.sequence(length + 1, cap, build=i in mine) for i in range(args.micro_batches)]
+        if step < start_step:
+            continue
+        batch = []
+        for tokens in (sequences[i] for i in mine):
+            buf = torch.from_numpy(tokens.astype(np.int64))
+            buf = buf.pin_memory() if device.type == "cuda" else buf
+            batch.append((buf[:-1].to(device=device, dtype=torch.int32, non_blocking=True),
+                          buf[1:].to(device=device, non_blocking=True)))
+        yield batch
+
+
 def train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device, start_step: int = 0):
     """Each step: the next micro_batches x seq_len tokens; rank r reads its contiguous share, then splits it into
-    micro_batches / world_size sequences (one per accumulation micro-step). Starts at batch `start_step`."""
+    micro_batches / world_size sequences (one per accumulation micro-step). Starts at batch `start_step`.
+    --bos_align: aligned_train_batches."""
+    if args.bos_align:
+        require_train_steps(find_shards(args.train_files, "train"), args)
+        return aligned_train_batches(args, rank, world_size, device, start_step)
+    return contiguous_train_batches(args, rank, world_size, device, start_step)
+
+
+def contiguous_train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device,
+                             start_step: int = 0):
     files = require_train_steps(find_shards(args.train_files, "train"), args)
     global_tokens, accum = args.micro_batches * args.seq_len, args.micro_batches // world_size
     local = token_batches(files, global_tokens, rank * accum * args.seq_len, accum * args.seq_len, device,
@@ -1732,7 +2487,7 @@ CHECKPOINT_FORMAT = "train_gpt-checkpoint-v1"
 
 
 def save_checkpoint(path: Path, model: GPT, optimizers: list, args: Hyperparameters, step: int,
-                    train_time_ms: float, weights_only: bool = False) -> Path:
+                    train_time_ms: float, weights_only: bool = False, pending_grads: list | None = None) -> Path:
     """Everything a run needs to continue exactly. Written to a temp file and renamed, so a crash never leaves a
     half-written checkpoint under the final name. Optimizer states are identical on every rank once Muon's momentum
     has been gathered from its owners (Muon.gather_momentum(), which the run calls first), so rank 0's file is the
@@ -1741,15 +2496,30 @@ def save_checkpoint(path: Path, model: GPT, optimizers: list, args: Hyperparamet
         format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers],
         step=step, train_time_ms=train_time_ms, args=dataclasses.asdict(args),
         code={name: (HERE / name).read_text() for name in ("train_gpt.py", "kernels.py")},
-        data=dict(step=step, tokens=step * args.micro_batches * args.seq_len, train_files=args.train_files),
-        rng=torch.get_rng_state())
+        data=dict(step=step, tokens=tokens_after(step, args), train_files=args.train_files),
+        rng=torch.get_rng_state(), pending_grads=pending_grads)
     if weights_only:  # for --init_from, eval, sample and teachers: the optimizer states are most of the bytes
-        for key in ("optimizers", "rng"):
+        for key in ("optimizers", "rng", "pending_grads"):
             del state[key]
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
     return path
+
+
+def pending_gradients(adam: torch.optim.Optimizer, world_size: int) -> list | None:
+    """Collective. Adam's gradients still waiting for their step (--adam_every > 1), one entry per Adam parameter
+    (None where there is none), for a checkpoint: each rank's local sum, averaged over ranks, so that a resumed run,
+    whose ranks each start from the average, sums to the same total. None when nothing is pending."""
+    grads = [p.grad for group in adam.param_groups for p in group["params"]]
+    if all(g is None for g in grads):
+        return None
+    pending = [None if g is None else g.detach().float().clone() for g in grads]
+    for g in pending:
+        if g is not None and world_size > 1:
+            dist.all_reduce(g)
+            g /= world_size
+    return [None if g is None else g.cpu() for g in pending]
 
 
 def load_checkpoint(path: str, mmap: bool = False) -> dict:
@@ -1855,17 +2625,42 @@ def synchronize(device: torch.device):
 
 
 class WindowTensors:
-    """The long-window size of each step as a device tensor, made once per distinct value (a few dozen over a run)
-    rather than copied from Python every step. A tensor, not an int, so a new size reuses the compiled graph."""
+    """The window of each step (window_at) as device tensors, made once per distinct value (a few dozen over a run)
+    rather than copied from Python every step. Tensors, not ints, so a new size reuses the compiled graph."""
 
     def __init__(self, args: Hyperparameters, device: torch.device):
         self.args, self.device, self.cache = args, device, {}
 
-    def __getitem__(self, step: int) -> Tensor:
-        blocks = long_window_blocks(step, self.args)
+    def _tensors(self, blocks):
         if blocks not in self.cache:
-            self.cache[blocks] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
+            make = lambda n: torch.tensor(n, dtype=torch.int32, device=self.device)
+            self.cache[blocks] = tuple(map(make, blocks)) if isinstance(blocks, tuple) else make(blocks)
         return self.cache[blocks]
+
+    def __getitem__(self, step: int):
+        return self._tensors(window_at(step, self.args))
+
+    def final(self):
+        """The window of the final validation (--val_window with --stages; else the last step's)."""
+        return self._tensors(window_at(total_steps(self.args), self.args, final=True))
+
+
+class RotaryWindows:
+    """--yarn: keeps every YarnRotary adapted to the long windows of the stages so far, updating the buffers in
+    place when a step enters a stage with a new long window (and on resume or after the warm-up: set(step))."""
+
+    def __init__(self, model: nn.Module, args: Hyperparameters):
+        self.args, self.history = args, None
+        self.rotaries = [m for m in model.modules() if isinstance(m, YarnRotary)]
+
+    def set(self, step: int):
+        if not self.rotaries:
+            return
+        history = long_window_history(step, self.args)
+        if history != self.history:
+            for rotary in self.rotaries:
+                rotary.set_windows(history)
+            self.history = history
 
 
 class LossWatch:
@@ -1906,11 +2701,19 @@ def train_step(model, optimizers, micro_batches, window, args, step, world_size)
 
     With several ranks the gradient all-reduces start during the last backward (GradientSync) and each optimizer
     waits only for its own gradients; Muon steps first so its Newton-Schulz overlaps the rest of the reduction.
-    The optimizers own disjoint parameters, so their order does not change the math."""
+    The optimizers own disjoint parameters, so their order does not change the math. Micro-batches are sequences of
+    one length (the step's stage)."""
     sync = next((opt.grad_sync for opt in optimizers if isinstance(opt, Muon)), None)
     if world_size > 1 and sync is None:
         raise ValueError(f"train_step at world_size {world_size} needs optimizers built for it: "
                          f"build_optimizers(model, args, rank, world_size) sums the gradients over ranks")
+    # Muon steps every step, Adam every --adam_every steps on the gradients of those steps summed
+    adam_due = (step + 1) % args.adam_every == 0
+    stepping = sorted((opt for opt in optimizers if isinstance(opt, Muon) or adam_due),
+                      key=lambda o: not isinstance(o, Muon))
+    if sync is not None:
+        sync.deferred = set() if adam_due else {p for opt in optimizers if not isinstance(opt, Muon)
+                                                for group in opt.param_groups for p in group["params"]}
     step_loss = torch.zeros((), device=micro_batches[0][0].device)
     for i, (inputs, targets) in enumerate(micro_batches):
         if sync is not None:
@@ -1923,7 +2726,7 @@ def train_step(model, optimizers, micro_batches, window, args, step, world_size)
         sync.reduce_rest()
     loss_handle = dist.all_reduce(step_loss, async_op=True) if world_size > 1 else None
     lr_mult, momentum = lr_multiplier(step, args), muon_momentum(step, args)
-    for opt in sorted(optimizers, key=lambda o: not isinstance(o, Muon)):
+    for opt in stepping:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_mult
             if isinstance(opt, Muon):
@@ -1935,7 +2738,8 @@ def train_step(model, optimizers, micro_batches, window, args, step, world_size)
         sync.wait(list(sync.handles))
     if loss_handle is not None:
         loss_handle.wait()
-    model.zero_grad(set_to_none=True)
+    for opt in stepping:  # the others keep their gradients to sum them with the next steps'
+        opt.zero_grad(set_to_none=True)
     return step_loss
 
 
@@ -1949,6 +2753,16 @@ def evaluate(model, batches, window, world_size) -> float:
     return all_reduce_sum_(total, world_size).item() / (len(batches) * world_size)
 
 
+def warmup_schedule(args: Hyperparameters) -> list[int]:
+    """The steps whose shapes and schedule values the compile warm-up imitates: the first warmup_steps, or with
+    --stages an equal share at the start of every stage, so each stage's graph is compiled before the clock runs."""
+    stages = training_stages(args)
+    if not stages or not args.warmup_steps:
+        return list(range(args.warmup_steps))
+    share = math.ceil(args.warmup_steps / len(stages))
+    return [st.start + j for st in stages for j in range(min(share, st.end - st.start))]
+
+
 def compile_warmup(model, raw_model, optimizers, args, env, val_window):
     """Compile forward/backward/optimizer kernels on random tokens, then restore the initial state exactly."""
     model_state = copy.deepcopy(raw_model.state_dict())
@@ -1956,8 +2770,9 @@ def compile_warmup(model, raw_model, optimizers, args, env, val_window):
     gen = torch.Generator().manual_seed(12345)
     accum = args.micro_batches // env.world_size
     windows = WindowTensors(args, env.device)
-    for step in range(args.warmup_steps):
-        tokens = torch.randint(0, args.vocab_size, (accum, args.seq_len + 1), generator=gen).to(env.device)
+    for step in warmup_schedule(args):
+        tokens = torch.randint(0, args.vocab_size, (accum, sequence_length(step, args) + 1), generator=gen)
+        tokens = tokens.to(env.device)
         micro = [(t[:-1].int(), t[1:].long()) for t in tokens]
         window = windows[step]
         train_step(model, optimizers, micro, window, args, step, env.world_size)
@@ -1967,6 +2782,7 @@ def compile_warmup(model, raw_model, optimizers, args, env, val_window):
     raw_model.load_state_dict(model_state)
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
+    raw_model.zero_grad(set_to_none=True)  # gradients kept for a later Adam step (--adam_every) are warm-up's
 
 
 @torch.no_grad()
@@ -2089,9 +2905,12 @@ def main(argv: list[str] | None = None) -> int:
             opt.load_state_dict(state)
         torch.set_rng_state(resume["rng"])
         start_step, train_time_ms = resume["step"], resume["train_time_ms"]
+        adam_params = [p for group in optimizers[0].param_groups for p in group["params"]]
+        for p, grad in zip(adam_params, resume.get("pending_grads") or [None] * len(adam_params), strict=True):
+            p.grad = None if grad is None else grad.to(device=p.device, dtype=p.dtype)
     compiled = args.compile and on_gpu
     if compiled:
-        optimizers[1].orthogonalize = torch.compile(zeropower_via_newtonschulz5)
+        optimizers[1].orthogonalize = torch.compile(optimizers[1].orthogonalize)
     train_model = torch.compile(trainee, dynamic=False) if compiled else trainee
 
     groups = param_groups(model, args)
@@ -2118,7 +2937,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_loader = train_batches(args, env.rank, env.world_size, env.device, start_step)
     val_data = val_batches(args, env.rank, env.world_size, env.device)
-    final_window = WindowTensors(args, env.device)[args.num_iterations]
+    final_window = WindowTensors(args, env.device).final()
     if compiled and args.warmup_steps:
         t = time.perf_counter()
         compile_warmup(train_model, trainee, optimizers, args, env, final_window)
@@ -2128,28 +2947,32 @@ def main(argv: list[str] | None = None) -> int:
         """Untimed: every rank hands its Muon momentum to the others, then rank 0 writes while the others wait at
         the next collective."""
         optimizers[1].gather_momentum()
+        pending = pending_gradients(optimizers[0], env.world_size)
         if env.master:
             path = save_checkpoint(record.path.with_name(f"{record.path.stem}_{name}.pt"), model, optimizers,
-                                   args, step, train_time_ms, weights_only)
+                                   args, step, train_time_ms, weights_only, pending)
             log(f"checkpoint: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
             return path
 
     status, reason, val_loss, step, saved = "ok", None, float("nan"), start_step, None
     windows = WindowTensors(args, env.device)
+    rotary_windows = RotaryWindows(model, args)
     loss_watch = LossWatch(env.device)
     stop = StopRequest()
+    steps = total_steps(args)
     try:
         synchronize(env.device)
         t0 = time.perf_counter()
-        for step in range(start_step, args.num_iterations + 1):
+        for step in range(start_step, steps + 1):
             stop.check()
-            last = step == args.num_iterations
+            last = step == steps
             window = windows[step]
+            rotary_windows.set(step)
             if last or (args.val_every > 0 and step % args.val_every == 0):
                 synchronize(env.device)
                 train_time_ms += 1000 * (time.perf_counter() - t0)
-                val_loss = evaluate(train_model, val_data, window, env.world_size)
-                log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+                val_loss = evaluate(train_model, val_data, final_window if last else window, env.world_size)
+                log(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
                     f"step_avg:{train_time_ms / max(step, 1):.2f}ms{moe_utilization(model)}")
                 if not math.isfinite(val_loss):
                     status, reason = "failed", f"non-finite val loss at step {step}"
@@ -2172,7 +2995,7 @@ def main(argv: list[str] | None = None) -> int:
                 status, reason = "failed", f"non-finite train loss at step {bad_step}"
                 break
             approx_ms = train_time_ms + 1000 * (time.perf_counter() - t0)
-            log(f"step:{step + 1}/{args.num_iterations} train_time:{approx_ms:.0f}ms "
+            log(f"step:{step + 1}/{steps} train_time:{approx_ms:.0f}ms "
                 f"step_avg:{approx_ms / (step + 1):.2f}ms")
         bad_step = loss_watch.first_nonfinite(wait=True)
         if status == "ok" and bad_step is not None:
@@ -2211,10 +3034,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"status: failed reason: {reason}")
     if args.save_checkpoint != "off":
         saved = checkpoint(step, "final", weights_only=args.save_checkpoint == "weights")
-    tokens_per_step = args.micro_batches * args.seq_len
+    tokens_per_step = args.micro_batches * sequence_length(max(step - 1, 0), args)  # the last stage's
     summary = dict(
         status=status, final_val_loss=val_loss if math.isfinite(val_loss) else None, train_time_ms=train_time_ms,
-        step_avg_ms=train_time_ms / max(step, 1), steps=step, tokens=step * tokens_per_step,
+        step_avg_ms=train_time_ms / max(step, 1), steps=step, tokens=tokens_after(step, args),
         tokens_per_step=tokens_per_step, world_size=env.world_size, device=device_name(env.device),
         track=args.track, run_name=args.run_name, date=time.strftime("%Y-%m-%d"), seed=args.seed,
         params=count_params(model), non_embedding_params=count_params(model.blocks), flags=changed_flags(args),

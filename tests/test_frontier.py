@@ -1,0 +1,356 @@
+"""Frontier I (issue 13): the data, schedule and optimizer half of the post-#21 recipe. Reference values from
+../shared/docs/frontier_recipe.md; hand-computed examples for Polar Express, NorMuon, cautious weight decay, YaRN
+and the document-aligned loader; end-to-end: frontier_smoke trains, resumes exactly across a stage boundary, and
+1 process equals 2."""
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import load_script, smoke_args, smoke_model, summary_of, write_shard
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def frontier(*flags):
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier", *flags])
+    tg.check_config(args, 8)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def test_lr_multiplier_reference_values():
+    args = frontier()
+    expected = {600: 1.3546, 846: 0.9123, 847: 1.0271, 1000: 0.7098, 1269: 0.1521, 1270: 0.15, 1284: 0.15}
+    for step, value in expected.items():
+        assert tg.lr_multiplier(step, args) == pytest.approx(value, abs=5e-5), step
+    assert tg.lr_multiplier(0, args) == 1.0 and tg.lr_multiplier(507, args) == 1.52  # cooldown starts at 508
+    assert tg.lr_multiplier(423, args) == 1.52 and tg.lr_multiplier(422, args) == 1.0  # stage boundaries
+    assert tg.total_steps(args) == 1285
+
+
+def test_stages_windows_tokens_and_momentum():
+    args = frontier()
+    stages = tg.training_stages(args)
+    assert [(s.start, s.end) for s in stages] == [(0, 423), (423, 847), (847, 1270), (1270, 1285)]
+    assert [(s.seq_len, s.doc_cap, s.short, s.long) for s in stages] == [
+        (16384, 896, 1, 3), (32768, 2048, 3, 7), (49152, 2048, 5, 11), (49152, 2048, 6, 13)]
+    assert tg.window_at(0, args) == (3, 1) and tg.window_at(1284, args) == (13, 6)
+    assert tg.window_at(1285, args, final=True) == (20, 6)
+    assert tg.tokens_after(1285, args) == 423 * 131072 + 424 * 262144 + 423 * 393216 + 15 * 393216
+    assert tg.tokens_after(1285, args) == pytest.approx(338.8e6, rel=1e-3)  # the recipe's 338.8 M tokens
+    # NorMuon momentum: 0.85 -> 0.95 over 300 steps, 0.95, then back to 0.85 over the last 50 (1235 -> 1285)
+    assert [tg.muon_momentum(s, args) for s in (0, 150, 300, 1235)] == pytest.approx([0.85, 0.9, 0.95, 0.95])
+    assert tg.muon_momentum(1260, args) == pytest.approx(0.90) and tg.muon_momentum(1284, args) == pytest.approx(
+        0.852)
+    table = tg.stage_table(args)
+    assert "423-846 | 262,144 | 32768 | 2048 | 3/7 | 1.52" in table and "ext: 1270-1284" in table
+
+
+def test_default_schedule_is_unchanged():
+    args = tg.Hyperparameters()
+    assert tg.training_stages(args) == () and tg.total_steps(args) == 1770
+    assert tg.window_at(885, args) == tg.long_window_blocks(885, args) == 7
+    assert tg.tokens_after(10, args) == 10 * 8 * 49152 and tg.lr_multiplier(1770, args) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stages=16384:896:1-3:1.0", "--bos_align=false"], "needs --bos_align"),
+    (["--stages=16384:896:3-1:1.0"], "short-long"),
+    (["--stages=16384:896:1-3"], "seq_len:doc_cap:short-long:lr_mult"),
+    (["--stages=1000:896:1-3:1.0"], "multiple of 128"),
+    (["--stages=", "--extension_steps=3"], "needs --stages"),
+    (["--ns_steps=6"], "ns_steps=6 must be <= 5"),
+    (["--adam_group_betas=hed=0.5/0.9"], "unknown Adam group 'hed'"),
+    (["--save_every=25"], "multiple of --adam_every=2"),
+    (["--softcap=tanh"], "valid values: r21, frontier"),
+])
+def test_bad_schedule_flags_name_the_fix(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        frontier(*flags)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# YaRN
+
+
+def test_yarn_scales_and_frequencies():
+    rotary = tg.YarnRotary(128, 64)
+    base = rotary.frequencies()
+    assert base[5] == pytest.approx(1024 ** (-5 / 31)) and base[32:].abs().sum() == 0  # dims 64-127 unrotated
+    windows = [3 * 128, 7 * 128, 11 * 128, 13 * 128]
+    scales = []
+    for n in range(2, 5):
+        rotary.set_windows(windows[:n])
+        scales.append(0.1 * rotary.gain.item() ** 2)
+    assert scales == pytest.approx([0.11695, 0.12752, 0.13178], abs=5e-6)
+    rotary.set_windows(windows[:2])  # 384 -> 896 tokens, by hand for a fast, a slow and an in-between frequency
+    ratio = 384 / 896
+    for k, keep in ((0, 1.0), (31, 0.0), (5, (384 * 1024 ** (-5 / 31) / (2 * math.pi) - 1) / 31)):
+        assert 0 <= keep <= 1
+        expected = 1024 ** (-k / 31) * (ratio + keep * (1 - ratio))
+        assert rotary.cos[1, k].item() == pytest.approx(math.cos(expected), abs=1e-6), k
+        assert rotary.sin[3, k].item() == pytest.approx(math.sin(3 * expected), abs=1e-6), k
+    rotary.set_windows(windows[:1])  # one window: plain rotary again
+    x = torch.randn(1, 64, 2, 128)
+    assert torch.equal(rotary(x), tg.Rotary(128, 64)(x))
+
+
+def test_rope_canonical_rotates_every_dim():
+    rotary = tg.Rotary(64, 16, canonical=True)
+    assert rotary.frequencies()[1].item() == pytest.approx(10000 ** (-2 / 64)) and rotary.frequencies().min() > 0
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", "--rope=canonical"])
+    model = tg.build_model(args)
+    assert all(b.attn.rotary.canonical for b in model.blocks if b.attn is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizers
+
+
+def test_polar_express_on_a_diagonal_matrix():
+    """On diag(s) every iteration maps each singular value s -> a s + b s^3 + c s^5 after the 1.02 normalization."""
+    G = torch.diag(torch.tensor([2.0, 1.0, 0.25]))
+    out = tg.zeropower_polar_express(G, 5)
+    values = [2.0 / (1.02 * math.sqrt(4 + 1 + 0.0625) + 1e-6), 1.0 / (1.02 * math.sqrt(5.0625) + 1e-6),
+              0.25 / (1.02 * math.sqrt(5.0625) + 1e-6)]
+    for a, b, c in tg.POLAR_EXPRESS_COEFFICIENTS:
+        values = [a * s + b * s ** 3 + c * s ** 5 for s in values]
+    assert torch.allclose(torch.diagonal(out), torch.tensor(values), atol=1e-5)
+    assert (out - torch.diag(torch.diagonal(out))).abs().max() < 1e-6
+    assert all(0.7 < v < 1.2 for v in values)  # orthogonalized: singular values near 1
+
+
+def test_normuon_statistics_by_hand():
+    X = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 4.0]])  # wide: one statistic per column
+    state = {}
+    Y = tg.NorMuon(0.9)(X[None], [state])[0]
+    v = torch.tensor([[0.1 * 5.0, 0.1 * 2.0, 0.1 * 8.0]])  # column means of squares 5, 2, 8; 0.1 of them (zero init)
+    assert torch.allclose(state["normuon_v"], v)
+    raw = X / v.sqrt()
+    assert torch.allclose(Y, raw * math.sqrt(30.0) / raw.norm())
+    tall = tg.NorMuon(0.9)(X.T[None], [{}])[0]  # tall: one statistic per row, the same numbers transposed
+    assert torch.allclose(tall, Y.T)
+    assert torch.equal(tg.NorMuon(0.9)(torch.zeros(1, 2, 3), [{}]), torch.zeros(1, 2, 3))  # no 0/0
+
+
+def test_muon_cautious_weight_decay_only_where_signs_agree():
+    p = torch.tensor([[1.0, -1.0], [2.0, -2.0]])
+    u = torch.tensor([[0.5, 0.5], [-0.5, -0.5]])  # agrees with W at (0, 0) and (1, 1)
+    group = dict(lr=0.1, lr_mult=1.0, weight_decay=1.2)
+    expected = p - 1.2 * 0.1 * 0.1 * p * torch.tensor([[1.0, 0.0], [0.0, 1.0]]) - 0.1 * u
+    tg.Muon._apply(group, [p], u[None])
+    assert torch.allclose(p, expected)
+
+
+def test_cautious_adam_one_step_by_hand():
+    w = torch.nn.Parameter(torch.tensor([1.0, -1.0, 0.5, 0.0]))
+    w.grad = torch.tensor([1.0, 1.0, -2.0, 1.0])
+    lr, b1, b2, eps, wd = 0.1, 0.5, 0.95, 1e-10, 0.005 * 150
+    opt = tg.CautiousAdam([w], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    before = w.detach().clone()
+    opt.step()
+    g = torch.tensor([1.0, 1.0, -2.0, 1.0])
+    update = lr * (1 - b2) ** 0.5 / (1 - b1) * ((1 - b1) * g) / (((1 - b2) * g * g).sqrt() + eps)
+    decayed = before - lr * lr * wd * before * torch.tensor([1.0, 0.0, 0.0, 0.0])  # strict: W = 0 is not decayed
+    assert torch.allclose(w.detach(), decayed - update)
+
+
+def test_adam_group_settings_and_c_proj_lr():
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke"])
+    model = tg.build_model(args)
+    adam, muon = tg.build_optimizers(model, args)
+    groups = {g["name"]: g for g in adam.param_groups}
+    assert isinstance(adam, tg.CautiousAdam) and groups["head"]["betas"] == (0.5, 0.95)
+    assert groups["head"]["weight_decay"] == pytest.approx(0.005 * 150) and groups["scalars"]["weight_decay"] == 0
+    assert groups["value_embeds"]["lr"] == 0.6 and groups["value_embeds"]["betas"] == (0.75, 0.95)
+    proj = {id(b.mlp.c_proj.weight) for b in model.blocks}
+    for g in muon.param_groups:
+        assert g["lr_mult"] == (4.0 if any(id(p) in proj for p in g["params"]) else 1.0)
+        assert all((id(p) in proj) == (g["lr_mult"] == 4.0) for p in g["params"])
+    assert muon.orthogonalize is tg.zeropower_polar_express and isinstance(muon.normalize, tg.NorMuon)
+    default_adam = tg.build_optimizers(tg.build_model(tg.Hyperparameters(num_layers=2, num_value_embeds=1)),
+                                       tg.Hyperparameters(num_layers=2, num_value_embeds=1))[0]
+    assert type(default_adam) is torch.optim.Adam
+
+
+def test_adam_every_two_steps_sums_gradients():
+    """Adam steps at odd steps on the sum of both steps' gradients; Muon every step."""
+    args = smoke_args("--adam_every=2")
+    model = smoke_model("--adam_every=2")  # zero matrices randomized: every parameter gets a gradient
+    adam, muon = tg.build_optimizers(model, args)
+    x = torch.randint(0, 50000, (2, 513), generator=torch.Generator().manual_seed(0))
+    head = model.lm_head.weight
+    matrix = model.blocks[0].mlp.c_fc.weight
+    h0, m0 = head.detach().clone(), matrix.detach().clone()
+    tg.train_step(model, [adam, muon], [(x[0, :-1], x[0, 1:])], 1, args, 0, 1)
+    assert torch.equal(head, h0) and not torch.equal(matrix, m0)  # step 0: Muon only
+    assert head.grad is not None and matrix.grad is None  # Adam's gradient waits
+    first = head.grad.clone()
+    twin = copy.deepcopy(model)  # the second step's own gradient, from the weights Muon just moved
+    twin.zero_grad(set_to_none=True)
+    (twin(x[1, :-1], x[1, 1:], 1) / args.micro_batches).backward()
+    seen = []
+    adam.register_step_pre_hook(lambda *_: seen.append(head.grad.clone()))
+    tg.train_step(model, [adam, muon], [(x[1, :-1], x[1, 1:])], 1, args, 1, 1)
+    assert not torch.equal(head, h0) and head.grad is None
+    assert torch.allclose(seen[0], first + twin.lm_head.weight.grad)
+    assert torch.allclose(adam.state[head]["exp_avg"], (1 - args.adam_beta1) * seen[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Document-aligned loader
+
+
+def write_documents(path, lengths, first_value=1):
+    """A shard of documents: EOT, then length - 1 tokens with values unique across the whole test (increasing)."""
+    tokens, value = [], first_value
+    for n in lengths:
+        tokens += [tg.EOT_TOKEN] + list(range(value, value + n - 1))
+        value += n - 1
+    write_shard(path, tokens)
+    return value
+
+
+@pytest.fixture()
+def document_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    value = write_documents(tmp_path / "d_train_000001.bin", rng.integers(20, 400, 120).tolist())
+    write_documents(tmp_path / "d_train_000002.bin", rng.integers(20, 400, 120).tolist(), value)
+    return str(tmp_path / "d_train_*.bin")
+
+
+def loader_args(train_files, *flags):
+    return tg.apply_overrides(tg.Hyperparameters(), [
+        f"--train_files={train_files}", "--bos_align=true", "--micro_batches=4", "--num_iterations=6",
+        "--stages=128:100:1-1:1.0,256:200:1-2:1.0,384:300:1-3:1.0", "--extension_steps=2", *flags])
+
+
+def test_aligned_sequences_start_at_documents_with_caps_and_no_token_twice(document_shards):
+    args = loader_args(document_shards)
+    batches = list(tg.aligned_train_batches(args, 0, 1, torch.device("cpu")))
+    assert len(batches) == 8 and all(len(b) == 4 for b in batches)
+    seen = []
+    for step, batch in enumerate(batches):
+        stage = tg.stage_at(step, tg.training_stages(args))
+        for inputs, targets in batch:
+            assert inputs[0] == tg.EOT_TOKEN and len(inputs) == len(targets) == stage.seq_len
+            assert torch.equal(inputs[1:], targets[:-1])
+            sequence = torch.cat([inputs, targets[-1:]]).tolist()
+            starts = [i for i, t in enumerate(sequence) if t == tg.EOT_TOKEN] + [len(sequence)]
+            assert max(b - a for a, b in zip(starts, starts[1:])) <= stage.doc_cap
+            seen += [t for t in sequence if t != tg.EOT_TOKEN]
+    assert len(seen) == len(set(seen)) and seen == sorted(seen)  # stream order, nothing read twice
+    # the skipped tail of a capped document: a 100-token cap in stage 1 drops tokens of longer documents
+    assert seen[-1] - seen[0] + 1 > len(seen)
+
+
+def test_aligned_loader_same_on_two_ranks_and_on_resume(document_shards):
+    args = loader_args(document_shards)
+    device = torch.device("cpu")
+    one = list(tg.aligned_train_batches(args, 0, 1, device))
+    ranks = [list(tg.aligned_train_batches(args, r, 2, device)) for r in range(2)]
+    for step in range(len(one)):
+        two = ranks[0][step] + ranks[1][step]
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(one[step], two))
+    resumed = list(tg.aligned_train_batches(args, 1, 2, device, start_step=3))
+    assert len(resumed) == 5
+    assert all(torch.equal(a[0], b[0]) for s in range(5) for a, b in zip(resumed[s], ranks[1][s + 3]))
+
+
+def test_aligned_loader_runs_out_with_a_clear_error(document_shards):
+    args = loader_args(document_shards, "--num_iterations=300", "--extension_steps=0")
+    with pytest.raises(SystemExit, match="download more shards"):
+        tg.require_train_steps(tg.find_shards(args.train_files, "train"), args)
+    stream = tg.DocumentStream(tg.find_shards(args.train_files, "train"))
+    with pytest.raises(RuntimeError, match="ran out of documents"):
+        for _ in range(1000):
+            stream.sequence(385, 300)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end
+
+
+@pytest.fixture(scope="module")
+def shakespeare_documents(tmp_path_factory):
+    """Tiny Shakespeare split into documents at blank lines (the aligned loader needs many documents)."""
+    if not SHAKESPEARE.exists():
+        pytest.skip("../shared/data/tinyshakespeare.txt is missing")
+    out = tmp_path_factory.mktemp("shakespeare_docs")
+    load_script("data/tokenize_text.py").main([str(SHAKESPEARE), "--out_dir", str(out), "--name", "docs",
+                                               "--separator", r"\n\n", "--val_tokens", "16384"])
+    return str(out / "docs_train_*.bin"), str(out / "docs_val_*.bin")
+
+
+def test_frontier_smoke_trains_end_to_end(shakespeare_documents, tmp_path, capsys):
+    train, val = shakespeare_documents
+    assert tg.main(["--preset=frontier_smoke", f"--train_files={train}", f"--val_files={val}",
+                    f"--records_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    summary = summary_of(out)
+    assert summary["status"] == "ok" and summary["steps"] == 33
+    assert summary["tokens"] == 10 * 512 + 10 * 1024 + 13 * 1536 and summary["tokens_per_step"] == 1536
+    assert summary["final_val_loss"] < 7.5  # from 10.83 at step 0
+    assert "stages: steps" in out and "ext: 30-32" in out and "final validation windows 3/6" in out
+
+
+SHORT = ["--preset=frontier_smoke", "--num_iterations=6", "--extension_steps=2", "--val_every=0",
+         "--val_tokens=2048", "--stages=256:256:1-1:1.0,512:384:1-3:1.52,512:384:2-4:1.73"]
+
+
+def test_frontier_resume_across_a_stage_boundary_is_exact(shakespeare_documents, tmp_path, capsys):
+    train, val = shakespeare_documents
+    common = SHORT + [f"--train_files={train}", f"--val_files={val}"]
+    assert tg.main(common + [f"--records_dir={tmp_path / 'a'}", "--save_every=2", "--save_checkpoint=full"]) == 0
+    full = summary_of(capsys.readouterr().out)
+    mid = Path(full["record"]).with_name(Path(full["record"]).stem + "_step2.pt")  # stage 2 starts at step 2
+    assert tg.load_checkpoint(str(mid))["data"]["tokens"] == 2 * 2 * 256
+    assert tg.main([f"--resume={mid}", f"--records_dir={tmp_path / 'b'}", "--save_checkpoint=full"]) == 0
+    resumed = summary_of(capsys.readouterr().out)
+    a, b = tg.load_checkpoint(full["checkpoint"]), tg.load_checkpoint(resumed["checkpoint"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert resumed["final_val_loss"] == full["final_val_loss"] and resumed["steps"] == 8
+
+
+def test_pending_adam_gradients_survive_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", "--adam_every=2"])
+    model = tg.build_model(args)
+    opts = tg.build_optimizers(model, args)
+    x = torch.randint(0, 50000, (513,))
+    tg.train_step(model, opts, [(x[:-1], x[1:])], 1, args, 0, 1)  # step 0: Adam's gradients wait
+    pending = tg.pending_gradients(opts[0], 1)
+    assert pending is not None and torch.equal(pending[0], model.lm_head.weight.grad)
+    path = tg.save_checkpoint(tmp_path / "c.pt", model, opts, args, 1, 0.0, pending_grads=pending)
+    assert torch.equal(tg.load_checkpoint(str(path))["pending_grads"][0], pending[0])
+
+
+def test_one_process_equals_two(shakespeare_documents, tmp_path):
+    """The aligned loader, deferred Adam gradient reduction and NorMuon's state on 2 gloo ranks give the 1-process
+    result up to float summation order."""
+    train, val = shakespeare_documents
+    flags = SHORT + [f"--train_files={train}", f"--val_files={val}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    losses = []
+    for nproc in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "train_gpt.py", *flags, f"--records_dir={tmp_path / str(nproc)}"]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        summary = summary_of(out.stdout)
+        assert summary["world_size"] == nproc
+        losses.append(summary["final_val_loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=2e-3)
