@@ -2,7 +2,6 @@
 matrix, the files it writes, parameter counts, and its errors."""
 import csv
 import json
-import math
 import re
 import sys
 from pathlib import Path
