@@ -354,3 +354,37 @@ def test_one_process_equals_two(shakespeare_documents, tmp_path):
         assert summary["world_size"] == nproc
         losses.append(summary["final_val_loss"])
     assert losses[0] == pytest.approx(losses[1], abs=2e-3)
+
+
+@pytest.mark.slow  # three inductor compiles (~2 minutes on 2 cores)
+def test_compiled_stages_one_graph_each_and_yarn_updates_reach_it(monkeypatch):
+    """What main() does on a GPU, on CPU (compiled forward with FlexAttention BlockMasks): one graph per stage
+    length; the extension stage (same length, new windows) and YaRN's in-place buffer updates reuse it, and the
+    compiled outputs follow the new buffers (eager dense-mask reference at every stage)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from conftest import randomize_zero_matrices
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke"])
+    torch.manual_seed(0)
+    model = randomize_zero_matrices(tg.build_model(args)).eval()
+    rotary, windows = tg.RotaryWindows(model, args), tg.WindowTensors(args, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for step in (0, 10, 20, 30, 31):  # stages 1, 2, 3, extension (twice)
+        x = torch.randint(0, 50000, (tg.sequence_length(step, args),), generator=gen)
+        x[::97] = tg.EOT_TOKEN  # several documents
+        cases.append((step, x))
+    with torch.no_grad():
+        refs = []
+        for step, x in cases:
+            rotary.set(step)
+            refs.append(model(x, None, windows[step]))
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("inductor")
+        compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+        monkeypatch.setattr(tg, "FLEX_ATTENTION_ON_CPU", True)
+        rotary.history = None
+        for (step, x), ref in zip(cases, refs):
+            rotary.set(step)
+            torch.testing.assert_close(compiled(x, None, windows[step]), ref, rtol=1e-4, atol=1e-4)
+    assert counter.frame_count == 3  # lengths 256, 512, 768; the extension reuses 768's graph
+    assert rotary.rotaries[0].gain.item() > 1  # YaRN did change the buffers the graphs read
