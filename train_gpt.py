@@ -2449,6 +2449,15 @@ def git_commit() -> str | None:
     return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
 
 
+def record_folder(args: Hyperparameters, device: torch.device) -> Path:
+    """records/<track>; CPU runs (smoke tests, ports, debugging) go to the git-ignored records/local/<track>, so
+    they never land next to GPU records in the tracked tree."""
+    root = Path(args.records_dir)
+    if device.type == "cpu" and args.track != "local":
+        return root / "local" / args.track
+    return root / args.track
+
+
 class RunRecord:
     """records/<track>/<date>_<run_name>/<uuid>.txt: code, environment, flags, then one line per step, flushed as
     it goes. Opened with mode 'x' so an existing file is never overwritten. Only rank 0 writes and prints."""
@@ -2458,7 +2467,7 @@ class RunRecord:
         self.path = None
         if not self.enabled:
             return
-        folder = Path(args.records_dir) / args.track / f"{time.strftime('%Y-%m-%d')}_{args.run_name}"
+        folder = record_folder(args, env.device) / f"{time.strftime('%Y-%m-%d')}_{args.run_name}"
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{uuid.uuid4()}.txt"
         self.file = open(self.path, "x")

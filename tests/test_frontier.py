@@ -303,6 +303,7 @@ def test_frontier_smoke_trains_end_to_end(shakespeare_documents, tmp_path, capsy
     assert summary["status"] == "ok" and summary["steps"] == 33
     assert summary["tokens"] == 10 * 512 + 10 * 1024 + 13 * 1536 and summary["tokens_per_step"] == 1536
     assert summary["final_val_loss"] < 7.5  # from 10.83 at step 0
+    assert Path(summary["record"]).parent.parent == tmp_path / "local"  # a CPU run: git-ignored records/local
     assert "stages: steps" in out and "ext: 30-32" in out and "final validation windows 3/6" in out
 
 

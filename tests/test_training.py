@@ -93,3 +93,12 @@ def test_two_processes_equal_one_process_with_accumulation(shakespeare_shards, t
     moved = sum(not torch.equal(init.state_dict()[n], w1[n]) for n in w1)
     assert moved > len(w1) // 2  # the runs trained; equality is not two untouched initializations
     assert one["final_val_loss"] == pytest.approx(two["final_val_loss"], abs=1e-4)
+
+
+def test_cpu_runs_go_to_the_ignored_local_tree():
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--records_dir=r", "--track=track_1_short"])
+    assert tg.record_folder(args, torch.device("cpu")) == Path("r/local/track_1_short")
+    assert tg.record_folder(args, torch.device("cuda", 0)) == Path("r/track_1_short")
+    args.track = "local"
+    assert tg.record_folder(args, torch.device("cpu")) == Path("r/local")
+    assert "records/local/" in (ROOT / ".gitignore").read_text().split()
