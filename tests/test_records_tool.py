@@ -21,7 +21,7 @@ from pathlib import Path
 
 RULE = "=" * 20
 DEFAULTS = {"num_iterations": 20, "cooldown_frac": 0.4, "seq_len": 64, "val_tokens": 1024, "val_every": 5,
-            "seed": 0, "track": "track_test", "run_name": "run", "preset": None,
+            "seed": 0, "track": "track_test", "run_name": "run", "preset": None, "records_dir": "records",
             "num_layers": 2, "model_dim": 64, "num_heads": 2, "lr": 0.01}
 LAW = {"E": 1.8, "A": 50.0, "a": 0.34, "B": 20.0, "b": 0.28}
 
@@ -69,10 +69,10 @@ def main(argv):
     hp = dict(DEFAULTS)
     for k, v in overrides.items():
         hp[k] = type(DEFAULTS[k])(v) if DEFAULTS.get(k) is not None else v
-    flags = {k: v for k, v in hp.items() if v != DEFAULTS[k]}
+    flags = {k: v for k, v in hp.items() if v != DEFAULTS.get(k)}
     with open("calls.log", "a") as f:
         f.write(json.dumps(overrides) + "\n")
-    folder = Path("records") / hp["track"] / f"2026-11-23_{hp['run_name']}"
+    folder = Path(hp["records_dir"]) / hp["track"] / f"2026-11-23_{hp['run_name']}"
     folder.mkdir(parents=True, exist_ok=True)
     record = folder / f"{uuid.uuid4()}.txt"
     env = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}"
@@ -93,8 +93,8 @@ def main(argv):
     text = render_record(hp, flags, final, record=str(record), environment=env,
                          status="failed" if diverged else "ok", stop_at=10 if diverged else None)
     record.write_text(text)
-    print(text.splitlines()[-2])
-    print(text.splitlines()[-1])
+    lines = text.splitlines()
+    print("\n".join(lines[len(lines) - lines[::-1].index(f"{RULE} log {RULE}"):]))  # the log, as train_gpt.py
     return 0
 
 
@@ -314,6 +314,54 @@ def test_compare_plot_and_confound_warning(fake, tmp_path, capsys):
     assert "WARNING" not in capsys.readouterr().err
 
 
+def test_compare_figure_zoom_limits_and_warning(fake, tmp_path, capsys):
+    root = tmp_path / "records"
+    track = "track_1_short"
+    for seed in (0, 1):  # same experiment; only bookkeeping differs (checkpoint paths, save_every, val_every)
+        write_run(fake, root, track, "2026-11-20_slow", 3.27 + 0.002 * seed, seed=seed,
+                  flags={"init_from": f"slow{seed}.pt", "save_every": 10})
+        write_run(fake, root, track, "2026-11-21_fast", 3.29 + 0.002 * seed, seed=seed, ms_per_step=30.0,
+                  flags={"init_from": f"fast{seed}.pt", "resume": "", "val_every": 4 + seed})
+    out = tmp_path / "cmp.png"
+    assert records.main(["compare", str(root / track / "2026-11-20_slow"), str(root / track / "2026-11-21_fast"),
+                         "--out", str(out), "--labels", "slow,fast"]) == 0
+    captured = capsys.readouterr()
+    assert "differ in hyperparameters" not in captured.err  # bookkeeping is not a confound
+    # fast ends at 0.6 s, before the last 30% of the time axis (0.7 s to 1 s): said, and the window widens
+    assert "WARNING: fast has no validation point in the last 30% of the time axis (it ends at 0.6 s" in captured.err
+    assert "validated at different steps" in captured.err  # fast's val_every 4 and 5: an interpolated mean
+
+    slow = records.load_runs([root / track / "2026-11-20_slow"])
+    fast = records.load_runs([root / track / "2026-11-21_fast"])
+    curves = {axis: [records.group_curve(slow, axis), records.group_curve(fast, axis)] for axis in ("tokens", "time")}
+    c = curves["tokens"][0]
+    assert not c.interpolated and list(c.x) == [0, 2560, 5120, 7680, 10240]  # the validation steps, nothing between
+    assert [list(x) for x, _ in c.runs] == [list(c.x)] * 2 and c.mean[-1] == pytest.approx(3.271)
+    assert curves["tokens"][1].interpolated and list(curves["tokens"][1].x) == [
+        0, 2048, 2560, 4096, 5120, 6144, 7680, 8192, 10240]
+    drawn = records.plot_compare(curves, ["slow", "fast"], tmp_path / "c2.png", 0.3, "minmax", 3.28, [2, 2])
+    (x_lo, x_hi), (y_lo, y_hi) = drawn["zoom"]["tokens"]
+    assert x_lo == pytest.approx(0.7 * 10240 - 0.02 * 0.3 * 10240) and x_hi > 10240
+    # y from the curves in the window: the final losses (3.27-3.292) up to where the lines enter it (about 3.56 at
+    # x_lo), not the 10.8 of step 0
+    assert 3.2 < y_lo < 3.27 and 3.5 < y_hi < 3.7
+    (x_lo, _), _ = drawn["zoom"]["time"]
+    assert x_lo < 0.48  # widened to fast's last two points (steps 16 and 20 of its mean: 0.48 s and 0.6 s)
+    assert drawn["full"]["tokens"][1] < 8  # from the points after the first 5% of x (step 4: 7.1), not 10.8
+
+
+def test_bookkeeping_is_not_a_confound(fake, tmp_path):
+    root = tmp_path / "records"
+    a = [records.parse_record(write_run(fake, root, "t", "2026-11-20_a", 3.27,
+                                        flags={"init_from": "x.pt", "save_every": 5, "val_every": 4}))]
+    b = [records.parse_record(write_run(fake, root, "t", "2026-11-20_b", 3.27,
+                                        flags={"init_from": "y.pt", "resume": "r_step5.pt", "records_dir": "u"}))]
+    c = [records.parse_record(write_run(fake, root, "t", "2026-11-20_c", 3.27, flags={"val_tokens": 2048}))]
+    assert records.hparam_differences([a, b]) == []
+    assert records.hparam_differences([a, c]) == [("init_from", ["<a checkpoint>", "<missing>"]),
+                                                  ("val_tokens", ["1024.0", "2048.0"])]
+
+
 # -----------------------------------------------------------------------------
 # sweep
 
@@ -334,7 +382,9 @@ def test_sweep_resumes_after_a_crash(fake, tmp_path, monkeypatch, capsys):
     first = calls(tmp_path)
     assert len(first) == 4 and {(c["lr"], c["cooldown_frac"]) for c in first} == {
         ("0.01", "0.4"), ("0.01", "0.5"), ("0.02", "0.4"), ("0.02", "0.5")}
-    assert all(c["run_name"].startswith("sweep_") and c["seed"] == "0" for c in first)
+    assert {c["run_name"] for c in first} == {"t.lr=0.01,cooldown_frac=0.4", "t.lr=0.01,cooldown_frac=0.5",
+                                              "t.lr=0.02,cooldown_frac=0.4", "t.lr=0.02,cooldown_frac=0.5"}
+    assert all(c["seed"] == "0" and c["records_dir"] == "records" for c in first)
     state = json.loads((tmp_path / "records" / "sweeps" / "t.json").read_text())
     status = {(v["flags"]["lr"], v["flags"]["cooldown_frac"]): v["status"] for v in state["runs"].values()}
     assert status == {("0.01", "0.4"): "ok", ("0.01", "0.5"): "ok", ("0.02", "0.4"): "failed",
@@ -364,18 +414,87 @@ def test_sweep_budget_refusal(fake, tmp_path, monkeypatch, capsys):
             "--gpus", "0"]
     # 2 seeds x (1000 + 2000) steps x 100 ms = 600 s = 0.167 h
     assert records.main(base + ["--ms_per_step", "100", "--budget_hours", "0.1"]) == 2
-    err = capsys.readouterr().err
-    assert "refusing to start" in err and "0.17 h" in err
-    assert records.main(base + ["--budget_hours", "10"]) == 2  # no records and no --ms_per_step: no estimate
-    assert "--ms_per_step" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "refusing to start" in captured.err and "0.17 h" in captured.err
+    assert "step time num_iterations=1000: 100.0 ms/step from --ms_per_step; 1000 steps x 2 run(s)" in captured.out
     assert records.main(base + ["--ms_per_step", "100", "--budget_hours", "0.2", "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "0.17 h" in out and out.count("--num_iterations=") == 4 and "--seed=1" in out
     assert records.main(base + ["--nproc", "2", "--dry_run", "--", "--lr=0.02"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert re.search(r"-m torch\.distributed\.run --standalone --nproc_per_node=2 \S*fake_train\.py "
-                     r"--num_iterations=2000 --lr=0\.02 --run_name=sweep_[0-9a-f]{8} --seed=1$", line), line
+                     r"--num_iterations=2000 --lr=0\.02 --records_dir=records --run_name=num_iterations=2000 "
+                     r"--seed=1$", line), line
     assert not calls(tmp_path) and not (tmp_path / "records" / "sweeps").exists()
+
+
+def test_sweep_probes_the_step_time_without_records(fake, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # the README's command: --budget_hours alone, no records, no --ms_per_step
+    base = ["sweep", "--grid", "num_iterations=1000,2000", "--seeds", "0,1", "--train_cmd", f"python {fake.path}",
+            "--gpus", "0", "--sweep_name", "b"]
+    # each cell is probed: the fake logs 50 ms/step; 2 seeds x (1000 + 2000) steps x 50 ms = 300 s = 0.083 h
+    assert records.main(base + ["--budget_hours", "0.05"]) == 2
+    captured = capsys.readouterr()
+    assert "step time num_iterations=1000: 50.0 ms/step from a 20-step probe run; 1000 steps x 2 run(s)" \
+        in captured.out
+    assert "estimated 0.08 h exceeds --budget_hours 0.05" in captured.err
+    probes = calls(tmp_path)
+    assert len(probes) == 2 and all(c["val_every"] == "20" and c["save_every"] == "0" for c in probes)
+    assert all(Path(c["records_dir"]).parts[:4] == ("records", "local", "sweeps", "b") for c in probes)
+    assert records.load_runs([tmp_path / "records"], records.NON_RUN_DIRS + ("local",)) == []  # not runs
+    # a rerun reuses the probes; a cell without num_iterations takes the probe's step count
+    assert records.main(base + ["--budget_hours", "0.05"]) == 2
+    assert "from an earlier 20-step probe run" in capsys.readouterr().out and len(calls(tmp_path)) == 2
+    assert records.main(["sweep", "--grid", "lr=0.01", "--train_cmd", f"python {fake.path}", "--gpus", "0",
+                         "--budget_hours", "1", "--sweep_name", "c"]) == 0
+    out = capsys.readouterr().out
+    assert "step time lr=0.01: 50.0 ms/step from a 20-step probe run; 20 steps x 1 run(s)" in out
+    assert len(calls(tmp_path)) == 4  # the probe, then the run
+
+    # a probe that logs no step: a clear refusal
+    broken = tmp_path / "broken.py"
+    broken.write_text("import sys; print('error: unknown flag --val_every'); sys.exit(2)\n")
+    assert records.main(["sweep", "--grid", "lr=0.02", "--train_cmd", f"python {broken}", "--gpus", "0",
+                         "--budget_hours", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "the probe run logged no timed step (exit 2" in err and "refusing to start" in err
+
+
+def test_sweep_results_table_and_rerun(fake, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["sweep", "--grid", "lr=0.01,0.02,0.03", "--seeds", "0,1", "--train_cmd", f"python {fake.path}",
+            "--gpus", "0"]
+    assert records.main(argv) == 0
+    assert sorted({c["run_name"] for c in calls(tmp_path)}) == ["lr=0.01", "lr=0.02", "lr=0.03"]
+    folders = sorted(p.name for p in (tmp_path / "records" / "track_test").iterdir())
+    assert folders == ["2026-11-23_lr=0.01", "2026-11-23_lr=0.02", "2026-11-23_lr=0.03"]
+    out = capsys.readouterr().out
+    table = out[out.index("results:"):]
+    # the fake's loss: law + 0.5 |lr - 0.01| + 1e-4 seed: each cell's std is 1e-4 / sqrt(2)
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:] if line.startswith("  lr=")}
+    assert rows["lr=0.01"][1] == "2/2" and rows["lr=0.01"][5] == "baseline"
+    assert rows["lr=0.02"][3:6] == ["+-", "0.0001", "+0.0050"] and float(rows["lr=0.02"][6]) < 1e-3
+    assert rows["lr=0.03"][5] == "+0.0100"
+
+    # a rerun trains nothing and prints the same table; --baseline picks the reference cell
+    assert records.main(argv + ["--baseline", "lr=0.02"]) == 0
+    out = capsys.readouterr().out
+    assert len(calls(tmp_path)) == 6 and "0 to run" in out
+    rows = {line.split()[0]: line.split() for line in out[out.index("results:"):].splitlines() if "lr=0" in line}
+    assert rows["lr=0.01"][5] == "-0.0050" and rows["lr=0.02"][5] == "baseline"
+    assert records.main(argv + ["--baseline", "lr=0.5"]) == 2
+    assert "matches 0 cells; name one of: lr=0.01, lr=0.02, lr=0.03" in capsys.readouterr().err
+
+
+def test_cell_labels_are_safe_folder_names():
+    assert records.cell_label({"muon_lr": "0.04", "seq_len": "2048"}) == "muon_lr=0.04,seq_len=2048"
+    assert records.cell_label({}) == "defaults"
+    assert records.cell_label({"stages": "256:256:1-1:1.0", "x": "a/b c"}) == "stages=256-256-1-1-1.0,x=a-b-c"
+    betas = "head=0.5/0.95,embed=0.75/0.95,value_embeds=0.75/0.95,scalars=0.9/0.99"
+    long_a = records.cell_label({"adam_group_betas": betas, "seq_len": "1024"})
+    long_b = records.cell_label({"adam_group_betas": betas, "seq_len": "2048"})
+    assert len(long_a) == records.MAX_RUN_NAME and long_a != long_b and long_a[:60] == long_b[:60]
 
 
 def test_sweep_spreads_runs_over_gpus(fake, tmp_path, monkeypatch):
@@ -416,3 +535,132 @@ def test_sweep_fit_end_to_end(fake, tmp_path, monkeypatch, capsys):
     assert a == pytest.approx(fake.LAW["a"], rel=0.1) and b == pytest.approx(fake.LAW["b"], rel=0.1)
     assert E == pytest.approx(fake.LAW["E"], rel=0.1)
     assert (tmp_path / "records" / "sweeps" / "scaling_fit.png").stat().st_size > 0
+
+
+# -----------------------------------------------------------------------------
+# resumed runs
+
+
+def write_segment(root, folder, name, hp, start, stop, resumed_from=None, status="ok", final=3.27, ms=50.0,
+                  checkpoint=None):
+    """A record like train_gpt.py writes for the steps start..stop of a run: resumed (a "resumed from" line and
+    resumed_from in the summary) when resumed_from is given; status ok (stop is the last step), interrupted (a
+    signal after step `stop`, checkpoint written) or incomplete (killed after step `stop`: no summary)."""
+    rule, T, every = "=" * 20, hp["num_iterations"], hp["val_every"]
+    hp = dict(hp, resume=resumed_from or "")
+    loss = lambda s: final + (10.8 - final) * (1 - s / T) ** 3
+    path = Path(root) / hp["track"] / folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = {"seed": hp["seed"], **({"resume": resumed_from} if resumed_from else {})}
+    lines = [f"{rule} train_gpt.py {rule}", "# source", f"{rule} environment {rule}", "torch 2.13",
+             f"{rule} hyperparameters {rule}", "hparams: " + json.dumps(hp), "flags: " + json.dumps(flags),
+             f"{rule} log {rule}"]
+    if resumed_from:
+        lines.append(f"resumed from {resumed_from} at step {start} (train_time {start * ms:.0f}ms so far)")
+    for s in range(start, stop):
+        if s % every == 0:
+            lines.append(f"step:{s}/{T} val_loss:{loss(s):.4f} train_time:{s * ms:.0f}ms step_avg:{ms:.2f}ms")
+        lines.append(f"step:{s + 1}/{T} train_time:{(s + 1) * ms:.0f}ms step_avg:{ms:.2f}ms")
+    base = {"record": str(path), "resumed_from": resumed_from}
+    if status == "ok":
+        lines.append(f"step:{T}/{T} val_loss:{final:.4f} train_time:{T * ms:.0f}ms step_avg:{ms:.2f}ms")
+        lines.append("summary: " + json.dumps(dict(base, status="ok", final_val_loss=final, train_time_ms=T * ms,
+                                                   step_avg_ms=ms, steps=T, tokens=T * 512, tokens_per_step=512,
+                                                   world_size=1, device="NVIDIA H100 80GB HBM3", seed=hp["seed"])))
+    elif status == "interrupted":
+        lines.append(f"status: interrupted at step {stop}; resume: --resume={checkpoint}")
+        lines.append("summary: " + json.dumps(dict(base, status="interrupted", steps=stop, checkpoint=checkpoint)))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+RESUME_HP = dict(HP, num_iterations=20, val_every=5, seed=0)
+
+
+def resumed_pair(root, cut=12, parent_status="interrupted", parent_stop=None, child_folder="2026-11-21_baseline"):
+    """A run interrupted at step `cut` on 2026-11-20 and resumed from its checkpoint on another day."""
+    parent_name = "aaaaaaaa-0000-0000-0000-000000000000"
+    ckpt_kind = f"step{cut}_interrupted" if parent_status == "interrupted" else f"step{cut}"
+    ckpt = str(Path(root) / "track_1_short" / "2026-11-20_baseline" / f"{parent_name}_{ckpt_kind}.pt")
+    parent = write_segment(root, "2026-11-20_baseline", parent_name + ".txt", RESUME_HP, 0, parent_stop or cut,
+                           status=parent_status, checkpoint=ckpt)
+    child = write_segment(root, child_folder, "bbbbbbbb-0000-0000-0000-000000000000.txt", RESUME_HP, cut, 20,
+                          resumed_from=ckpt, final=3.27)
+    return parent, child
+
+
+def test_resumed_segments_join_into_one_run(tmp_path, capsys):
+    root = tmp_path / "records"
+    parent, child = resumed_pair(root)
+    other = write_segment(root, "2026-11-20_baseline", "cccccccc-0000-0000-0000-000000000000.txt",
+                          dict(RESUME_HP, seed=1), 0, 20, final=3.29)
+    runs = records.load_runs([root])
+    assert len(runs) == 2
+    joined = next(r for r in runs if r.seed == 0)
+    assert joined.path == parent and joined.record_files == (parent, child) and joined.status == "ok"
+    assert joined.final_val_loss == 3.27 and joined.train_time_ms == 1000 and joined.num_steps == 20
+    assert [p[0] for p in joined.val_points] == [0, 5, 10, 15, 20]
+    steps = [s["step"] for s in joined.steps if "val_loss" not in s]
+    assert steps == list(range(1, 21))  # every train step once: the parent's up to 12, then the child's
+    assert joined.folder == "2026-11-20_baseline"
+
+    rows = records.table_rows(runs)
+    assert [(r["date"], r["runs"], r["mean val loss"]) for r in rows] == [("2026-11-20", "2/2", "3.2800")]
+    # given one folder, the segment in the other folder is found on disk, both ways
+    assert [r.record_files for r in records.load_runs([parent.parent]) if r.seed == 0] == [(parent, child)]
+    assert [r.record_files for r in records.load_runs([child.parent])] == [(parent, child)]
+    assert records.main(["stats", str(parent.parent)]) == 0
+    assert "2 runs, 2 ok" in capsys.readouterr().out
+
+    # compare draws the whole joined curve: from step 0 to the child's last step
+    curve = records.group_curve([joined], "tokens")
+    assert curve.x[0] == 0 and curve.x[-1] == 20 * 512 and len(curve.x) == 5
+    assert other.exists()
+
+
+def test_resume_from_a_periodic_checkpoint_drops_the_replayed_steps(tmp_path):
+    root = tmp_path / "records"
+    # checkpoint at step 10 (a validation step), the parent went on to step 13 and was killed
+    parent, child = resumed_pair(root, cut=10, parent_status="incomplete", parent_stop=13)
+    (run,) = records.load_runs([root])
+    assert run.record_files == (parent, child) and run.status == "ok"
+    assert [p[0] for p in run.val_points] == [0, 5, 10, 15, 20]  # step 10's validation once
+    assert [s["step"] for s in run.steps if "val_loss" not in s] == list(range(1, 21))
+
+
+def test_unresumed_interrupt_and_missing_parent(tmp_path, capsys):
+    root = tmp_path / "records"
+    parent, child = resumed_pair(root)
+    child.unlink()
+    (run,) = records.load_runs([root])
+    assert run.status == "interrupted" and run.final_val_loss is None
+    assert records.table_rows([run])[0]["runs"] == "0/1 (1 interrupted)"
+
+    root2 = tmp_path / "other"
+    parent, child = resumed_pair(root2)
+    parent.unlink()
+    (run,) = records.load_runs([root2])
+    assert run.record_files == (child,) and run.status == "ok"
+    assert "whose record was not found" in capsys.readouterr().err
+
+
+def test_duplicate_seed_warning(fake, tmp_path, capsys):
+    root = tmp_path / "records"
+    base = "2026-11-20_baseline"
+    write_run(fake, root, "track_1_short", base, 3.270, seed=0)
+    write_run(fake, root, "track_1_short", base, 3.272, seed=1)
+    write_run(fake, root, "track_1_short", base, 3.3, seed=1, status="failed", stop_at=10,
+              name="failed.txt")  # a failed attempt is not in the statistics: no warning
+    assert records.main(["table", "--records_dir", str(root)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    write_run(fake, root, "track_1_short", base, 3.274, seed=1, name="dup.txt")
+    assert records.main(["table", "--records_dir", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: track_1_short/2026-11-20_baseline: 2 ok runs with seed 1 .*dup\.txt", err), err
+    assert "seed 0" not in err
+    assert records.main(["stats", str(root / "track_1_short" / base)]) == 0
+    assert "group A: 2 ok runs with seed 1" in capsys.readouterr().err
+    # the same seed with other flags is another experiment, not a duplicate
+    write_run(fake, root, "track_1_short", "2026-11-21_mixed", 3.27, seed=0)
+    write_run(fake, root, "track_1_short", "2026-11-21_mixed", 3.26, seed=0, name="lr.txt", flags={"lr": 0.02})
+    assert records.duplicate_seeds({"m": records.load_runs([root / "track_1_short" / "2026-11-21_mixed"])}) == []

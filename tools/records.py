@@ -11,6 +11,7 @@ A record file is what train_gpt.py writes for one run: the sources, the environm
 """
 
 import argparse
+import glob
 import hashlib
 import itertools
 import json
@@ -35,11 +36,24 @@ TABLE_END = "<!-- records-table:end -->"
 # Sub-directories of records/ that hold no run records (benchmarks, sweep state) or are git-ignored smoke runs.
 NON_RUN_DIRS = ("kernels", "sweeps")
 LOCAL_DIR = "local"
-# Hyperparameters that differ from run to run, or do not change the experiment; never reported as confounds and
-# ignored when matching a sweep cell to earlier records.
-PER_RUN_KEYS = {"seed", "run_name", "run_id", "uuid", "date", "git_commit", "record", "records_dir", "save_checkpoint"}
+# How a run that is not "ok" ended: diverged (failed), stopped by a signal and never resumed (interrupted), or
+# killed without a word (incomplete).
+NOT_OK = ("failed", "interrupted", "incomplete")
+# Hyperparameters that differ from run to run, or are bookkeeping that cannot change what is trained or measured
+# (where records and checkpoints go, how often checkpoints are written, which checkpoint a segment resumed from):
+# never reported as confounds, ignored when matching a sweep cell to earlier records, hidden in the table.
+PER_RUN_KEYS = {"seed", "run_name", "run_id", "uuid", "date", "git_commit", "record", "records_dir", "track",
+                "save_checkpoint", "save_every", "resume"}
+# Validation is off the training path (no gradients, no training data, not timed), so val_every changes how many
+# points a curve has, not the training or the final loss; compare marks every validation point, so unequal
+# resolutions are visible in the figure rather than reported as a confound. val_tokens does change the measured
+# number (a different slice of the val set) and stays a confound.
+MEASUREMENT_ONLY_KEYS = {"val_every"}
+# Checkpoint paths: which file differs from run to run (one teacher per seed, a new decomposition), so only whether
+# one is set is compared (starting from a checkpoint or not is a real difference).
+PATH_KEYS = {"init_from", "teacher"}
 # Flags not shown in the table's flags column (seed varies inside a group; track and run name have their own columns).
-HIDDEN_FLAGS = {"track"} | PER_RUN_KEYS
+HIDDEN_FLAGS = PER_RUN_KEYS
 
 # -----------------------------------------------------------------------------
 # Parsing record files
@@ -49,6 +63,9 @@ _STEP = re.compile(r"^step:(\d+)/(\d+)\s+(.*)$")
 _FIELD = re.compile(r"(\w+):(\S+)")
 _PEAK = re.compile(r"^peak memory (?:allocated|\(max RSS\)): (\d+(?:\.\d+)?) MiB")  # GPU, or CPU runs
 _SUMMARY = re.compile(r"summary: (\{.*\})\s*$")
+_RESUMED_AT = re.compile(r"^resumed from (.+) at step (\d+)\b")
+# Checkpoints are written beside their record: <stem>_step<N>.pt, <stem>_step<N>_interrupted.pt, <stem>_final.pt.
+_CHECKPOINT_NAME = re.compile(r"^(?P<stem>.+?)_(?:step(?P<step>\d+)(?:_interrupted)?|final)\.pt$")
 
 
 @dataclass
@@ -64,6 +81,8 @@ class Run:
     reason: str | None = None
     environment: str = ""
     peak_memory_mib: float | None = None
+    resume_step: int | None = None  # the "resumed from ... at step N" line of a resumed segment
+    segments: tuple = ()  # the record files of a run joined across resumes, in order (empty: just `path`)
 
     # Grouping follows the path: records/<track>/<date>_<run_name>/<uuid>.txt.
     @property
@@ -140,6 +159,20 @@ class Run:
     def device(self):
         return self._from_summary("device") or self.hparams.get("device")
 
+    @property
+    def seed(self):
+        seed = self.hparams.get("seed", self._from_summary("seed"))
+        return None if seed is None else int(seed)
+
+    @property
+    def resumed_from(self):
+        """The checkpoint this segment continued (summary, else the --resume flag of a segment that never finished)."""
+        return self._from_summary("resumed_from") or self.hparams.get("resume") or self.flags.get("resume") or None
+
+    @property
+    def record_files(self):
+        return self.segments or (self.path,)
+
 
 def _split_sections(lines):
     """Map section name -> (first, last) line range. The sources come first and may themselves contain header-like
@@ -187,12 +220,14 @@ def parse_record(path):
                         target.update(json.loads(line[len(key):]))
                     except json.JSONDecodeError:
                         pass
-    steps, summary, reason, peak = [], None, None, None
+    steps, summary, reason, peak, resume_step = [], None, None, None, None
     if "log" in sections:
         a, b = sections["log"]
         for line in lines[a:b]:
             if (entry := _parse_step(line)) is not None:
                 steps.append(entry)
+            elif (m := _RESUMED_AT.match(line)):
+                resume_step = int(m.group(2))
             elif line.startswith("status: failed"):
                 reason = line.partition("reason:")[2].strip() or None
             elif (m := _PEAK.match(line)):
@@ -210,14 +245,24 @@ def parse_record(path):
     else:
         status = "failed" if reason is not None else "incomplete"
     env = "\n".join(lines[slice(*sections["environment"])]) if "environment" in sections else ""
-    return Run(path, hparams, flags, steps, summary, status, reason, env, peak)
+    return Run(path, hparams, flags, steps, summary, status, reason, env, peak, resume_step)
+
+
+def _expand(paths):
+    """Paths as given, with quoted glob patterns ('records/track_1_short/*_baseline') expanded here, so that one
+    command-line argument can name all the folders of one group."""
+    out = []
+    for p in map(str, paths):
+        matches = sorted(glob.glob(p)) if glob.has_magic(p) and not Path(p).exists() else [p]
+        out += matches or [p]
+    return [Path(p) for p in out]
 
 
 def find_record_files(paths, skip_dirs=NON_RUN_DIRS):
-    """Record .txt files under the given files/directories; directories are searched recursively, skipping any
-    sub-directory named in skip_dirs (relative to the directory given)."""
+    """Record .txt files under the given files/directories/glob patterns; directories are searched recursively,
+    skipping any sub-directory named in skip_dirs (relative to the directory given)."""
     files = []
-    for p in map(Path, paths):
+    for p in _expand(paths):
         if p.is_file():
             files.append(p)
         elif p.is_dir():
@@ -228,15 +273,144 @@ def find_record_files(paths, skip_dirs=NON_RUN_DIRS):
     return files
 
 
-def load_runs(paths, skip_dirs=NON_RUN_DIRS):
-    """Parse every record under paths. Unparseable files are reported on stderr, never dropped silently."""
+def load_runs(paths, skip_dirs=NON_RUN_DIRS, join=True):
+    """Parse every record under paths; with join, segments of a resumed run become one run (join_resumed).
+    Unparseable files are reported on stderr, never dropped silently."""
     runs = []
     for f in find_record_files(paths, skip_dirs):
         try:
             runs.append(parse_record(f))
         except ValueError as e:
             print(f"warning: skipping {e}", file=sys.stderr)
-    return runs
+    return join_resumed(runs) if join else runs
+
+# -----------------------------------------------------------------------------
+# Resumed runs: a run continued with --resume writes a new record (a segment) whose summary names the checkpoint
+# it continued (resumed_from); the checkpoint lies beside its own record, so the parent record is
+# <checkpoint dir>/<stem>.txt. The segments of one run are joined into one Run, so that n, std and the curves count
+# runs, not segments.
+
+
+def checkpoint_record_stem(checkpoint):
+    """'<dir>/<stem>_step500.pt' (also _step500_interrupted.pt, _final.pt) -> '<stem>'; None for another name."""
+    m = _CHECKPOINT_NAME.match(Path(str(checkpoint)).name)
+    return m.group("stem") if m else None
+
+
+def _try_parse(path):
+    try:
+        return parse_record(path) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _find_parent(child):
+    """The parent record of a resumed segment, read from disk: beside the checkpoint as given (relative to the
+    directory the run started in, normally the repo root), else in any folder of the child's track."""
+    stem = checkpoint_record_stem(child.resumed_from)
+    if stem is None:
+        return None
+    given = Path(child.resumed_from).with_name(stem + ".txt")
+    for candidate in [given, child.path.parent / given.name, *sorted(child.path.parent.parent.glob(f"*/{stem}.txt"))]:
+        if (parent := _try_parse(candidate)) is not None:
+            return parent
+    return None
+
+
+def _find_children(run, known, cache):
+    """Segments resumed from run's checkpoints that were not loaded: a run resumed on another day writes into
+    <track>/<later date>_<same run_name>/, so sibling folders with the same run name are searched (each once)."""
+    key = (run.path.parent.parent, run.run_name)
+    if key not in cache:
+        same_name = re.compile(r"^\d{4}-\d{2}-\d{2}_" + re.escape(run.run_name) + "$")
+        folders = [d for d in sorted(key[0].iterdir()) if d.is_dir() and same_name.match(d.name)] \
+            if key[0].is_dir() else []
+        cache[key] = [seg for folder in folders for f in sorted(folder.glob("*.txt")) if f.resolve() not in known
+                      if (seg := _try_parse(f)) is not None and seg.resumed_from]
+    return [seg for seg in cache[key] if checkpoint_record_stem(seg.resumed_from) == run.path.stem]
+
+
+def _cut_step(parent, child):
+    """The step at which child continued parent: its log line, else the checkpoint name, else parent's last step
+    (a resume from <stem>_final.pt)."""
+    if child.resume_step is not None:
+        return child.resume_step
+    m = _CHECKPOINT_NAME.match(Path(str(child.resumed_from)).name)
+    if m and m.group("step"):
+        return int(m.group("step"))
+    return parent.steps[-1]["step"] if parent.steps else 0
+
+
+def _join_chain(chain):
+    """One Run from segments [first, ..., last]: each segment's steps up to where the next one took over, then the
+    next one's; status, summary and flags from the last segment (its train_time and tokens count from step 0)."""
+    steps = list(chain[0].steps)
+    for parent, child in zip(chain, chain[1:]):
+        cut = _cut_step(parent, child)
+        steps = [s for s in steps if s["step"] <= cut]
+        val_at_cut = any(s["step"] == cut and "val_loss" in s for s in steps)
+        # the child validates again at the step it resumed at when that is a validation step: the same weights
+        steps += [s for s in child.steps if s["step"] > cut or (s["step"] == cut and "val_loss" in s
+                                                                and not val_at_cut)]
+    last = chain[-1]
+    peaks = [r.peak_memory_mib for r in chain if r.peak_memory_mib is not None]
+    return Run(chain[0].path, last.hparams, last.flags, steps, last.summary, last.status, last.reason,
+               last.environment, max(peaks) if peaks else None, last.resume_step,
+               tuple(p for r in chain for p in r.record_files))
+
+
+def _progress(run):
+    return (run.status == "ok", run.num_steps)
+
+
+def join_resumed(runs):
+    """Join resumed segments into whole runs. A parent missing from runs is read from disk (beside its checkpoint)
+    and so are children in sibling folders; a segment whose parent cannot be found counts as a run of its own, with
+    a warning. When several segments continued the same parent, the branch that got furthest is kept."""
+    known = {r.path.resolve(): r for r in runs}
+    pending, cache = list(runs), {}
+    while pending:  # pull in missing parents and children until nothing new turns up (chains of resumes)
+        added = []
+        for r in pending:
+            if r.resumed_from and not any(k.stem == checkpoint_record_stem(r.resumed_from) for k in known):
+                if (parent := _find_parent(r)) is not None:
+                    added.append(parent)
+            added += _find_children(r, known, cache)
+        pending = []
+        for r in added:
+            if r.path.resolve() not in known:
+                known[r.path.resolve()] = r
+                pending.append(r)
+    all_runs = sorted(known.values(), key=lambda r: str(r.path))
+    by_stem = {r.path.stem: r for r in all_runs}
+    children = {}
+    roots = []
+    for r in all_runs:
+        parent = by_stem.get(checkpoint_record_stem(r.resumed_from)) if r.resumed_from else None
+        if parent is None:
+            if r.resumed_from:
+                print(f"warning: {r.path} resumed from {r.resumed_from}, whose record was not found; counted as a "
+                      f"run of its own from step {r.resume_step if r.resume_step is not None else '?'} (pass the "
+                      "parent's folder too, or keep the record beside its checkpoint)", file=sys.stderr)
+            roots.append(r)
+        else:
+            children.setdefault(parent.path, []).append(r)
+
+    def best_chain(run):
+        chains = [best_chain(c) for c in children.get(run.path, [])]
+        if not chains:
+            return [run]
+        chains.sort(key=lambda c: _progress(c[-1]), reverse=True)
+        for dropped in chains[1:]:
+            print(f"warning: {dropped[0].path} and {chains[0][0].path} both continue {run.path}; joined the one "
+                  f"that got further, the other is not counted", file=sys.stderr)
+        return [run] + chains[0]
+
+    joined = []
+    for root in roots:
+        chain = best_chain(root)
+        joined.append(chain[0] if len(chain) == 1 else _join_chain(chain))
+    return joined
 
 # -----------------------------------------------------------------------------
 # Statistics
@@ -372,7 +546,7 @@ def table_rows(runs, target=DEFAULT_TARGET):
     rows = []
     for (track, _), group in group_runs(runs).items():
         ok = [r for r in group if r.status == "ok" and r.final_val_loss is not None]
-        counts = {s: sum(r.status == s for r in group) for s in ("failed", "incomplete")}
+        counts = {s: sum(r.status == s for r in group) for s in NOT_OK}
         extra = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         test = one_sample_test([r.final_val_loss for r in ok], target)
         shown = ok or group
@@ -416,10 +590,35 @@ def replace_between_markers(text, table):
     return text[:start + len(TABLE_START)] + "\n" + table + "\n" + text[end:]
 
 
+def duplicate_seeds(groups):
+    """[(group label, seed, [paths])] for every seed that occurs in more than one ok run of a group with the same
+    comparable hyperparameters. Such runs are not independent samples (a resumed run recorded twice, or a rerun of
+    the same config and seed), so they would make n too large and std too small."""
+    found = []
+    for label, runs in groups.items():
+        seen = {}
+        for r in runs:
+            if r.status == "ok" and r.final_val_loss is not None and r.seed is not None:
+                config = json.dumps({k: _canon(v) for k, v in _comparable(r).items()}, sort_keys=True)
+                seen.setdefault((r.seed, config), []).append(r.path)
+        found += [(label, seed, paths) for (seed, _), paths in sorted(seen.items(), key=lambda kv: kv[0][0])
+                  if len(paths) > 1]
+    return found
+
+
+def warn_duplicate_seeds(groups):
+    for label, seed, paths in duplicate_seeds(groups):
+        files = ", ".join(map(str, paths))
+        print(f"warning: {label}: {len(paths)} ok runs with seed {seed} and the same flags ({files}); they are not "
+              "independent samples, so n and std are off: rerun one with another seed, or move the duplicate out "
+              "of the group", file=sys.stderr)
+
+
 def cmd_table(args):
     records_dir = Path(args.records_dir)
     skip = NON_RUN_DIRS + (() if args.include_local else (LOCAL_DIR,))
     runs = load_runs([records_dir], skip) if records_dir.is_dir() else []
+    warn_duplicate_seeds({f"{track}/{folder}": group for (track, folder), group in group_runs(runs).items()})
     table = format_table(table_rows(runs, args.target), args.target)
     print(table)
     if not args.write:  # printing never dirties the tree (a later run would record git_commit ...-dirty)
@@ -444,7 +643,7 @@ def cmd_table(args):
 
 def _ok_losses(runs, label):
     ok = [r.final_val_loss for r in runs if r.status == "ok" and r.final_val_loss is not None]
-    others = {s: sum(r.status == s for r in runs) for s in ("failed", "incomplete")}
+    others = {s: sum(r.status == s for r in runs) for s in NOT_OK}
     excluded = ", ".join(f"{n} {s}" for s, n in others.items() if n)
     print(f"{label}: {len(runs)} runs, {len(ok)} ok" + (f" (excluded: {excluded})" if excluded else ""))
     return ok
@@ -452,6 +651,7 @@ def _ok_losses(runs, label):
 
 def cmd_stats(args):
     groups = [("A", load_runs(args.files))] + ([("B", load_runs(args.vs))] if args.vs else [])
+    warn_duplicate_seeds({f"group {label}": runs for label, runs in groups})
     samples = []
     for label, runs in groups:
         losses = _ok_losses(runs, f"group {label}")
@@ -483,33 +683,50 @@ def cmd_stats(args):
 
 @dataclass
 class Curve:
-    """A group's mean val loss on a grid of x (tokens or seconds), with the min/max and std across runs."""
+    """A group's val loss at its validation points, against tokens or seconds of timed training. The mean, band and
+    std are over runs at the validation steps all runs share (x: the runs' mean x there); `runs` holds each run's
+    own points (x, loss arrays). interpolated: the runs validated at different steps, so the mean is taken on
+    values interpolated between each run's points (in steps) and is drawn without markers."""
     x: np.ndarray
     mean: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
     std: np.ndarray
+    runs: list
+    interpolated: bool = False
 
 
 def group_curve(runs, axis):
-    """Interpolate every run's val curve onto the union of their x values within the range all runs cover."""
-    curves = []
+    """The Curve of a group of runs on axis "tokens" or "time" (seconds); None without a run that has two or more
+    finite validation points."""
+    per_run = []  # (steps, x, loss) of each run's finite validation points
     for r in runs:
-        pts = [(tok if axis == "tokens" else t / 1000, loss)
-               for _, tok, t, loss in r.val_points if not math.isnan(loss)]
+        pts = [(step, tok if axis == "tokens" else t / 1000, loss)
+               for step, tok, t, loss in r.val_points if math.isfinite(loss)]
         if len(pts) >= 2:
-            curves.append(np.array(pts).T)
-    if not curves:
+            per_run.append(np.array(pts, dtype=float).T)
+    if not per_run:
         return None
-    lo_x, hi_x = max(c[0].min() for c in curves), min(c[0].max() for c in curves)
-    grid = np.unique(np.concatenate([c[0] for c in curves]))
-    grid = grid[(grid >= lo_x) & (grid <= hi_x)]
-    ys = np.stack([np.interp(grid, c[0], c[1]) for c in curves])
-    return Curve(grid, ys.mean(0), ys.min(0), ys.max(0), ys.std(0))
+    shared = sorted(set.intersection(*(set(p[0]) for p in per_run)))
+    # e.g. val_every 4 and 5 share only the first and the last step: too few for a curve, so interpolate
+    interpolated = len(shared) < max(2, (min(len(p[0]) for p in per_run) + 1) // 2)
+    if interpolated:  # different validation steps: the union of steps inside the range every run covers
+        lo_s, hi_s = max(p[0].min() for p in per_run), min(p[0].max() for p in per_run)
+        steps = np.unique(np.concatenate([p[0] for p in per_run]))
+        steps = steps[(steps >= lo_s) & (steps <= hi_s)]
+    else:
+        steps = np.array(shared, dtype=float)
+    xs = np.stack([np.interp(steps, p[0], p[1]) for p in per_run])  # exact at shared steps
+    ys = np.stack([np.interp(steps, p[0], p[2]) for p in per_run])
+    return Curve(xs.mean(0), ys.mean(0), ys.min(0), ys.max(0), ys.std(0), [(p[1], p[2]) for p in per_run],
+                 interpolated)
 
 
 def _comparable(run):
-    d = {k: v for k, v in run.hparams.items() if k not in PER_RUN_KEYS}
+    """The hyperparameters that define what a run trains and measures (see PER_RUN_KEYS and friends)."""
+    d = {k: v for k, v in run.hparams.items() if k not in PER_RUN_KEYS | MEASUREMENT_ONLY_KEYS}
+    for key in PATH_KEYS & set(d):
+        d[key] = "<a checkpoint>" if d[key] else ""
     for key in ("world_size", "device"):  # timings across different hardware are not comparable either
         if getattr(run, key) is not None:
             d.setdefault(key, getattr(run, key))
@@ -540,7 +757,8 @@ def hparam_differences(groups, subject=()):
 def _selected(runs, label):
     ok = [r for r in runs if r.status == "ok"]
     if not ok:
-        print(f"note: {label} has no ok runs; plotting its {len(runs)} failed/incomplete runs", file=sys.stderr)
+        print(f"note: {label} has no ok runs; plotting its {len(runs)} failed/interrupted/incomplete runs",
+              file=sys.stderr)
     return ok or runs
 
 
@@ -552,7 +770,7 @@ def _labels(paths, given):
         return labels
     labels = []
     for p in map(Path, paths):
-        label = p.name if p.is_dir() else f"{p.parent.name}/{p.stem[:8]}"
+        label = p.name if p.is_dir() or glob.has_magic(str(p)) else f"{p.parent.name}/{p.stem[:8]}"
         labels.append(label if label not in labels else f"{label}#{len(labels)}")
     return labels
 
@@ -569,38 +787,123 @@ def _crossing(curve, target):
     return float(x0 + (target - y0) * (x1 - x0) / (y1 - y0))
 
 
-def plot_compare(curves_by_axis, labels, out, zoom, band, target):
+AXIS_NAMES = {"tokens": "tokens", "time": "timed training (s)"}
+
+
+def _fmt_x(axis, x):
+    return _fmt_tokens(x) if axis == "tokens" else f"{x:.1f} s"
+
+
+def zoom_window(curves, labels, axis, zoom):
+    """(x_lo, x_hi, warnings): the last `zoom` of the x range all curves span. A group with no validation point in
+    it (it ended earlier, e.g. a faster arm on the time axis) gets a warning, and the window is widened to its last
+    two points (one point shows no trend), so that no group silently drops out of the zoomed panel."""
+    x_hi = max(max(float(x[-1]) for x, _ in c.runs) for c in curves)
+    x_lo = start = x_hi * (1 - zoom)
+    warnings = []
+    for label, c in zip(labels, curves):
+        last = max(float(x[-1]) for x, _ in c.runs)
+        if last < start:
+            x_lo = min(x_lo, float(c.x[-2] if len(c.x) > 1 else c.x[-1]))
+            warnings.append(f"{label} has no validation point in the last {zoom:.0%} of the {axis} axis (it ends at "
+                            f"{_fmt_x(axis, last)}, the window starts at {_fmt_x(axis, start)}); the zoomed "
+                            f"{axis} panel is widened to start at {_fmt_x(axis, x_lo)} to include it")
+    margin = 0.02 * (x_hi - x_lo)
+    return x_lo - margin, x_hi + margin, warnings
+
+
+def _visible_values(curves, x_lo, x_hi, band, edges=True):
+    """Every loss value drawn inside [x_lo, x_hi]: points inside, and (edges) where a line crosses an edge, its
+    value there, for the mean, the band and each run's points."""
+    values = []
+
+    def add(x, y):
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        inside = (x >= x_lo) & (x <= x_hi)
+        values.extend(y[inside])
+        for edge in (x_lo, x_hi) if edges else ():
+            if x[0] < edge < x[-1]:
+                values.append(float(np.interp(edge, x, y)))
+    for c in curves:
+        add(c.x, c.mean)
+        if band != "none":
+            lo, hi = _band(c, band)
+            add(c.x, lo)
+            add(c.x, hi)
+        for x, y in c.runs:
+            add(x, y)
+    return np.array(values)
+
+
+def _band(curve, band):
+    return (curve.lo, curve.hi) if band == "minmax" else (curve.mean - curve.std, curve.mean + curve.std)
+
+
+def _draw(ax, curves, labels, band, n_runs):
+    colors = [f"C{i}" for i in range(len(curves))]
+    for label, c, color, n in zip(labels, curves, colors, n_runs):
+        for x, y in c.runs:  # each run's validation points: the data the mean line is made of
+            ax.plot(x, y, ls="none", marker=".", ms=4, alpha=0.45, color=color)
+        ax.plot(c.x, c.mean, color=color, lw=1.6, marker=None if c.interpolated else "o", ms=4,
+                label=f"{label} (mean of {n} run{'s' if n != 1 else ''})")
+        if band != "none" and n > 1:
+            lo, hi = _band(c, band)
+            ax.fill_between(c.x, lo, hi, color=color, alpha=0.15, lw=0)
+
+
+def plot_compare(curves_by_axis, labels, out, zoom, band, target, n_runs):
+    """Full-range panels (top) and zoomed panels (bottom) of val loss vs tokens and vs timed training. The zoomed
+    y-limits come from everything drawn inside the window. Returns {"warnings": the zoom-window warnings,
+    "zoom": {axis: (xlim, ylim)}, "full": {axis: ylim}}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    for ax, (axis, curves) in zip(axes, curves_by_axis.items()):
-        xmax = max(c.x[-1] for c in curves if c is not None)
-        x0 = xmax * (1 - zoom)
-        visible = []
-        for label, c in zip(labels, curves):
-            if c is None:
-                continue
-            ax.plot(c.x, c.mean, label=label)
-            lo, hi = (c.lo, c.hi) if band == "minmax" else (c.mean - c.std, c.mean + c.std)
-            if band != "none":
-                ax.fill_between(c.x, lo, hi, alpha=0.2)
-            m = c.x >= x0
-            visible += [lo[m], hi[m]] if band != "none" else [c.mean[m]]
-        ax.axhline(target, color="gray", ls="--", lw=0.8)
-        ax.set_xlim(x0, xmax)
-        vis = np.concatenate(visible) if visible else np.array([])
+    import matplotlib.ticker
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    drawn = {"warnings": [], "zoom": {}, "full": {}}
+    for col, (axis, curves) in enumerate(curves_by_axis.items()):
+        full, zoomed = axes[0, col], axes[1, col]
+        x_lo, x_hi, warn = zoom_window(curves, labels, axis, zoom)
+        drawn["warnings"] += warn
+        for ax in (full, zoomed):
+            _draw(ax, curves, labels, band, n_runs)
+            if axis == "tokens":
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _fmt_tokens(max(v, 0))))
+            ax.axhline(target, color="gray", ls="--", lw=0.8, label=f"target {target:g}")
+            ax.set_xlabel(AXIS_NAMES[axis])
+            ax.set_ylabel("val loss")
+            ax.grid(alpha=0.3)
+        full.axvspan(x_lo, x_hi, color="gray", alpha=0.08, lw=0)  # where the zoomed panel below looks
+        # The first validations (10.8 at step 0) would squash the rest of the run into a line at the bottom: the
+        # y-axis starts from the points after the first 5% of the x range, and says so when it cuts one off.
+        x_end = max(c.x[-1] for c in curves)
+        later = _visible_values(curves, 0.05 * x_end, x_end, band, edges=False)
+        clipped = ""
+        if later.size:
+            everything = _visible_values(curves, -math.inf, math.inf, band)
+            pad = 0.05 * (later.max() - later.min() or 0.01)
+            full.set_ylim(later.min() - pad, later.max() + pad)
+            if everything.max() > later.max() + pad:
+                clipped = f" (y cut at {later.max() + pad:.2f}; earlier points up to {everything.max():.2f})"
+        full.set_title(f"val loss vs {AXIS_NAMES[axis]}: whole run{clipped}", fontsize=10)
+        full.legend(fontsize=8)
+        zoomed.set_xlim(x_lo, x_hi)
+        vis = _visible_values(curves, x_lo, x_hi, band)
         if vis.size:
-            pad = 0.05 * (vis.max() - vis.min() or 0.01)
-            ax.set_ylim(vis.min() - pad, vis.max() + pad)
-        ax.set_xlabel("tokens" if axis == "tokens" else "timed training (s)")
-        ax.set_ylabel("val loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"val loss, last {zoom:.0%} of the x range (band: {band} over runs)")
+            pad = 0.08 * (vis.max() - vis.min() or 0.01)
+            zoomed.set_ylim(vis.min() - pad, vis.max() + pad)
+        zoomed.set_title(f"zoom: {_fmt_x(axis, x_lo)} to {_fmt_x(axis, x_hi)} (y from the curves in the window)",
+                         fontsize=10)
+        drawn["zoom"][axis] = (zoomed.get_xlim(), zoomed.get_ylim())
+        drawn["full"][axis] = full.get_ylim()
+    band_text = {"minmax": "min-max over runs", "std": "mean +- 1 std over runs", "none": "none"}[band]
+    fig.suptitle(f"lines: mean over runs at the validation steps they share (circles); dots: each run's "
+                 f"validation points\nband: {band_text}; shaded in the top panels: the zoomed window below",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
+    return drawn
 
 
 def cmd_compare(args):
@@ -609,11 +912,27 @@ def cmd_compare(args):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    groups = [load_runs([g]) for g in args.groups]
+    if not 0 < args.zoom <= 1:
+        print(f"error: --zoom {args.zoom:g} must be in (0, 1]: the fraction of the x range the zoomed panels show",
+              file=sys.stderr)
+        return 1
+    try:
+        groups = [load_runs([g]) for g in args.groups]
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for label, runs in zip(labels, groups):
         if not runs:
             print(f"error: no record files in {label}", file=sys.stderr)
             return 1
+    seen = {}  # record file -> the group it is in: a run in two groups is compared with itself
+    for label, runs in zip(labels, groups):
+        for r in runs:
+            other = {seen.setdefault(f.resolve(), label) for f in r.record_files} - {label}
+            if other:
+                print(f"WARNING: the run {r.path} is in both {other.pop()} and {label} (a resumed run is one run: "
+                      "give all the folders of one arm as one quoted glob, e.g. 'records/<track>/*_my_idea')",
+                      file=sys.stderr)
     subject = [s for s in (args.subject or "").split(",") if s]
     diffs = hparam_differences(groups, subject)
     if diffs:
@@ -623,24 +942,35 @@ def cmd_compare(args):
             print("WARNING:   " + key + ": " + "  ".join(f"{l}={v}" for l, v in zip(labels, vals)), file=sys.stderr)
     selected = [_selected(runs, label) for label, runs in zip(labels, groups)]
     curves = {axis: [group_curve(runs, axis) for runs in selected] for axis in ("tokens", "time")}
-    if any(c is None for cs in curves.values() for c in cs):
-        print("error: every group needs at least one run with two or more validation points", file=sys.stderr)
+    missing = [l for l, c in zip(labels, curves["tokens"]) if c is None]
+    if missing:
+        print(f"error: {', '.join(missing)}: no run with two or more validation points (runs with --val_every=0 "
+              "validate only at the end; rerun with --val_every set)", file=sys.stderr)
         return 1
-    plot_compare(curves, labels, args.out, args.zoom, args.band, args.target)
+    for label, c in zip(labels, curves["tokens"]):
+        if c.interpolated:
+            print(f"note: the runs of {label} validated at different steps; its mean line is interpolated "
+                  "between their points (drawn without circles)", file=sys.stderr)
+    drawn = plot_compare(curves, labels, args.out, args.zoom, args.band, args.target,
+                         [len(runs) for runs in selected])
+    for w in drawn["warnings"]:
+        print(f"WARNING: {w}", file=sys.stderr)
     print(f"wrote {args.out}")
-    for axis, unit in (("tokens", _fmt_tokens), ("time", lambda s: f"{s:.1f}s")):
+    for axis in ("tokens", "time"):
         cs = curves[axis]
         common = min(c.x[-1] for c in cs)
         xs = np.linspace(common * (1 - args.zoom), common, 4)
-        print(f"\nval loss at equal {axis} (difference vs {labels[0]}):")
+        print(f"\nval loss at equal {axis}, linear between validation points (difference vs {labels[0]}):")
         print(f"  {axis:>10}  " + "  ".join(f"{l:>22}" for l in labels))
         for x in xs:
             ys = [float(np.interp(x, c.x, c.mean)) for c in cs]
             cells = [f"{ys[0]:.4f}"] + [f"{y:.4f} ({y - ys[0]:+.4f})" for y in ys[1:]]
-            print(f"  {unit(x):>10}  " + "  ".join(f"{c:>22}" for c in cells))
+            print(f"  {_fmt_x(axis, x):>10}  " + "  ".join(f"{c:>22}" for c in cells))
+        ends = ", ".join(f"{l}={_fmt_x(axis, c.x[-1])}: {c.mean[-1]:.4f}" for l, c in zip(labels, cs))
+        print(f"  last point: {ends}")
         reach = [_crossing(c, args.target) for c in cs]
         print(f"  reaches {args.target:g} at: " + ", ".join(
-            f"{l}={unit(x) if x is not None else 'never'}" for l, x in zip(labels, reach)))
+            f"{l}={_fmt_x(axis, x) if x is not None else 'never'}" for l, x in zip(labels, reach)))
     return 0
 
 # -----------------------------------------------------------------------------
@@ -680,19 +1010,36 @@ def cell_hash(cell, extra):
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
-def expand_sweep(grid, seeds, extra):
-    """Every (cell, seed) as a run dict. All seeds of a cell share its run name, so they form one records group."""
+MAX_RUN_NAME = 80
+
+
+def cell_label(cell):
+    """{'muon_lr': '0.04', 'seq_len': '2048'} -> 'muon_lr=0.04,seq_len=2048' ('defaults' for the empty cell), safe as
+    part of a folder name: other characters become '-', and a long label is cut and ends in a hash of the whole."""
+    label = ",".join(f"{k}={v}" for k, v in cell.items()) or "defaults"
+    safe = re.sub(r"[^A-Za-z0-9._,=+-]", "-", label)
+    if len(safe) > MAX_RUN_NAME:
+        safe = safe[:MAX_RUN_NAME - 9] + "~" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    return safe
+
+
+def expand_sweep(grid, seeds, prefix=""):
+    """Every (cell, seed) as a run dict. All seeds of a cell share its run name (prefix + its label), so they form
+    one records group."""
     names = list(grid)
     runs = []
     for values in itertools.product(*(grid[n] for n in names)):
         cell = dict(zip(names, values))
-        run_name = f"sweep_{cell_hash(cell, extra)}"
+        label = cell_label(cell)
+        run_name = prefix + label
         for seed in seeds:
-            runs.append({"key": f"{run_name}_seed{seed}", "flags": cell, "seed": seed, "run_name": run_name})
+            runs.append({"key": f"{run_name}_seed{seed}", "flags": cell, "seed": seed, "run_name": run_name,
+                         "cell": label})
     return runs
 
 
-def build_command(train_cmd, run, extra, nproc):
+def build_command(train_cmd, run, extra, nproc, records_dir=None):
+    """The train command of one run. records_dir goes to the run unless the flags after -- set their own."""
     cmd = shlex.split(train_cmd)
     if cmd and cmd[0] in ("python", "python3"):
         cmd[0] = sys.executable
@@ -700,7 +1047,8 @@ def build_command(train_cmd, run, extra, nproc):
         if cmd and cmd[0] == sys.executable:
             cmd = cmd[1:]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + cmd
-    return (cmd + [f"--{k}={v}" for k, v in run["flags"].items()] + list(extra)
+    where = [f"--records_dir={records_dir}"] if records_dir and "records_dir" not in parse_flag_args(extra) else []
+    return (cmd + [f"--{k}={v}" for k, v in run["flags"].items()] + list(extra) + where
             + [f"--run_name={run['run_name']}", f"--seed={run['seed']}"])
 
 
@@ -708,26 +1056,172 @@ def same_config(config, run):
     """Whether run was trained with these command-line flags: each flag matches the run's hyperparameter, and
     every non-default flag of the run (other than per-run ones) is among them. Flags set to their default value
     are absent from a record's flags, hence the comparison against hparams."""
+    ignored = PER_RUN_KEYS | MEASUREMENT_ONLY_KEYS
     hp = {**run.flags, **run.hparams}
-    return (all(k in hp and _canon(hp[k]) == _canon(v) for k, v in config.items() if k not in PER_RUN_KEYS)
-            and all(k in config for k in run.flags if k not in PER_RUN_KEYS))
+    return (all(k in hp and _canon(hp[k]) == _canon(v) for k, v in config.items() if k not in ignored)
+            and all(k in config for k in run.flags if k not in ignored))
 
 
 def estimate_run_ms(config, records, ms_per_step=None):
-    """(num_iterations, ms/step) for a run with these flags. ms/step: ms_per_step if given, else the mean step_avg
-    of the records with the same flags (a diverged or killed run's step_avg is as good a timing as any).
-    num_iterations: the flag, else those records' hparams, else the default (from any record that sets neither
-    num_iterations nor a preset)."""
+    """(num_iterations, ms/step, where the ms/step came from) for a run with these flags. ms/step: ms_per_step if
+    given, else the mean step_avg of the records with the same flags (a diverged or killed run's step_avg is as good
+    a timing as any), else None. num_iterations: the flag, else those records' hparams, else the default (from any
+    record that sets neither num_iterations nor a preset)."""
     same = [r for r in records if same_config(config, r)]
+    source = "--ms_per_step" if ms_per_step is not None else None
     if ms_per_step is None:
         avgs = [r.step_avg_ms for r in same if r.step_avg_ms is not None]
-        ms_per_step = float(np.mean(avgs)) if avgs else None
+        if avgs:
+            ms_per_step = float(np.mean(avgs))
+            source = f"the mean step_avg of {len(avgs)} record{'s' if len(avgs) > 1 else ''} with the same flags"
     iters = config.get("num_iterations")
     if iters is None:
         donors = same or [r for r in records if not {"num_iterations", "preset"} & set(r.flags)]
         donors = [r for r in donors if "num_iterations" in r.hparams]
         iters = donors[0].hparams["num_iterations"] if donors else None
-    return (None if iters is None else int(float(iters))), ms_per_step
+    return (None if iters is None else int(float(iters))), ms_per_step, source
+
+
+def probe_step_time(cmd, steps, log_path, timeout_s):
+    """Time a run by starting it: cmd (which validates at step `steps`) runs until that validation, whose
+    train_time is synchronized and excludes compile warm-up, then gets SIGTERM (train_gpt.py stops at the next step
+    boundary). Returns (ms per step, the run's total steps from its step lines); raises RuntimeError when the run
+    ends or times out before it logs a timed step."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    best = None  # the latest step line: (step, total, train_time_ms); the validation at `steps` ends the probe
+    with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, bufsize=1, start_new_session=True) as proc:
+        watchdog = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, 9))
+        watchdog.start()
+        try:
+            stopping = False
+            for line in proc.stdout:  # read to the end even after SIGTERM, so a full pipe never blocks the run
+                log.write(line)
+                entry = _parse_step(line.strip())
+                if entry is None or stopping or entry["step"] == 0:
+                    continue
+                best = (entry["step"], entry["total"], entry["train_time_ms"])
+                if entry["step"] >= steps and "val_loss" in entry:
+                    stopping = True
+                    proc.terminate()
+            proc.wait()
+        finally:
+            watchdog.cancel()
+    if best is None:
+        raise RuntimeError(f"the probe run logged no timed step (exit {proc.returncode}; see {log_path})")
+    step, total, train_ms = best
+    return train_ms / step, total
+
+
+def _probe_cell(run, args, extra, name, records_dir):
+    """Probe one cell: its first seed's command, validating at --probe_steps, writing into records/local/ (never a
+    run of the sweep), without checkpoints."""
+    probe_dir = records_dir / LOCAL_DIR / "sweeps" / name / "probes"
+    cmd = build_command(args.train_cmd, run, extra, args.nproc) + [
+        f"--val_every={args.probe_steps}", f"--records_dir={probe_dir}", "--save_every=0", "--save_checkpoint=off"]
+    log_path = probe_dir / f"{run['cell']}.log"
+    print(f"probe {run['cell']}: timing the first {args.probe_steps} steps (log: {log_path})", flush=True)
+    ms, total = probe_step_time(cmd, args.probe_steps, log_path, args.probe_timeout)
+    return {"ms_per_step": ms, "total_steps": total, "log": str(log_path)}
+
+
+def estimate_sweep(todo, args, extra, name, records_dir, state, slots):
+    """Hours for the runs still to do, on the parallel slots; None if some cell has no estimate. Per cell it prints
+    the ms/step and where it came from: --ms_per_step, matching records, or a timed probe run (with --budget_hours
+    only, not in a dry run; probes are remembered in the sweep state)."""
+    records = load_runs([records_dir], NON_RUN_DIRS + (LOCAL_DIR,)) if records_dir.is_dir() else []
+    extra_flags = parse_flag_args(extra)
+    probes = state.setdefault("probes", {})
+    total_ms, unknown = 0.0, []
+    cells = {}
+    for r in todo:
+        cells.setdefault(r["cell"], []).append(r)
+    for label, runs in cells.items():
+        iters, ms, source = estimate_run_ms({**extra_flags, **runs[0]["flags"]}, records, args.ms_per_step)
+        if ms is None and label in probes:
+            ms, source = probes[label]["ms_per_step"], f"an earlier {args.probe_steps}-step probe run"
+        if ms is None and args.budget_hours is not None and not args.dry_run:
+            try:
+                probes[label] = _probe_cell(runs[0], args, extra, name, records_dir)
+            except RuntimeError as e:
+                print(f"probe {label}: {e}", file=sys.stderr)
+            else:
+                ms, source = probes[label]["ms_per_step"], f"a {args.probe_steps}-step probe run"
+                _save_state(records_dir / "sweeps" / f"{name}.json", state)
+        if iters is None and label in probes:
+            iters = probes[label]["total_steps"]  # the step lines' total: what the run would do
+        if iters is None or ms is None:
+            why = "no step count (set --num_iterations)" if iters is None else "no ms/step"
+            print(f"step time {label}: unknown ({why})")
+            unknown += [r["key"] for r in runs]
+        else:
+            print(f"step time {label}: {ms:.1f} ms/step from {source}; {iters} steps x {len(runs)} run(s)")
+            total_ms += iters * ms * len(runs)
+    return (None if unknown else total_ms / len(slots) / 3.6e6), unknown
+
+
+def parse_baseline(spec, runs):
+    """The label of the baseline cell: the first cell, or the one cell whose flags match 'name=value,...'."""
+    labels = list(dict.fromkeys(r["cell"] for r in runs))
+    if not spec:
+        return labels[0]
+    want = {}
+    for pair in spec.split(","):
+        k, sep, v = pair.partition("=")
+        if not sep:
+            raise ValueError(f"bad --baseline {spec!r}; expected name=value[,name=value]")
+        want[k.strip().lstrip("-")] = v.strip()
+    matches = list(dict.fromkeys(r["cell"] for r in runs
+                                 if all(k in r["flags"] and _canon(r["flags"][k]) == _canon(v)
+                                        for k, v in want.items())))
+    if len(matches) != 1:
+        raise ValueError(f"--baseline {spec} matches {len(matches)} cells; name one of: {', '.join(labels)}")
+    return matches[0]
+
+
+def sweep_results(state, runs, baseline):
+    """One row per cell, in grid order: ok runs / seeds, mean and std of the final val loss, and the Welch t-test
+    of the cell against the baseline cell (p None when either has fewer than 2 ok runs)."""
+    losses, counts = {}, {}
+    for r in runs:
+        entry = state["runs"].get(r["key"], {})
+        loss = (entry.get("summary") or {}).get("final_val_loss")
+        counts.setdefault(r["cell"], {}).setdefault(entry.get("status", "not run"), 0)
+        counts[r["cell"]][entry.get("status", "not run")] += 1
+        losses.setdefault(r["cell"], [])
+        if entry.get("status") == "ok" and loss is not None:
+            losses[r["cell"]].append(float(loss))
+    rows = []
+    for cell, xs in losses.items():
+        base = losses[baseline]
+        p = diff = None
+        if cell != baseline and xs and base:
+            diff = float(np.mean(xs) - np.mean(base))
+            if len(xs) >= 2 and len(base) >= 2:
+                p = welch_test(xs, base).p
+        rows.append({"cell": cell, "n": len(xs), "seeds": sum(counts[cell].values()),
+                     "mean": float(np.mean(xs)) if xs else None,
+                     "std": float(np.std(xs, ddof=1)) if len(xs) >= 2 else None, "diff": diff, "p": p,
+                     "other": {s: n for s, n in counts[cell].items() if s != "ok"}})
+    return rows
+
+
+SWEEP_STATUS_NAMES = {"error": "crashed (rerun retries)", "failed": "diverged"}
+
+
+def print_sweep_results(rows, baseline):
+    width = max(len("cell"), *(len(r["cell"]) for r in rows)) + 2
+    print(f"\nresults: final val loss over seeds; p: Welch t-test (two-sided) vs the baseline cell {baseline}")
+    print(f"  {'cell':<{width}} {'n':>5}  {'mean +- std':>17}  {'vs baseline':>11}  {'p':>7}  other runs")
+    for r in rows:
+        mean = "–" if r["mean"] is None else f"{r['mean']:.4f}" + (
+            f" +- {r['std']:.4f}" if r["std"] is not None else "")
+        diff = "baseline" if r["cell"] == baseline else "–" if r["diff"] is None else f"{r['diff']:+.4f}"
+        other = ", ".join(f"{n} {SWEEP_STATUS_NAMES.get(s, s)}" for s, n in r["other"].items())
+        print(f"  {r['cell']:<{width}} {r['n']:>2}/{r['seeds']:<2}  {mean:>17}  {diff:>11}  {_fmt_p(r['p']):>7}  "
+              f"{other}")
+    if any(r["p"] is None and r["cell"] != baseline and r["n"] for r in rows):
+        print("  (p needs at least 2 ok seeds in the cell and in the baseline)")
 
 
 def _gpu_ids(n_gpus):
@@ -773,12 +1267,16 @@ def run_sweep(args, extra):
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:
         raise ValueError("--seeds needs at least one seed")
+    if args.probe_steps < 1:
+        raise ValueError(f"--probe_steps {args.probe_steps} must be >= 1")
     records_dir = Path(args.records_dir)
     name = args.sweep_name or f"sweep_{cell_hash(grid, extra)}"
+    # A named sweep prefixes its run names, so two sweeps with the same cells never share a records folder.
+    runs = expand_sweep(grid, seeds, f"{args.sweep_name}." if args.sweep_name else "")
+    baseline = parse_baseline(args.baseline, runs)
     state_path = records_dir / "sweeps" / f"{name}.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"name": name, "runs": {}}
     state.update(grid=grid, extra=list(extra), train_cmd=args.train_cmd)
-    runs = expand_sweep(grid, seeds, extra)
     finished = ("ok",) if args.retry_failed else ("ok", "failed")
     todo = [r for r in runs if state["runs"].get(r["key"], {}).get("status") not in finished]
     print(f"sweep {name}: {len(runs) // len(seeds)} cells x {len(seeds)} seeds = {len(runs)} runs, "
@@ -789,53 +1287,47 @@ def run_sweep(args, extra):
     slots = [gpus[i:i + per_run] for i in range(0, len(gpus) - per_run + 1, per_run)]
     slots = slots if len(slots) > 1 else [None]  # one slot: leave CUDA_VISIBLE_DEVICES as it is
 
-    records = load_runs([records_dir], NON_RUN_DIRS + (LOCAL_DIR,)) if records_dir.is_dir() else []
-    extra_flags = parse_flag_args(extra)
-    total_ms, unknown = 0.0, []
-    for r in todo:
-        iters, ms = estimate_run_ms({**extra_flags, **r["flags"]}, records, args.ms_per_step)
-        if iters is None or ms is None:
-            unknown.append(r["key"])
-        else:
-            total_ms += iters * ms
-    hours = total_ms / len(slots) / 3.6e6
-    if unknown:
-        print(f"time estimate: unknown for {len(unknown)} runs (no --ms_per_step and no record with the same "
-              f"flags, or no num_iterations)")
-    else:
-        print(f"time estimate: {hours:.2f} h on {len(slots)} parallel slot(s) (timed steps only; compile warm-up "
-              "and validation come on top)")
-    if args.budget_hours is not None and todo:
+    if todo:
+        hours, unknown = estimate_sweep(todo, args, extra, name, records_dir, state, slots)
         if unknown:
+            print(f"time estimate: unknown for {len(unknown)} runs"
+                  + ("" if args.budget_hours is not None else " (--budget_hours would probe them)"))
+        else:
+            print(f"time estimate: {hours:.2f} h on {len(slots)} parallel slot(s) (timed steps only; compile "
+                  "warm-up and validation come on top)")
+        if args.budget_hours is not None and unknown and not args.dry_run:
             print(f"refusing to start: cannot check --budget_hours {args.budget_hours:g} without an estimate for "
-                  f"{', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}; pass --ms_per_step "
-                  "(and --num_iterations in the grid or after --)", file=sys.stderr)
+                  f"{', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}; pass --ms_per_step (and "
+                  "--num_iterations in the grid or after --), or fix the probe run (its log is above)",
+                  file=sys.stderr)
             return 2
-        if hours > args.budget_hours:
+        if args.budget_hours is not None and hours is not None and hours > args.budget_hours:
             print(f"refusing to start: estimated {hours:.2f} h exceeds --budget_hours {args.budget_hours:g}",
                   file=sys.stderr)
             return 2
 
-    commands = [(r, build_command(args.train_cmd, r, extra, args.nproc)) for r in todo]
+    commands = [(r, build_command(args.train_cmd, r, extra, args.nproc, args.records_dir)) for r in todo]
     if args.dry_run:
         for r, cmd in commands:
             print(" ".join(shlex.quote(c) for c in cmd))
-    elif todo:
+        return 0
+    if todo:
         _save_state(state_path, state)
         _execute(commands, slots, state, state_path, records_dir / LOCAL_DIR / "sweeps" / name)
+    print_sweep_results(sweep_results(state, runs, baseline), baseline)
     if args.fit:
         fit_sweep(state, name, Path(args.fit_out) if args.fit_out else records_dir / "sweeps" / f"{name}_fit.png")
-    failed = [k for k, v in state["runs"].items() if v.get("status") not in ("ok",)]
-    if failed and not args.dry_run:
+    failed = [r["key"] for r in runs if state["runs"].get(r["key"], {}).get("status") != "ok"]
+    if failed:
         print(f"{len(failed)} runs did not finish ok: {', '.join(failed)}; rerun the same command to retry "
               "crashed ones" + ("" if args.retry_failed else " (--retry_failed also reruns diverged ones)"))
     return 1 if any(state["runs"].get(r["key"], {}).get("status") == "error" for r in todo) else 0
 
 
 def _sweep_status(summary):
-    """"ok", "failed" (finished but diverged: a full summary, final_val_loss null) or "error" (crashed or killed: no
-    summary, or the short summary train_gpt.py prints on an exception, which has no final_val_loss). Only "error"
-    runs are retried by default; a summary means the run finished even if the process then exited nonzero."""
+    """"ok", "failed" (finished but diverged: a full summary, final_val_loss null) or "error" (crashed, killed or
+    interrupted: no summary, or a short one without final_val_loss). Only "error" runs are retried by default; a
+    summary means the run finished even if the process then exited nonzero."""
     if not summary:
         return "error"
     status = summary.get("status", "ok")
@@ -997,7 +1489,8 @@ def build_parser():
                        description="Arguments after a lone -- are passed to every run.")
     w.add_argument("--grid", action="append", default=[], help="name=v1,v2 (repeatable)")
     w.add_argument("--seeds", default="0")
-    w.add_argument("--sweep_name", default=None, help="default: sweep_<hash of grid and extra flags>")
+    w.add_argument("--sweep_name", default=None,
+                   help="default: sweep_<hash of grid and extra flags>; a given name also prefixes the run names")
     w.add_argument("--records_dir", default="records")
     w.add_argument("--train_cmd", default="python train_gpt.py")
     w.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
@@ -1006,7 +1499,12 @@ def build_parser():
                    help="GPUs to spread runs over (default: CUDA_VISIBLE_DEVICES, else nvidia-smi -L)")
     w.add_argument("--budget_hours", type=float, default=None)
     w.add_argument("--ms_per_step", type=float, default=None,
-                   help="default: mean step_avg of the records with the same flags")
+                   help="default: mean step_avg of the records with the same flags, else (with --budget_hours) a "
+                        "timed probe run of each cell")
+    w.add_argument("--probe_steps", type=int, default=20, help="steps a probe run times (then it is stopped)")
+    w.add_argument("--probe_timeout", type=float, default=1800, help="seconds before a probe run is killed")
+    w.add_argument("--baseline", default=None,
+                   help="name=value[,name=value]: the cell the results table tests against (default: the first)")
     w.add_argument("--dry_run", action="store_true")
     w.add_argument("--retry_failed", action="store_true", help="rerun runs that ended with status failed")
     w.add_argument("--fit", action="store_true", help="fit L(N, D) = E + A/N^a + B/D^b to the ok runs")
