@@ -35,6 +35,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from kernels import IMPLS as KRON_IMPLS, KS_IMPLS, KronLinear, KSLinear, butterfly_patterns, monarch_patterns
 from kernels import _a_first as kron_contracts_k1_first, choose_kron_factors, kron_factor_init_, kron_macs_per_token
+from kernels import van_loan_decompose
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,6 +71,8 @@ class Hyperparameters:
     kron_impl: str = "auto"  # auto (triton on CUDA, torch elsewhere) | triton | torch | dense (debugging)
     kron_optimizer: str = "adam"  # adam | muon: which optimizer trains the factors (devlog 2026-11-23)
     kron_adam_lr: float = 0.008  # Adam LR for the factors when kron_optimizer=adam
+    kron_progressive_every: int = 0  # start dense; every N steps the next --kron_layers block becomes Kronecker
+    kron_progressive_distill_steps: int = 0  # Adam steps fitting each new student to its dense MLP on live inputs
     kron_layers: str = ""  # comma-separated blocks whose MLPs --kron_mlp factorizes ("" = all); the others stay dense
     # Kronecker-sparse MLP (kernels.KSLinear): a chain of block-sparse factors (Monarch or butterfly)
     ks_mlp: str = "off"  # off | fc | proj | both: which MLP matrices become KS chains
@@ -301,6 +304,14 @@ def check_config(args: Hyperparameters, world_size: int):
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
     kron_factors(args)  # fails on a malformed --kron_factors
+    if args.kron_progressive_every:
+        if args.kron_mlp == "off" or args.moe_experts or args.teacher:
+            fail("--kron_progressive_every needs --kron_mlp (fc, proj or both) on dense MLPs, without --moe_experts "
+                 "or --teacher")
+        last = progressive_swaps(args)[-1][0]
+        if last >= total_steps(args):
+            fail(f"--kron_progressive_every={args.kron_progressive_every}: the last swap would come at step {last}, "
+                 f"after the run's {total_steps(args)} steps; lower it or list fewer --kron_layers")
     check_mot(args, fail)
     check_schedule(args, fail)
     for name, valid in dict(ks_mlp=("off", "fc", "proj", "both"), ks_chain=("monarch", "butterfly"),
@@ -332,7 +343,7 @@ MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=
                   muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, kron_adam_lr=0.0, adam_eps=0.0,
                   attn_scale=0.0, kd_temp=1e-6, kd_cosine=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
                   muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_wd=0.0, adam_every=1, extension_steps=0,
-                  mot_self_pool=1)
+                  mot_self_pool=1, kron_progressive_every=0, kron_progressive_distill_steps=0)
 UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_momentum_end", "adam_beta1",
                  "adam_beta2", "kd_alpha")
 # flag -> (what makes it meaningful, a predicate on args): setting the flag without that draws a warning
@@ -369,6 +380,7 @@ NEEDS = dict(
     kd_cosine=("--teacher", lambda a: bool(a.teacher)),
     init_partial=("--init_from", lambda a: bool(a.init_from)),
     adam_group_wd=("--adam_wd > 0", lambda a: a.adam_wd > 0),
+    kron_progressive_distill_steps=("--kron_progressive_every > 0", lambda a: a.kron_progressive_every > 0),
     extension_window=("--extension_steps > 0", lambda a: a.extension_steps > 0),
     val_window=("--stages", lambda a: bool(a.stages)),
     yarn=("--stages (YaRN follows the stages' window changes)", lambda a: bool(a.stages)),
@@ -1874,6 +1886,26 @@ class GPT(nn.Module):
         return total
 
 
+def progressive_swaps(args: Hyperparameters) -> list[tuple[int, int]]:
+    """--kron_progressive_every=N: (step, block) pairs; the k-th block of --kron_layers (ascending) turns Kronecker
+    at step (k + 1) N. [] without it."""
+    if not args.kron_progressive_every:
+        return []
+    blocks = sorted(factorized_blocks(args.kron_layers, args.num_layers))
+    return [((k + 1) * args.kron_progressive_every, b) for k, b in enumerate(blocks)]
+
+
+def args_at_step(args: Hyperparameters, step: int) -> Hyperparameters:
+    """The configuration of the model a run has at `step`: with --kron_progressive_every only the blocks swapped by
+    then are factorized (a resumed run builds this model, then loads the checkpoint into it)."""
+    if not args.kron_progressive_every:
+        return args
+    done = [b for s, b in progressive_swaps(args) if s <= step]
+    if not done:
+        return dataclasses.replace(args, kron_mlp="off")
+    return dataclasses.replace(args, kron_layers=",".join(map(str, done)))
+
+
 def build_model(args: Hyperparameters) -> GPT:
     """The model in fp32 on the CPU; main() moves it to the device (embeddings to bf16 on GPU). --weight_init then
     redraws the recipe's matrices (uniform: nothing to redraw), so every other parameter is the same draw."""
@@ -1971,7 +2003,10 @@ class CautiousAdam(torch.optim.Optimizer):
                 p.sub_(update.to(p.dtype))
 
 
-def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_size: int = 1) -> list:
+def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_size: int = 1,
+                     grad_sync: "GradientSync | None" = None) -> list:
+    """[Adam, Muon] for the model as it is. grad_sync: keep an existing GradientSync (its hooks are already on the
+    parameters) instead of making one (progressive replacement rebuilds the optimizers mid-run)."""
     groups = param_groups(model, args)
     adam_groups = adam_param_groups(model, args)
     if args.adam_wd > 0:
@@ -1988,7 +2023,7 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
     muon.orthogonalize = ORTHOGONALIZERS[args.muon_ns]
     muon.normalize = NorMuon(args.normuon_beta2) if args.normuon_beta2 > 0 else None
     if world_size > 1:
-        muon.grad_sync = GradientSync(list(model.parameters()))
+        muon.grad_sync = grad_sync or GradientSync(list(model.parameters()))
     if model.moe_layers:
         muon.register_step_post_hook(lambda *_: update_moe_biases(model, world_size))
     for opt in (adam, muon):
@@ -2672,6 +2707,88 @@ class RotaryWindows:
             self.history = history
 
 
+class ProgressiveReplacement:
+    """--kron_progressive_every: at each swap step, before that step's update, one dense block MLP becomes its
+    Kronecker student. The student starts at the Van Loan nearest Kronecker sum of each dense matrix it replaces
+    (matrices it keeps are copied), then with --kron_progressive_distill_steps Adam fits it to the dense MLP's output
+    on live inputs: the block's MLP inputs for rank 0's first micro-batch of the step, broadcast so every rank fits
+    the same student. The optimizers are rebuilt for the new parameter set (exactly what a run resumed after the swap
+    builds) and keep the state of every surviving parameter; the new factors start with fresh state."""
+
+    DISTILL_LR = 1e-2  # tools/mlp_init.py's default, decaying linearly to zero
+
+    def __init__(self, model: GPT, args: Hyperparameters, env: DistEnv):
+        self.model, self.args, self.env = model, args, env
+        self.swaps = dict(progressive_swaps(args))
+
+    def at(self, step: int, optimizers: list, micro_batches: list, window):
+        """Swap the block due at `step` (if any); optimizers is updated in place."""
+        block = self.swaps.get(step)
+        if block is None:
+            return
+        dense = self.model.blocks[block].mlp
+        with torch.random.fork_rng(devices=[]):  # the student's init: the same on every rank, global RNG untouched
+            torch.manual_seed(self.args.seed + step)
+            student = build_mlp(self.args, block).to(device=self.env.device)
+        self.initialize(student, dense)
+        if self.args.kron_progressive_distill_steps:
+            self.distill(student, dense, self.live_inputs(block, micro_batches[0], window))
+        self.model.blocks[block].mlp = student
+        old_adam, old_muon = optimizers
+        sync = old_muon.grad_sync
+        if sync is not None:
+            gone = {id(p) for p in dense.parameters()}
+            sync.params = [p for p in sync.params if id(p) not in gone]
+            sync.add(list(student.parameters()))
+        new = build_optimizers(self.model, self.args, self.env.rank, self.env.world_size, grad_sync=sync)
+        for old, fresh in zip((old_adam, old_muon), new):
+            for group in fresh.param_groups:
+                for p in group["params"]:
+                    if p in old.state:
+                        fresh.state[p] = old.state[p]
+        new[1].orthogonalize = old_muon.orthogonalize  # compiled on GPU
+        optimizers[:] = new
+
+    @torch.no_grad()
+    def initialize(self, student: nn.Module, dense: nn.Module):
+        for name in ("c_fc", "c_proj"):
+            target, source = getattr(student, name), getattr(dense, name)
+            if isinstance(target, KronLinear):
+                A, B = van_loan_decompose(source.weight.double(), *target.factors, rank=target.rank)
+                target.A.copy_(A)
+                target.B.copy_(B)
+            else:
+                target.load_state_dict(source.state_dict())
+
+    @torch.no_grad()
+    def live_inputs(self, block: int, micro_batch: tuple, window) -> Tensor:
+        captured = []
+        hook = self.model.blocks[block].mlp.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+        try:
+            self.model(*micro_batch, window)
+        finally:
+            hook.remove()
+        x = captured[0].reshape(-1, captured[0].size(-1)).float().contiguous()
+        if self.env.world_size > 1:
+            dist.broadcast(x, 0)
+        return x
+
+    def distill(self, student: nn.Module, dense: nn.Module, x: Tensor):
+        with torch.no_grad():
+            target = dense(x).float()
+        factors = [p for m in student.modules() if isinstance(m, KronLinear) for p in (m.A, m.B)]
+        opt = torch.optim.Adam(factors, lr=self.DISTILL_LR)
+        steps = self.args.kron_progressive_distill_steps
+        for i in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = self.DISTILL_LR * (1 - i / steps)
+            loss = F.mse_loss(student(x).float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        student.zero_grad(set_to_none=True)
+
+
 class LossWatch:
     """Non-blocking divergence check: each step's loss is copied into pinned host memory behind a CUDA event, and
     first_nonfinite() reads only the copies whose event has completed, so the training loop never waits for the
@@ -2888,7 +3005,8 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(args.seed)
     on_gpu = env.device.type == "cuda"
 
-    model = build_model(args).to(env.device)  # same seed on every rank: identical initial weights
+    # same seed on every rank: identical initial weights; a resumed progressive run builds the swapped blocks
+    model = build_model(args_at_step(args, resume["step"] if resume is not None else 0)).to(env.device)
     if on_gpu:
         for m in model.modules():
             if isinstance(m, nn.Embedding):
@@ -2966,6 +3084,7 @@ def main(argv: list[str] | None = None) -> int:
     status, reason, val_loss, step, saved = "ok", None, float("nan"), start_step, None
     windows = WindowTensors(args, env.device)
     rotary_windows = RotaryWindows(model, args)
+    progressive = ProgressiveReplacement(model, args, env)
     loss_watch = LossWatch(env.device)
     stop = StopRequest()
     steps = total_steps(args)
@@ -2997,7 +3116,9 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
             if last:
                 break
-            loss = train_step(train_model, optimizers, next(train_loader), window, args, step, env.world_size)
+            batch = next(train_loader)
+            progressive.at(step, optimizers, batch, window)
+            loss = train_step(train_model, optimizers, batch, window, args, step, env.world_size)
             loss_watch.push(step + 1, loss)
             bad_step = loss_watch.first_nonfinite()
             if bad_step is not None:
