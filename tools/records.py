@@ -115,9 +115,11 @@ class Run:
 
     @property
     def val_points(self):
-        """(step, tokens, train_time_ms, val_loss) at every validation, in log order."""
+        """(step, tokens, train_time_ms, val_loss) at every validation, in log order. Tokens from the line's
+        `tokens:` field (staged runs change tokens per step), else step x tokens_per_step (older records)."""
         tps = self.tokens_per_step or 0
-        return [(s["step"], s["step"] * tps, s["train_time_ms"], s["val_loss"]) for s in self.steps if "val_loss" in s]
+        return [(s["step"], int(s.get("tokens", s["step"] * tps)), s["train_time_ms"], s["val_loss"])
+                for s in self.steps if "val_loss" in s]
 
     @property
     def final_val_loss(self):
@@ -869,7 +871,6 @@ def plot_compare(curves_by_axis, labels, out, zoom, band, target, n_runs):
             _draw(ax, curves, labels, band, n_runs)
             if axis == "tokens":
                 ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _fmt_tokens(max(v, 0))))
-            ax.axhline(target, color="gray", ls="--", lw=0.8, label=f"target {target:g}")
             ax.set_xlabel(AXIS_NAMES[axis])
             ax.set_ylabel("val loss")
             ax.grid(alpha=0.3)
@@ -886,7 +887,6 @@ def plot_compare(curves_by_axis, labels, out, zoom, band, target, n_runs):
             if everything.max() > later.max() + pad:
                 clipped = f" (y cut at {later.max() + pad:.2f}; earlier points up to {everything.max():.2f})"
         full.set_title(f"val loss vs {AXIS_NAMES[axis]}: whole run{clipped}", fontsize=10)
-        full.legend(fontsize=8)
         zoomed.set_xlim(x_lo, x_hi)
         vis = _visible_values(curves, x_lo, x_hi, band)
         if vis.size:
@@ -894,6 +894,10 @@ def plot_compare(curves_by_axis, labels, out, zoom, band, target, n_runs):
             zoomed.set_ylim(vis.min() - pad, vis.max() + pad)
         zoomed.set_title(f"zoom: {_fmt_x(axis, x_lo)} to {_fmt_x(axis, x_hi)} (y from the curves in the window)",
                          fontsize=10)
+        for ax in (full, zoomed):  # the target only where it is in view: a legend entry for an unseen line misleads
+            if ax.get_ylim()[0] <= target <= ax.get_ylim()[1]:
+                ax.axhline(target, color="gray", ls="--", lw=0.8, label=f"target {target:g}")
+        full.legend(fontsize=8)
         drawn["zoom"][axis] = (zoomed.get_xlim(), zoomed.get_ylim())
         drawn["full"][axis] = full.get_ylim()
     band_text = {"minmax": "min-max over runs", "std": "mean +- 1 std over runs", "none": "none"}[band]
