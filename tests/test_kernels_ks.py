@@ -350,7 +350,7 @@ def test_bench_ks_cpu_smoke(tmp_path):
     impls = ["dense", "bmm"] + (["triton"] if kernels.HAS_TRITON else [])
     cmd = [sys.executable, "tools/bench_kernels.py", "--ks", "--ks_chains", "monarch", "--shape", "32", "64",
            "--device", "cpu", "--tokens", "8", "--warmup", "0", "--repeats", "1", "--out_dir", str(tmp_path),
-           "--ks_impls", *impls]
+           "--ks_impls", *impls, "--ks_items", "all"]  # each factor too (on CPU the default is whole chains)
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     records = [json.loads(line) for line in next(tmp_path.glob("*_cpu.jsonl")).read_text().splitlines()]

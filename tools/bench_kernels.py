@@ -1,15 +1,20 @@
 """Benchmark Kronecker-factorized linear layers against a dense matmul on the GPT-2 MLP shapes.
 
     python tools/bench_kernels.py                           # GPU: bf16, all impls, 49152 and 393216 tokens
-    python tools/bench_kernels.py --device cpu --tokens 256 # CPU smoke run (fp32, no torch.compile)
+    python tools/bench_kernels.py --device cpu              # CPU smoke run: fp32, 256 tokens, seconds
     python tools/bench_kernels.py --ks --rank 4             # KS factors and chains instead, 25088 tokens
 
-For every (in, out) shape, token count, impl and pass (fwd, fwd_bwd) it prints the median time, the ratio
-to the dense matmul, achieved bandwidth and FLOP rate, and the fraction of the memory-roofline floor; each
-result is appended as a JSON line to <out_dir>/<date>_<device>.jsonl. Bandwidth uses the minimal traffic of
-the op (activations in/out once, weights once), the same for every impl, so it reads as "how close to a
-perfectly fused kernel"; FLOPs are each method's own algorithmic count. On CPU the Triton impl runs only
-under TRITON_INTERPRET=1, and the interpreter's time means nothing.
+For every (in, out) shape, token count, impl and pass (fwd, fwd_bwd) it prints one row: the median time (ms),
+the time over the dense matmul's (x dense), the achieved bandwidth (GB/s) and FLOP rate (TFLOP/s), on a GPU the
+bandwidth as a % of --peak_gbps (the memory roofline), and the forward's relative error against the dense
+weight. Each result is appended as a JSON line to <out_dir>/<date>_<device>.jsonl. Bandwidth uses the minimal
+traffic of the op (activations in/out once, weights once), the same for every impl, so it reads as "how close to
+a perfectly fused kernel"; FLOPs are each method's own algorithmic count.
+
+On CPU the defaults are small (256 tokens, 1 warm-up, 3 repeats; with --ks the whole chains only), so a run takes
+seconds (--ks: under a minute), and there is no roofline column (--peak_gbps is a GPU's memory bandwidth). The
+Triton impls run on a CPU only under TRITON_INTERPRET=1 and only when asked for (--impls triton / --ks_impls
+triton): the interpreter's time means nothing.
 
 --ks times Kronecker-sparse layers instead (bench_ks): for each shape, the Monarch and butterfly chains at
 --rank, each distinct factor alone and the whole chain, with the Triton kernel and the bmm reference in both
@@ -37,6 +42,33 @@ IMPLS = ("dense", "triton", "torch", "torch_compile", "kron_matmul")
 KS_IMPLS = ("dense", "bmm", "triton")
 KS_CHAINS = ("monarch", "butterfly")
 LAYOUTS = ("bs_first", "bs_last")
+GPU_TOKENS, GPU_KS_TOKENS, CPU_TOKENS = [49152, 393216], [25088], [256]
+
+
+class Table:
+    """Rows of fixed-width columns under a header printed once; the units are in the column names."""
+
+    def __init__(self, columns):
+        self.columns = columns  # [(name, width)]
+        self.header_printed = False
+
+    def row(self, *cells):
+        if not self.header_printed:
+            print("  ".join(f"{name:>{w}}" for name, w in self.columns))
+            self.header_printed = True
+        print("  ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self.columns)))
+
+
+def result_columns(on_gpu):
+    """The measured columns after the ones that say what was timed."""
+    cols = [("time (ms)", 10), ("x dense", 7), ("GB/s", 8), ("TFLOP/s", 8)]
+    return cols + ([("% of peak GB/s", 14)] if on_gpu else []) + [("fwd rel err", 11)]
+
+
+def result_cells(rec, on_gpu):
+    ratio = f"{rec['ratio_vs_dense']:.2f}" if rec["ratio_vs_dense"] is not None else "-"
+    cells = [f"{rec['ms']:.3f}", ratio, f"{rec['gbps']:.1f}", f"{rec['tflops']:.3f}"]
+    return cells + ([f"{rec['roofline_frac']:.1%}"] if on_gpu else []) + [f"{rec['fwd_rel_err']:.1e}"]
 
 
 def time_ms(fn, warmup, repeats, device):
@@ -96,19 +128,24 @@ def device_name(device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokens", type=int, nargs="+", help="default 49152 393216 (Kronecker), 25088 (--ks)")
+    parser.add_argument("--tokens", type=int, nargs="+",
+                        help="default on GPU 49152 393216 (Kronecker), 25088 (--ks); on CPU 256")
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--shape", type=int, nargs=2, action="append", metavar=("IN", "OUT"),
                         help="(in, out) to time, repeatable; default the GPT-2 MLP shapes 768 3072 and 3072 768")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all usable on the device")
     parser.add_argument("--warmup", type=int, help="default 5 on GPU, 1 on CPU")
     parser.add_argument("--repeats", type=int, help="default 20 on GPU, 3 on CPU")
-    parser.add_argument("--peak_gbps", type=float, default=3350.0, help="HBM bandwidth (H100 SXM: 3350)")
+    parser.add_argument("--peak_gbps", type=float, default=3350.0,
+                        help="GPU memory bandwidth for the roofline column (H100 SXM: 3350); unused on CPU")
     parser.add_argument("--out_dir", default=str(ROOT / "records" / "kernels"))
     parser.add_argument("--ks", action="store_true", help="benchmark KS factors and chains instead")
     parser.add_argument("--ks_chains", nargs="+", choices=KS_CHAINS, default=list(KS_CHAINS))
     parser.add_argument("--ks_impls", nargs="+", choices=KS_IMPLS, help="default: all usable on the device")
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--ks_items", choices=("all", "chains"),
+                        help="time each distinct factor alone too (all) or the whole chains only; default: all on "
+                             "GPU, chains on CPU")
     args = parser.parse_args(argv)
     args.shape = [tuple(s) for s in args.shape] if args.shape else list(SHAPES)
 
@@ -121,18 +158,22 @@ def main(argv=None):
     out_path = Path(args.out_dir) / f"{datetime.date.today()}_{device_name(device)}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if args.ks:
-        names = args.ks_impls or [n for n in KS_IMPLS if n != "triton" or triton_ok]
+        names = args.ks_impls or [n for n in KS_IMPLS if n != "triton" or on_gpu and triton_ok]
         if "triton" in names and not triton_ok:
             parser.error("the triton impl needs triton and a CUDA device (or TRITON_INTERPRET=1)")
-        return bench_ks(args, names, device, dtype, warmup, repeats, out_path)
-    args.tokens = args.tokens or [49152, 393216]
-    names = args.impls or [n for n in IMPLS if (n != "triton" or triton_ok) and (n != "torch_compile" or on_gpu)]
+        args.tokens = args.tokens or (GPU_KS_TOKENS if on_gpu else CPU_TOKENS)
+        args.ks_items = args.ks_items or ("all" if on_gpu else "chains")
+        bench_ks(args, names, device, dtype, warmup, repeats, out_path)
+        return out_path
+    args.tokens = args.tokens or (GPU_TOKENS if on_gpu else CPU_TOKENS)
+    names = args.impls or [n for n in IMPLS if n not in ("triton", "torch_compile") or on_gpu and triton_ok]
     if "triton" in names and not triton_ok:
         parser.error("the triton impl needs triton and a CUDA device (or TRITON_INTERPRET=1)")
 
     elt = torch.finfo(dtype).bits // 8
     gen = torch.Generator(device=device).manual_seed(0)
     print(f"device={device_name(device)} dtype={dtype} rank={args.rank} impls={names} -> {out_path}")
+    table = Table([("in->out", 11), ("tokens", 7), ("impl", 13), ("pass", 7)] + result_columns(on_gpu))
     for in_f, out_f in args.shape:
         layer = kernels.KronLinear(in_f, out_f, rank=args.rank).to(device=device, dtype=dtype)
         factors = layer.factors
@@ -167,26 +208,29 @@ def main(argv=None):
                         "rank": args.rank, "tokens": n, "ms": ms,
                         "ratio_vs_dense": ms / dense_ms[pass_] if pass_ in dense_ms else None,
                         "gbps": gbps, "tflops": flops(n, in_f, out_f, factors, args.rank, name, pass_) / ms / 1e9,
-                        "roofline_frac": gbps / args.peak_gbps, "fwd_rel_err": rel_err,
+                        "roofline_frac": gbps / args.peak_gbps if on_gpu else None, "fwd_rel_err": rel_err,
                         "torch": torch.__version__,
                         "triton": kernels.triton.__version__ if kernels.HAS_TRITON else None,
                     }
-                    ratio = f"{rec['ratio_vs_dense']:6.2f}x" if rec["ratio_vs_dense"] is not None else "    -  "
-                    print(f"{in_f:5d}->{out_f:<5d} n={n:<7d} {name:14s} {pass_:8s} {ms:9.3f} ms {ratio} dense "
-                          f"{gbps:8.1f} GB/s {rec['tflops']:7.2f} TFLOP/s roofline {rec['roofline_frac']:6.1%} "
-                          f"err {rel_err:.1e}")
+                    table.row(f"{in_f}->{out_f}", n, name, pass_, *result_cells(rec, on_gpu))
                     with open(out_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
+    if not on_gpu:
+        print(CPU_NOTE)
+    return out_path
 
 
-def ks_items(in_f, out_f, rank, chains):
-    """(chain kind, item, patterns): every distinct factor of each chain alone, then the whole chain."""
+CPU_NOTE = "(CPU: a smoke run of the code paths; the timings say nothing about a GPU)"
+
+
+def ks_items(in_f, out_f, rank, chains, factors=True):
+    """(chain kind, item, patterns): every distinct factor of each chain alone (if factors), then the whole chain."""
     items = []
     for kind in chains:
         make = kernels.monarch_patterns if kind == "monarch" else kernels.butterfly_patterns
         patterns = make(out_f, in_f, rank)
         for l, p in enumerate(patterns):
-            if p not in patterns[:l]:
+            if factors and p not in patterns[:l]:
                 items.append((kind, f"factor{l}", (p,)))
         items.append((kind, "chain", patterns))
     return items
@@ -194,13 +238,16 @@ def ks_items(in_f, out_f, rank, chains):
 
 def bench_ks(args, names, device, dtype, warmup, repeats, out_path):
     on_gpu = device.type == "cuda"
-    tokens = args.tokens or [25088]
+    tokens = args.tokens
     elt = torch.finfo(dtype).bits // 8
     gen = torch.Generator(device=device).manual_seed(0)
     print(f"KS device={device_name(device)} dtype={dtype} rank={args.rank} impls={names} layouts={args.layouts} "
           f"-> {out_path}")
+    table = Table([("in->out", 11), ("tokens", 7), ("chain:item", 26), ("pattern", 14), ("impl", 6),
+                   ("layout", 8), ("pass", 7)] + result_columns(on_gpu))
     for layer_in, layer_out in args.shape:
-        for kind, item, patterns in ks_items(layer_in, layer_out, args.rank, args.ks_chains):
+        all_items = args.ks_items == "all"
+        for kind, item, patterns in ks_items(layer_in, layer_out, args.rank, args.ks_chains, all_items):
             torch.manual_seed(0)
             layer = kernels.KSLinear(patterns).to(device)
             ws = [w.detach().to(dtype).requires_grad_() for w in layer.factors]
@@ -247,19 +294,17 @@ def bench_ks(args, names, device, dtype, warmup, repeats, out_path):
                             "rank": args.rank, "params": params, "tokens": n, "ms": ms,
                             "ratio_vs_dense": ms / dense_ms[pass_] if pass_ in dense_ms else None,
                             "gbps": gbps, "tflops": 2 * n * macs * (1 if pass_ == "fwd" else 3) / ms / 1e9,
-                            "roofline_frac": gbps / args.peak_gbps, "fwd_rel_err": rel_err,
+                            "roofline_frac": gbps / args.peak_gbps if on_gpu else None, "fwd_rel_err": rel_err,
                             "torch": torch.__version__,
                             "triton": kernels.triton.__version__ if kernels.HAS_TRITON else None,
                         }
-                        ratio = f"{rec['ratio_vs_dense']:6.2f}x" if rec["ratio_vs_dense"] is not None else "    -  "
-                        what = f"{kind}:{item}" + (f" {patterns[0]}" if item != "chain" else "")
-                        print(f"{in_f:5d}->{out_f:<5d} n={n:<6d} {what:32s} {impl:6s} {layout:8s} {pass_:8s} "
-                              f"{ms:9.3f} ms {ratio} dense {gbps:8.1f} GB/s {rec['tflops']:7.2f} TFLOP/s "
-                              f"roofline {rec['roofline_frac']:6.1%} err {rel_err:.1e}")
+                        pattern = ",".join(map(str, patterns[0])) if item != "chain" else "-"
+                        table.row(f"{in_f}->{out_f}", n, f"{kind}:{item}", pattern, impl, layout, pass_,
+                                  *result_cells(rec, on_gpu))
                         with open(out_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
     if not on_gpu:
-        print("(CPU: a smoke run; the timings, the interpreter's above all, mean nothing)")
+        print(CPU_NOTE)
 
 
 if __name__ == "__main__":
