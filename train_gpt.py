@@ -3101,7 +3101,8 @@ def main(argv: list[str] | None = None) -> int:
                 train_time_ms += 1000 * (time.perf_counter() - t0)
                 val_loss = evaluate(train_model, val_data, final_window if last else window, env.world_size)
                 log(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
-                    f"step_avg:{train_time_ms / max(step, 1):.2f}ms{moe_utilization(model)}")
+                    f"step_avg:{train_time_ms / max(step, 1):.2f}ms tokens:{tokens_after(step, args)}"
+                    f"{moe_utilization(model)}")
                 if not math.isfinite(val_loss):
                     status, reason = "failed", f"non-finite val loss at step {step}"
                     break

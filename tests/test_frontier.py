@@ -305,6 +305,9 @@ def test_frontier_smoke_trains_end_to_end(shakespeare_documents, tmp_path, capsy
     assert summary["final_val_loss"] < 7.5  # from 10.83 at step 0
     assert Path(summary["record"]).parent.parent == tmp_path / "local"  # a CPU run: git-ignored records/local
     assert "stages: steps" in out and "ext: 30-32" in out and "final validation windows 3/6" in out
+    run = load_script("tools/records.py").parse_record(summary["record"])  # compare plots at equal tokens
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke"])
+    assert [p[1] for p in run.val_points] == [tg.tokens_after(s, args) for s in (0, 10, 20, 30, 33)]
 
 
 SHORT = ["--preset=frontier_smoke", "--num_iterations=6", "--extension_steps=2", "--val_every=0",
