@@ -51,7 +51,8 @@ def decompose_state_dict(state, rank, factors=None, log=print, chosen=None):
             continue
         f = factors_for(value.shape, rank, factors)
         A, B = van_loan_decompose(value.float(), *f, rank=rank)
-        err = (kron_dense_weight(A, B) - value.float()).norm() / value.float().norm()
+        diff, norm = (kron_dense_weight(A, B) - value.float()).norm(), value.float().norm()
+        err = diff / norm if norm > 0 else diff  # a zero weight (a fresh c_proj) is reproduced exactly: 0, not nan
         prefix = name[: -len("weight")]
         out[prefix + "A"], out[prefix + "B"] = A.to(value.dtype), B.to(value.dtype)
         if chosen is not None:
@@ -94,10 +95,15 @@ def main(argv=None):
 def next_command(source_args, chosen, rank, out):
     """The train_gpt.py command line that builds the source model with these Kronecker MLPs and loads `out`."""
     import train_gpt as tg  # only here: decomposing a bare state dict needs no train_gpt.py
-    defaults = tg.Hyperparameters()
-    flags = {k: v for k, v in source_args.items()
-             if hasattr(defaults, k) and k not in NOT_CARRIED and getattr(defaults, k) != v
-             and not k.startswith("kron_")}
+    preset = source_args.get("preset") or ""
+    try:  # flags relative to the source's preset, so that the command reads "--preset=smoke --kron_mlp=..."
+        defaults = tg.apply_overrides(tg.Hyperparameters(), [f"--preset={preset}"] if preset else [])
+    except SystemExit:  # a preset this train_gpt.py no longer has: every flag spelled out
+        preset, defaults = "", tg.Hyperparameters()
+    flags = {"preset": preset} if preset else {}
+    flags.update({k: v for k, v in source_args.items()
+                  if hasattr(defaults, k) and k not in NOT_CARRIED and k != "preset" and getattr(defaults, k) != v
+                  and not k.startswith("kron_")})
     which = "both" if len(chosen) == 2 else next(iter(chosen))
     flags.update(kron_mlp=which, kron_rank=rank)
     if len(chosen) == 2:  # the factors written, so the model's shapes match them whatever its default choice
