@@ -24,7 +24,7 @@ def test_prints_where_it_wrote_and_a_command_that_loads_it(kron_decompose, tmp_p
     assert f"wrote {out}" in printed and command in printed
 
     words = shlex.split(command)
-    assert words[:2] == ["python", "train_gpt.py"]
+    assert words[:3] == ["python", "train_gpt.py", "--preset=smoke"]  # flags relative to the source's preset
     flags = dict(w[2:].split("=", 1) for w in words[2:])
     assert flags["init_from"] == str(out) and flags["run_name"] == "dense_kron_r2"
     assert flags["kron_mlp"] == "both" and flags["kron_rank"] == "2"
