@@ -7,7 +7,7 @@ import torch
 
 import train_gpt as tg
 from conftest import load_script, val_losses, write_shard
-from kernels import KronLinear, kron_dense_weight
+from kernels import KronLinear, kron_dense_weight, van_loan_decompose
 
 mlp_init = load_script("tools/mlp_init.py")
 evaluate = load_script("tools/eval.py")
@@ -170,3 +170,80 @@ def test_training_starts_from_the_student(teacher, tmp_path, capsys):
     assert any(isinstance(m, KronLinear) for m in tg.build_model(tg.checkpoint_args(tg.load_checkpoint(str(out))))
                .modules())
     assert "step:0/1 val_loss:" in log and val_losses(log)[0] == pytest.approx(expected, abs=6e-5)
+
+
+def test_magnitude_prune_zeroes_the_smallest_entries():
+    W = torch.tensor([[0.5, -3.0, 0.1], [2.0, -0.2, 1.0]])
+    assert mlp_init.magnitude_prune(W, 0.5).tolist() == [[0.0, -3.0, 0.0], [2.0, 0.0, 1.0]]
+    assert torch.equal(mlp_init.magnitude_prune(W, 0.0), W)
+    assert W[0, 0] == 0.5  # a copy
+
+
+def test_prune_before_vanloan_reports_the_errors(teacher, tmp_path, capsys):
+    """--prune 0.5: each student matrix is Van Loan's optimum for the pruned matrix; the report gives pruning's own
+    error and the decomposition's error against the pruned and the original matrix."""
+    plain = run_init(teacher, tmp_path / "plain.pt", KRON, "--method=vanloan")
+    capsys.readouterr()
+    pruned = run_init(teacher, tmp_path / "pruned.pt", KRON, "--method=vanloan", "--prune=0.5")
+    report = capsys.readouterr().out
+    dense = tg.load_checkpoint(str(teacher))["model"]
+    student = tg.load_checkpoint(str(tmp_path / "pruned.pt"))["model"]
+    for m, m_plain in zip(pruned["matrices"], plain["matrices"]):
+        W = dense[f"{m['name']}.weight"].float()
+        kept = W.abs() > W.abs().flatten().kthvalue(W.numel() // 2).values  # no ties among random floats
+        W_p = W * kept
+        A, B = student[f"{m['name']}.A"], student[f"{m['name']}.B"]
+        W_s = kron_dense_weight(A, B)
+        A_opt, B_opt = van_loan_decompose(W_p.double(), *A.shape[1:], *B.shape[1:], rank=A.shape[0])
+        assert m["prune"] == 0.5 and m["prune_err"] == pytest.approx(((W_p - W).norm() / W.norm()).item(), rel=1e-5)
+        assert m["rel_err_pruned"] == pytest.approx(((W_s - W_p).norm() / W_p.norm()).item(), rel=1e-4)
+        optimum = (kron_dense_weight(A_opt, B_opt) - W_p.double()).norm() / W_p.norm()
+        assert m["rel_err_pruned"] == pytest.approx(optimum.item(), rel=1e-4)
+        assert m["rel_err"] == pytest.approx(((W_s - W).norm() / W.norm()).item(), rel=1e-4)
+        assert m_plain["rel_err"] <= m["rel_err"] + 1e-6  # Van Loan of W itself is the optimum on W
+        assert "prune" not in m_plain
+        assert f"{m['name']}: kron" in report and f"pruning alone {m['prune_err']:.4f}" in report
+
+
+def test_prune_before_distill_prunes_the_teacher(shards, teacher, tmp_path):
+    """Distillation's targets come from the teacher with its replaced matrices pruned: find_replaced + prune_replaced
+    write them into the teacher's layers, and a --prune distill run reports the prune errors."""
+    ckpt = tg.load_checkpoint(str(teacher))
+    model = tg.build_model(tg.checkpoint_args(ckpt))
+    model.load_state_dict(ckpt["model"])
+    student = tg.build_model(mlp_init.student_config(tg.checkpoint_args(ckpt), "--kron_mlp=fc --kron_rank=2"))
+    replaced = mlp_init.find_replaced(model, student)
+    mlp_init.prune_replaced(replaced, 0.25, write_teacher=True)
+    for r in replaced:
+        weight = model.blocks[r.block].mlp.c_fc.weight
+        assert torch.equal(weight, r.dense) and (weight == 0).sum() == round(0.25 * weight.numel())
+        assert torch.equal(r.original, ckpt["model"][f"{r.name}.weight"])
+    assert torch.equal(model.blocks[0].mlp.c_proj.weight, ckpt["model"]["blocks.0.mlp.c_proj.weight"])
+    result = run_init(teacher, tmp_path / "student.pt", "--ks_mlp=proj", "--prune=0.25", "--tokens=1024",
+                      "--seq_len=512", "--steps=10", "--batch_size=256")
+    assert all(m["prune_err"] > 0 and "rel_err_pruned" in m for m in result["matrices"])
+    assert all(b["mse_after"] < b["mse_before"] for b in result["blocks"])
+
+
+def test_prune_clear_errors(shards, teacher, tmp_path):
+    out = str(tmp_path / "student.pt")
+    with pytest.raises(SystemExit, match=r"--prune=1.0 must be in \[0, 1\)"):
+        run_init(teacher, out, KRON, "--prune=1")
+    kron_teacher = save_teacher(tmp_path / "kron.pt", tg.apply_overrides(teacher_args(shards),
+                                                                         ["--kron_mlp=fc", "--kron_rank=1"]))
+    with pytest.raises(SystemExit, match="teacher's blocks.0.mlp.c_fc is a KronLinear .*use --method vanloan"):
+        run_init(kron_teacher, out, "--kron_rank=2", "--prune=0.5")
+
+
+def test_suggested_command_starts_a_fresh_run(shards, tmp_path):
+    """The teacher's run_name and save flags stay behind: the command (and the student's stored flags) get a new
+    run_name and the defaults for save_every / save_checkpoint, unless --student_flags set them."""
+    args = tg.apply_overrides(teacher_args(shards), ["--save_every=5", "--save_checkpoint=full", "--run_name=dense"])
+    path = save_teacher(tmp_path / "dense.pt", args)
+    result = run_init(path, tmp_path / "student.pt", KRON, "--method=vanloan")
+    assert "--run_name=dense_kron_mlp=both_kron_rank=2" in result["flags"]
+    assert not any(f.startswith(("--save_every", "--save_checkpoint", "--resume")) for f in result["flags"])
+    stored = tg.checkpoint_args(tg.load_checkpoint(str(tmp_path / "student.pt")))
+    assert (stored.run_name, stored.save_every, stored.save_checkpoint) == ("dense_kron_mlp=both_kron_rank=2", 0, "off")
+    mine = run_init(path, tmp_path / "mine.pt", f"{KRON} --run_name=mine --save_every=3", "--method=vanloan")
+    assert "--run_name=mine" in mine["flags"] and "--save_every=3" in mine["flags"]

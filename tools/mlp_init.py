@@ -1,8 +1,8 @@
 """Start a Kronecker (--kron_mlp) or Kronecker-sparse (--ks_mlp) student from a dense checkpoint, layer by layer.
 
     python tools/mlp_init.py --checkpoint dense.pt --out student.pt --student_flags "--kron_mlp=both --kron_rank=2"
-        [--method distill|vanloan|weights] [--train_files GLOB] [--tokens N] [--steps N] [--lr X] [--seq_len N]
-        [--batch_size N] [--seed S] [--device cpu|cuda]
+        [--method distill|vanloan|weights] [--prune FRACTION] [--train_files GLOB] [--tokens N] [--steps N]
+        [--lr X] [--seq_len N] [--batch_size N] [--seed S] [--device cpu|cuda]
     python train_gpt.py <the flags it prints> --init_from=student.pt
 
 The student is the checkpoint's own configuration plus --student_flags (train_gpt.apply_overrides). Every tensor
@@ -25,14 +25,23 @@ a factorized one changing shape) is initialized by --method:
             real inputs is the point: directions the MLP never sees cost nothing, unlike in `weights`. A block
             whose MSE the fit raises (too few steps, too high an LR) keeps its starting factors.
 
+--prune FRACTION zeroes that fraction of each replaced matrix's entries, smallest |w| first (magnitude pruning),
+before any method sees it: vanloan and weights decompose the pruned matrix, and distill writes the pruned matrices
+into the teacher's MLPs before capturing, so the student matches the pruned dense MLPs (each replaced teacher matrix
+must then be dense). Per matrix it reports what pruning alone costs, ||W_p - W||_F / ||W||_F, and the final
+decomposition's error against both the pruned matrix (what it was fitted to) and the original one.
+
 The output is a train_gpt.py checkpoint at step 0 with fresh optimizer states, so `--init_from` (weights only) and
 `--resume` (its flags, step 0) both start from it. It prints, per replaced matrix, the relative Frobenius error
 ||W_s - W||_F / ||W||_F and, for distill, the per-block MSE before/after; then the parameter counts and the
-command to train the student.
+command that starts a fresh run from the student: a new run_name (the teacher's plus the flags that changed, unless
+--student_flags name one) and no save/resume flags of the teacher's run (the student's stored flags drop them too).
 """
 import argparse
 import copy
+import dataclasses
 import math
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -54,12 +63,20 @@ METHODS = ("distill", "vanloan", "weights")
 @dataclass
 class Replaced:
     """One student MLP matrix that the teacher cannot give by name: `module` is the student's KronLinear or
-    KSLinear at `name`, `dense` the teacher's (out, in) matrix there (fp32, on the work device)."""
+    KSLinear at `name`, `original` the teacher's (out, in) matrix there (fp32, on the work device) and
+    `teacher_module` the teacher's layer holding it. `dense` is what the method fits: original, or with --prune
+    its pruned copy."""
     block: int
     name: str
     module: nn.Module
-    dense: torch.Tensor
-    init_err: float = float("nan")  # relative Frobenius error at the module's own init
+    original: torch.Tensor
+    teacher_module: nn.Module
+    dense: torch.Tensor | None = None
+    init_err: float = float("nan")  # relative Frobenius error at the module's own init (vs the original)
+
+    def __post_init__(self):
+        if self.dense is None:
+            self.dense = self.original
 
     @property
     def kind(self) -> str:
@@ -83,11 +100,33 @@ def runnable_on(args: tg.Hyperparameters, device: torch.device) -> tg.Hyperparam
     return args
 
 
+# The teacher run's bookkeeping: a fresh run from the student starts with the defaults unless --student_flags set them
+FRESH_RUN_DEFAULTS = ("save_every", "save_checkpoint")
+# Left out of the derived run_name: bookkeeping, not what makes the student a different model
+NOT_IN_RUN_NAME = ("run_name", "init_from", "resume", *FRESH_RUN_DEFAULTS)
+
+
 def student_config(teacher_args: tg.Hyperparameters, student_flags: str) -> tg.Hyperparameters:
-    args = tg.apply_overrides(copy.deepcopy(teacher_args), shlex.split(student_flags))
+    """The teacher's flags without its run's bookkeeping, plus student_flags; a new run_name unless they give one."""
+    flags = shlex.split(student_flags)
+    args = copy.deepcopy(teacher_args)
+    defaults = tg.Hyperparameters()
+    for name in FRESH_RUN_DEFAULTS:
+        setattr(args, name, getattr(defaults, name))
+    args = tg.apply_overrides(args, flags)
     args.init_from = args.resume = ""  # the student starts here, not from whatever started the teacher
+    if not any(f.startswith("--run_name=") for f in flags):
+        args.run_name = student_run_name(teacher_args, args)
     tg.check_config(args, 1)
     return args
+
+
+def student_run_name(teacher_args: tg.Hyperparameters, args: tg.Hyperparameters) -> str:
+    """<teacher run_name>_<flag=value>_... of the flags the student changes, e.g. smoke_kron_mlp=both_kron_rank=2."""
+    changed = [f"{k}={v}" for k, v in dataclasses.asdict(args).items()
+               if k not in NOT_IN_RUN_NAME and getattr(teacher_args, k) != v]
+    name = "_".join([teacher_args.run_name, *changed] if changed else [teacher_args.run_name, "student"])
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "-", name)  # a folder name without shell or path characters
 
 
 def dense_matrix(module: nn.Module) -> torch.Tensor:
@@ -124,7 +163,7 @@ def find_replaced(teacher: tg.GPT, student: tg.GPT) -> list[Replaced]:
             if tuple(W.shape) != (s.out_features, s.in_features):
                 fail(f"blocks.{i}.mlp.{which}: the student's matrix is {s.out_features}x{s.in_features} but the "
                      f"teacher's is {W.shape[0]}x{W.shape[1]}; keep model_dim and mlp_ratio")
-            replaced.append(Replaced(i, f"blocks.{i}.mlp.{which}", s, W))
+            replaced.append(Replaced(i, f"blocks.{i}.mlp.{which}", s, W, t))
     return replaced
 
 
@@ -141,9 +180,33 @@ def copy_matching(teacher: tg.GPT, student: tg.GPT) -> tuple[list[str], list[str
 # The three initializations
 
 
-def rel_error(r: Replaced) -> float:
+def rel_error(r: Replaced, target: torch.Tensor | None = None) -> float:
+    """||W_s - target||_F / ||target||_F; target defaults to the teacher's original matrix."""
+    target = r.original if target is None else target
     with torch.no_grad():
-        return ((dense_matrix(r.module).float() - r.dense).norm() / r.dense.norm()).item()
+        return ((dense_matrix(r.module).float() - target).norm() / target.norm()).item()
+
+
+def magnitude_prune(W: torch.Tensor, fraction: float) -> torch.Tensor:
+    """A copy of W with round(fraction * numel) entries zeroed, smallest |w| first (ties: lower index first)."""
+    n = round(fraction * W.numel())
+    flat = W.flatten().clone()
+    flat[torch.argsort(flat.abs(), stable=True)[:n]] = 0
+    return flat.view_as(W)
+
+
+@torch.no_grad()
+def prune_replaced(replaced: list[Replaced], fraction: float, write_teacher: bool):
+    """r.dense becomes the pruned r.original. write_teacher: also put it into the teacher's MLP, so that the
+    activations captured from the teacher are the pruned model's."""
+    for r in replaced:
+        if write_teacher and not isinstance(getattr(r.teacher_module, "weight", None), torch.Tensor):
+            fail(f"--prune with --method distill writes the pruned matrix into the teacher, but the teacher's "
+                 f"{r.name} is a {type(r.teacher_module).__name__} (factorized); use --method vanloan or weights, "
+                 f"or a dense teacher")
+        r.dense = magnitude_prune(r.original, fraction)
+        if write_teacher:
+            r.teacher_module.weight.copy_(r.dense.to(r.teacher_module.weight.dtype))
 
 
 @torch.no_grad()
@@ -249,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student_flags", required=True,
                    help='train_gpt.py flags applied on top of the checkpoint\'s, e.g. "--kron_mlp=both --kron_rank=2"')
     p.add_argument("--method", choices=METHODS, default="distill")
+    p.add_argument("--prune", type=float, default=0.0, metavar="FRACTION",
+                   help="zero this fraction of each replaced matrix's entries (smallest |w|) before the method")
     p.add_argument("--train_files", help="distill: shards to read (default: the checkpoint's train_files)")
     p.add_argument("--tokens", type=int, default=32768, help="distill: tokens of activations to capture")
     p.add_argument("--seq_len", type=int, default=0,
@@ -269,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
         i = argv.index("--student_flags")
         argv[i:i + 2] = [f"--student_flags={argv[i + 1]}"]
     opts = build_parser().parse_args(argv)
+    if not 0 <= opts.prune < 1:
+        fail(f"--prune={opts.prune} must be in [0, 1): the fraction of each replaced matrix's entries set to zero")
     device = torch.device(opts.device)
     ckpt = tg.load_checkpoint(opts.checkpoint)
     teacher_args = tg.checkpoint_args(ckpt)
@@ -294,9 +361,12 @@ def main(argv: list[str] | None = None) -> dict:
     if set(fresh) - replaced_keys:
         print(f"warning: not in the teacher, left at the student's init: {sorted(set(fresh) - replaced_keys)}")
 
-    gen = torch.Generator(device=device).manual_seed(opts.seed)
     for r in replaced:
         r.init_err = rel_error(r)
+    if opts.prune > 0:
+        prune_replaced(replaced, opts.prune, write_teacher=opts.method == "distill")
+    gen = torch.Generator(device=device).manual_seed(opts.seed)
+    for r in replaced:
         if r.kind == "kron" and opts.method in ("vanloan", "distill"):
             vanloan_init(r)
         elif opts.method == "weights":
@@ -310,11 +380,17 @@ def main(argv: list[str] | None = None) -> dict:
         print("relative Frobenius errors below are for reference: distill fits each MLP's function, and a factor "
               "scale moving between c_fc and c_proj changes them without changing the MLP")
     for r in replaced:
-        matrices.append(dict(name=r.name, kind=r.kind, rel_err_init=r.init_err, rel_err=rel_error(r),
-                             params=tg.count_params(r.module), dense_params=r.dense.numel()))
-        print(f"{r.name}: {r.kind} {tuple(r.dense.shape)} params {matrices[-1]['params']:,} (dense "
-              f"{r.dense.numel():,}) rel_frob_err {matrices[-1]['rel_err_init']:.4f} (module init) -> "
-              f"{matrices[-1]['rel_err']:.4f}")
+        m = dict(name=r.name, kind=r.kind, rel_err_init=r.init_err, rel_err=rel_error(r),
+                 params=tg.count_params(r.module), dense_params=r.dense.numel())
+        line = (f"{r.name}: {r.kind} {tuple(r.dense.shape)} params {m['params']:,} (dense {r.dense.numel():,}) "
+                f"rel_frob_err {m['rel_err_init']:.4f} (module init) -> {m['rel_err']:.4f}")
+        if r.dense is not r.original:
+            m.update(prune=opts.prune, prune_err=((r.dense - r.original).norm() / r.original.norm()).item(),
+                     rel_err_pruned=rel_error(r, r.dense))
+            line += (f"; pruned {opts.prune:.0%}: pruning alone {m['prune_err']:.4f}, decomposition vs the pruned "
+                     f"matrix {m['rel_err_pruned']:.4f}, vs the original {m['rel_err']:.4f}")
+        matrices.append(m)
+        print(line)
 
     student.cpu()
     out = Path(opts.out)

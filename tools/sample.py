@@ -169,7 +169,7 @@ class BatchKVCache:
 
     def __init__(self, prompt_lengths: list[int]):
         self.lengths = list(prompt_lengths)
-        base = max(n - b for b, n in enumerate(self.lengths))
+        base = max(n - b for b, n in enumerate(self.lengths))  # the smallest base with every shift >= 0
         self.shifts = [base + b - n for b, n in enumerate(self.lengths)]
         self.step_offset = base  # rotary offset of the next batch step
         self.row, self.layer, self.rotary_offset = None, 0, 0
@@ -180,6 +180,7 @@ class BatchKVCache:
         self.valid = self.pos = self.docs = None  # (rows, slots): real slot, its position and document in its row
 
     def max_rotary_position(self, steps: int) -> int:
+        """An upper bound of the rotary positions that decoding `steps` new tokens reaches."""
         return self.step_offset + len(self.lengths) - 1 + max(steps - 1, 0)
 
     def start_row(self, b: int):
