@@ -1,0 +1,405 @@
+"""Frontier II (issue 14), the model half of the post-#21 recipe (../shared/docs/frontier_recipe.md sections 3.2-3.4):
+smear, sparse attention gate, partial key offset, x-lambda init, sigmoid skip weights, value-embedding gates, XSA
+and the bigram hash embedding with the sign trick. Each flag against a hand computation or a slow reference,
+causality of each on a smoke model whose zero-initialized weights are made live, and the default left alone."""
+import math
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import randomize_zero_matrices, smoke_args
+
+ALL = ["--smear=true", "--attn_gate=true", "--key_offset=true", "--resid_lambda_init=1.1", "--skip_gate=true",
+       "--ve_gate=true", "--xsa_layers=1,3", "--bigram_rows=4096"]
+FLAG_SETS = [[flag] for flag in ALL] + [ALL, ALL + ["--n_kv_heads=1"]]
+
+
+def live_model(*flags, seed: int = 0):
+    """Smoke model with flags, every all-zero parameter made random (matrices N(0, 0.02) as in conftest, the zero
+    scalars and vectors N(0, 0.5): smear's gate and lambda, XSA's alphas), so no path hides behind a zero."""
+    torch.manual_seed(seed)
+    model = randomize_zero_matrices(tg.build_model(smoke_args(*flags)))
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.5)
+    return model
+
+
+def tokens_with_docs(n: int, starts, seed: int = 0) -> torch.Tensor:
+    x = torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(seed))
+    x[list(starts)] = tg.EOT_TOKEN
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The default is untouched
+
+
+def test_default_model_has_no_frontier_modules():
+    args = smoke_args()
+    torch.manual_seed(0)
+    model = tg.build_model(args)
+    frontier = (tg.Smear, tg.BigramHashEmbedding, tg.SigmoidSkipWeights, tg.KeyOffset, tg.ValueEmbedGate,
+                tg.ExclusiveSelfAttention, tg.AttentionGate)
+    assert not [m for m in model.modules() if isinstance(m, frontier)]
+    hooks = [getattr(b.attn, name) for b in model.blocks if b.attn is not None
+             for name in ("key_offset", "ve_gate", "xsa", "out_gate")]
+    assert hooks and all(type(h) is tg.PassThrough for h in hooks)
+    assert all(not list(h.parameters()) and not list(h.buffers()) for h in hooks)
+    assert torch.equal(model.skip_weights, torch.ones(2)) and all(b.lambdas.tolist() == [1.0, 0.0]
+                                                                  for b in model.blocks)
+    assert model.looks_back == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Causality: no module lets a future token change a past logit
+
+
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: ",".join(x.split("=")[0][2:] for x in f))
+def test_future_tokens_never_change_past_logits(flags):
+    model = live_model(*flags)
+    x = tokens_with_docs(512, [0, 300])
+    with torch.no_grad():
+        logits = model(x)
+        y = x.clone()
+        y[400:] = torch.randint(0, 50000, (112,), generator=torch.Generator().manual_seed(1))
+        changed = model(y)
+    torch.testing.assert_close(changed[:400], logits[:400])
+    assert not torch.allclose(changed[400:], logits[400:])
+
+
+@pytest.mark.parametrize("flag", ["--smear=true", "--key_offset=true", "--bigram_rows=4096"])
+def test_look_back_modules_cross_document_boundaries(flag):
+    """Smear, the key offset and the bigram embedding cross document boundaries (as in the recipe): changing the
+    last token of a document changes the next document (smear and bigram: its first token; the key offset: its
+    second, the first query to see more than one key). Without them the documents are separate."""
+    x = tokens_with_docs(512, [0, 300])
+    y = x.clone()
+    y[299] = (x[299] + 1) % 50000  # last token of the first document; 300 is the next document's EOT
+    with torch.no_grad():
+        base = live_model()
+        torch.testing.assert_close(base(y)[300:], base(x)[300:])
+        model = live_model(flag)
+        first = 301 if flag.startswith("--key_offset") else 300
+        assert not torch.allclose(model(y)[first], model(x)[first])
+        torch.testing.assert_close(model(y)[300:first], model(x)[300:first])
+        torch.testing.assert_close(model(y)[:299], model(x)[:299])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Smear
+
+
+def test_smear_by_hand():
+    smear = tg.Smear()
+    with torch.no_grad():
+        smear.gate.copy_(torch.linspace(-1, 1, 12))
+        smear.lam.fill_(0.7)
+    e = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(0))
+    expected = e.clone()
+    for t in range(1, 5):
+        g = 1 / (1 + math.exp(-sum(smear.gate[i].item() * e[0, t, i].item() for i in range(12))))
+        expected[0, t] = e[0, t] + 0.7 * g * e[0, t - 1]  # the raw e_(t-1), not its smeared value
+    torch.testing.assert_close(smear(e), expected)
+    fresh = tg.Smear()
+    assert torch.equal(fresh(e), e) and fresh.gate.shape == (12,) and fresh.lam.shape == (1,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bigram hash embedding with the sign trick
+
+
+def test_bigram_hash_and_sign_indices_by_hand():
+    x = torch.tensor([tg.EOT_TOKEN, 464, 3290, 50256, 0, 50303], dtype=torch.int32)
+    rows = 377_280
+    pairs = list(zip(x.tolist(), x.tolist()[1:]))
+    h = [rows - 1] + [((36313 * cur) ^ (27191 * prev)) % (rows - 1) for prev, cur in pairs]
+    j = [0] + [(prev ^ cur) % 8192 for prev, cur in pairs]
+    assert tg.bigram_hash(x, rows).tolist() == h
+    assert tg.bigram_sign_index(x).tolist() == j
+    # the first pair by hand: 36313 * 464 = 16,849,232 and 27191 * 50256 = 1,366,510,896
+    assert h[1] == (16_849_232 ^ 1_366_510_896) % 377_279 and j[1] == (50256 ^ 464) % 8192
+    # the recipe's int32 arithmetic never overflows for GPT-2 ids, so int64 gives its values
+    assert 36313 * 50303 < 2 ** 31 and 27191 * 50303 < 2 ** 31
+    assert all(0 <= v < rows for v in tg.bigram_hash(torch.randint(0, 50304, (4096,)), rows).tolist())
+
+
+def test_bigram_signs_are_fixed_and_the_embedding_starts_at_x0():
+    torch.manual_seed(0)
+    a = tg.BigramHashEmbedding(100, 16)
+    torch.manual_seed(1)  # every rank draws the same signs whatever its global RNG state: no broadcast needed
+    b = tg.BigramHashEmbedding(100, 16)
+    assert torch.equal(a.signs, b.signs) and a.signs.dtype == torch.int8 and a.signs.shape == (8192, 16)
+    assert set(a.signs.unique().tolist()) == {-1, 1} and abs(a.signs.float().mean().item()) < 0.02
+    assert "signs" in a.state_dict()  # a checkpoint pairs the table with its signs
+    assert not a.table.weight.any() and a.gain.item() == pytest.approx(0.05)
+    x0, x = torch.randn(1, 6, 16), torch.tensor([5, 7, 9, 7, 5, 1])
+    assert torch.equal(a(x0, x), x0)  # zero table: the model starts without it
+    with torch.no_grad():
+        a.table.weight.normal_()
+        a.gain.fill_(0.3)
+    h, j = tg.bigram_hash(x, 100), tg.bigram_sign_index(x)
+    expected = x0.clone()
+    for t in range(6):
+        expected[0, t] += 0.3 * a.table.weight[h[t]] * a.signs[j[t]].float()
+    torch.testing.assert_close(a(x0, x), expected)
+
+
+def test_bigram_table_is_an_adam_embedding_and_counted():
+    args = smoke_args("--bigram_rows=4096")
+    model = tg.build_model(args)
+    table = model.bigram.table.weight
+    groups = {g["name"]: g for g in tg.adam_param_groups(model, args)}
+    assert any(p is table for p in groups["embed"]["params"]) and groups["embed"]["lr"] == args.embed_lr
+    assert any(p is model.bigram.gain for p in groups["scalars"]["params"])
+    assert "bigram hash 524,289" in tg.describe_model(model, args)  # 4096 x 128 + the gain
+    assert all(p is not table for p in tg.recipe_matrices(model))  # --weight_init=truncated leaves it at zero
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention hooks: key offset, value-embedding gate, XSA, output gate
+
+
+def attention_pair(*flags, layer: int = 0):
+    """Block `layer`'s attention of the smoke model without and with flags, the same weights in both."""
+    torch.manual_seed(0)
+    plain = tg.build_attention(smoke_args(), 4096, layer)
+    hooked = tg.build_attention(smoke_args(*flags), 4096, layer)
+    missing, unexpected = hooked.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected
+    return plain, hooked
+
+
+def test_key_offset_shifts_exactly_the_unrotated_dims():
+    rotary = tg.Rotary(128, 64)
+    shift = tg.KeyOffset(rotary)
+    dims = shift.shifted.nonzero().flatten().tolist()
+    assert dims == list(range(32, 64)) + list(range(96, 128))  # chunk-halves layout: pairs (i, i + 64), i >= 32
+    x = torch.randn(1, 7, 2, 128)
+    rotated = rotary(x)
+    torch.testing.assert_close(rotated[..., dims], x[..., dims])  # frequency zero: rotary leaves them alone
+    assert not torch.allclose(rotated[:, 1:, :, :32], x[:, 1:, :, :32])
+    k = shift(rotated)
+    torch.testing.assert_close(k[:, 1:, :, dims], rotated[:, :-1, :, dims])
+    keep = [d for d in range(128) if d not in dims]
+    torch.testing.assert_close(k[..., keep], rotated[..., keep])
+    torch.testing.assert_close(k[:, 0], rotated[:, 0])
+
+
+def test_key_offset_sits_on_long_window_layers_only():
+    model = tg.build_model(smoke_args("--key_offset=true"))  # window kinds L S S L, block 2 has no attention
+    kinds = [type(b.attn.key_offset).__name__ if b.attn is not None else None for b in model.blocks]
+    assert model.window_kind == list("LSSL") and kinds == ["KeyOffset", "PassThrough", None, "KeyOffset"]
+
+
+def test_attention_gate_halves_the_heads_at_init_and_matches_a_hand_gate():
+    plain, gated = attention_pair("--attn_gate=true")
+    assert gated.out_gate.weight.shape == (2, 12) and not gated.out_gate.weight.any()
+    with torch.no_grad():
+        plain.c_proj.weight.normal_(0, 0.1)
+        gated.c_proj.weight.copy_(plain.c_proj.weight)
+    x = tg.norm(torch.randn(1, 256, 128))
+    mask = tg.dense_attention_mask(tokens_with_docs(256, [0]), 2)
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x, None, mask), 0.5 * plain(x, None, mask))
+        gated.out_gate.weight.normal_()
+        proj, plain.c_proj = plain.c_proj, torch.nn.Identity()
+        y = plain(x, None, mask).view(1, 256, 2, 64)  # the ungated per-head outputs
+        gate = torch.stack([torch.sigmoid(x[0, :, :12] @ gated.out_gate.weight[h]) for h in range(2)], -1)
+        torch.testing.assert_close(gated(x, None, mask), proj((y * gate[None, :, :, None]).flatten(-2)))
+
+
+def test_value_embedding_gate_is_one_at_init_and_matches_a_hand_gate():
+    plain, gated = attention_pair("--ve_gate=true")
+    assert gated.ve_gate.weight.shape == (2, 12)
+    with torch.no_grad():
+        plain.c_proj.weight.normal_(0, 0.1)
+        gated.c_proj.weight.copy_(plain.c_proj.weight)
+    x, ve = tg.norm(torch.randn(1, 256, 128)), torch.randn(1, 256, 128)
+    mask = tg.dense_attention_mask(tokens_with_docs(256, [0]), 2)
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x, ve, mask), plain(x, ve, mask))  # 2 sigmoid(0) = 1
+        gated.ve_gate.weight.normal_()
+        w = gated.ve_gate.weight
+        g = torch.stack([2 * torch.sigmoid(torch.cat([x[0, :, :6], ve[0, :, :6]], -1) @ w[h]) for h in range(2)], -1)
+        scaled = (ve.view(1, 256, 2, 64) * g[None, :, :, None]).flatten(-2)
+        torch.testing.assert_close(gated(x, ve, mask), plain(x, scaled, mask))
+    model = tg.build_model(smoke_args("--ve_gate=true"))  # value embeddings on blocks 0 and 3 (block 2: no attn)
+    assert [isinstance(b.attn.ve_gate, tg.ValueEmbedGate) for b in model.blocks if b.attn is not None] == \
+        [True, False, True]
+
+
+def test_xsa_removes_tanh_alpha_of_the_value_direction():
+    xsa = tg.ExclusiveSelfAttention(heads=4, kv_heads=2)
+    y, v = torch.randn(1, 9, 4, 16), torch.randn(1, 9, 2, 16)
+    v[0, 3, 1] = 0  # a zero value: no division by zero
+    assert torch.equal(xsa(y, v), y)  # alpha = 0
+    with torch.no_grad():
+        xsa.alpha.copy_(torch.tensor([0.3, -1.0, 2.0, 50.0]))
+    out = xsa(y, v)
+    vq = v.repeat_interleave(2, dim=2)  # query heads 0, 1 read K/V head 0; 2, 3 read head 1
+    for h in range(4):
+        t = math.tanh(xsa.alpha[h].item())
+        dot_in, dot_out = (y[..., h, :] * vq[..., h, :]).sum(-1), (out[..., h, :] * vq[..., h, :]).sum(-1)
+        torch.testing.assert_close(dot_out, (1 - t) * dot_in, rtol=1e-4, atol=1e-4)
+        # only the value direction changes: the part orthogonal to v is y's own
+        perp = lambda z: z - (z * vq[..., h, :]).sum(-1, keepdim=True) / (vq[..., h, :] ** 2).sum(
+            -1, keepdim=True).clamp_min(1e-8) * vq[..., h, :]
+        torch.testing.assert_close(perp(out[..., h, :]), perp(y[..., h, :]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[0, 3, 2:], y[0, 3, 2:])  # zero value vector: y unchanged
+    assert (out[..., 3, :] * vq[..., 3, :]).sum(-1).abs().max() < 1e-3  # tanh(50) = 1: orthogonal to v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Residual stream: x-lambda init and sigmoid skips
+
+
+def test_resid_lambda_init_and_sigmoid_skip_weights():
+    model = tg.build_model(smoke_args("--resid_lambda_init=1.1", "--skip_gate=true"))
+    assert all(b.lambdas.tolist() == pytest.approx([1.1, 0.0]) for b in model.blocks)
+    assert model.skip_weights.tolist() == [-1.5, -1.5]
+    randomize_zero_matrices(model)
+    seen = {}
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__("out0", o.detach()))
+    model.blocks[3].register_forward_pre_hook(lambda m, i: seen.setdefault("in3", []).append(i[0].detach()))
+    x = tokens_with_docs(256, [0])
+    with torch.no_grad():
+        model.skip_weights[-1] = -30.0  # sigmoid ~ 0: no skip
+        model(x)
+        model.skip_weights[-1] = 0.4
+        model(x)
+    torch.testing.assert_close(seen["in3"][1] - seen["in3"][0], torch.sigmoid(torch.tensor(0.4)) * seen["out0"],
+                               rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training wiring: every new parameter gets a gradient and an optimizer
+
+
+def test_every_new_parameter_learns_and_has_one_optimizer():
+    args = smoke_args(*ALL)
+    model = live_model(*ALL)
+    x = tokens_with_docs(513, [0, 200])
+    model(x[:-1], x[1:]).backward()
+    new = {n: p for n, p in model.named_parameters() if any(k in n for k in (
+        "smear.", "bigram.", "skip_weights", "key_offset", "ve_gate.", "xsa.", "out_gate."))}
+    assert {n.split(".")[-1] for n in new} >= {"gate", "lam", "weight", "gain", "alpha", "skip_weights"}
+    for name, p in new.items():
+        assert p.grad is not None and p.grad.any(), name
+    groups = tg.param_groups(model, args)
+    muon = {id(p) for p in groups["matrices"]}
+    gates = [m.weight for m in model.modules() if isinstance(m, (tg.AttentionGate, tg.ValueEmbedGate))]
+    assert gates and all(id(w) in muon for w in gates)  # r28's choice: the (heads, 12) gates train with Muon
+    opts = tg.build_optimizers(model, args)
+    owned = [id(p) for opt in opts for g in opt.param_groups for p in g["params"]]
+    assert sorted(owned) == sorted(id(p) for p in model.parameters())
+
+
+def test_all_flags_train_a_few_steps():
+    args = smoke_args(*ALL, "--num_iterations=3")
+    torch.manual_seed(0)
+    model = tg.build_model(args)
+    opts = tg.build_optimizers(model, args)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(3):
+        tokens = torch.randint(0, 50257, (args.micro_batches, args.seq_len + 1), generator=gen)
+        tokens[:, [0, 100]] = tg.EOT_TOKEN
+        micro = [(t[:-1].int(), t[1:].long()) for t in tokens]
+        window = torch.tensor(tg.long_window_blocks(step, args), dtype=torch.int32)
+        losses.append(tg.train_step(model, opts, micro, window, args, step, 1).item())
+    assert all(math.isfinite(v) for v in losses)
+    assert model.bigram.table.weight.any() and model.smear.lam.item() != 0
+
+
+@pytest.mark.parametrize("extra", [[], ["--n_kv_heads=1"]], ids=["mha", "mqa"])
+def test_all_flags_trace_as_one_graph_in_bf16(extra):
+    """What a GPU run sees: bf16 embeddings (main() casts every nn.Embedding, the bigram table included) and
+    torch.compile(fullgraph=True); dynamo's trace (eager backend: no inductor on 2 cores) must not break."""
+    model = live_model(*ALL, *extra)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding):
+            m.bfloat16()
+    x = tokens_with_docs(512, [0, 200])
+    window = torch.tensor(2, dtype=torch.int32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert model.hidden(x, window).dtype == torch.bfloat16
+        torch.testing.assert_close(compiled(x, x.roll(-1).long(), window), model(x, x.roll(-1).long(), window))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding, configuration checks, describe_model, the presets
+
+
+def test_kv_cache_decoding_with_per_token_hooks_and_refusal_for_look_back():
+    model = live_model("--attn_gate=true", "--ve_gate=true", "--xsa_layers=1,3").eval()
+    x = tokens_with_docs(256, [0, 100])
+    with torch.no_grad():
+        full = model.logits(model.hidden(x, 2))
+        cache = tg.KVCache()
+        parts = [model.logits(model.hidden(x[:130], 2, cache=cache))]
+        parts += [model.logits(model.hidden(x[i:i + 1], 2, cache=cache)) for i in range(130, 256)]
+    torch.testing.assert_close(torch.cat(parts), full, rtol=1e-4, atol=1e-4)
+    for flag in ("--smear=true", "--key_offset=true", "--bigram_rows=64"):
+        with pytest.raises(NotImplementedError, match=flag.split("=")[0]):
+            live_model(flag).eval().hidden(x[:10], 2, cache=tg.KVCache())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--xsa_layers=2"], "xsa_layers names blocks \\[2\\] without attention"),
+    (["--xsa_layers=1,x"], "comma-separated block indices"),
+    (["--attn_gate=true", "--mla_kv_rank=32"], "--attn_gate act on the heads"),
+    (["--key_offset=true", "--rope=canonical"], "--rope=canonical rotates them all"),
+    (["--bigram_rows=1"], "must be 0 \\(off\\) or >= 2"),
+])
+def test_bad_frontier_model_flags_name_the_fix(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        smoke_args(*flags)
+
+
+FULL = ["--smear=true", "--attn_gate=true", "--key_offset=true", "--ve_gate=true", "--xsa_layers=2,4,5,8,9,11"]
+
+
+@pytest.fixture(scope="module")
+def full_model():
+    """The 768-dim, 12-block model with every per-head flag and smear (no bigram table: 290M zeros)."""
+    args = tg.apply_overrides(tg.Hyperparameters(), FULL)
+    tg.check_config(args, 8)
+    return tg.build_model(args), args
+
+
+def test_full_size_hooks_sit_on_the_mapped_blocks(full_model):
+    model, _ = full_model
+    on = lambda name, cls: [i for i, b in enumerate(model.blocks) if b.attn is not None and
+                            isinstance(getattr(b.attn, name), cls)]
+    assert on("key_offset", tg.KeyOffset) == [0, 4, 11]  # the long-window blocks with attention (7 has none)
+    assert on("xsa", tg.ExclusiveSelfAttention) == [2, 4, 5, 8, 9, 11]
+    assert on("ve_gate", tg.ValueEmbedGate) == [0, 1, 2, 9, 10, 11]  # the blocks that read a value embedding
+    assert on("out_gate", tg.AttentionGate) == [i for i in range(12) if i != 7]
+    assert model.blocks[2].attn.xsa.alpha.shape == (6,) and model.blocks[0].attn.out_gate.weight.shape == (6, 12)
+
+
+def test_describe_model_counts_the_new_parameters_and_gate_flops(full_model):
+    model, args = full_model
+    assert tg.count_params(model) - 275_598_388 == 11 * 6 * 12 + 6 * 6 * 12 + 6 * 6 + 13
+    text = tg.describe_model(model, args)
+    assert "attention 25,953,538" in text and "block/skip scalars 43" in text  # 25,952,278 + 1,260; 30 + 13
+    gates = [m for m in model.modules() if isinstance(m, (tg.AttentionGate, tg.ValueEmbedGate))]
+    assert sum(map(tg.dense_flops_per_token, gates)) == 2 * (11 + 6) * 6 * 12  # a 12-input dot per head and gate
+    assert "attention 88.3M" in text  # + 2,448 FLOPs: below the print's 0.1M resolution
+
+
+def test_frontier_presets_carry_the_model_half():
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier"])
+    tg.check_config(args, 8)
+    assert (args.smear, args.attn_gate, args.key_offset, args.ve_gate) == (True,) * 4
+    assert args.resid_lambda_init == 1.1 and args.xsa_layers == "2,4,5,8,9,11" and args.bigram_rows == 377_280
+    assert not args.skip_gate  # our six U-net skips are not the recipe's single gated skip
+    smoke = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke"])
+    tg.check_config(smoke, 1)
+    model = tg.build_model(smoke)
+    assert isinstance(model.smear, tg.Smear) and model.bigram.rows == 8192
