@@ -367,6 +367,22 @@ def kron_linear(x, A, B, impl="auto"):
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
+@torch.no_grad()
+def kron_factor_init_(A, B, zero_init=False):
+    """Initialize factors A (..., rank, m1, k1), B (..., rank, m2, k2) in place (leading dims: stacked layers).
+
+    Match the speedrun's dense init, Var(W) = (0.5 / sqrt(in))^2. Var(W) = rank * Var(A) * Var(B), and each factor
+    gets the fan-in scaling of its own contraction (k1 or k2), so both stages of A X B^T keep activations O(1):
+    Var(A) = g^2 / k1, Var(B) = g^2 / k2 with g^4 = 0.25 / rank. zero_init zeroes B only (see KronLinear).
+    """
+    g = (0.25 / A.shape[-3]) ** 0.25
+    for p in (A, B):
+        bound = math.sqrt(3) * g / math.sqrt(p.shape[-1])  # uniform(-b, b) has std b / sqrt(3)
+        p.uniform_(-bound, bound)
+    if zero_init:
+        B.zero_()
+
+
 class KronLinear(nn.Module):
     """Bias-free linear layer with W = sum_{i<rank} kron(A_i, B_i); A (rank, m1, k1), B (rank, m2, k2).
 
@@ -392,18 +408,7 @@ class KronLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        # Match the speedrun's dense init, Var(W) = (0.5 / sqrt(in))^2. Var(W) = rank * Var(A) * Var(B), and
-        # each factor gets the fan-in scaling of its own contraction (k1 or k2), so both stages of A X B^T
-        # keep activations O(1): Var(A) = g^2 / k1, Var(B) = g^2 / k2 with g^4 = 0.25 / rank.
-        m1, k1, m2, k2 = self.factors
-        g = (0.25 / self.rank) ** 0.25
-        for p, fan_in in ((self.A, k1), (self.B, k2)):
-            bound = math.sqrt(3) * g / math.sqrt(fan_in)  # uniform(-b, b) has std b / sqrt(3)
-            with torch.no_grad():
-                p.uniform_(-bound, bound)
-        if self.zero_init:
-            with torch.no_grad():
-                self.B.zero_()
+        kron_factor_init_(self.A, self.B, self.zero_init)
 
     def forward(self, x):
         return kron_linear(x, self.A, self.B, self.impl)

@@ -105,6 +105,15 @@ class Hyperparameters:
     dropout: float = 0.0  # dropout on the attention and MLP outputs (train only)
     tie_embeddings: bool = False  # lm_head reads the token embedding table (x @ E^T / sqrt(model_dim))
     weight_init: str = "uniform"  # uniform | truncated: the matrices' init, both std 0.5/sqrt(fan_in) (see build_model)
+    # post-#21 model ideas (frontier recipe sections 3.2-3.4), each off by default, each one module built at start
+    smear: bool = False  # e_t += lam * sigmoid(w . e_t[:12]) * e_(t-1) on the raw token embeddings (w, lam init 0)
+    attn_gate: bool = False  # every attention head's output times sigmoid(w_h . h[:12]), h its normed input (w 0)
+    key_offset: bool = False  # long-window layers: the unrotated key dims of token t are those of token t-1
+    resid_lambda_init: float = 1.0  # init of each block's x-lambda (x = l0 * x + l1 * x0); frontier: 1.1
+    skip_gate: bool = False  # U-net skip weights pass through a sigmoid (logits init -1.5)
+    ve_gate: bool = False  # value embeddings times 2 sigmoid(w_h . [h[:6], ve[:6]]) per head (w 0: gate 1)
+    xsa_layers: str = ""  # blocks whose heads remove tanh(alpha_h) of their output's projection on v (alpha 0)
+    bigram_rows: int = 0  # hashed bigram embedding table rows (0 = off; recipe 377,280), added to x0 times g = 0.05
     # optimization
     num_iterations: int = 1770  # optimizer steps
     cooldown_frac: float = 0.4  # fraction of steps spent decaying the LR linearly
@@ -191,6 +200,14 @@ FRONTIER = dict(
     adam_group_betas="head=0.5/0.95,embed=0.75/0.95,value_embeds=0.75/0.95,scalars=0.9/0.99",
     adam_group_wd="head=150,embed=5,value_embeds=5,scalars=0",
     softcap="frontier", run_name="frontier",
+    # sections 3.2-3.4, the model half (Frontier II). The recipe's 11 layers are our 12 without block 0 (r30/r35
+    # dropped #21's first layer), so its layer i is our block i + 1 (its attention-free 6 is our 7). Smear (r34);
+    # sparse attention gate on every attention layer (r28); key offset on the long-window layers (the recipe's 3
+    # and 10 = our 4 and 11, plus our block 0, the layer the recipe dropped); x-lambda init 1.1 (r45); VE gates on
+    # every layer with a value embedding (r55/r70); XSA's static form on r82's layers 1,3,4,7,8,10 = our
+    # 2,4,5,8,9,11; bigram hash table of 7.5 x 50,304 rows with signs (r62/r83), added once at the input.
+    smear=True, attn_gate=True, key_offset=True, resid_lambda_init=1.1, ve_gate=True, xsa_layers="2,4,5,8,9,11",
+    bigram_rows=377_280,
 )
 
 PRESETS = {
@@ -201,7 +218,10 @@ PRESETS = {
                        **dict(
         stages="256:256:1-1:1.0,512:384:1-3:1.52,768:512:2-4:1.73", num_iterations=30, extension_steps=3,
         extension_window="2-5", val_window="3-6", val_every=10, muon_momentum_warmup_steps=10,
-        muon_momentum_cooldown_steps=5, run_name="frontier_smoke")},
+        muon_momentum_cooldown_steps=5, run_name="frontier_smoke",
+        # the smoke model's 4 blocks have attention in 0, 1, 3: XSA on the two after the first; a bigram table
+        # sized for the ~40k tokens a smoke run reads (the recipe's 377,280 x 128 would be 48M parameters)
+        xsa_layers="1,3", bigram_rows=8192)},
 }
 
 
@@ -313,6 +333,7 @@ def check_config(args: Hyperparameters, world_size: int):
             fail(f"--kron_progressive_every={args.kron_progressive_every}: the last swap would come at step {last}, "
                  f"after the run's {total_steps(args)} steps; lower it or list fewer --kron_layers")
     check_mot(args, fail)
+    check_frontier_model(args, fail)
     check_schedule(args, fail)
     for name, valid in dict(ks_mlp=("off", "fc", "proj", "both"), ks_chain=("monarch", "butterfly"),
                             ks_impl=KS_IMPLS).items():
@@ -385,6 +406,7 @@ NEEDS = dict(
     val_window=("--stages", lambda a: bool(a.stages)),
     yarn=("--stages (YaRN follows the stages' window changes)", lambda a: bool(a.stages)),
     window_schedule_tokens=("#21's schedule (it is replaced by --stages)", lambda a: not a.stages),
+    ve_gate=("--num_value_embeds > 0 (it gates the value embeddings)", lambda a: a.num_value_embeds > 0),
 )
 
 
@@ -521,8 +543,8 @@ def check_architecture(args: Hyperparameters, fail):
 
 
 def check_kron_experts(args: Hyperparameters, fail):
-    """--moe_experts with --kron_mlp=both: every row stride that GroupedKronLinear hands torch._grouped_mm must be a
-    multiple of 8 elements (16 bytes in bf16), for c_fc and c_proj of the experts."""
+    """--moe_experts with --kron_mlp=both: the widths of GroupedKronLinear's grouped matmuls (grouped_kron_strides)
+    must be multiples of 8 elements (16 bytes in bf16), for c_fc and c_proj of the experts."""
     dim, hidden = args.model_dim, moe_expert_hidden(args)
     for which, in_f, out_f in (("fc", dim, hidden), ("proj", hidden, dim)):
         factors = kron_factors(args)[which] or choose_kron_factors(in_f, out_f, args.kron_rank)
@@ -531,6 +553,35 @@ def check_kron_experts(args: Hyperparameters, fail):
             fail(f"--moe_experts with --kron_mlp=both: expert c_{which} factors (m1, k1, m2, k2)={factors} give "
                  f"torch._grouped_mm strides {odd}, not multiples of 8 (16 bytes); pick --moe_hidden (e.g. a "
                  f"multiple of 64) or --kron_factors so that they are")
+
+
+def check_frontier_model(args: Hyperparameters, fail):
+    """The post-#21 model flags (smear, gates, key offset, XSA, bigram hash): values and combinations."""
+    try:
+        xsa = parse_layer_list(args.xsa_layers)
+    except ValueError:
+        fail(f"--xsa_layers={args.xsa_layers!r}: expected comma-separated block indices such as '2,4,5'")
+    attention = set(range(args.num_layers)) - set(parse_layer_list(args.no_attn_layers))
+    bad = sorted(set(xsa) - attention)
+    if bad:
+        fail(f"--xsa_layers names blocks {bad} without attention; blocks with attention: "
+             f"{','.join(map(str, sorted(attention)))}")
+    per_head = [f"--{flag}" for flag, on in (("attn_gate", args.attn_gate), ("key_offset", args.key_offset),
+                                             ("ve_gate", args.ve_gate), ("xsa_layers", bool(xsa))) if on]
+    if per_head and args.mla_kv_rank > 0:
+        fail(f"{', '.join(per_head)} act on the heads of multi-head or grouped-query attention; "
+             f"MLA (--mla_kv_rank > 0) has no hooks for them")
+    if args.key_offset and args.rope != "half":
+        fail("--key_offset shifts the key dims that rotary leaves unrotated; --rope=canonical rotates them all "
+             "(use --rope=half)")
+    if (args.smear or args.attn_gate) and args.model_dim < 12:
+        fail(f"--smear and --attn_gate read the first 12 dims of the embedding; model_dim={args.model_dim}")
+    if args.ve_gate and min(args.model_dim, value_embed_dim(args)) < 6:
+        fail(f"--ve_gate reads 6 dims of the attention input and of the value embedding; model_dim="
+             f"{args.model_dim}, value-embedding width {value_embed_dim(args)}")
+    if args.bigram_rows < 0 or args.bigram_rows == 1:
+        fail(f"--bigram_rows={args.bigram_rows} must be 0 (off) or >= 2 (hashes take rows - 1 values, plus the "
+             f"row of position 0)")
 
 
 def parse_layer_list(text: str) -> list[int]:
@@ -1131,17 +1182,97 @@ class YarnRotary(Rotary):
         return (super().forward(x.float(), offset) * self.gain).type_as(x)
 
 
+class PassThrough(nn.Module):
+    """A hook whose flag is off: returns its first argument untouched (the others are what the module replacing
+    it reads). Parameter-free, so the default model's state and numerics are those of record #21."""
+
+    def forward(self, x: Tensor, *context) -> Tensor:
+        return x
+
+
+class KeyOffset(nn.Module):
+    """--key_offset (frontier recipe 3.4, r49): for t >= 1 the key dims that rotary leaves unrotated (frequency
+    zero) take token t-1's values, across documents like the recipe; token 0 keeps its own. A head can then match a
+    query against the previous token's content with a position-free score: the shifted half of the key says "the
+    token before me was ...". The dims come from the rotary module itself: with --rope=half our layout pairs dim i
+    with dim i + head_dim/2 (chunked halves), and the upper half of the frequencies is zero, so at head_dim 128 the
+    shifted dims are 32-63 and 96-127. The recipe rotates adjacent pairs and leaves dims 64-127 still: the same 32
+    zero-frequency pairs (half the head), laid out differently."""
+
+    def __init__(self, rotary: "Rotary"):
+        super().__init__()
+        still = rotary.frequencies() == 0
+        self.register_buffer("shifted", torch.cat([still, still]), persistent=False)  # (head_dim,) bool
+
+    def forward(self, k: Tensor) -> Tensor:  # k (B, T, heads, head_dim) after rotary
+        previous = torch.cat([k[:, :1], k[:, :-1]], dim=1)
+        return torch.where(self.shifted, previous, k)
+
+
+class ValueEmbedGate(nn.Module):
+    """--ve_gate (frontier recipe 3.4, r55 with r70's input): each head's value embedding times
+    g_h = 2 sigmoid(w_h . [h[:6], ve[:6]]), h the normed attention input, ve[:6] the first 6 dims of the whole
+    value embedding. w zero: g = 1, the ungated model at init."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(heads, 12))
+
+    def forward(self, ve: Tensor, x: Tensor) -> Tensor:  # ve (B, T, kv_heads, head_dim), x (B, T, dim)
+        features = torch.cat([x[..., :6], ve.flatten(-2)[..., :6]], dim=-1)
+        return 2 * torch.sigmoid(F.linear(features, self.weight.type_as(x)))[..., None] * ve
+
+
+class ExclusiveSelfAttention(nn.Module):
+    """XSA (--xsa_layers; frontier recipe 3.4, r82's static form, arXiv 2603.09078): each head's output loses
+    tanh(alpha_h) of its component along its own token's value, y_h - tanh(alpha_h) (y_h . v_h / max(|v_h|^2,
+    1e-8)) v_h, so a head is pushed to carry what its token does not already hold. alpha per head, zero-init (no
+    change at init). Grouped-query heads use their K/V head's value."""
+
+    def __init__(self, heads: int, kv_heads: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(heads))
+        self.group = heads // kv_heads
+
+    def forward(self, y: Tensor, v: Tensor) -> Tensor:  # y (B, T, heads, head_dim), v (B, T, kv_heads, head_dim)
+        v = v.unsqueeze(-2).expand(*v.shape[:-1], self.group, v.size(-1)).flatten(-3, -2)
+        dot = (y.float() * v.float()).sum(-1, keepdim=True)
+        coef = dot / (v.float() * v.float()).sum(-1, keepdim=True).clamp_min(1e-8)
+        return y - (torch.tanh(self.alpha)[:, None] * coef).type_as(y) * v
+
+
+class AttentionGate(nn.Module):
+    """--attn_gate (frontier recipe 3.4, r28's sparse attention gate): each head's output times
+    sigmoid(w_h . h[:12]), h the normed attention input, so a head can switch itself off per token (no attention
+    sink needed). w zero: every head starts at half strength. Trained by Muon like r28 (a (heads, 12) matrix
+    inside the blocks; param_groups puts every such matrix there)."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(heads, 12))
+
+    def forward(self, y: Tensor, x: Tensor) -> Tensor:  # y (B, T, heads, head_dim), x (B, T, dim)
+        return torch.sigmoid(F.linear(x[..., :12], self.weight.type_as(x)))[..., None] * y
+
+
 class HeadAttention(nn.Module):
     """The part multi-head and grouped-query attention share after their projections: RMS-norm and rotary on q and
-    k, value-embedding mixing, attention, output projection."""
+    k, value-embedding mixing, attention, output projection. Four per-head hooks (PassThrough unless
+    install_head_hooks swaps in a module): key_offset on the rotated keys, ve_gate on the value embedding, xsa and
+    out_gate on the attention output, in the recipe's order (key offset, v += ve, attention, XSA, gate)."""
 
-    def rotate_mix_attend(self, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask) -> Tensor:
-        B, T = q.shape[:2]  # q (B, T, heads, head_dim); k, v (B, T, kv_heads, head_dim)
+    def __init__(self):
+        super().__init__()
+        self.key_offset, self.ve_gate, self.xsa, self.out_gate = (PassThrough() for _ in range(4))
+
+    def rotate_mix_attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask) -> Tensor:
+        B, T = q.shape[:2]  # x (B, T, dim) normed input; q (B, T, heads, head_dim); k, v (B, T, kv_heads, head_dim)
         offset = rotary_offset(mask)
-        q, k = self.rotary(norm(q), offset), self.rotary(norm(k), offset)
-        v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        q, k = self.rotary(norm(q), offset), self.key_offset(self.rotary(norm(k), offset))
+        v = self.lambdas[0] * v if ve is None else \
+            self.lambdas[0] * v + self.lambdas[1] * self.ve_gate(ve.view_as(v), x)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale).transpose(1, 2)
+        return self.c_proj(self.out_gate(self.xsa(y, v), x).reshape(B, T, -1))
 
 
 class CausalSelfAttention(HeadAttention):
@@ -1161,7 +1292,7 @@ class CausalSelfAttention(HeadAttention):
         B, T = x.shape[:2]
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
         q, k, v = qkv.chunk(3, dim=-2)
-        return self.rotate_mix_attend(q, k, v, ve, mask)
+        return self.rotate_mix_attend(x, q, k, v, ve, mask)
 
     def kv_cache_floats_per_token(self) -> int:
         return 2 * self.num_heads * self.head_dim
@@ -1188,7 +1319,7 @@ class GroupedQueryAttention(HeadAttention):
         q = F.linear(x, self.q_w.type_as(x)).view(B, T, self.num_heads, self.head_dim)
         kv = F.linear(x, self.kv_w.flatten(end_dim=1).type_as(x)).view(B, T, 2 * self.n_kv_heads, self.head_dim)
         k, v = kv.chunk(2, dim=-2)
-        return self.rotate_mix_attend(q, k, v, ve, mask)
+        return self.rotate_mix_attend(x, q, k, v, ve, mask)
 
     def kv_cache_floats_per_token(self) -> int:
         return 2 * self.n_kv_heads * self.head_dim
@@ -1261,8 +1392,36 @@ def value_embed_dim(args: Hyperparameters) -> int:
     return kv_heads(args) * (args.model_dim // args.num_heads)
 
 
-def build_attention(args: Hyperparameters, max_seq_len: int) -> nn.Module:
-    """A block's attention: latent (--mla_kv_rank > 0), grouped-query (--n_kv_heads < num_heads) or the baseline."""
+def window_kinds(args: Hyperparameters) -> list[str]:
+    """Per block, "L" (long window) or "S" (short): window_pattern for the first half, mirrored for the second."""
+    half = args.window_pattern[:args.num_layers // 2]
+    return list(half + half[::-1])
+
+
+def value_embed_tables(args: Hyperparameters) -> list[int | None]:
+    """Per block, the value-embedding table it reads: tables 0..nve-1 for the first nve blocks and again for the
+    last nve (None: no value embedding)."""
+    L, nve = args.num_layers, args.num_value_embeds
+    return [i if i < nve else (i - (L - nve) if i >= L - nve else None) for i in range(L)]
+
+
+def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
+    """Replace the PassThrough hooks of block `layer`'s attention with the modules its flags ask for: the key
+    offset on long-window blocks, the value-embedding gate on blocks with a value embedding, XSA on --xsa_layers,
+    the output gate everywhere (frontier recipe 3.4)."""
+    if args.key_offset and window_kinds(args)[layer] == "L":
+        attn.key_offset = KeyOffset(attn.rotary)
+    if args.ve_gate and value_embed_tables(args)[layer] is not None:
+        attn.ve_gate = ValueEmbedGate(kv_heads(args))
+    if layer in parse_layer_list(args.xsa_layers):
+        attn.xsa = ExclusiveSelfAttention(args.num_heads, kv_heads(args))
+    if args.attn_gate:
+        attn.out_gate = AttentionGate(args.num_heads)
+
+
+def build_attention(args: Hyperparameters, max_seq_len: int, layer: int | None = None) -> nn.Module:
+    """A block's attention: latent (--mla_kv_rank > 0), grouped-query (--n_kv_heads < num_heads) or the baseline.
+    layer: the block's index, for the per-block hooks of install_head_hooks (None: no hooks)."""
     if args.mla_kv_rank > 0:
         attn = LatentAttention(args, max_seq_len)
     elif kv_heads(args) != args.num_heads:
@@ -1273,6 +1432,8 @@ def build_attention(args: Hyperparameters, max_seq_len: int) -> nn.Module:
         r = attn.rotary
         attn.rotary = (YarnRotary if args.yarn else Rotary)(r.head_dim, r.max_seq_len, r.rotated,
                                                            canonical=args.rope == "canonical")
+    if layer is not None and isinstance(attn, HeadAttention):  # MLA takes none (check_frontier_model)
+        install_head_hooks(attn, args, layer)
     return attn
 
 
@@ -1458,12 +1619,13 @@ class MoE(nn.Module):
 
 
 def grouped_kron_strides(factors: tuple, rank: int) -> dict:
-    """The row strides (in elements) that GroupedKronLinear hands torch._grouped_mm for factors (m1, k1, m2, k2): on
-    GPU each must be a multiple of 8 (16 bytes of bf16)."""
+    """The inner and outer widths of GroupedKronLinear's two torch._grouped_mm for factors (m1, k1, m2, k2): they are
+    row strides forward or backward, and each must be a multiple of 8 (16 bytes of bf16; torch checks on GPU and
+    under torch.compile)."""
     m1, k1, m2, k2 = factors
     if kron_contracts_k1_first(*factors):
-        return dict(k1=k1, rank_x_k2=rank * k2, m2=m2)
-    return dict(k2=k2, rank_x_k1=rank * k1, m1=m1)
+        return dict(k1=k1, rank_x_m1=rank * m1, rank_x_k2=rank * k2, m2=m2)
+    return dict(k2=k2, rank_x_m2=rank * m2, rank_x_k1=rank * k1, m1=m1)
 
 
 def grouped_kron_transposed(X: Tensor, G: Tensor, H: Tensor, offsets: Tensor) -> Tensor:
@@ -1555,9 +1717,10 @@ class Block(nn.Module):
     def __init__(self, args: Hyperparameters, layer: int, max_seq_len: int):
         super().__init__()
         has_attn = layer not in parse_layer_list(args.no_attn_layers)
-        self.attn = build_attention(args, max_seq_len) if has_attn else None
+        self.attn = build_attention(args, max_seq_len, layer) if has_attn else None
         self.mlp = build_mlp(args, layer)
-        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0 * x + l1 * x0
+        # x = l0 * x + l1 * x0; --resid_lambda_init sets l0 (frontier recipe 3.3, r45: 1.1)
+        self.lambdas = nn.Parameter(torch.tensor([args.resid_lambda_init, 0.0]))
         self.dropout = dropout_layer(args.dropout)  # on both branch outputs; Identity at --dropout=0
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask) -> Tensor:
@@ -1588,6 +1751,71 @@ class NEFTune(nn.Module):
             return x
         bound = self.alpha / math.sqrt(x.size(-2) * x.size(-1))
         return x + torch.empty_like(x).uniform_(-bound, bound)
+
+
+class Smear(nn.Module):
+    """--smear (frontier recipe 3.2, r34): on the raw token embeddings, e_t += lam sigmoid(w . e_t[:12]) e_(t-1)
+    for t >= 1, across document boundaries like the recipe: a cheap one-token look-back before any attention.
+    w (12) and lam start at zero, so the model starts unsmeared; both are Adam scalars."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(12))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, e: Tensor) -> Tensor:  # e (1, T, dim)
+        gate = self.lam[0] * torch.sigmoid(F.linear(e[:, 1:, :12], self.gate[None].type_as(e)))  # (1, T-1, 1)
+        return torch.cat([e[:, :1], e[:, 1:] + gate.type_as(e) * e[:, :-1]], dim=1)
+
+
+BIGRAM_SIGN_ROWS = 8192  # rows of the fixed sign table: j_t = (x_(t-1) XOR x_t) mod 8192
+BIGRAM_SIGN_SEED = 20260520  # the sign trick's record date: any fixed seed gives every rank the same signs
+
+
+def bigram_hash(inputs: Tensor, rows: int) -> Tensor:
+    """Row of the bigram table for each position of one packed sequence (frontier recipe 3.2, r62): h_0 = rows-1,
+    h_t = ((36313 x_t) XOR (27191 x_(t-1))) mod (rows - 1). The recipe computes in int32; int64 gives the same
+    values for token ids below 2^31 / 36313 = 59,138 (GPT-2: 50,257) and no overflow beyond."""
+    x = inputs.long()
+    h = torch.bitwise_xor(36313 * x[1:], 27191 * x[:-1]) % (rows - 1)
+    return torch.cat([h.new_full((1,), rows - 1), h])
+
+
+def bigram_sign_index(inputs: Tensor) -> Tensor:
+    """Row of the sign table per position (r83): j_0 = 0, j_t = (x_(t-1) XOR x_t) mod 8192."""
+    x = inputs.long()
+    return torch.cat([x.new_zeros(1), torch.bitwise_xor(x[:-1], x[1:]) % BIGRAM_SIGN_ROWS])
+
+
+class BigramHashEmbedding(nn.Module):
+    """--bigram_rows=B (frontier recipe 3.2, r62 + r83's sign trick): b_t = E[h_t] * S[j_t], a zero-initialized
+    (B, dim) table E read at the hashed (previous, current) token pair, times fixed signs S in {+1, -1}^(8192 x dim)
+    chosen by a second hash, so two pairs that collide in E usually see different sign patterns and their
+    gradients partly cancel instead of adding up. Added once at the input, x = x0 + g b with a learned scalar g
+    (init 0.05); the recipe also injects b into every layer through its MUDD gates (not ported). S is the sign of
+    a Gaussian drawn from a fixed-seed CPU generator, so every rank builds the same S without a broadcast; it is
+    kept in the state dict (int8) so a checkpoint always pairs E with the signs it was trained against."""
+
+    def __init__(self, rows: int, dim: int):
+        super().__init__()
+        self.rows = rows
+        self.table = nn.Embedding(rows, dim, _weight=torch.zeros(rows, dim))  # no random draw: zero-init
+        draw = torch.randn(BIGRAM_SIGN_ROWS, dim, generator=torch.Generator().manual_seed(BIGRAM_SIGN_SEED))
+        self.register_buffer("signs", torch.where(draw >= 0, 1, -1).to(torch.int8))
+        self.gain = nn.Parameter(torch.tensor([0.05]))
+
+    def forward(self, x0: Tensor, inputs: Tensor) -> Tensor:  # x0 (1, T, dim), inputs (T,)
+        b = self.table(bigram_hash(inputs, self.rows)) * self.signs[bigram_sign_index(inputs)].type_as(x0)
+        return x0 + self.gain[0].type_as(x0) * b[None]
+
+
+class SigmoidSkipWeights(nn.Module):
+    """--skip_gate (frontier recipe 3.3, r32/r45): the U-net skip weights pass through a sigmoid, so each skip's
+    strength stays in (0, 1); the raw weights start at -1.5 (strength 0.18), the recipe's init for its skip."""
+    init = -1.5
+
+    def forward(self, w: Tensor) -> Tensor:
+        return torch.sigmoid(w)
 
 
 class TiedHead(nn.Module):
@@ -1811,21 +2039,28 @@ class GPT(nn.Module):
         max_seq_len = max_sequence_length(args)
         padded_vocab = next_multiple(args.vocab_size, 128)
         self.embed = nn.Embedding(padded_vocab if args.tie_embeddings else args.vocab_size, dim)
+        self.smear = Smear() if args.smear else nn.Identity()  # on the raw embeddings (--smear)
         self.embed_noise = NEFTune(args.neftune_alpha) if args.neftune_alpha > 0 else nn.Identity()
         self.mot = build_mot(args)  # mixes byte-level information into x0 (--mot)
+        # x = x0 + g * bigram embedding (--bigram_rows); the blocks' x0 stays the token embedding alone
+        self.bigram = BigramHashEmbedding(args.bigram_rows, dim) if args.bigram_rows else PassThrough()
+        # modules that read the previous token, which decoding with a KVCache does not hand them (hidden refuses)
+        self.looks_back = [flag for flag, on in (("--smear", args.smear), ("--key_offset", args.key_offset),
+                                                 ("--bigram_rows", args.bigram_rows > 0)) if on]
         self.value_embeds = nn.ModuleList([nn.Embedding(args.vocab_size, value_embed_dim(args))
                                            for _ in range(nve)])
         self.blocks = nn.ModuleList([Block(args, i, max_seq_len) for i in range(L)])
-        self.skip_weights = nn.Parameter(torch.ones(L // 2))  # U-net: block L-1-i receives block i's output
+        # U-net: block L-1-i receives block i's output times skip_gate(its weight) (--skip_gate: a sigmoid)
+        self.skip_gate = SigmoidSkipWeights() if args.skip_gate else nn.Identity()
+        self.skip_weights = nn.Parameter(torch.full((L // 2,), SigmoidSkipWeights.init) if args.skip_gate else
+                                         torch.ones(L // 2))
         self.lm_head = TiedHead(self.embed.weight) if args.tie_embeddings else \
             CastedLinear(dim, padded_vocab, zero_init=True)
         self.moe_layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
         self.vocab_size = args.vocab_size  # real tokens; the head's padding rows are never targets
         self.softcap = SOFTCAPS[args.softcap]
-        # layer -> value-embedding table: tables 0..nve-1 for the first nve layers and again for the last nve
-        self.ve_table = [i if i < nve else (i - (L - nve) if i >= L - nve else None) for i in range(L)]
-        half = args.window_pattern[:L // 2]
-        self.window_kind = list(half + half[::-1])
+        self.ve_table = value_embed_tables(args)  # layer -> value-embedding table (None: none)
+        self.window_kind = window_kinds(args)
         # validation computes head + loss in chunks of this many tokens
         self.eval_chunk_tokens = max(st.seq_len for st in training_stages(args)) if args.stages else args.seq_len
         # the long window (blocks) when none is given: sampling and evaluation tools
@@ -1857,16 +2092,21 @@ class GPT(nn.Module):
         cached sequence (any length) and are appended to it."""
         window_blocks = self.default_window_blocks if window_blocks is None else window_blocks
         if cache is not None:
+            if self.looks_back:
+                raise NotImplementedError(f"decoding with a KV cache does not support {', '.join(self.looks_back)} "
+                                          f"(they read the previous token, which the cache does not keep); run full "
+                                          f"forward passes instead")
             masks = cache.begin(inputs, window_blocks)
         else:
             assert inputs.ndim == 1 and len(inputs) % BLOCK_SIZE == 0, "one packed sequence, a multiple of 128"
             masks = self.attention_masks(inputs, window_blocks)
         ves = [ve(inputs)[None] for ve in self.value_embeds]
-        x = x0 = norm(self.mot(self.embed_noise(self.embed(inputs)[None]), inputs))
+        x0 = norm(self.mot(self.embed_noise(self.smear(self.embed(inputs)[None])), inputs))
+        x = self.bigram(x0, inputs)
         skips, half = [], len(self.blocks) // 2
         for i, block in enumerate(self.blocks):
             if i >= half:
-                x = x + self.skip_weights[i - half] * skips.pop()
+                x = x + self.skip_gate(self.skip_weights[i - half]) * skips.pop()
             table = self.ve_table[i]
             x = block(x, x0, None if table is None else ves[table], masks[self.window_kind[i]])
             if i < half:
@@ -1921,7 +2161,9 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids]
     scalars = [p for p in model.parameters() if p.ndim < 2]
     mot_embeds = [m.weight for m in model.mot.modules() if isinstance(m, nn.Embedding)]
-    embeds = [model.embed.weight] + [e.weight for e in model.value_embeds] + mot_embeds
+    # --bigram_rows: its table is an embedding (Adam "embed" group: the recipe trains it like the value embeddings)
+    bigram = [m.weight for m in model.bigram.modules() if isinstance(m, nn.Embedding)]
+    embeds = [model.embed.weight] + [e.weight for e in model.value_embeds] + mot_embeds + bigram
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied: embeds own it
     # --mot matrices live outside the blocks: Adam at head_lr (the byte/slot embeddings are embeds, a and b scalars)
     head += [p for p in model.mot.parameters() if p.ndim >= 2 and all(p is not e for e in mot_embeds)]
@@ -2198,7 +2440,8 @@ def dense_flops_per_token(module: nn.Module) -> int:
 def describe_model(model: GPT, args: Hyperparameters) -> str:
     """Parameters per component and an estimate of the forward FLOPs per token: matrices (MoE: router plus the
     active experts), attention scores with every key of the final long/short window visible (documents only
-    shorten it), and the head. Training costs about 3x the forward."""
+    shorten it), and the head. Training costs about 3x the forward. Elementwise work is not counted (norms, rotary,
+    XSA, smear, the bigram gather: a few thousand FLOPs/token each); the gates' 12-input dots are matrices, counted."""
     attns = [b.attn for b in model.blocks if b.attn is not None]
     mlps = [b.mlp for b in model.blocks]
     final = window_at(total_steps(args), args, final=True)
@@ -2214,7 +2457,9 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
     mot_params, mot_flops = count_params(model.mot), model.mot.flops_per_token(model.eval_chunk_tokens)
     embeds = model.embed.weight.numel() + sum(e.weight.numel() for e in model.value_embeds)
     attn_params, mlp_params = sum(map(count_params, attns)), sum(map(count_params, mlps))
-    other = count_params(model) - embeds - sum(p.numel() for p in head) - attn_params - mlp_params - mot_params
+    bigram_params = count_params(model.bigram)  # --bigram_rows: table + gain (a gather: no matrix FLOPs)
+    other = (count_params(model) - embeds - sum(p.numel() for p in head) - attn_params - mlp_params - mot_params
+             - bigram_params)
     kind = lambda ms: ", ".join(sorted({type(m).__name__ + (f"({args.mlp_act})" if isinstance(m, MLP) else "")
                                         for m in ms}))
     moe = (f", {mlps[0].num_experts} experts top-{mlps[0].topk} + {mlps[0].num_shared} shared of width "
@@ -2225,6 +2470,7 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
             f" neftune_alpha {args.neftune_alpha}\n"
             f"params: embeddings {embeds:,} + head {sum(p.numel() for p in head):,} + attention {attn_params:,} + "
             f"mlp {mlp_params:,} + block/skip scalars {other:,}"
+            f"{f' + bigram hash {bigram_params:,}' if bigram_params else ''}"
             f"{f' + mot {type(model.mot).__name__} {mot_params:,}' if mot_params else ''} = {count_params(model):,}\n"
             f"forward FLOPs/token: attention {attn_flops / 1e6:.1f}M (of which scores {score_flops / 1e6:.1f}M "
             f"at windows {context['L']}/{context['S']}) + mlp {mlp_flops / 1e6:.1f}M (active) + head "

@@ -16,6 +16,7 @@ BASELINE = 20_025_616  # smoke-preset parameter count
 
 MLA = ["--mla_kv_rank=32", "--mla_q_rank=48", "--mla_rope_dim=16"]
 MOE = ["--moe_experts=4", "--moe_topk=2", "--moe_shared=1"]
+MOE_SWIGLU = [*MOE, "--mlp_act=swiglu"]
 
 
 def tokens(T=256, seed=0, eot=(0, 100)):
@@ -35,6 +36,8 @@ def expected_params(flags):
         return BASELINE + ATTN_LAYERS * (mla - attn_base)
     if flags == MOE:  # router + 5 experts of width 512 / 3 -> 192
         return BASELINE + L * (4 * D + 2 * 5 * 192 * D - mlp_base)
+    if flags == MOE_SWIGLU:  # width 2/3 * 512 / 3 -> 128; c_fc twice as wide ([gate | up])
+        return BASELINE + L * (4 * D + 5 * (2 * 128 * D + D * 128) - mlp_base)
     if "--mlp_act=swiglu" in flags:  # hidden 2/3 * 512 rounded to 384
         return BASELINE + L * (3 * D * 384 - mlp_base)
     if "--mlp_act=learned_gelu" in flags:
@@ -44,11 +47,11 @@ def expected_params(flags):
     return BASELINE
 
 
-FLAGS = [["--n_kv_heads=1"], MLA, MOE, ["--mlp_act=gelu"], ["--mlp_act=swiglu"], ["--mlp_act=learned_gelu"],
+FLAGS = [["--n_kv_heads=1"], MLA, MOE, MOE_SWIGLU, ["--mlp_act=gelu"], ["--mlp_act=swiglu"], ["--mlp_act=learned_gelu"],
          ["--neftune_alpha=5"], ["--dropout=0.1"], ["--tie_embeddings=true"]]
 
 
-@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: f[0][2:])
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "moe_experts+swiglu" if f == MOE_SWIGLU else f[0][2:])
 def test_flag_shapes_causality_and_parameter_count(flags):
     model = smoke_model(*flags)
     assert tg.count_params(model) == expected_params(flags)
@@ -166,14 +169,23 @@ def small_moe(*extra, seed=0):
     return moe
 
 
-def reference_moe(moe, x):
+def relu2_expert(moe, e, x):
+    return moe.proj_w[e] @ F.relu(moe.fc_w[e] @ x).square()
+
+
+def swiglu_expert(moe, e, x):
+    gate, up = (moe.fc_w[e] @ x).chunk(2)  # fc_w rows: [gate | up]
+    return moe.proj_w[e] @ (F.silu(gate) * up)
+
+
+def reference_moe(moe, x, expert=relu2_expert):
     """Token by token, expert by expert."""
     probs = F.softmax(x @ moe.router.weight.T, -1)
     out = torch.zeros_like(x)
     for n in range(len(x)):
         top = torch.topk(probs[n] + moe.bias, moe.topk).indices.tolist()
         for e, g in [(e, probs[n, e]) for e in top] + [(moe.num_experts + s, 1.0) for s in range(moe.num_shared)]:
-            out[n] += g * (moe.proj_w[e] @ F.relu(moe.fc_w[e] @ x[n]).square())
+            out[n] += g * expert(moe, e, x[n])
     return out
 
 
@@ -195,23 +207,25 @@ def test_moe_routes_each_token_to_exactly_topk_experts_plus_the_shared():
     assert torch.equal(moe.load, moe.eval_load)
 
 
+@pytest.mark.parametrize("act,expert", [("relu2", relu2_expert), ("swiglu", swiglu_expert)], ids=["relu2", "swiglu"])
 @pytest.mark.parametrize("skew", [False, True])
-def test_moe_equals_the_slow_reference_loop(skew):
-    moe = small_moe()
+def test_moe_equals_the_slow_reference_loop(skew, act, expert):
+    moe = small_moe(f"--mlp_act={act}")
+    assert moe.fc_w.shape == (5, 16 * (2 if act == "swiglu" else 1), 32)
     if skew:  # every token prefers expert 3: dropless means nothing is lost however unbalanced
         with torch.no_grad():
             moe.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))
     x = torch.randn(2, 24, 32)
     y = moe(x)
     assert y.shape == x.shape
-    torch.testing.assert_close(y.view(48, 32), reference_moe(moe, x.view(48, 32)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.view(48, 32), reference_moe(moe, x.view(48, 32), expert), rtol=1e-5, atol=1e-5)
     if skew:
         assert moe.load[3] == 48
     w = torch.randn_like(y)
     (y * w).sum().backward()  # gradients through the grouped matmuls equal the loop's
     grads = [p.grad.clone() for p in (moe.fc_w, moe.proj_w, moe.router.weight)]
     moe.zero_grad()
-    (reference_moe(moe, x.view(48, 32)) * w.view(48, 32)).sum().backward()
+    (reference_moe(moe, x.view(48, 32), expert) * w.view(48, 32)).sum().backward()
     for g, p in zip(grads, (moe.fc_w, moe.proj_w, moe.router.weight)):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
 
@@ -311,6 +325,66 @@ def test_moe_weights_are_3d_muon_batches_and_utilization_is_logged():
     assert moe.flops_per_token() == 2 * 4 * D + 2 * 3 * 2 * 192 * D
 
 
+def test_swiglu_experts_take_two_thirds_of_the_width():
+    """Default width: 2/3 of the relu2 experts' (rounded to 64), c_fc twice as wide, so parameters and active FLOPs
+    stay near the dense MLP's; FLOPs count fc and proj separately."""
+    args = tg.apply_overrides(tg.Hyperparameters(), [*MOE_SWIGLU, "--moe_experts=8"])
+    tg.check_config(args, 1)
+    assert tg.moe_expert_hidden(args) == 704  # 2/3 * 3072 / 3 = 682.7 -> 704 (relu2 experts: 1024)
+    moe = small_moe("--mlp_act=swiglu")
+    assert isinstance(moe.act, tg.GatedSiLU) and moe.proj_w.shape == (5, 32, 16)
+    assert moe.flops_per_token() == 2 * 4 * 32 + 2 * 3 * (32 * 32 + 32 * 16)
+    x = torch.randn(10, 32)
+    gate, up = x.chunk(2, -1)
+    torch.testing.assert_close(tg.GatedSiLU()(x), F.silu(gate) * up)
+
+
+# --- weight_init ----------------------------------------------------------------------------------------------------
+
+WEIGHT_INIT_CONFIGS = [[], ["--n_kv_heads=1"], MLA, MOE_SWIGLU, ["--mlp_act=swiglu"], ["--tie_embeddings=true"]]
+
+
+@pytest.mark.parametrize("flags", WEIGHT_INIT_CONFIGS, ids=lambda f: "+".join(x[2:] for x in f[:1] + f[3:]) or "none")
+def test_recipe_matrices_are_the_uniform_draws(flags):
+    """The matrices --weight_init=truncated redraws are exactly those drawn from the recipe's uniform(+-sqrt(3) * 0.5
+    / sqrt(fan_in)), fan_in = the last dim, in every architecture; everything else of >= 2 dims (embeddings,
+    zero-initialized projections) is left alone."""
+    model = tg.build_model(smoke_args(*flags))
+    chosen = {id(p) for p in tg.recipe_matrices(model)}
+    assert chosen
+    for name, p in model.named_parameters():
+        if p.ndim < 2:
+            continue
+        s = 0.5 * p.size(-1) ** -0.5
+        is_uniform = bool(p.abs().max() <= 3 ** 0.5 * s) and abs(p.std().item() / s - 1) < 0.1
+        assert (id(p) in chosen) == is_uniform, name
+
+
+def test_truncated_init_keeps_the_std_and_cuts_at_two_sigma():
+    flags = ["--mlp_act=swiglu", "--n_kv_heads=1"]
+    torch.manual_seed(0)
+    uniform = tg.GPT(smoke_args(*flags))
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(uniform.parameters(), tg.build_model(smoke_args(*flags)).parameters()))
+    torch.manual_seed(0)
+    model = tg.build_model(smoke_args(*flags, "--weight_init=truncated"))
+    redrawn = {id(p) for p in tg.recipe_matrices(model)}
+    assert len(redrawn) == 2 * ATTN_LAYERS + L  # GQA's q and kv, SwiGLU's merged fc (projections start at zero)
+    for (name, p), u in zip(model.named_parameters(), uniform.parameters()):
+        if id(p) not in redrawn:
+            assert torch.equal(p, u), name  # the same draw: only the recipe matrices are redrawn
+            continue
+        s = 0.5 * p.size(-1) ** -0.5  # the uniform's std, kept
+        sigma = s / tg.TRUNC2_STD  # the underlying normal, cut at 2 sigma = 2.27 s
+        assert abs(p.std().item() / s - 1) < 0.02, name
+        assert 0.97 * 2 * sigma < p.abs().max() <= 2 * sigma, name
+        tail = (p.abs() > 3 ** 0.5 * s).float().mean().item()  # beyond the uniform's bound: 8.6% expected
+        assert 0.07 < tail < 0.10, (name, tail)
+    assert abs(tg.TRUNC2_STD - 0.8796) < 1e-4  # std of N(0, 1) cut to [-2, 2]
+    z = torch.nn.init.trunc_normal_(torch.empty(10 ** 6), a=-2, b=2, generator=torch.Generator().manual_seed(0))
+    assert abs(z.std().item() - tg.TRUNC2_STD) < 2e-3
+
+
 # --- mlp_act, NEFTune, dropout, tied embeddings -------------------------------------------------------------------
 
 def test_swiglu_matches_dense_parameters_at_768_and_learned_gelu_starts_as_gelu():
@@ -380,8 +454,13 @@ def test_tied_head_shares_the_embedding_owned_by_adam_embeds():
     (["--mlp_act=silu"], "valid values: relu2, gelu, swiglu, learned_gelu"),
     (["--moe_experts=4", "--moe_balance=loss"], "valid values: aux, bias"),
     (["--moe_experts=4", "--moe_topk=5"], "valid values: 1..moe_experts=4"),
-    (["--moe_experts=4", "--kron_mlp=both"], "alternatives"),
-    (["--moe_experts=4", "--mlp_act=swiglu"], "relu2 or gelu"),
+    (["--moe_experts=4", "--ks_mlp=both"], "experts factorize only as --kron_mlp=both"),
+    (["--moe_experts=4", "--kron_mlp=fc"], "experts factorize only as --kron_mlp=both"),
+    (["--moe_experts=4", "--moe_shared=1", "--kron_mlp=both"],  # width 192: c_fc (12, 16, 16, 8)
+     "c_fc factors .* strides \\{'rank_x_m1': 12\\}.* pick --moe_hidden"),
+    (["--moe_experts=4", "--mlp_act=learned_gelu"], "relu2, gelu or swiglu"),
+    (["--moe_experts=4", "--mlp_act=swiglu", "--kron_mlp=both", "--moe_hidden=256"], "alternatives"),
+    (["--weight_init=normal"], "valid values: uniform, truncated"),
     (["--moe_experts=4", "--moe_hidden=100"], "multiples of 8"),
     (["--mlp_act=swiglu", "--kron_mlp=fc"], "alternatives"),
     (["--dropout=1"], "must be in \\[0, 1\\)"),

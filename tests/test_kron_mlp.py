@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import val_losses
-from kernels import KronLinear, kron_param_count
+from conftest import randomize_zero_matrices, val_losses
+from kernels import KronLinear, choose_kron_factors, kron_dense_weight, kron_macs_per_token, kron_param_count
 
 
 def kron_args(*extra):
@@ -83,3 +83,175 @@ def test_kron_decompose_output_feeds_init_from(tmp_path):
     report = tg.load_weights(student, tg.load_checkpoint(str(tmp_path / "kron.pt"))["model"])
     assert "missing (fresh init): none" in report and "unexpected (ignored): none" in report
     assert torch.equal(student.embed.weight, dense.embed.weight)
+
+
+# --- --kron_layers: factorize some blocks only ---------------------------------------------------------------------
+
+def test_kron_layers_factorize_only_the_listed_blocks():
+    args = kron_args("--kron_layers=1,2", "--kron_rank=2")
+    tg.check_config(args, 1)
+    model = tg.build_model(args)
+    d, h = 128, 512
+    kron = 2 * (kron_param_count(*model.blocks[1].mlp.c_fc.factors, 2) + kron_param_count(
+        *model.blocks[1].mlp.c_proj.factors, 2))  # both factors per matrix, per rank
+    per_block = [tg.count_params(b.mlp) for b in model.blocks]
+    assert per_block == [2 * d * h, kron // 2, kron // 2, 2 * d * h]
+    assert [isinstance(b.mlp.c_fc, KronLinear) for b in model.blocks] == [False, True, True, False]
+    assert [isinstance(b.mlp.c_proj, KronLinear) for b in model.blocks] == [False, True, True, False]
+    dense = tg.build_model(tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke"]))
+    assert tg.count_params(model) == tg.count_params(dense) - 2 * (2 * d * h) + kron
+    every = tg.build_model(kron_args("--kron_rank=2"))  # "" = every block, as before the flag
+    assert all(isinstance(b.mlp.c_fc, KronLinear) for b in every.blocks)
+
+
+@pytest.mark.parametrize("value,message", [("4", "names blocks \\[4\\] outside 0..3"),
+                                           ("0,-1", "names blocks \\[-1\\] outside 0..3"),
+                                           ("1;2", "expected comma-separated block indices")])
+def test_bad_kron_layers_name_the_fix(value, message):
+    with pytest.raises(SystemExit, match=message):
+        tg.check_config(kron_args(f"--kron_layers={value}"), 1)
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", "--kron_layers=1"])
+    assert any("--kron_layers" in w for w in tg.meaningless_flags(args))  # no effect without --kron_mlp
+
+
+# --- mixture of Kronecker experts (--moe_experts with --kron_mlp=both) ---------------------------------------------
+
+def loop_over_experts(layer, x, offsets):
+    """Each expert's segment of rows times its dense W_e = sum_i A_ei (x) B_ei."""
+    out, start = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        out.append(x[start:end] @ kron_dense_weight(layer.A[e], layer.B[e]).T)
+        start = end
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("factors", [(8, 16, 16, 8), (16, 8, 8, 16)])
+def test_grouped_kron_linear_equals_a_loop_over_experts(factors):
+    """Both contraction orders, rank 2, an empty expert segment; forward and every gradient."""
+    torch.manual_seed(0)
+    m1, k1, m2, k2 = factors
+    layer = tg.GroupedKronLinear(4, k1 * k2, m1 * m2, rank=2, factors=factors)
+    assert layer.A.shape == (4, 2, m1, k1) and layer.B.shape == (4, 2, m2, k2)
+    offsets = torch.tensor([5, 5, 12, 20], dtype=torch.int32)  # expert 1 gets no rows
+    x = torch.randn(20, k1 * k2, requires_grad=True)
+    y = layer(x, offsets)
+    ref = loop_over_experts(layer, x, offsets)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(y)
+    grads = torch.autograd.grad((y * w).sum(), (x, layer.A, layer.B))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (x, layer.A, layer.B))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert tg.kron_contracts_k1_first(*factors) == (factors == (8, 16, 16, 8))  # the two orders
+    assert layer.macs_per_token() == kron_macs_per_token(*factors, 2)
+
+
+@pytest.mark.parametrize("factors", [(8, 16, 16, 16), (16, 8, 8, 16), (8, 16, 16, 12), (12, 16, 16, 8)])
+def test_grouped_mm_stride_rule_is_what_torch_checks(factors):
+    """check_config's rule (grouped_kron_strides all multiples of 8) is exactly when the compiled forward and backward
+    pass torch._grouped_mm's stride checks (its meta function enforces the GPU's 16-byte rule on any device)."""
+    m1, k1, m2, k2 = factors
+    layer = tg.GroupedKronLinear(4, k1 * k2, m1 * m2, 1, factors).bfloat16()
+    x = torch.randn(512, k1 * k2, dtype=torch.bfloat16, requires_grad=True)
+    offsets = torch.tensor([100, 100, 300, 512], dtype=torch.int32)
+    torch._dynamo.reset()
+    aligned = all(v % 8 == 0 for v in tg.grouped_kron_strides(factors, 1).values())
+    try:
+        torch.compile(layer, fullgraph=True, dynamic=False)(x, offsets).float().sum().backward()
+        compiled = True
+    except Exception as e:
+        assert "multiple of 16 bytes" in str(e)
+        compiled = False
+    assert compiled == aligned == (factors[3] != 12 and factors[0] != 12)
+
+
+KRON_MOE = ["--moe_experts=4", "--moe_topk=2", "--moe_shared=1", "--moe_hidden=256", "--kron_mlp=both"]
+
+
+def test_kron_experts_equal_a_token_by_token_loop():
+    torch.manual_seed(0)
+    args = kron_args(*KRON_MOE, "--kron_rank=2")
+    tg.check_config(args, 1)
+    moe = tg.build_mlp(args)
+    assert type(moe) is tg.KronMoE and not hasattr(moe, "fc_w")
+    assert tg.kron_contracts_k1_first(*moe.c_proj.factors) != tg.kron_contracts_k1_first(*moe.c_fc.factors)
+    assert moe.c_proj.B.abs().sum() == 0 and moe.c_proj.A.abs().sum() > 0  # zero-init like KronLinear's c_proj
+    with torch.no_grad():
+        moe.c_proj.B.normal_(0, 0.2)
+        moe.router.weight.normal_(0, 0.5)
+    x = torch.randn(40, 128)
+    y = moe(x)
+    probs = torch.softmax(x @ moe.router.weight.T, -1)
+    w_fc = [kron_dense_weight(a, b) for a, b in zip(moe.c_fc.A, moe.c_fc.B)]
+    w_proj = [kron_dense_weight(a, b) for a, b in zip(moe.c_proj.A, moe.c_proj.B)]
+    ref = torch.zeros_like(x)
+    for n in range(len(x)):
+        top = torch.topk(probs[n], 2).indices.tolist()
+        for e, g in [(e, probs[n, e]) for e in top] + [(4, 1.0)]:
+            ref[n] += g * (w_proj[e] @ torch.relu(w_fc[e] @ x[n]).square())
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    (y * ref.detach()).sum().backward()  # gradients reach every expert's factors and the router
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.parameters())
+
+
+def test_kron_experts_in_the_model_count_route_and_stay_causal():
+    args = kron_args(*KRON_MOE)
+    tg.check_config(args, 1)
+    torch.manual_seed(0)
+    model = tg.build_model(args)
+    moe = model.blocks[0].mlp
+    assert model.moe_layers == [b.mlp for b in model.blocks] and isinstance(moe, tg.KronMoE)
+    fc, proj = choose_kron_factors(128, 256), choose_kron_factors(256, 128)
+    assert moe.c_fc.factors == fc and moe.c_proj.factors == proj
+    per_block = 4 * 128 + 5 * (kron_param_count(*fc) + kron_param_count(*proj))  # router + 5 experts
+    dense = tg.build_model(tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke"]))
+    assert tg.count_params(model) == tg.count_params(dense) + 4 * (per_block - 2 * 128 * 512)
+    assert moe.flops_per_token() == 2 * 4 * 128 + 2 * 3 * (kron_macs_per_token(*fc) + kron_macs_per_token(*proj))
+    assert "mlp KronMoE x4, 4 experts top-2 + 1 shared of width 256" in tg.describe_model(model, args)
+    adam, muon = tg.build_optimizers(model, args)  # --kron_optimizer=adam: the expert factors too
+    factors = {id(p) for b in model.blocks for m in (b.mlp.c_fc, b.mlp.c_proj) for p in (m.A, m.B)}
+    assert factors == {id(p) for p in adam.param_groups[-1]["params"]}
+    assert not factors & {id(p) for g in muon.param_groups for p in g["params"]}
+    randomize_zero_matrices(model).eval()
+    x = torch.randint(0, 50000, (256,), generator=torch.Generator().manual_seed(0))
+    changed = x.clone()
+    changed[200:] = torch.randint(0, 50000, (56,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model(x), model(changed)
+    torch.testing.assert_close(a[:200], b[:200])
+    assert not torch.allclose(a[200:], b[200:])
+
+
+def test_kron_factors_flag_sizes_the_experts():
+    args = kron_args(*KRON_MOE, "--kron_factors=16,8,16,16;8,16,16,16")  # 128 -> 256 and 256 -> 128
+    tg.check_config(args, 1)
+    moe = tg.build_mlp(args)
+    assert moe.c_fc.factors == (16, 8, 16, 16) and moe.c_proj.factors == (8, 16, 16, 16)
+    with pytest.raises(SystemExit, match="need m1\\*m2=256"):  # the expert width, not mlp_ratio * model_dim
+        tg.check_config(kron_args(*KRON_MOE, "--kron_factors=16,8,32,16;8,16,16,32"), 1)
+
+
+@pytest.mark.slow
+def test_compiled_kron_experts_equal_eager():
+    """One graph for routing + both grouped Kronecker matrices, forward and backward, in the GPU's bf16."""
+    torch.manual_seed(0)
+    moe = randomize_zero_matrices(tg.build_mlp(kron_args(*KRON_MOE, "--kron_rank=2"))).bfloat16()
+    x = torch.randn(512, 128, dtype=torch.bfloat16)
+    ref = moe(x)
+    torch._dynamo.reset()
+    out = torch.compile(moe, fullgraph=True, dynamic=False)(x)
+    assert (out.float() - ref.float()).abs().max() < 0.01  # measured 0.0005
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in moe.parameters())
+
+
+@pytest.mark.slow
+def test_smoke_trains_with_kron_experts(shakespeare_shards, tmp_path, capsys):
+    train, val = shakespeare_shards
+    code = tg.main(["--preset=smoke", *KRON_MOE, "--kron_layers=0,3", f"--train_files={train}",
+                    f"--val_files={val}", f"--records_dir={tmp_path}", "--num_iterations=8", "--val_every=4",
+                    "--micro_batches=1", "--val_tokens=2048"])
+    out = capsys.readouterr().out
+    vals = val_losses(out)
+    assert code == 0 and "mlp KronMoE, MoE x4" in out and "moe_load_min_max:" in out
+    assert vals[-1] < vals[0] - 2.5, vals

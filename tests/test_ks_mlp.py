@@ -54,3 +54,25 @@ def test_smoke_trains_with_ks_mlp_both(shakespeare_shards, tmp_path, capsys):
                     f"--records_dir={tmp_path}", "--num_iterations=8", "--val_every=4"])
     vals = val_losses(capsys.readouterr().out)
     assert code == 0 and vals[0] > 10.5 and vals[-1] < vals[0] - 2.5, vals
+
+
+def test_ks_layers_factorize_only_the_listed_blocks():
+    args = ks_args("--ks_layers=0,3")
+    tg.check_config(args, 1)
+    model = tg.build_model(args)
+    chain = ks_param_count(tg.ks_patterns(args, 512, 128)) + ks_param_count(tg.ks_patterns(args, 128, 512))
+    assert [tg.count_params(b.mlp) for b in model.blocks] == [chain, 2 * 128 * 512, 2 * 128 * 512, chain]
+    assert [isinstance(b.mlp.c_fc, KSLinear) for b in model.blocks] == [True, False, False, True]
+    with pytest.raises(SystemExit, match="--ks_layers names blocks \\[7\\] outside 0..3"):
+        tg.check_config(ks_args("--ks_layers=2,7"), 1)
+    with pytest.raises(SystemExit, match="expected comma-separated block indices"):
+        tg.check_config(ks_args("--ks_layers=last"), 1)
+
+
+def test_kron_and_ks_may_share_a_matrix_in_different_blocks():
+    args = ks_args("--ks_layers=2,3", "--kron_mlp=both", "--kron_layers=0,1")
+    tg.check_config(args, 1)
+    model = tg.build_model(args)
+    assert [type(b.mlp.c_proj).__name__ for b in model.blocks] == ["KronLinear", "KronLinear", "KSLinear", "KSLinear"]
+    with pytest.raises(SystemExit, match="claim the same MLP matrix in blocks \\[1\\]"):
+        tg.check_config(ks_args("--ks_layers=1,2", "--kron_mlp=proj", "--kron_layers=0,1"), 1)

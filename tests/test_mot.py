@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import smoke_model, val_losses
+from conftest import randomize_zero_matrices, smoke_model, val_losses
 
 tiktoken = pytest.importorskip("tiktoken")
 S = 16
@@ -90,6 +90,21 @@ def test_pull_left_never_crosses_eot(table):
 def test_mot_is_causal(mode, pull_left):
     # zero-initialized projections (the byte path's output, the head) would hide any leak
     model = smoke_model("--mot=" + mode, f"--mot_pull_left={pull_left}", "--mot_self_window=8", std=0.1).eval()
+    assert_causal_and_byte_dependent(model)
+
+
+@pytest.mark.parametrize("flags", ["--mot=cross --char_dim=0", "--mot=cross+self --char_dim=0 --mot_heads=2",
+                                   "--mot=cross+self --mot_self_pool=2",
+                                   "--mot=cross+self --mot_self_pool=4 --mot_pull_left=True"])
+def test_char_dim_zero_and_self_pool_are_causal(flags):
+    model = smoke_model(*flags.split(), "--mot_self_window=8", std=0.1).eval()
+    with torch.no_grad():
+        model.mot.mix.fill_(1.0)  # --char_dim=0 starts with b = 0, which would hide the bytes
+    assert_causal_and_byte_dependent(model)
+
+
+def assert_causal_and_byte_dependent(model):
+    """Tokens after t never change the byte path or the logits up to t; every position's logits use its bytes."""
     inputs = torch.randint(0, 50256, (256,))
     inputs[[0, 70, 150]] = tg.EOT_TOKEN
     changed = inputs.clone()
@@ -159,12 +174,106 @@ def test_check_config_names_valid_values():
     for bad, msg in (("--mot=self", "valid values: off, cross, cross\\+self"),
                      ("--char_dim=30", "multiple of --mot_heads"),
                      ("--mot=cross+self --bytes_per_token=2097152", "overflows int32"),  # 1024 x 2^21 = 2^31
-                     ("--mot=cross+self --mot_self_window=0", "must be >= 1")):
+                     ("--mot=cross+self --mot_self_window=0", "must be >= 1"),
+                     ("--mot=cross+self --mot_self_pool=3", "must divide --bytes_per_token=16 .*; valid values: 1, "
+                                                            "2, 4, 8, 16"),
+                     ("--char_dim=0 --mot_heads=3", "byte width 128; 0 = model_dim\\) must be a positive multiple of "
+                                                    "--mot_heads=3")):
         with pytest.raises(SystemExit, match=msg):
             tg.check_config(mot_args(*bad.split()), 1)
 
 
-@pytest.mark.parametrize("flags", ["--mot=cross", "--mot=cross+self --mot_pull_left=True --bytes_per_token=4"])
+def test_char_dim_zero_is_model_width_without_q_and_proj():
+    D = 128
+    base = tg.build_model(tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke"]))
+    args = mot_args("--char_dim=0")
+    tg.check_config(args, 1)
+    model = tg.build_model(args)
+    mot = model.mot
+    assert isinstance(mot.q, torch.nn.Identity) and isinstance(mot.proj, torch.nn.Identity)
+    assert mot.char_embed.weight.shape == (tg.BYTE_VOCAB, D) and mot.kv.weight.shape == (2 * D, D)
+    assert tg.count_params(model) - tg.count_params(base) == tg.BYTE_VOCAB * D + S * D + 2 * D * D + 2
+    assert mot.flops_per_token(512) == 2 * S * 2 * D * D + 4 * S * D  # keys/values and the attention only
+    inputs = torch.randint(0, 50256, (128,), generator=torch.Generator().manual_seed(0))
+    tok = model.embed(inputs)[None]
+    out = mot(tok, inputs)
+    assert torch.equal(out, tok)  # b = 0 at init: step 0 is the baseline
+    b_grad, kv_grad = torch.autograd.grad((out * torch.randn_like(out)).sum(), (mot.mix, mot.kv.weight))
+    assert b_grad[1] != 0 and kv_grad.abs().sum() == 0  # b moves first, then the byte path trains
+    self_args = mot_args("--mot=cross+self", "--char_dim=0")
+    assert tg.build_char_mixing(self_args).qkv.weight.shape == (3 * D, D)  # the self-attention keeps its matrices
+
+
+def test_self_pool_one_is_todays_byte_self_attention():
+    assert type(tg.build_char_mixing(mot_args("--mot=cross+self", "--mot_self_pool=1"))) is tg.CharSelfAttention
+    # the pooled module's math at K = 1 with unit order scales is today's module, bit for bit
+    args = mot_args("--mot=cross+self", "--bytes_per_token=4", "--mot_self_pool=1")
+    torch.manual_seed(0)
+    plain = randomize_zero_matrices(tg.CharSelfAttention(args))
+    pooled = tg.PooledCharSelfAttention(args)
+    pooled.load_state_dict({**plain.state_dict(), "order": torch.ones(128)})
+    inputs = torch.randint(0, 50256, (128,), generator=torch.Generator().manual_seed(0))
+    inputs[[0, 60]] = tg.EOT_TOKEN
+    chars = torch.randn(128, 4, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = plain(chars, inputs)
+        assert torch.equal(pooled(chars, inputs), want) and (want - chars).abs().max() > 0.01
+
+
+def test_self_pool_shortens_the_stream_and_keeps_byte_order(monkeypatch):
+    args = mot_args("--mot=cross+self", "--bytes_per_token=8", "--mot_self_pool=4")
+    tg.check_config(args, 1)
+    torch.manual_seed(0)
+    attn = randomize_zero_matrices(tg.PooledCharSelfAttention(args))
+    assert attn.positions_per_token == 2 and attn.order.shape == (4 * 128,)
+    inputs = torch.randint(0, 50256, (128,), generator=torch.Generator().manual_seed(0))
+    inputs[[0, 50, 51, 127]] = tg.EOT_TOKEN
+    chars = torch.randn(128, 8, 128, generator=torch.Generator().manual_seed(1))
+    seen = []
+    dense = tg.dense_attention_mask
+    monkeypatch.setattr(tg, "dense_attention_mask", lambda x, w, docs, **kw: seen.append(docs) or dense(x, w, docs))
+    with torch.no_grad():
+        branch = attn(chars, inputs) - chars
+        swapped = chars.clone()
+        swapped[90, [0, 1]] = chars[90, [1, 0]]  # two bytes of one group trade places
+        moved = attn(swapped, inputs) - swapped
+        attn.order.fill_(1.0)  # equal scales: the sum forgets the order, as an added per-slot vector would
+        same = attn(swapped, inputs) - swapped, attn(chars, inputs) - chars
+    assert torch.equal(seen[0], tg.document_ids(inputs).repeat_interleave(2))  # K x shorter stream, token's docs
+    torch.testing.assert_close(branch[:, 0], branch[:, 3])  # a group's output goes to each of its K bytes
+    assert not torch.allclose(branch[:, 3], branch[:, 4], atol=1e-4)
+    assert not torch.allclose(moved[90], branch[90], atol=1e-4)  # the learned per-slot scales see the order
+    torch.testing.assert_close(*same)
+    torch.testing.assert_close(moved[:90], branch[:90])  # and nothing earlier sees the swap
+
+
+def test_self_pool_flops_per_token():
+    """Per token: S / K positions, each over a window of mot_self_window * S / K positions (to 128s): matrix FLOPs
+    fall K-fold, score FLOPs about K^2-fold; describe_model adds them to the total."""
+    C, seq_len, flops = 128, 512, {}
+    for K in (1, 2, 4):
+        args = mot_args("--mot=cross+self", f"--mot_self_pool={K}")
+        tg.check_config(args, 1)
+        P = S // K
+        window_blocks = -(-64 * P // 128)
+        context = min(seq_len * P, window_blocks * 128 - 64)
+        flops[K] = tg.build_char_mixing(args).flops_per_token(seq_len)
+        assert flops[K] == P * (2 * 4 * C * C + 4 * context * C)
+    assert flops[1] > 3 * flops[2] > 9 * flops[4]
+    pooled_args = mot_args("--mot=cross+self", "--mot_self_pool=2")
+    model = tg.build_model(pooled_args)
+    cross = 2 * 128 * C + 2 * S * 2 * C * C + 4 * S * C + 2 * C * 128  # q, keys/values, attention, proj
+    assert model.mot.flops_per_token(seq_len) == cross + flops[2]
+    flops_line = tg.describe_model(model, pooled_args).splitlines()[-1]
+    assert flops_line.startswith("forward FLOPs/token") and f"+ mot {(cross + flops[2]) / 1e6:.1f}M" in flops_line
+    smoke = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke"])
+    assert "+ mot" not in tg.describe_model(tg.build_model(smoke), smoke)
+    assert any("--mot_self_pool" in w for w in tg.meaningless_flags(mot_args("--mot_self_pool=2")))  # cross only
+
+
+@pytest.mark.parametrize("flags", ["--mot=cross", "--mot=cross+self --mot_pull_left=True --bytes_per_token=4",
+                                   pytest.param("--mot=cross+self --mot_self_pool=4 --char_dim=0 --bytes_per_token=8",
+                                                marks=pytest.mark.slow)])
 def test_smoke_trains_with_mot(shakespeare_shards, tmp_path, capsys, flags):
     train, val = shakespeare_shards
     code = tg.main(["--preset=smoke", *flags.split(), f"--train_files={train}", f"--val_files={val}",

@@ -102,3 +102,27 @@ def test_cpu_runs_go_to_the_ignored_local_tree():
     args.track = "local"
     assert tg.record_folder(args, torch.device("cpu")) == Path("r/local")
     assert "records/local/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_four_processes_on_two_nodes_equal_one_process(shakespeare_shards, tmp_path):
+    """run.sh's several-node launch (torchrun, c10d rendezvous at MASTER_ADDR:MASTER_PORT) with two "nodes" of two
+    gloo processes each on localhost: the same final loss as one process with 4-way accumulation."""
+    import socket
+    train, val = shakespeare_shards
+    common = ["--preset=smoke", f"--train_files={train}", f"--val_files={val}", "--num_iterations=2",
+              "--val_every=0", "--micro_batches=4"]
+    one = summary_of(run([sys.executable, "train_gpt.py", *common, f"--records_dir={tmp_path / 'one'}"], steps=2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=2",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{uuid.uuid4().hex[:8]}",
+         "train_gpt.py", *common, f"--records_dir={tmp_path / 'four'}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    outs = [node.communicate(timeout=900) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outs[0][1][-3000:] + outs[1][1][-3000:]
+    four = summary_of(next(out for out, _ in outs if "summary: " in out))
+    assert four["world_size"] == 4
+    assert four["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-4)
