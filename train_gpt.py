@@ -54,7 +54,7 @@ class Hyperparameters:
     micro_batches: int = 8  # sequences per optimizer step; each rank runs micro_batches / world_size of them
     # model
     vocab_size: int = 50257  # GPT-2 vocabulary; the head is padded to a multiple of 128
-    num_layers: int = 12  # transformer blocks (even: the U-net pairs block i with block num_layers-1-i)
+    num_layers: int = 12  # transformer blocks (even for the U-net, which pairs block i with num_layers-1-i)
     model_dim: int = 768  # residual stream width
     num_heads: int = 6  # head dim = model_dim / num_heads
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * model_dim
@@ -62,7 +62,7 @@ class Hyperparameters:
     no_attn_layers: str = "7"  # comma-separated block indices that have no attention ("" = none)
     attn_scale: float = 0.12  # fixed softmax scale (q and k are RMS-normed)
     rope: str = "half"  # half: half the head dims rotated, frequencies 1..1/1024 | canonical: all dims, base 10000
-    window_pattern: str = "LSSSLS"  # Long/Short window per block for the first half; the second half mirrors it
+    window_pattern: str = "LSSSLS"  # Long/Short window per block for the first half, mirrored (or every block)
     window_schedule_tokens: int = 1728  # long window at step s of S: this * s / S rounded up to a multiple of 128
     # Kronecker-factorized MLP (kernels.KronLinear): W = sum_{i<r} A_i (x) B_i, never materialized
     kron_mlp: str = "off"  # off | fc | proj | both: which MLP matrices become Kronecker sums
@@ -114,6 +114,18 @@ class Hyperparameters:
     ve_gate: bool = False  # value embeddings times 2 sigmoid(w_h . [h[:6], ve[:6]]) per head (w 0: gate 1)
     xsa_layers: str = ""  # blocks whose heads remove tanh(alpha_h) of their output's projection on v (alpha 0)
     bigram_rows: int = 0  # hashed bigram embedding table rows (0 = off; recipe 377,280), added to x0 times g = 0.05
+    paired_head_layers: str = ""  # blocks whose heads 2j, 2j+1 attend as one interleaved 2T sequence (r58; "" = off)
+    # the recipe's shape (frontier recipe 3.1-3.3): which blocks read which tables and skips, and the inits
+    value_embed_layers: str = ""  # blocks reading value-embedding tables 0, 1, ... in order ("" = first/last nve)
+    skip_pairs: str = ""  # skips "src:dst,...": dst's input += w * src's output ("" = U-net, block i -> L-1-i)
+    backout_layer: int = -1  # x += lam * (output of this block) before the final norm, lam init -0.5 (-1 = off)
+    attn_proj_init: str = "zero"  # zero | uniform: attention output projections' init (frontier r64: uniform)
+    value_embed_std: float = 1.0  # std of the value-embedding tables' normal init (frontier: 0.01)
+    head_init_std: float = 0.0  # lm_head init: 0 = zeros (#21), else normal with this std (frontier: 0.005)
+    # the recipe's training objective and head (frontier recipe 3.2, 3.7); validation stays next-token CE
+    untie_step: int = 0  # embedding tied to the head's rows through Adam's update at this step, then its own (0: never)
+    mtp_weights: str = ""  # multi-token loss weights per stage "1,0.5,0.25-0;1,0.5-0;1" (targets t+1, t+2, ...)
+    prefix_weights: str = ""  # prefix-token loss weight per stage "0.25;0.25-0;0" (a-b: linear over the stage)
     # optimization
     num_iterations: int = 1770  # optimizer steps
     cooldown_frac: float = 0.4  # fraction of steps spent decaying the LR linearly
@@ -135,6 +147,7 @@ class Hyperparameters:
     muon_wd: float = 0.0  # cautious weight decay for Muon: W -= muon_wd * lr * eta * W where update and W agree
     muon_proj_lr_mult: float = 1.0  # extra Muon LR factor for the MLP output projections (c_proj)
     muon_momentum_cooldown_steps: int = 0  # over the last N steps momentum returns linearly to muon_momentum_start
+    muon_qk_pairs: bool = False  # Muon orthogonalizes Q and K per head pair ((2 head_dim) x dim slices; r80)
     value_embed_lr: float = 0.0  # Adam LR of the value embeddings (0 = embed_lr)
     adam_group_betas: str = ""  # per Adam group betas "head=0.5/0.95,embed=...,value_embeds=...,scalars=..."
     adam_wd: float = 0.0  # cautious Adam weight decay when > 0: W -= lr^2 * adam_wd * group_wd * W where update*W > 0
@@ -153,6 +166,7 @@ class Hyperparameters:
     compile: bool = True  # torch.compile the model (ignored on CPU, where inductor would only slow tests down)
     warmup_steps: int = 10  # untimed compile warm-up steps on random tokens; model and optimizers reset after
     fp8_head: bool = True  # FP8 lm_head matmul in training where the GPU supports it (compute capability >= 8.9)
+    fp8_mlp: bool = False  # relu^2 MLP matmuls in FP8 (delayed scaling) in training where the GPU supports FP8
     seed: int = 0  # model init (identical on every rank); the data order is fixed and never shuffled
     # checkpoints (one format: weights, optimizer states, step, flags, code, data position; see save_checkpoint)
     save_every: int = 0  # write a checkpoint every N steps next to the record file (0 = never)
@@ -194,20 +208,32 @@ FRONTIER = dict(
     # 768x3072, the recipe's 3072x768, so the 4x is all muon_proj_lr_mult)
     muon_ns="polar_express", normuon_beta2=0.9, muon_wd=1.2, muon_lr=0.023, muon_proj_lr_mult=4.0,
     muon_momentum_cooldown_steps=50,
-    # section 2.2: per-group Adam; our embedding is untied and starts random, so it takes the value embeddings'
-    # settings rather than the tied head's (0.008) until tie/untie lands (Frontier II)
-    head_lr=0.008, embed_lr=0.6, value_embed_lr=0.6, scalar_lr=0.04, adam_every=2, adam_wd=0.005,
-    adam_group_betas="head=0.5/0.95,embed=0.75/0.95,value_embeds=0.75/0.95,scalars=0.9/0.99",
-    adam_group_wd="head=150,embed=5,value_embeds=5,scalars=0",
+    # section 2.2: per-group Adam; the embedding is tied to the head until step 847 (3.2) and then trains with
+    # the head's settings; the bigram table is in the value embeddings' group
+    head_lr=0.008, embed_lr=0.008, value_embed_lr=0.6, scalar_lr=0.04, adam_every=2, adam_wd=0.005,
+    adam_group_betas="head=0.5/0.95,embed=0.5/0.95,value_embeds=0.75/0.95,scalars=0.9/0.99",
+    adam_group_wd="head=150,embed=150,value_embeds=5,scalars=0",
     softcap="frontier", run_name="frontier",
-    # sections 3.2-3.4, the model half (Frontier II). The recipe's 11 layers are our 12 without block 0 (r30/r35
-    # dropped #21's first layer), so its layer i is our block i + 1 (its attention-free 6 is our 7). Smear (r34);
-    # sparse attention gate on every attention layer (r28); key offset on the long-window layers (the recipe's 3
-    # and 10 = our 4 and 11, plus our block 0, the layer the recipe dropped); x-lambda init 1.1 (r45); VE gates on
-    # every layer with a value embedding (r55/r70); XSA's static form on r82's layers 1,3,4,7,8,10 = our
-    # 2,4,5,8,9,11; bigram hash table of 7.5 x 50,304 rows with signs (r62/r83), added once at the input.
-    smear=True, attn_gate=True, key_offset=True, resid_lambda_init=1.1, ve_gate=True, xsa_layers="2,4,5,8,9,11",
+    # sections 3.1-3.4, the model half (Frontier II), in the recipe's 11-layer shape (r30/r35 dropped #21's first
+    # layer): no attention in block 6, long windows on 3 and 10, five value-embedding tables read by blocks 1, 2
+    # and 8, 9, 10 (r63/r70), one sigmoid-gated skip 3 -> 6 (r32/r45), backout of block 7's output (r40),
+    # attention output projections uniform (r64), head N(0, 0.005^2) (r51). Smear (r34); sparse attention gate on
+    # every attention layer (r28's form); key offset on the long-window layers 3 and 10 (r49); x-lambda init 1.1
+    # (r45); VE gates on the value-embedding layers (r55/r70); XSA's static form on r82's layers 1,3,4,7,8,10;
+    # bigram hash table of 7.5 x 50,304 rows with signs (r62/r83), added once at the input.
+    num_layers=11, no_attn_layers="6", window_pattern="SSSLSSSSSSL", num_value_embeds=5,
+    value_embed_layers="1,2,8,9,10", value_embed_std=0.01, skip_pairs="3:6", skip_gate=True, backout_layer=7,
+    attn_proj_init="uniform", head_init_std=0.005,
+    # sections 3.2 and 3.7: embedding tied to the head through step 847 (r51, the first stage-3 step, odd so that
+    # Adam updates at it); multi-token prediction (r53) and the prefix-token loss (r88) with the stage weights of 1.2
+    untie_step=847, mtp_weights="1,0.5,0.25-0;1,0.5-0;1", prefix_weights="0.25;0.25-0;0",
+    smear=True, attn_gate=True, key_offset=True, resid_lambda_init=1.1, ve_gate=True, xsa_layers="1,3,4,7,8,10",
     bigram_rows=377_280,
+    # paired-head attention on the recipe's layers 0, 2, 5, 9 (r58; none of them has XSA) and Muon on Q and K per
+    # head pair (r80, section 2.1 item 7)
+    paired_head_layers="0,2,5,9", muon_qk_pairs=True,
+    # section 3.6: FP8 MLP matmuls (r84 up, r89 down with delayed scaling); acts only on GPUs with FP8
+    fp8_mlp=True,
 )
 
 PRESETS = {
@@ -219,9 +245,14 @@ PRESETS = {
         stages="256:256:1-1:1.0,512:384:1-3:1.52,768:512:2-4:1.73", num_iterations=30, extension_steps=3,
         extension_window="2-5", val_window="3-6", val_every=10, muon_momentum_warmup_steps=10,
         muon_momentum_cooldown_steps=5, run_name="frontier_smoke",
-        # the smoke model's 4 blocks have attention in 0, 1, 3: XSA on the two after the first; a bigram table
-        # sized for the ~40k tokens a smoke run reads (the recipe's 377,280 x 128 would be 48M parameters)
-        xsa_layers="1,3", bigram_rows=8192)},
+        # the smoke model's 4 blocks have attention in 0, 1, 3 (windows L S S L): its one value-embedding table
+        # in block 1, the gated skip into the attention-free block 2 (the recipe's 3 -> 6), backout of block 2;
+        # XSA on the two after the first; a bigram table sized for the ~40k tokens a smoke run reads (the
+        # recipe's 377,280 x 128 would be 48M parameters)
+        value_embed_layers="1", skip_pairs="1:2", backout_layer=2, xsa_layers="1,3", bigram_rows=8192,
+        paired_head_layers="0",  # the first attention block (no XSA); its 2 heads are one pair, so per-pair
+        # Muon (inherited) orthogonalizes the same matrices as whole Q and K here
+        untie_step=21)},  # the first odd step of stage 3 (steps 20-29)
 }
 
 
@@ -298,10 +329,12 @@ def check_config(args: Hyperparameters, world_size: int):
     if args.micro_batches % world_size:
         fail(f"world size {world_size} does not divide micro_batches={args.micro_batches} (the global batch is "
              f"micro_batches x seq_len tokens); valid world sizes: {', '.join(map(str, valid_ws))}")
-    if args.num_layers < 2 or args.num_layers % 2:
-        fail(f"num_layers={args.num_layers} must be even and >= 2 (U-net skips pair block i with block L-1-i)")
-    if 2 * args.num_value_embeds > args.num_layers:
-        fail(f"num_value_embeds={args.num_value_embeds} needs 2*num_value_embeds <= num_layers={args.num_layers}")
+    if args.num_layers < 2 or (args.num_layers % 2 and not args.skip_pairs):
+        fail(f"num_layers={args.num_layers} must be even and >= 2 (U-net skips pair block i with block L-1-i); "
+             f"an odd depth needs its skips listed: --skip_pairs=src:dst,...")
+    if 2 * args.num_value_embeds > args.num_layers and not args.value_embed_layers:
+        fail(f"num_value_embeds={args.num_value_embeds} needs 2*num_value_embeds <= num_layers={args.num_layers} "
+             f"(or --value_embed_layers naming one block per table)")
     if args.model_dim % args.num_heads or (args.model_dim // args.num_heads) % 4:
         fail(f"model_dim={args.model_dim} / num_heads={args.num_heads} must be an integer head dim divisible by 4")
     for name in ("seq_len", "val_seq_len"):
@@ -310,9 +343,10 @@ def check_config(args: Hyperparameters, world_size: int):
     if args.val_tokens % (world_size * args.val_seq_len):
         fail(f"val_tokens={args.val_tokens} must be a multiple of world_size x val_seq_len = "
              f"{world_size * args.val_seq_len}")
-    if len(args.window_pattern) < args.num_layers // 2 or set(args.window_pattern) - set("LS"):
-        fail(f"window_pattern={args.window_pattern!r} needs at least num_layers/2={args.num_layers // 2} "
-             f"letters from L (long) and S (short)")
+    if (len(args.window_pattern) < args.num_layers // 2 or set(args.window_pattern) - set("LS")
+            or (args.num_layers % 2 and len(args.window_pattern) != args.num_layers)):
+        fail(f"window_pattern={args.window_pattern!r} needs num_layers/2={args.num_layers // 2} letters (mirrored; "
+             f"an even depth only) or num_layers={args.num_layers} (one per block) from L (long) and S (short)")
     bad = [i for i in parse_layer_list(args.no_attn_layers) if not 0 <= i < args.num_layers]
     if bad:
         fail(f"no_attn_layers names blocks {bad} outside 0..{args.num_layers - 1}")
@@ -334,6 +368,8 @@ def check_config(args: Hyperparameters, world_size: int):
                  f"after the run's {total_steps(args)} steps; lower it or list fewer --kron_layers")
     check_mot(args, fail)
     check_frontier_model(args, fail)
+    check_model_shape(args, fail)
+    check_objective(args, fail)
     check_schedule(args, fail)
     for name, valid in dict(ks_mlp=("off", "fc", "proj", "both"), ks_chain=("monarch", "butterfly"),
                             ks_impl=KS_IMPLS).items():
@@ -536,6 +572,15 @@ def check_architecture(args: Hyperparameters, fail):
             fail(f"--moe_experts needs torch._grouped_mm (torch >= 2.8); this is torch {torch.__version__}")
     if args.mlp_act == "swiglu" and mlp_factorized:
         fail("--mlp_act=swiglu and --kron_mlp/--ks_mlp are alternatives (SwiGLU has its own merged weights)")
+    if args.fp8_mlp:
+        other = [f"--{k}={v}" for k, v in (("mlp_act", args.mlp_act), ("kron_mlp", args.kron_mlp),
+                                             ("ks_mlp", args.ks_mlp), ("moe_experts", args.moe_experts))
+                 if v != dict(mlp_act="relu2", kron_mlp="off", ks_mlp="off", moe_experts=0)[k]]
+        if other:
+            fail(f"--fp8_mlp runs the dense relu^2 MLP in FP8, not {' '.join(other)}; drop those flags or pass "
+                 f"--fp8_mlp=false")
+        if args.model_dim % 16:
+            fail(f"--fp8_mlp needs model_dim a multiple of 16 (torch._scaled_mm); model_dim={args.model_dim}")
     if args.neftune_alpha < 0:
         fail(f"--neftune_alpha={args.neftune_alpha} must be >= 0 (0 = off)")
     if not 0 <= args.dropout < 1:
@@ -582,6 +627,108 @@ def check_frontier_model(args: Hyperparameters, fail):
     if args.bigram_rows < 0 or args.bigram_rows == 1:
         fail(f"--bigram_rows={args.bigram_rows} must be 0 (off) or >= 2 (hashes take rows - 1 values, plus the "
              f"row of position 0)")
+    check_paired_heads(args, attention, xsa, fail)
+
+
+def check_paired_heads(args: Hyperparameters, attention: set, xsa: list, fail):
+    """--paired_head_layers and --muon_qk_pairs: both pair heads 2j, 2j+1, so the heads (and GQA's K/V heads) must
+    come in pairs of multi-head or grouped-query attention; a paired block has no XSA (the recipe's r58)."""
+    try:
+        paired = set(parse_layer_list(args.paired_head_layers))
+    except ValueError:
+        fail(f"--paired_head_layers={args.paired_head_layers!r}: expected comma-separated block indices such as "
+             f"'0,2,5,9'")
+    bad = sorted(paired - attention)
+    if bad:
+        fail(f"--paired_head_layers names blocks {bad} without attention; blocks with attention: "
+             f"{','.join(map(str, sorted(attention)))}")
+    for flag, on in (("--paired_head_layers", bool(paired)), ("--muon_qk_pairs", args.muon_qk_pairs)):
+        if not on:
+            continue
+        if args.mla_kv_rank > 0:
+            fail(f"{flag} pairs the heads of multi-head or grouped-query attention; MLA (--mla_kv_rank > 0) has "
+                 f"no per-head q/k to pair (keep mla_kv_rank=0 or drop {flag})")
+        if args.num_heads % 2:
+            fail(f"{flag} pairs heads 2j, 2j+1; num_heads={args.num_heads} is odd (use an even --num_heads)")
+        if kv_heads(args) != args.num_heads and kv_heads(args) % 2:
+            fail(f"{flag} pairs the K/V heads of grouped-query attention too; --n_kv_heads={args.n_kv_heads} is "
+                 f"odd (use an even --n_kv_heads, or 0 = num_heads)")
+    both = sorted(paired & set(xsa))
+    if both:
+        fail(f"--paired_head_layers and --xsa_layers both name blocks {both}; a paired block has no XSA (as in "
+             f"the recipe): drop those blocks from one of the lists")
+
+
+def check_model_shape(args: Hyperparameters, fail):
+    """--value_embed_layers, --skip_pairs, --backout_layer and the init flags: indices in range, one block per
+    table, skips forward in depth."""
+    L = args.num_layers
+    try:
+        ve_layers, pairs = parse_layer_list(args.value_embed_layers), parse_skip_pairs(args.skip_pairs)
+    except ValueError:
+        fail(f"--value_embed_layers={args.value_embed_layers!r} / --skip_pairs={args.skip_pairs!r}: expected block "
+             f"indices such as '1,2,8' and src:dst pairs such as '3:6,2:7'")
+    if args.value_embed_layers and (len(ve_layers) != args.num_value_embeds or len(set(ve_layers)) != len(ve_layers)
+                                    or not all(0 <= i < L for i in ve_layers)):
+        fail(f"--value_embed_layers={args.value_embed_layers!r} must name num_value_embeds={args.num_value_embeds} "
+             f"different blocks in 0..{L - 1} (block k of the list reads table k)")
+    bad = [f"{a}:{b}" for a, b in pairs if not 0 <= a < b < L]
+    if bad:
+        fail(f"--skip_pairs {bad}: each src:dst needs 0 <= src < dst < num_layers={L} (a block's output skips "
+             f"forward to a later block's input)")
+    if not -1 <= args.backout_layer < L:
+        fail(f"--backout_layer={args.backout_layer} must be a block in 0..{L - 1} (or -1: off)")
+    if args.attn_proj_init not in ("zero", "uniform"):
+        fail(f"--attn_proj_init={args.attn_proj_init!r}; valid values: zero, uniform")
+    if args.value_embed_std <= 0 or args.head_init_std < 0:
+        fail(f"--value_embed_std={args.value_embed_std} must be > 0 and --head_init_std={args.head_init_std} >= 0")
+
+
+def check_objective(args: Hyperparameters, fail):
+    """--untie_step, --mtp_weights, --prefix_weights: an untie at an Adam step inside the run with a head to tie
+    to; weight schedules with one entry per stage."""
+    if args.untie_step:
+        if args.tie_embeddings or args.head_init_std <= 0:
+            fail(f"--untie_step={args.untie_step} ties the embedding to a head drawn from N(0, head_init_std^2): it "
+                 f"needs --head_init_std > 0 (frontier: 0.005; a zero head would zero the embedding) and no "
+                 f"--tie_embeddings (always tied)")
+        if not 0 < args.untie_step < total_steps(args) or (args.untie_step + 1) % args.adam_every:
+            valid = [s for s in (args.untie_step - 1, args.untie_step + 1) if (s + 1) % args.adam_every == 0]
+            fail(f"--untie_step={args.untie_step} must be a step at which Adam updates ((step + 1) % adam_every == "
+                 f"0 with --adam_every={args.adam_every}) inside the run's {total_steps(args)} steps; e.g. "
+                 f"{' or '.join(map(str, valid))}")
+    n_stages = len(weight_stage_spans(args))
+    for flag in ("mtp_weights", "prefix_weights"):
+        text = getattr(args, flag)
+        if not text:
+            continue
+        try:
+            entries = parse_stage_weights(text)
+        except ValueError:
+            fail(f"--{flag}={text!r}: expected per stage (';'-separated) comma-separated weights, each a or a-b "
+                 f"(linear over the stage) with plain non-negative numbers, e.g. '1,0.5,0.25-0;1,0.5-0;1'")
+        if len(entries) != n_stages or (flag == "prefix_weights" and max(map(len, entries)) > 1):
+            fail(f"--{flag}={text!r} has {len(entries)} ';'-separated entries; the run has {n_stages} "
+                 f"{'stages (--stages)' if args.stages else 'stage (no --stages)'}"
+                 f"{' and the prefix loss takes one weight per stage' if flag == 'prefix_weights' else ''}")
+    if (args.mtp_weights or args.prefix_weights) and args.teacher:
+        fail("--mtp_weights/--prefix_weights with --teacher: distillation has its own loss (drop one of them)")
+
+
+def parse_skip_pairs(text: str) -> list[tuple[int, int]]:
+    """--skip_pairs "3:6,2:7" -> [(3, 6), (2, 7)] (ValueError when malformed)."""
+    pairs = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(text)
+    return pairs
+
+
+def skip_connections(args: Hyperparameters) -> list[tuple[int, int]]:
+    """(src, dst) per skip weight, in weight order: --skip_pairs, or the U-net's block L-1-i <- block i."""
+    if args.skip_pairs:
+        return parse_skip_pairs(args.skip_pairs)
+    L = args.num_layers
+    return [(L - 1 - i, i) for i in range(L // 2, L)]
 
 
 def parse_layer_list(text: str) -> list[int]:
@@ -720,6 +867,98 @@ fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
 # The recipe's FP8 head scales: inputs are RMS-normed (~1), head weights small, logit gradients tiny.
 FP8_HEAD_SCALES = dict(x_scale=2.0, w_scale=2.0 ** 9, grad_scale=2.0 ** 19)
 
+# --fp8_mlp (frontier recipe 3.6): the relu^2 MLP's two matmuls in e4m3 with per-tensor scales s (x_f8 = x / s,
+# clamped to +-448, the largest e4m3 value). Up (r84): h and W1 at their current amax / 448. Down, delayed scaling
+# (r89): p = relu(h W1^T)^2 at the previous training forward's amax(p) x 1.8 / 448; W2 at its amax at the
+# previous refresh (optimizer step) x 1.12 / 448, or its current amax / 448 during the first 16 steps.
+E4M3_MAX = 448.0
+FP8_MIN_SCALE = torch.finfo(torch.float32).tiny  # an all-zero tensor (the zero-initialized W2) gets a finite scale
+FP8_MLP_P_MARGIN, FP8_MLP_W2_MARGIN, FP8_MLP_W2_EXACT_STEPS = 1.8, 1.12, 16
+
+
+def fp8_scale(amax: Tensor) -> Tensor:
+    """The e4m3 scale that maps amax to 448 (fp32 scalar)."""
+    return (amax.float() / E4M3_MAX).clamp_min(FP8_MIN_SCALE)
+
+
+def _to_e4m3(t: Tensor, scale: Tensor) -> Tensor:
+    # in fp32: rounding a bf16 t / scale to bf16 first would round twice (on CPU that moved y by 3.7%)
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def _to_e4m3_current(t: Tensor) -> tuple[Tensor, Tensor]:
+    scale = fp8_scale(t.abs().amax())
+    return _to_e4m3(t, scale), scale
+
+
+def fp8_mlp_p_scale(p_amax: Tensor, p_amax_prev: Tensor) -> Tensor:
+    """p's scale: the previous training forward's amax(p) x 1.8 / 448; the current amax / 448 when there is none
+    (p_amax_prev = 0: the first forward)."""
+    return fp8_scale(torch.where(p_amax_prev > 0, p_amax_prev * FP8_MLP_P_MARGIN, p_amax))
+
+
+def _relu2_to_e4m3(pre: Tensor, p_amax_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    p = F.relu(pre).square()
+    p_amax = p.amax().float()
+    scale = fp8_mlp_p_scale(p_amax, p_amax_prev)
+    return p, p_amax, scale, _to_e4m3(p, scale)
+
+
+# Opaque to the model's torch.compile like fp8_mm, so on GPU the casts get their own fused kernels; eager on CPU.
+_to_e4m3_current_compiled = torch.compile(_to_e4m3_current, dynamic=False)
+_relu2_to_e4m3_compiled = torch.compile(_relu2_to_e4m3, dynamic=False)
+_to_e4m3_compiled = torch.compile(_to_e4m3, dynamic=False)
+
+
+def fp8_mlp_w2_scale(w2: Tensor, w2_amax_prev: Tensor, refreshes: Tensor) -> Tensor:
+    """W2's scale: its amax at the previous refresh x 1.12 / 448 from step 16 on (refreshes = optimizer steps so
+    far); before that, or with no previous amax, its current amax / 448."""
+    amax = w2.detach().abs().amax()
+    delayed = (refreshes >= FP8_MLP_W2_EXACT_STEPS) & (w2_amax_prev > 0)
+    return fp8_scale(torch.where(delayed, w2_amax_prev * FP8_MLP_W2_MARGIN, amax))
+
+
+@torch.library.custom_op("speedrun::fp8_mlp", mutates_args=())
+def fp8_mlp(h: Tensor, w1: Tensor, w2: Tensor, p_amax_prev: Tensor,
+            w2_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """relu(h W1^T)^2 W2^T for h (N, D), W1 (H, D), W2 (D, H), both matmuls e4m3 x e4m3 with fast accumulation into
+    h's dtype (bf16 on GPU). Returns (y, p = relu^2 output in h's dtype, saved for the backward, amax(p))."""
+    cuda = h.is_cuda
+    h_f8, h_scale = (_to_e4m3_current_compiled if cuda else _to_e4m3_current)(h)
+    w1_f8, w1_scale = (_to_e4m3_current_compiled if cuda else _to_e4m3_current)(w1)
+    pre = torch._scaled_mm(h_f8, w1_f8.t(), scale_a=h_scale, scale_b=w1_scale, out_dtype=h.dtype,
+                           use_fast_accum=True)
+    p, p_amax, p_scale, p_f8 = (_relu2_to_e4m3_compiled if cuda else _relu2_to_e4m3)(pre, p_amax_prev)
+    w2_f8 = (_to_e4m3_compiled if cuda else _to_e4m3)(w2, w2_scale)
+    y = torch._scaled_mm(p_f8, w2_f8.t(), scale_a=p_scale, scale_b=w2_scale, out_dtype=h.dtype, use_fast_accum=True)
+    return y, p, p_amax
+
+
+@fp8_mlp.register_fake
+def _(h, w1, w2, p_amax_prev, w2_scale):
+    n = h.size(0)
+    return h.new_empty(n, w2.size(0)), h.new_empty(n, w1.size(0)), h.new_empty((), dtype=torch.float32)
+
+
+def _fp8_mlp_setup_context(ctx, inputs, output):
+    h, w1, w2, _, _ = inputs
+    ctx.save_for_backward(h, w1, w2, output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _fp8_mlp_backward(ctx, grad_y, *_):
+    """Straight-through: the bf16 MLP's gradients at the saved h, W1, W2 and p, with relu(pre) = sqrt(p) (r87)."""
+    h, w1, w2, p = ctx.saved_tensors
+    grad_y = grad_y.type_as(h)
+    grad_pre = (grad_y @ w2.type_as(h)) * (2 * p.sqrt())  # zero where pre <= 0, as relu's gradient
+    grad_w2 = (grad_y.t() @ p).to(w2.dtype)
+    grad_h = grad_pre @ w1.type_as(h)
+    grad_w1 = (grad_pre.t() @ h).to(w1.dtype)
+    return grad_h, grad_w1, grad_w2, None, None
+
+
+fp8_mlp.register_autograd(_fp8_mlp_backward, setup_context=_fp8_mlp_setup_context)
+
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
     """Approximately orthogonalize each matrix in G (..., rows, cols): quintic Newton-Schulz, bf16 on GPU.
@@ -777,17 +1016,48 @@ class NorMuon:
     def __init__(self, beta2: float):
         self.beta2 = beta2
 
-    def __call__(self, X: Tensor, states: list[dict]) -> Tensor:
-        X = X.float()  # (k, rows, cols): the k updates this rank owns in a group
+    def __call__(self, X: Tensor, states: list[dict], key: str = "normuon_v") -> Tensor:
+        X = X.float()  # (k, ..., rows, cols): the k updates this rank owns in a group (or one piece of them)
         rows, cols = X.shape[-2:]
         q = X.square().mean(dim=-1 if rows >= cols else -2, keepdim=True)
-        v = torch.stack([s.setdefault("normuon_v", torch.zeros_like(q[0])) for s in states])
+        v = torch.stack([s.setdefault(key, torch.zeros_like(q[0])) for s in states])
         v.lerp_(q, 1 - self.beta2)
         for s, v_i in zip(states, v):
-            s["normuon_v"].copy_(v_i)
+            s[key].copy_(v_i)
         Y = X / v.clamp_min(1e-10).sqrt()
         # the clamp only matters for an all-zero update (a matrix behind a zero-initialized projection at step 0)
         return Y * (X.norm(dim=(-2, -1), keepdim=True) / Y.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
+
+
+def muon_pieces(X: Tensor, split: tuple) -> list[Tensor]:
+    """Views that partition X (k, *shape), a stack of one Muon group's k updates, into the batches of matrices
+    Muon orthogonalizes: X itself (split ()), or for split (count, rows) (--muon_qk_pairs) the first `count`
+    matrices of each (n, R, C) parameter cut into row blocks of `rows`, (k, count, R / rows, rows, C), followed by
+    its other n - count matrices whole (a 2-D parameter is a stack of n = 1)."""
+    if not split:
+        return [X]
+    count, rows = split
+    X = X if X.ndim == 4 else X.unsqueeze(1)
+    blocks = X[:, :count].unflatten(-2, (-1, rows))
+    return [blocks, X[:, count:]] if X.size(1) > count else [blocks]
+
+
+def normuon_key(piece: int) -> str:
+    """The optimizer-state key of NorMuon's v for piece `piece` of muon_pieces."""
+    return "normuon_v" if piece == 0 else f"normuon_v{piece}"
+
+
+def qk_pair_splits(model: nn.Module) -> dict:
+    """--muon_qk_pairs (frontier recipe 2.1 item 7, r80): {parameter: muon_pieces split} so that Q and K of every
+    multi-head or grouped-query attention are orthogonalized per head pair, each pair's (2 head_dim) x dim slice
+    its own matrix; V (and O, its own parameter) stay whole."""
+    splits = {}
+    for m in model.modules():
+        if isinstance(m, CausalSelfAttention):  # qkv_w (3, dim, dim): Q and K are the first two
+            splits[m.qkv_w] = (2, 2 * m.head_dim)
+        elif isinstance(m, GroupedQueryAttention):  # q_w (dim, dim); kv_w (2, kv_dim, dim): K is the first
+            splits[m.q_w] = splits[m.kv_w] = (1, 2 * m.head_dim)
+    return splits
 
 
 class Muon(torch.optim.Optimizer):
@@ -802,12 +1072,14 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float, ns_steps: int = 5, rank: int = 0, world_size: int = 1,
-                 lr_mults: dict | None = None, weight_decay: float = 0.0):
-        """lr_mults: {parameter: extra LR factor} (default 1); parameters are grouped by (shape, factor)."""
-        params, lr_mults = list(params), lr_mults or {}
-        mult = lambda p: lr_mults.get(p, 1.0)
-        keys = sorted({(tuple(p.shape), mult(p)) for p in params}, key=lambda k: (-math.prod(k[0]), k))
-        groups = [dict(params=[p for p in params if (tuple(p.shape), mult(p)) == k], lr_mult=k[1]) for k in keys]
+                 lr_mults: dict | None = None, weight_decay: float = 0.0, splits: dict | None = None):
+        """lr_mults: {parameter: extra LR factor} (default 1); splits: {parameter: muon_pieces split} for the
+        parameters orthogonalized in pieces (--muon_qk_pairs; default whole). Parameters are grouped by (shape,
+        factor, split)."""
+        params, lr_mults, splits = list(params), lr_mults or {}, splits or {}
+        key = lambda p: (tuple(p.shape), lr_mults.get(p, 1.0), tuple(splits.get(p, ())))
+        keys = sorted({key(p) for p in params}, key=lambda k: (-math.prod(k[0]), k))
+        groups = [dict(params=[p for p in params if key(p) == k], lr_mult=k[1], split=k[2]) for k in keys]
         super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay))
         self.rank, self.world_size = rank, world_size
         self.orthogonalize = zeropower_via_newtonschulz5
@@ -833,10 +1105,13 @@ class Muon(torch.optim.Optimizer):
             share = math.ceil(len(params) / self.world_size)
             ortho = torch.zeros((share, *params[0].shape), dtype=torch.bfloat16, device=params[0].device)
             if mine:
-                mine_ortho = self.orthogonalize(torch.stack(updates), group["ns_steps"])
-                if self.normalize is not None:
-                    mine_ortho = self.normalize(mine_ortho, [self.state[p] for p in mine])
-                ortho[:len(mine)] = mine_ortho
+                split, states = group.get("split", ()), [self.state[p] for p in mine]  # .get: older checkpoints
+                pieces = zip(muon_pieces(torch.stack(updates), split), muon_pieces(ortho[:len(mine)], split))
+                for i, (update, out) in enumerate(pieces):
+                    mine_ortho = self.orthogonalize(update, group["ns_steps"])
+                    if self.normalize is not None:
+                        mine_ortho = self.normalize(mine_ortho, states, normuon_key(i))
+                    out.copy_(mine_ortho)
             if self.world_size == 1:
                 self._apply(group, params, ortho)
                 continue
@@ -862,11 +1137,14 @@ class Muon(torch.optim.Optimizer):
                 p.sub_(p * (u * p >= 0), alpha=decay)
             p.add_(u, alpha=-eta)
 
-    def state_shapes(self, p: Tensor) -> dict:
-        rows, cols = p.shape[-2:]
+    def state_shapes(self, p: Tensor, split: tuple = ()) -> dict:
+        """Shapes of p's optimizer state: the momentum, and NorMuon's v per piece of muon_pieces (one value per
+        row or column of each of the piece's matrices, so a stacked parameter's v is stacked too)."""
         shapes = {"momentum_buffer": tuple(p.shape)}
         if self.normalize is not None:
-            shapes["normuon_v"] = (rows, 1) if rows >= cols else (1, cols)
+            for i, piece in enumerate(muon_pieces(torch.empty((1, *p.shape), device="meta"), split)):
+                rows, cols = piece.shape[-2:]
+                shapes[normuon_key(i)] = (*piece.shape[1:-2], *((rows, 1) if rows >= cols else (1, cols)))
         return shapes
 
     @torch.no_grad()
@@ -878,7 +1156,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             share = math.ceil(len(params) / self.world_size)
-            for key, shape in self.state_shapes(params[0]).items():  # the same collectives on every rank
+            for key, shape in self.state_shapes(params[0], group.get("split", ())).items():  # the same on every rank
                 local = torch.zeros((share, *shape), dtype=params[0].dtype, device=params[0].device)
                 for j, p in enumerate(self.owned(params)):
                     if key in self.state[p]:
@@ -976,6 +1254,9 @@ def recipe_matrices(model: nn.Module) -> list[nn.Parameter]:
     own_init = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     own_init |= {id(p) for m in model.modules() if isinstance(m, (KronLinear, GroupedKronLinear, KSLinear))
                  for p in m.parameters()}
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, CastedLinear):  # zeros, or its own normal draw (--head_init_std)
+        own_init.add(id(head.weight))
     return [p for p in model.parameters() if p.ndim >= 2 and id(p) not in own_init and p.any()]
 
 
@@ -994,6 +1275,14 @@ WEIGHT_INITS = dict(uniform=lambda model: model, truncated=truncated_normal_init
 
 def document_ids(inputs: Tensor) -> Tensor:
     return (inputs == EOT_TOKEN).cumsum(0)
+
+
+def paired_document_ids(inputs: Tensor) -> Tensor:
+    """Document ids of the doubled sequence of --paired_head_layers: position p lies in token p // 2's document,
+    i.e. document_ids(inputs).repeat_interleave(2), computed as a scan over the 2T positions (an EOT counts at its
+    first one): inductor's CPU FlexAttention cannot lower a mask capturing a view of the token-level ids."""
+    first = torch.arange(2 * len(inputs), device=inputs.device) % 2 == 0
+    return ((inputs == EOT_TOKEN).repeat_interleave(2) & first).cumsum(0)
 
 
 def in_window(block_distance, window_blocks, halvings: int = 0):
@@ -1278,7 +1567,7 @@ class HeadAttention(nn.Module):
 class CausalSelfAttention(HeadAttention):
     """Multi-head attention, q, k and v from one merged (3, dim, dim) weight (Muon orthogonalizes each of the 3)."""
 
-    def __init__(self, dim: int, num_heads: int, attn_scale: float, max_seq_len: int):
+    def __init__(self, dim: int, num_heads: int, attn_scale: float, max_seq_len: int, zero_proj: bool = True):
         super().__init__()
         self.num_heads, self.head_dim, self.attn_scale = num_heads, dim // num_heads, attn_scale
         self.qk_dim = self.v_dim = self.head_dim
@@ -1286,7 +1575,7 @@ class CausalSelfAttention(HeadAttention):
         self.qkv_w = nn.Parameter(torch.empty(3, dim, dim).uniform_(-bound, bound))  # merged q, k, v
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = l0 * v + l1 * value_embedding
         self.rotary = Rotary(self.head_dim, max_seq_len)
-        self.c_proj = CastedLinear(dim, dim, zero_init=True)
+        self.c_proj = CastedLinear(dim, dim, zero_init=zero_proj)  # --attn_proj_init=uniform: zero_proj False
 
     def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
         B, T = x.shape[:2]
@@ -1303,7 +1592,8 @@ class GroupedQueryAttention(HeadAttention):
     heads (1 = multi-query). Separate q (dim, dim) and kv (2, kv_dim, dim) weights; the value embedding it receives
     is kv_dim wide (the tables shrink with the values, see value_embed_dim)."""
 
-    def __init__(self, dim: int, num_heads: int, n_kv_heads: int, attn_scale: float, max_seq_len: int):
+    def __init__(self, dim: int, num_heads: int, n_kv_heads: int, attn_scale: float, max_seq_len: int,
+                 zero_proj: bool = True):
         super().__init__()
         self.num_heads, self.n_kv_heads, self.head_dim = num_heads, n_kv_heads, dim // num_heads
         self.attn_scale, self.qk_dim, self.v_dim = attn_scale, self.head_dim, self.head_dim
@@ -1312,7 +1602,7 @@ class GroupedQueryAttention(HeadAttention):
         self.kv_w = nn.Parameter(torch.empty(2, n_kv_heads * self.head_dim, dim).uniform_(-bound, bound))
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = l0 * v + l1 * value_embedding
         self.rotary = Rotary(self.head_dim, max_seq_len)
-        self.c_proj = CastedLinear(dim, dim, zero_init=True)
+        self.c_proj = CastedLinear(dim, dim, zero_init=zero_proj)  # --attn_proj_init=uniform: zero_proj False
 
     def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
         B, T = x.shape[:2]
@@ -1323,6 +1613,53 @@ class GroupedQueryAttention(HeadAttention):
 
     def kv_cache_floats_per_token(self) -> int:
         return 2 * self.n_kv_heads * self.head_dim
+
+
+def interleave_pairs(x: Tensor) -> Tensor:
+    """(B, T, heads, d) -> (B, 2T, heads/2, d): head pair j's doubled sequence, whose position 2t + s holds token t
+    of head 2j + s (--paired_head_layers)."""
+    B, T, H, d = x.shape
+    return x.view(B, T, H // 2, 2, d).transpose(2, 3).reshape(B, 2 * T, H // 2, d)
+
+
+def deinterleave_pairs(y: Tensor) -> Tensor:
+    """The inverse of interleave_pairs: (B, 2T, heads/2, d) -> (B, T, heads, d)."""
+    B, T2, P, d = y.shape
+    return y.view(B, T2 // 2, 2, P, d).transpose(2, 3).reshape(B, T2 // 2, 2 * P, d)
+
+
+class PairedHeads(HeadAttention):
+    """Paired-head attention (--paired_head_layers; frontier recipe 3.4, r58), mixed into multi-head or grouped-query
+    attention (PairedSelfAttention, PairedGroupedQueryAttention: same parameters, same init). Heads 2j and 2j+1
+    form one sequence of 2T positions, position 2t + s = token t of head 2j + s, for q, k and v alike; rotary
+    rotates it at positions 0..2T-1 (so the rotary table is twice as long); the masks are the doubled ones
+    GPT.attention_masks builds (document of position p = that of token p // 2, causal, the window counted in
+    doubled positions: half the tokens); the output is de-interleaved. Each query thus sees both heads' keys of
+    earlier tokens (and head 2j+1's query also head 2j's key of its own token) in one softmax. GQA pairs the K/V
+    heads the same way, query pair j reading K/V pair j // (num_heads / n_kv_heads).
+
+    The per-head hooks act on each head in token order outside the pairing: the key offset on the normed keys
+    (rotary leaves the dims it shifts unrotated, so before or after rotary is the same), the value-embedding gate
+    before interleaving, the output gate after de-interleaving. No XSA (check_paired_heads refuses it). Decoding
+    with a KV cache is refused by GPT.hidden."""
+
+    def rotate_mix_attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask) -> Tensor:
+        B, T = q.shape[:2]
+        k = self.key_offset(norm(k))
+        v = self.lambdas[0] * v if ve is None else \
+            self.lambdas[0] * v + self.lambdas[1] * self.ve_gate(ve.view_as(v), x)
+        q, k, v = interleave_pairs(norm(q)), interleave_pairs(k), interleave_pairs(v)
+        q, k = self.rotary(q), self.rotary(k)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale).transpose(1, 2)
+        return self.c_proj(self.out_gate(deinterleave_pairs(y), x).reshape(B, T, -1))
+
+
+class PairedSelfAttention(PairedHeads, CausalSelfAttention):
+    """CausalSelfAttention with paired heads (PairedHeads)."""
+
+
+class PairedGroupedQueryAttention(PairedHeads, GroupedQueryAttention):
+    """GroupedQueryAttention with paired query heads and paired K/V heads (PairedHeads)."""
 
 
 class LowRankLinear(nn.Module):
@@ -1360,7 +1697,7 @@ class LatentAttention(nn.Module):
         self.kv_up = nn.Parameter(torch.empty(2, dim, rank).uniform_(-bound, bound))  # latent -> k content, v
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = l0 * v + l1 * value_embedding
         self.rotary = Rotary(r, max_seq_len, rotated=r)
-        self.c_proj = CastedLinear(dim, dim, zero_init=True)
+        self.c_proj = CastedLinear(dim, dim, zero_init=args.attn_proj_init == "zero")
 
     def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
         B, T = x.shape[:2]
@@ -1393,15 +1730,21 @@ def value_embed_dim(args: Hyperparameters) -> int:
 
 
 def window_kinds(args: Hyperparameters) -> list[str]:
-    """Per block, "L" (long window) or "S" (short): window_pattern for the first half, mirrored for the second."""
+    """Per block, "L" (long window) or "S" (short): window_pattern for the first half, mirrored for the second, or
+    one letter per block when it has num_layers of them."""
+    if len(args.window_pattern) == args.num_layers:
+        return list(args.window_pattern)
     half = args.window_pattern[:args.num_layers // 2]
     return list(half + half[::-1])
 
 
 def value_embed_tables(args: Hyperparameters) -> list[int | None]:
     """Per block, the value-embedding table it reads: tables 0..nve-1 for the first nve blocks and again for the
-    last nve (None: no value embedding)."""
+    last nve, or table k for the k-th block of --value_embed_layers (None: no value embedding)."""
     L, nve = args.num_layers, args.num_value_embeds
+    if args.value_embed_layers:
+        listed = parse_layer_list(args.value_embed_layers)
+        return [listed.index(i) if i in listed else None for i in range(L)]
     return [i if i < nve else (i - (L - nve) if i >= L - nve else None) for i in range(L)]
 
 
@@ -1421,13 +1764,19 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
 
 def build_attention(args: Hyperparameters, max_seq_len: int, layer: int | None = None) -> nn.Module:
     """A block's attention: latent (--mla_kv_rank > 0), grouped-query (--n_kv_heads < num_heads) or the baseline.
-    layer: the block's index, for the per-block hooks of install_head_hooks (None: no hooks)."""
+    layer: the block's index, for the per-block hooks of install_head_hooks (None: no hooks). A block of
+    --paired_head_layers gets the paired variant, whose rotary table covers the doubled sequence."""
+    paired = layer is not None and layer in parse_layer_list(args.paired_head_layers)
     if args.mla_kv_rank > 0:
         attn = LatentAttention(args, max_seq_len)
     elif kv_heads(args) != args.num_heads:
-        attn = GroupedQueryAttention(args.model_dim, args.num_heads, args.n_kv_heads, args.attn_scale, max_seq_len)
+        attn = (PairedGroupedQueryAttention if paired else GroupedQueryAttention)(
+            args.model_dim, args.num_heads, args.n_kv_heads, args.attn_scale, max_seq_len * (1 + paired),
+            zero_proj=args.attn_proj_init == "zero")
     else:
-        attn = CausalSelfAttention(args.model_dim, args.num_heads, args.attn_scale, max_seq_len)
+        attn = (PairedSelfAttention if paired else CausalSelfAttention)(
+            args.model_dim, args.num_heads, args.attn_scale, max_seq_len * (1 + paired),
+            zero_proj=args.attn_proj_init == "zero")
     if args.rope != "half" or args.yarn:  # the rotary variant replaces the default one of the same shape
         r = attn.rotary
         attn.rotary = (YarnRotary if args.yarn else Rotary)(r.head_dim, r.max_seq_len, r.rotated,
@@ -1496,6 +1845,68 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # FP8MLP's scaling state is optional in both directions, so dense and --fp8_mlp checkpoints (the same
+        # parameters) load into either model: a dense MLP drops it, an FP8MLP without it starts it fresh.
+        for name in FP8MLP.STATE:
+            if name in self._buffers:
+                state_dict.setdefault(prefix + name, torch.zeros_like(self._buffers[name]))
+            else:
+                state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+class FP8MLP(MLP):
+    """--fp8_mlp: the relu^2 MLP with both matmuls in FP8 (fp8_mlp) in training where main() sets use_fp8 (CUDA
+    compute capability >= 8.9); validation, and training elsewhere, run MLP's path unchanged. Same parameters
+    (c_fc.weight, c_proj.weight). Delayed-scaling state in persistent buffers, updated in place (no recompiles;
+    checkpoints resume exactly): p_amax by each training forward, w2_amax and refreshes by refresh() before every
+    optimizer step (a Muon hook, see build_optimizers)."""
+
+    STATE = ("p_amax", "w2_amax", "refreshes")
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__(args)
+        self.use_fp8 = False
+        self.register_buffer("p_amax", torch.zeros(()))  # amax(p) of the last training forward (0 = none yet)
+        self.register_buffer("w2_amax", torch.zeros(()))  # amax(W2) at the last refresh (0 = none yet)
+        self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))  # optimizer steps taken
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.use_fp8 and self.training):
+            return super().forward(x)
+        w2 = self.c_proj.weight
+        y, _, p_amax = fp8_mlp(x.flatten(0, -2), self.c_fc.weight, w2, self.p_amax,
+                               fp8_mlp_w2_scale(w2, self.w2_amax, self.refreshes))
+        with torch.no_grad():
+            self.p_amax.copy_(p_amax)
+        return y.view(*x.shape[:-1], -1)
+
+    @torch.no_grad()
+    def refresh(self):
+        """Before an optimizer step: the weights the step's forwards quantized become the previous refresh."""
+        self.w2_amax.copy_(self.c_proj.weight.abs().amax())
+        self.refreshes += 1
+
+
+def refresh_fp8_mlps(model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, FP8MLP):
+            m.refresh()
+
+
+@torch.no_grad()
+def share_fp8_mlp_amax(model: nn.Module, world_size: int):
+    """After an optimizer step on several ranks: every rank takes the largest amax(p) of the ranks' last forwards,
+    so the scaling state is the same on every rank (and rank 0's checkpoint resumes all of them exactly)."""
+    mlps = [m for m in model.modules() if isinstance(m, FP8MLP)]
+    if not mlps:
+        return
+    amax = torch.stack([m.p_amax for m in mlps])
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+    for m, a in zip(mlps, amax):
+        m.p_amax.copy_(a)
 
 
 def swiglu_hidden(args: Hyperparameters) -> int:
@@ -1698,15 +2109,16 @@ def block_mlp_args(args: Hyperparameters, layer: int) -> Hyperparameters:
 
 def build_mlp(args: Hyperparameters, layer: int | None = None) -> nn.Module:
     """A block's MLP: mixture of experts (--moe_experts > 0; Kronecker experts with --kron_mlp=both), SwiGLU, or the
-    dense MLP with --mlp_act (matrices factorized per --kron_mlp/--ks_mlp). layer: the block's index, for
-    --kron_layers/--ks_layers (None: as if every block were listed)."""
+    dense MLP with --mlp_act (matrices factorized per --kron_mlp/--ks_mlp; FP8MLP with --fp8_mlp, which
+    check_architecture allows only on the dense relu^2 MLP). layer: the block's index, for --kron_layers/--ks_layers
+    (None: as if every block were listed)."""
     if layer is not None:
         args = block_mlp_args(args, layer)
     if args.moe_experts > 0:
         return KronMoE(args) if args.kron_mlp == "both" else MoE(args)
     if args.mlp_act == "swiglu":
         return SwiGLUMLP(args)
-    return MLP(args)
+    return FP8MLP(args) if args.fp8_mlp else MLP(args)
 
 
 def dropout_layer(p: float) -> nn.Module:
@@ -1807,6 +2219,20 @@ class BigramHashEmbedding(nn.Module):
     def forward(self, x0: Tensor, inputs: Tensor) -> Tensor:  # x0 (1, T, dim), inputs (T,)
         b = self.table(bigram_hash(inputs, self.rows)) * self.signs[bigram_sign_index(inputs)].type_as(x0)
         return x0 + self.gain[0].type_as(x0) * b[None]
+
+
+class Backout(nn.Module):
+    """--backout_layer=N (frontier recipe 3.3, r40): before the final norm, x += lam * c_N with c_N the output of
+    block N and lam a learned scalar (init -0.5, an Adam scalar): the head reads the late layers' contribution with
+    part of the mid-depth residual taken back out. (MUDD, r81, later generalized this into its j=1 mix.)"""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.lam = nn.Parameter(torch.tensor([-0.5]))
+
+    def forward(self, x: Tensor, outputs: dict) -> Tensor:
+        return x + self.lam[0].type_as(x) * outputs[self.layer]
 
 
 class SigmoidSkipWeights(nn.Module):
@@ -2032,6 +2458,86 @@ def softcap_frontier(z: Tensor) -> Tensor:
 SOFTCAPS = dict(r21=softcap_r21, frontier=softcap_frontier)  # --softcap
 
 
+class NextTokenLoss(nn.Module):
+    """The training loss of record #21: mean cross-entropy against the next token."""
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits, targets)
+
+
+class FutureTokenTerm(nn.Module):
+    """Scores position t on the token `ahead` positions after the next, targets[t + ahead] (the token
+    x_(t+1+ahead)), with the same logits; the last `ahead` positions have no such target in the sequence and are
+    left out. Targets cross document boundaries, as in the recipe (3.7, r53). Returns (token index, valid)."""
+
+    def __init__(self, ahead: int):
+        super().__init__()
+        self.ahead = ahead
+
+    def forward(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        index = torch.cat([targets[self.ahead:], targets.new_zeros(self.ahead)])
+        return index, torch.arange(len(targets), device=targets.device) < len(targets) - self.ahead
+
+
+def prefix_token_table(vocab_size: int) -> Tensor:
+    """(vocab_size,) int64: for token y, the token whose bytes are the longest proper prefix of y's bytes (GPT-2
+    BPE, from tiktoken), -1 where there is none (single bytes, EOT, ids past GPT-2's vocabulary, prefixes outside
+    vocab_size). 50,000 of the 50,257 GPT-2 tokens have one; building it takes about 0.4 s on a CPU."""
+    import tiktoken  # TIKTOKEN_CACHE_DIR makes it work offline
+    enc = tiktoken.get_encoding("gpt2")
+    pieces = [enc.decode_single_token_bytes(t) for t in range(enc.n_vocab)]
+    ids = {piece: t for t, piece in enumerate(pieces[:vocab_size]) if t != EOT_TOKEN}  # prefixes the head has
+    table = torch.full((vocab_size,), -1, dtype=torch.long)
+    for t, piece in enumerate(pieces[:vocab_size]):
+        if t == EOT_TOKEN:
+            continue
+        table[t] = next((ids[piece[:n]] for n in range(len(piece) - 1, 0, -1) if piece[:n] in ids), -1)
+    return table
+
+
+class PrefixTokenTerm(nn.Module):
+    """Scores position t on pi(y_t), pi(y) the longest-proper-prefix token of the next token y (frontier recipe
+    3.7, r88): the head also learns how the next token's bytes begin. Positions whose y has no prefix token are
+    left out. Returns (token index, valid)."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.register_buffer("prefix", prefix_token_table(vocab_size), persistent=False)
+
+    def forward(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.prefix[targets]
+        return p.clamp(min=0), p >= 0
+
+
+class WeightedTokenLosses(nn.Module):
+    """--mtp_weights / --prefix_weights: loss = sum_i w_i sum_t NLL(token_i(t) | logits_t) / T over the terms (the
+    next token, the tokens after it, the prefix token). Computed as sum_t (W_t lse_t - sum_i w_i logit_t[token_i])
+    with W_t the weights of the terms valid at t: one log-sum-exp and one gather over the T x V logits, so the
+    backward is one softmax pass and one scatter whatever the number of terms. The weights are a buffer that
+    LossSchedule rewrites in place before every step (their stage schedule), so a compiled graph reads them as
+    data and never recompiles when they change."""
+
+    def __init__(self, num_targets: int, prefix: bool, vocab_size: int):
+        super().__init__()
+        terms = [FutureTokenTerm(k) for k in range(num_targets)] + ([PrefixTokenTerm(vocab_size)] if prefix else [])
+        self.terms = nn.ModuleList(terms)
+        self.register_buffer("weights", torch.zeros(len(terms)), persistent=False)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        pairs = [term(targets) for term in self.terms]
+        index = torch.stack([i for i, _ in pairs], dim=1)  # (T, terms)
+        weight = torch.stack([valid for _, valid in pairs], dim=1).to(logits.dtype) * self.weights
+        lse = torch.logsumexp(logits, dim=-1)
+        return ((weight.sum(1) * lse).sum() - (weight * logits.gather(1, index)).sum()) / len(targets)
+
+
+def build_train_loss(args: Hyperparameters) -> nn.Module:
+    if not (args.mtp_weights or args.prefix_weights):
+        return NextTokenLoss()
+    num_targets = max(map(len, parse_stage_weights(args.mtp_weights))) if args.mtp_weights else 1
+    return WeightedTokenLosses(num_targets, bool(args.prefix_weights), args.vocab_size)
+
+
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -2049,18 +2555,39 @@ class GPT(nn.Module):
                                                  ("--bigram_rows", args.bigram_rows > 0)) if on]
         self.value_embeds = nn.ModuleList([nn.Embedding(args.vocab_size, value_embed_dim(args))
                                            for _ in range(nve)])
+        if args.value_embed_std != 1.0:  # the same N(0, 1) draw, scaled (frontier recipe 3.2: 0.01)
+            with torch.no_grad():
+                for ve in self.value_embeds:
+                    ve.weight.mul_(args.value_embed_std)
         self.blocks = nn.ModuleList([Block(args, i, max_seq_len) for i in range(L)])
-        # U-net: block L-1-i receives block i's output times skip_gate(its weight) (--skip_gate: a sigmoid)
+        # skips: block dst's input += skip_gate(w) * block src's output, one weight per (src, dst) pair: the U-net
+        # (block L-1-i <- block i) or --skip_pairs; --skip_gate passes the weights through a sigmoid
         self.skip_gate = SigmoidSkipWeights() if args.skip_gate else nn.Identity()
-        self.skip_weights = nn.Parameter(torch.full((L // 2,), SigmoidSkipWeights.init) if args.skip_gate else
-                                         torch.ones(L // 2))
+        skips = skip_connections(args)
+        self.skip_weights = nn.Parameter(torch.full((len(skips),), SigmoidSkipWeights.init) if args.skip_gate else
+                                         torch.ones(len(skips)))
+        self.skips_into = [[(w, src) for w, (src, dst) in enumerate(skips) if dst == i] for i in range(L)]
+        # --backout_layer: x += lam * (that block's output) before the final norm (frontier recipe 3.3, r40)
+        self.backout = Backout(args.backout_layer) if args.backout_layer >= 0 else PassThrough()
+        self.kept_outputs = {src for src, _ in skips} | ({args.backout_layer} if args.backout_layer >= 0 else set())
         self.lm_head = TiedHead(self.embed.weight) if args.tie_embeddings else \
             CastedLinear(dim, padded_vocab, zero_init=True)
+        if args.head_init_std > 0 and not args.tie_embeddings:  # frontier recipe 3.2: N(0, 0.005^2)
+            with torch.no_grad():
+                self.lm_head.weight.normal_(0.0, args.head_init_std)
+        if args.untie_step:  # tied at start: the embedding is the head's rows (EmbeddingTie keeps it so)
+            with torch.no_grad():
+                self.embed.weight.copy_(self.lm_head.weight[:args.vocab_size])
         self.moe_layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
         self.vocab_size = args.vocab_size  # real tokens; the head's padding rows are never targets
         self.softcap = SOFTCAPS[args.softcap]
+        self.train_loss = build_train_loss(args)  # next-token CE, or the weighted MTP/prefix terms
         self.ve_table = value_embed_tables(args)  # layer -> value-embedding table (None: none)
         self.window_kind = window_kinds(args)
+        # --paired_head_layers: those blocks read the masks of the doubled sequence, "paired_L" / "paired_S"
+        self.paired_layers = sorted(set(parse_layer_list(args.paired_head_layers)))
+        self.mask_key = [("paired_" if i in self.paired_layers else "") + kind
+                         for i, kind in enumerate(self.window_kind)]
         # validation computes head + loss in chunks of this many tokens
         self.eval_chunk_tokens = max(st.seq_len for st in training_stages(args)) if args.stages else args.seq_len
         # the long window (blocks) when none is given: sampling and evaluation tools
@@ -2069,11 +2596,18 @@ class GPT(nn.Module):
 
     def attention_masks(self, inputs: Tensor, window_blocks) -> dict:
         """Build the long and the short mask once per sequence; every block reuses one of them. window_blocks: the
-        long window (the short one is its half), or a (long, short) pair (--stages)."""
+        long window (the short one is its half), or a (long, short) pair (--stages). With --paired_head_layers also
+        the masks of the doubled sequence its blocks need: 2T positions, position p in the document of token p // 2,
+        causal and windowed in doubled positions (the same window in blocks covers half the tokens)."""
         build = mask_builder(inputs)
-        if isinstance(window_blocks, tuple):
-            return {"L": build(inputs, window_blocks[0]), "S": build(inputs, window_blocks[1])}
-        return {"L": build(inputs, window_blocks), "S": build(inputs, window_blocks, halvings=1)}
+        windows = {"L": (window_blocks[0], 0), "S": (window_blocks[1], 0)} if isinstance(window_blocks, tuple) else \
+            {"L": (window_blocks, 0), "S": (window_blocks, 1)}
+        masks = {kind: build(inputs, w, halvings=h) for kind, (w, h) in windows.items()}
+        if self.paired_layers:
+            docs = paired_document_ids(inputs)
+            masks.update({"paired_" + kind: build(inputs, w, docs=docs, halvings=h) for kind, (w, h) in windows.items()
+                          if "paired_" + kind in self.mask_key})
+        return masks
 
     def forward(self, inputs: Tensor, targets: Tensor | None = None, window_blocks=None) -> Tensor:
         """inputs: 1-D token ids (one packed sequence). Returns the mean loss, or float32 logits without targets."""
@@ -2081,7 +2615,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(x)
         if self.training:
-            return F.cross_entropy(self.logits(x), targets) + self.moe_aux_loss()
+            return self.train_loss(self.logits(x), targets) + self.moe_aux_loss()
         # Validation sequences are long; chunking the head keeps the fp32 logits small. Same mean, up to fp order.
         total = sum(F.cross_entropy(self.logits(xc), tc, reduction="sum")
                     for xc, tc in zip(x.split(self.eval_chunk_tokens), targets.split(self.eval_chunk_tokens)))
@@ -2096,6 +2630,10 @@ class GPT(nn.Module):
                 raise NotImplementedError(f"decoding with a KV cache does not support {', '.join(self.looks_back)} "
                                           f"(they read the previous token, which the cache does not keep); run full "
                                           f"forward passes instead")
+            if self.paired_layers:
+                raise NotImplementedError("decoding with a KV cache does not support --paired_head_layers (their "
+                                          "heads attend over the doubled sequence, which the cache does not build); "
+                                          "run full forward passes instead")
             masks = cache.begin(inputs, window_blocks)
         else:
             assert inputs.ndim == 1 and len(inputs) % BLOCK_SIZE == 0, "one packed sequence, a multiple of 128"
@@ -2103,14 +2641,15 @@ class GPT(nn.Module):
         ves = [ve(inputs)[None] for ve in self.value_embeds]
         x0 = norm(self.mot(self.embed_noise(self.smear(self.embed(inputs)[None])), inputs))
         x = self.bigram(x0, inputs)
-        skips, half = [], len(self.blocks) // 2
+        outputs = {}  # block index -> its output, for the skips and the backout that read it
         for i, block in enumerate(self.blocks):
-            if i >= half:
-                x = x + self.skip_gate(self.skip_weights[i - half]) * skips.pop()
+            for w, src in self.skips_into[i]:
+                x = x + self.skip_gate(self.skip_weights[w]) * outputs[src]
             table = self.ve_table[i]
-            x = block(x, x0, None if table is None else ves[table], masks[self.window_kind[i]])
-            if i < half:
-                skips.append(x)
+            x = block(x, x0, None if table is None else ves[table], masks[self.mask_key[i]])
+            if i in self.kept_outputs:
+                outputs[i] = x
+        x = self.backout(x, outputs)
         if cache is not None:
             cache.end()
         return norm(x)[0]
@@ -2161,7 +2700,7 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids]
     scalars = [p for p in model.parameters() if p.ndim < 2]
     mot_embeds = [m.weight for m in model.mot.modules() if isinstance(m, nn.Embedding)]
-    # --bigram_rows: its table is an embedding (Adam "embed" group: the recipe trains it like the value embeddings)
+    # --bigram_rows: its table is an embedding (Adam "value_embeds" group: the recipe trains it like those)
     bigram = [m.weight for m in model.bigram.modules() if isinstance(m, nn.Embedding)]
     embeds = [model.embed.weight] + [e.weight for e in model.value_embeds] + mot_embeds + bigram
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied: embeds own it
@@ -2199,7 +2738,9 @@ def parse_betas(text: str) -> tuple[float, float]:
 def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
     """The Adam groups with their LR, betas and weight decay (--adam_group_betas/--adam_group_wd name them)."""
     groups = param_groups(model, args)
-    value_embeds = {id(e.weight) for e in model.value_embeds}
+    # the bigram table (--bigram_rows) trains like the value embeddings (frontier recipe 2.2)
+    value_embeds = {id(e.weight) for e in model.value_embeds} | {
+        id(m.weight) for m in model.bigram.modules() if isinstance(m, nn.Embedding)}
     params = dict(head=groups["head"], embed=[p for p in groups["embeds"] if id(p) not in value_embeds],
                   value_embeds=[p for p in groups["embeds"] if id(p) in value_embeds], scalars=groups["scalars"],
                   kron=groups["kron"])
@@ -2245,6 +2786,50 @@ class CautiousAdam(torch.optim.Optimizer):
                 p.sub_(update.to(p.dtype))
 
 
+class EmbeddingTie:
+    """--untie_step=N (frontier recipe 3.2, r51): the token embedding starts as the head's first vocab_size rows and
+    stays tied to them through Adam's update at step N; after that update it receives a copy of the head's Adam
+    state (moments and step count, the same rows) and trains on its own, in the "embed" Adam group.
+    While tied, each Adam update adds the embedding's gradient to the head's rows (so the head learns from both
+    uses), drops it, and copies the updated head rows back into the embedding. It works through Adam's step hooks
+    and the head's Adam step count, which checkpoints carry, so the compile warm-up, --adam_every and resume need
+    nothing else; the forward pass never changes (no recompile at the untie)."""
+
+    def __init__(self, model: GPT, adam: torch.optim.Optimizer, args: Hyperparameters):
+        self.embed, self.head, self.adam, self.rows = model.embed.weight, model.lm_head.weight, adam, args.vocab_size
+        self.tied_updates = (args.untie_step + 1) // args.adam_every  # Adam updates 1..this one are tied
+        self.done = None  # Adam updates so far; read from the head's Adam state after every (re)load
+        adam.register_step_pre_hook(self.before_update)
+        adam.register_step_post_hook(self.after_update)
+        adam.register_load_state_dict_post_hook(self.forget_count)
+
+    def forget_count(self, *_):
+        self.done = None
+
+    def updates_done(self) -> int:
+        if self.done is None:  # one read (a device sync for fused Adam's tensor step) per start or load
+            state = self.adam.state.get(self.head)
+            self.done = int(state["step"]) if state else 0
+        return self.done
+
+    @torch.no_grad()
+    def before_update(self, *_):
+        if self.updates_done() < self.tied_updates and self.embed.grad is not None:
+            self.head.grad[:self.rows] += self.embed.grad.to(self.head.grad.dtype)
+            self.embed.grad = None
+
+    @torch.no_grad()
+    def after_update(self, *_):
+        self.done = done = self.updates_done() + 1
+        if done <= self.tied_updates:
+            self.embed.copy_(self.head[:self.rows])
+        if done == self.tied_updates:
+            self.adam.state[self.embed] = {
+                key: (value[:self.rows].clone() if torch.is_tensor(value) and value.shape == self.head.shape else
+                      value.clone() if torch.is_tensor(value) else value)
+                for key, value in self.adam.state[self.head].items()}
+
+
 def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_size: int = 1,
                      grad_sync: "GradientSync | None" = None) -> list:
     """[Adam, Muon] for the model as it is. grad_sync: keep an existing GradientSync (its hooks are already on the
@@ -2261,13 +2846,20 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
                    if isinstance(m, (MLP, SwiGLUMLP)) and type(m.c_proj) is CastedLinear]
     muon = Muon(groups["matrices"], lr=args.muon_lr, momentum=args.muon_momentum_start, ns_steps=args.ns_steps,
                 rank=rank, world_size=world_size, weight_decay=args.muon_wd,
-                lr_mults={p: args.muon_proj_lr_mult for p in projections if args.muon_proj_lr_mult != 1.0})
+                lr_mults={p: args.muon_proj_lr_mult for p in projections if args.muon_proj_lr_mult != 1.0},
+                splits=qk_pair_splits(model.blocks) if args.muon_qk_pairs else None)  # Q/K per head pair
     muon.orthogonalize = ORTHOGONALIZERS[args.muon_ns]
     muon.normalize = NorMuon(args.normuon_beta2) if args.normuon_beta2 > 0 else None
     if world_size > 1:
         muon.grad_sync = grad_sync or GradientSync(list(model.parameters()))
     if model.moe_layers:
         muon.register_step_post_hook(lambda *_: update_moe_biases(model, world_size))
+    if args.fp8_mlp:  # W2 (c_proj, a Muon matrix) moves in Muon's step: refresh the delayed scales around it
+        muon.register_step_pre_hook(lambda *_: refresh_fp8_mlps(model))
+        if world_size > 1:
+            muon.register_step_post_hook(lambda *_: share_fp8_mlp_amax(model, world_size))
+    if args.untie_step:
+        EmbeddingTie(model, adam, args)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -2379,6 +2971,45 @@ def muon_momentum(step: int, args: Hyperparameters) -> float:
     return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum_end
 
 
+def parse_stage_weights(text: str) -> list[list[tuple[float, float]]]:
+    """--mtp_weights / --prefix_weights: "1,0.5,0.25-0;1,0.5-0;1" -> per stage, per term, (value at the stage's
+    start, value at its end); "a" is constant, "a-b" linear in the stage fraction. ValueError when malformed."""
+    stages = []
+    for entry in text.split(";"):
+        weights = []
+        for item in entry.split(","):
+            ends = [float(v) for v in item.strip().split("-")]
+            if len(ends) not in (1, 2) or min(ends) < 0:
+                raise ValueError(item)
+            weights.append((ends[0], ends[-1]))
+        stages.append(weights)
+    return stages
+
+
+def weight_stage_spans(args: Hyperparameters) -> list[tuple[int, int]]:
+    """The (start, end) steps that the entries of --mtp_weights / --prefix_weights span: the scheduled stages of
+    --stages (the extension steps keep the last entry's end value), or the whole run without --stages."""
+    stages = training_stages(args)
+    if not stages:
+        return [(0, args.num_iterations)]
+    return [(st.start, st.end) for st in stages[:len(args.stages.split(","))]]
+
+
+def loss_weights(step: int, args: Hyperparameters) -> list[float]:
+    """The training-loss weights at a step, in WeightedTokenLosses' term order: next token, the tokens after it
+    (--mtp_weights; without it the next token alone at 1), then the prefix token (--prefix_weights)."""
+    spans = weight_stage_spans(args)
+    i = next((i for i, (_, end) in enumerate(spans) if step < end), None)
+    frac = 1.0 if i is None else (step - spans[i][0]) / max(spans[i][1] - spans[i][0], 1)
+
+    def at(text: str, width: int) -> list[float]:
+        entry = parse_stage_weights(text)[len(spans) - 1 if i is None else i]
+        entry += [(0.0, 0.0)] * (width - len(entry))
+        return [a + (b - a) * frac for a, b in entry]
+    future = at(args.mtp_weights, max(map(len, parse_stage_weights(args.mtp_weights)))) if args.mtp_weights else [1.0]
+    return future + (at(args.prefix_weights, 1) if args.prefix_weights else [])
+
+
 def long_window_blocks(step: int, args: Hyperparameters) -> int:
     """Long sliding window (in 128-token blocks) at a step: grows from 1 block to the schedule's end (#21), or the
     stage's long window (--stages)."""
@@ -2448,7 +3079,11 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
     long_blocks, short_blocks = final if isinstance(final, tuple) else (final, max(final // 2, 1))
     context = {k: min(model.eval_chunk_tokens, n * BLOCK_SIZE - BLOCK_SIZE // 2)
                for k, n in (("L", long_blocks), ("S", short_blocks))}
-    score_flops = sum(2 * context[model.window_kind[i]] * b.attn.num_heads * (b.attn.qk_dim + b.attn.v_dim)
+    # --paired_head_layers: a query sees as many keys (positions of the doubled sequence) in the same window of
+    # blocks, the keys of half the tokens; only a window longer than the sequence is capped at twice its length
+    context |= {"paired_" + k: min(2 * model.eval_chunk_tokens, n * BLOCK_SIZE - BLOCK_SIZE // 2)
+                for k, n in (("L", long_blocks), ("S", short_blocks))}
+    score_flops = sum(2 * context[model.mask_key[i]] * b.attn.num_heads * (b.attn.qk_dim + b.attn.v_dim)
                       for i, b in enumerate(model.blocks) if b.attn is not None)
     attn_flops = sum(dense_flops_per_token(a) for a in attns) + score_flops
     mlp_flops = sum(m.flops_per_token() if isinstance(m, MoE) else dense_flops_per_token(m) for m in mlps)
@@ -2462,11 +3097,13 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
              - bigram_params)
     kind = lambda ms: ", ".join(sorted({type(m).__name__ + (f"({args.mlp_act})" if isinstance(m, MLP) else "")
                                         for m in ms}))
+    head_kind = ("tied to the embedding" if not head else
+                 f"tied to the embedding until step {args.untie_step}" if args.untie_step else "untied")
     moe = (f", {mlps[0].num_experts} experts top-{mlps[0].topk} + {mlps[0].num_shared} shared of width "
            f"{mlps[0].hidden} ({args.moe_balance} balancing)" if model.moe_layers else "")
     return (f"architecture: attention {kind(attns)} x{len(attns)} (KV cache "
             f"{sum(a.kv_cache_floats_per_token() for a in attns):,} floats/token over all layers), mlp {kind(mlps)}"
-            f" x{len(mlps)}{moe}, head {'tied to the embedding' if not head else 'untied'}, dropout {args.dropout},"
+            f" x{len(mlps)}{moe}, head {head_kind}, dropout {args.dropout},"
             f" neftune_alpha {args.neftune_alpha}\n"
             f"params: embeddings {embeds:,} + head {sum(p.numel() for p in head):,} + attention {attn_params:,} + "
             f"mlp {mlp_params:,} + block/skip scalars {other:,}"
@@ -2953,6 +3590,21 @@ class RotaryWindows:
             self.history = history
 
 
+class LossSchedule:
+    """--mtp_weights / --prefix_weights: before each step, that step's loss weights (loss_weights) are copied into
+    the model's WeightedTokenLosses buffer in place, from a table made once on the device (no host sync)."""
+
+    def __init__(self, model: nn.Module, args: Hyperparameters, device: torch.device):
+        losses = [m for m in model.modules() if isinstance(m, WeightedTokenLosses)]
+        self.buffer = losses[0].weights if losses else None
+        self.table = None if not losses else torch.tensor(
+            [loss_weights(step, args) for step in range(total_steps(args))], device=device)
+
+    def set(self, step: int):
+        if self.buffer is not None:
+            self.buffer.copy_(self.table[min(step, len(self.table) - 1)])
+
+
 class ProgressiveReplacement:
     """--kron_progressive_every: at each swap step, before that step's update, one dense block MLP becomes its
     Kronecker student. The student starts at the Van Loan nearest Kronecker sum of each dense matrix it replaces
@@ -3142,7 +3794,9 @@ def compile_warmup(model, raw_model, optimizers, args, env, val_window):
     gen = torch.Generator().manual_seed(12345)
     accum = args.micro_batches // env.world_size
     windows = WindowTensors(args, env.device)
+    loss_schedule = LossSchedule(raw_model, args, env.device)
     for step in warmup_schedule(args):
+        loss_schedule.set(step)
         tokens = torch.randint(0, args.vocab_size, (accum, sequence_length(step, args) + 1), generator=gen)
         tokens = tokens.to(env.device)
         micro = [(t[:-1].int(), t[1:].long()) for t in tokens]
@@ -3257,8 +3911,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in model.modules():
             if isinstance(m, nn.Embedding):
                 m.bfloat16()  # bf16 embeddings make every activation bf16 (CastedLinear casts weights to match)
-    fp8 = args.fp8_head and on_gpu and torch.cuda.get_device_capability(env.device) >= (8, 9)
+    fp8_gpu = on_gpu and torch.cuda.get_device_capability(env.device) >= (8, 9)
+    fp8, fp8_mlp_on = args.fp8_head and fp8_gpu, args.fp8_mlp and fp8_gpu
     model.lm_head.use_fp8 = fp8
+    for m in model.modules():
+        if isinstance(m, FP8MLP):
+            m.use_fp8 = fp8_mlp_on
     record = RunRecord(args, env)
     log = record.log
     init_report = load_weights(model, load_checkpoint(args.init_from)["model"], args.init_partial) \
@@ -3298,7 +3956,10 @@ def main(argv: list[str] | None = None) -> int:
         f"embeddings {sum(p.numel() for p in groups['embeds']):,}, head {sum(p.numel() for p in groups['head']):,}, "
         f"scalars {sum(p.numel() for p in groups['scalars']):,}); world_size {env.world_size}, "
         f"grad accumulation {args.micro_batches // env.world_size}, device {device_name(env.device)}, "
-        f"fp8 head {fp8}, compile {compiled}", console=True)
+        f"fp8 head {fp8}, fp8 mlp {fp8_mlp_on}, compile {compiled}", console=True)
+    if args.fp8_mlp and not fp8_mlp_on:
+        log(f"--fp8_mlp: {device_name(env.device)} has no FP8 matmuls (needs CUDA compute capability >= 8.9); the "
+            f"MLPs train without FP8 (in bf16 on a GPU)")
     log(describe_model(model, args))
     if init_report:
         log(f"init_from {args.init_from}: {init_report}")
@@ -3330,6 +3991,7 @@ def main(argv: list[str] | None = None) -> int:
     status, reason, val_loss, step, saved = "ok", None, float("nan"), start_step, None
     windows = WindowTensors(args, env.device)
     rotary_windows = RotaryWindows(model, args)
+    loss_schedule = LossSchedule(model, args, env.device)
     progressive = ProgressiveReplacement(model, args, env)
     loss_watch = LossWatch(env.device)
     stop = StopRequest()
@@ -3342,6 +4004,7 @@ def main(argv: list[str] | None = None) -> int:
             last = step == steps
             window = windows[step]
             rotary_windows.set(step)
+            loss_schedule.set(step)
             if last or (args.val_every > 0 and step % args.val_every == 0):
                 synchronize(env.device)
                 train_time_ms += 1000 * (time.perf_counter() - t0)

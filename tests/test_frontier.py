@@ -77,8 +77,8 @@ def test_default_schedule_is_unchanged():
     (["--softcap=tanh"], "valid values: r21, frontier"),
 ])
 def test_bad_schedule_flags_name_the_fix(flags, message):
-    with pytest.raises(SystemExit, match=message):
-        frontier(*flags)
+    with pytest.raises(SystemExit, match=message):  # (the loss weights' stage count is not what is tested here)
+        frontier("--mtp_weights=", "--prefix_weights=", *flags)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,7 +311,8 @@ def test_frontier_smoke_trains_end_to_end(shakespeare_documents, tmp_path, capsy
 
 
 SHORT = ["--preset=frontier_smoke", "--num_iterations=6", "--extension_steps=2", "--val_every=0",
-         "--val_tokens=2048", "--stages=256:256:1-1:1.0,512:384:1-3:1.52,512:384:2-4:1.73"]
+         "--val_tokens=2048", "--stages=256:256:1-1:1.0,512:384:1-3:1.52,512:384:2-4:1.73",
+         "--untie_step=5"]  # stage 3 is steps 4-5: the untie at its first step where Adam updates, as in the recipe
 
 
 def test_frontier_resume_across_a_stage_boundary_is_exact(shakespeare_documents, tmp_path, capsys):
@@ -327,6 +328,8 @@ def test_frontier_resume_across_a_stage_boundary_is_exact(shakespeare_documents,
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert resumed["final_val_loss"] == full["final_val_loss"] and resumed["steps"] == 8
+    # the resumed span crossed the untie (step 5) too: the embedding left the head's rows and has its own Adam state
+    assert not torch.equal(b["model"]["embed.weight"], b["model"]["lm_head.weight"][:tg.GPT2_VOCAB])
 
 
 def test_pending_adam_gradients_survive_a_checkpoint(tmp_path):

@@ -152,7 +152,9 @@ def test_bigram_table_is_an_adam_embedding_and_counted():
     model = tg.build_model(args)
     table = model.bigram.table.weight
     groups = {g["name"]: g for g in tg.adam_param_groups(model, args)}
-    assert any(p is table for p in groups["embed"]["params"]) and groups["embed"]["lr"] == args.embed_lr
+    # trained like the value embeddings (recipe 2.2: lr 0.6, betas 0.75/0.95, wd x5 in the frontier preset)
+    assert any(p is table for p in groups["value_embeds"]["params"])
+    assert groups["value_embeds"]["lr"] == (args.value_embed_lr or args.embed_lr)
     assert any(p is model.bigram.gain for p in groups["scalars"]["params"])
     assert "bigram hash 524,289" in tg.describe_model(model, args)  # 4096 x 128 + the gain
     assert all(p is not table for p in tg.recipe_matrices(model))  # --weight_init=truncated leaves it at zero
@@ -396,10 +398,115 @@ def test_describe_model_counts_the_new_parameters_and_gate_flops(full_model):
 def test_frontier_presets_carry_the_model_half():
     args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier"])
     tg.check_config(args, 8)
-    assert (args.smear, args.attn_gate, args.key_offset, args.ve_gate) == (True,) * 4
-    assert args.resid_lambda_init == 1.1 and args.xsa_layers == "2,4,5,8,9,11" and args.bigram_rows == 377_280
-    assert not args.skip_gate  # our six U-net skips are not the recipe's single gated skip
+    assert (args.smear, args.attn_gate, args.key_offset, args.ve_gate, args.skip_gate) == (True,) * 5
+    assert args.resid_lambda_init == 1.1 and args.xsa_layers == "1,3,4,7,8,10" and args.bigram_rows == 377_280
     smoke = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke"])
     tg.check_config(smoke, 1)
     model = tg.build_model(smoke)
     assert isinstance(model.smear, tg.Smear) and model.bigram.rows == 8192
+    assert model.skips_into[2] == [(0, 1)] and model.backout.layer == 2 and model.ve_table == [None, 0, None, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe's 11-layer shape: per-block windows, value-embedding layers, listed skips, backout, inits
+
+
+@pytest.fixture(scope="module")
+def frontier_model():
+    """--preset=frontier without its 290M-row bigram table (its count is checked by arithmetic)."""
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier", "--bigram_rows=0"])
+    tg.check_config(args, 8)
+    torch.manual_seed(0)
+    return tg.build_model(args), args
+
+
+def test_frontier_preset_builds_the_recipes_eleven_layers(frontier_model):
+    model, args = frontier_model
+    assert len(model.blocks) == 11 and [i for i, b in enumerate(model.blocks) if b.attn is None] == [6]
+    assert model.window_kind == list("SSSLSSSSSSL")  # long windows on 3 and 10
+    assert model.ve_table == [None, 0, 1, None, None, None, None, None, 2, 3, 4]  # five tables, one block each
+    assert [(w, src, dst) for dst, into in enumerate(model.skips_into) for w, src in into] == [(0, 3, 6)]
+    assert model.skip_weights.tolist() == [-1.5] and isinstance(model.skip_gate, tg.SigmoidSkipWeights)
+    assert model.backout.layer == 7 and model.backout.lam.item() == -0.5
+    on = lambda name, cls: [i for i, b in enumerate(model.blocks) if b.attn is not None and
+                            isinstance(getattr(b.attn, name), cls)]
+    assert on("key_offset", tg.KeyOffset) == [3, 10] and on("xsa", tg.ExclusiveSelfAttention) == [1, 3, 4, 7, 8, 10]
+    assert on("ve_gate", tg.ValueEmbedGate) == [1, 2, 8, 9, 10]
+    # inits (recipe 3.1-3.2): head N(0, 0.005^2), value embeddings N(0, 0.01^2), attention outputs uniform
+    assert model.lm_head.weight.std().item() == pytest.approx(0.005, rel=0.01)
+    assert all(ve.weight.std().item() == pytest.approx(0.01, rel=0.01) for ve in model.value_embeds)
+    bound = 3 ** 0.5 * 0.5 / 768 ** 0.5
+    proj = model.blocks[0].attn.c_proj.weight
+    assert proj.abs().max().item() <= bound and proj.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.01)
+    assert torch.equal(model.embed.weight, model.lm_head.weight[:50257])  # tied at start (--untie_step=847)
+
+
+def test_frontier_describe_model_prints_parameters_and_flops(frontier_model):
+    model, args = frontier_model
+    text = tg.describe_model(model, args)
+    bigram = 377_280 * 768 + 1  # the table and its gain
+    total = tg.count_params(model) + bigram
+    assert total == 635_467_414, total
+    assert f"= {tg.count_params(model):,}" in text and "embeddings 231,584,256" in text  # 50,257 x 768 x (1 + 5)
+    assert "head tied to the embedding until step 847" in text and "forward FLOPs/token:" in text
+    assert "stages: steps" in tg.stage_table(args)
+
+
+def test_skip_pairs_listing_the_unet_equal_the_default():
+    torch.manual_seed(0)
+    default = randomize_zero_matrices(tg.build_model(smoke_args()))
+    listed = tg.build_model(smoke_args("--skip_pairs=1:2,0:3"))
+    listed.load_state_dict(default.state_dict())
+    x = tokens_with_docs(256, [0, 100])
+    with torch.no_grad():
+        assert torch.equal(default(x), listed(x))
+
+
+def test_listed_skip_and_backout_by_hand():
+    """--skip_pairs=0:2 --backout_layer=1: block 2's input gets w * block 0's output, and the head reads
+    norm(x_final + lam * block 1's output); recomputed from the blocks one by one."""
+    model = live_model("--skip_pairs=0:2", "--backout_layer=1")
+    with torch.no_grad():
+        model.skip_weights.fill_(0.7)
+        model.backout.lam.fill_(-0.3)
+        x = tokens_with_docs(256, [0, 90])
+        masks = model.attention_masks(x, model.default_window_blocks)
+        ves = [ve(x)[None] for ve in model.value_embeds]
+        h = x0 = tg.norm(model.embed(x)[None])
+        outs = []
+        for i, block in enumerate(model.blocks):
+            if i == 2:
+                h = h + 0.7 * outs[0]
+            table = model.ve_table[i]
+            h = block(h, x0, None if table is None else ves[table], masks[model.window_kind[i]])
+            outs.append(h)
+        ref = tg.norm(h - 0.3 * outs[1])[0]
+        torch.testing.assert_close(model.hidden(x), ref, rtol=0, atol=0)
+
+
+def test_per_block_window_pattern_and_value_embed_layers():
+    args = smoke_args("--window_pattern=SLLS", "--value_embed_layers=2")
+    assert tg.window_kinds(args) == list("SLLS") and tg.value_embed_tables(args) == [None, None, 0, None]
+    assert tg.window_kinds(smoke_args("--window_pattern=LS")) == list("LSSL")  # half: mirrored, as before
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num_layers=5", "--window_pattern=LSSSL"], "an odd depth needs its skips listed"),
+    (["--num_layers=5", "--skip_pairs=1:3", "--no_attn_layers=2"], "num_layers=5 \\(one per block\\)"),
+    (["--value_embed_layers=1,2"], "must name num_value_embeds=1 different blocks"),
+    (["--skip_pairs=2:1"], "each src:dst needs 0 <= src < dst"),
+    (["--skip_pairs=1-2"], "src:dst pairs such as"),
+    (["--backout_layer=4"], "--backout_layer=4 must be a block in 0..3"),
+    (["--attn_proj_init=normal"], "valid values: zero, uniform"),
+])
+def test_bad_shape_flags_name_the_fix(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        smoke_args(*flags)
+
+
+def test_odd_depth_with_listed_skips_builds():
+    args = smoke_args("--num_layers=5", "--window_pattern=LSSSL", "--skip_pairs=1:3", "--no_attn_layers=2")
+    model = tg.build_model(args)
+    assert len(model.blocks) == 5 and model.skips_into[3] == [(0, 1)]
+    x = tokens_with_docs(128, [0])
+    assert model(x).shape == (128, 50304)

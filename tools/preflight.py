@@ -269,7 +269,7 @@ def fp8_enabled(args: tg.Hyperparameters, device: torch.device) -> bool:
 
 def place_model(args: tg.Hyperparameters, device: torch.device) -> tg.GPT:
     """build_model, then what main() does before training: same seed, on the device, bf16 embeddings on GPU (so
-    every activation is bf16), the FP8 head where supported."""
+    every activation is bf16), the FP8 head and FP8 MLPs (--fp8_mlp) where supported."""
     torch.manual_seed(args.seed)
     model = tg.build_model(args).to(device)
     if device.type == "cuda":
@@ -277,6 +277,10 @@ def place_model(args: tg.Hyperparameters, device: torch.device) -> tg.GPT:
             if isinstance(m, nn.Embedding):
                 m.bfloat16()
     model.lm_head.use_fp8 = fp8_enabled(args, device)
+    fp8_mlp = args.fp8_mlp and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    for m in model.modules():
+        if isinstance(m, tg.FP8MLP):
+            m.use_fp8 = fp8_mlp
     return model
 
 

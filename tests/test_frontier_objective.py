@@ -1,0 +1,210 @@
+"""Frontier II (issue 14), the training objective and head of the post-#21 recipe (../shared/docs/frontier_recipe.md
+sections 1.2, 3.2, 3.7): embedding tied to the head until --untie_step (then the head's Adam state copied to it),
+multi-token prediction and the prefix-token loss with their per-stage weights. Hand references for each; the
+validation loss stays next-token only. Resume across the untie and 1 vs 2 processes: tests/test_frontier.py."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+from conftest import randomize_zero_matrices, smoke_args
+
+
+def frontier(*flags):
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier", *flags])
+    tg.check_config(args, 8)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss weights per stage (recipe section 1.2's table)
+
+
+def test_stage_loss_weights_are_the_recipe_table():
+    args = frontier()
+    w = lambda step: [round(v, 4) for v in tg.loss_weights(step, args)]  # [next, +1, +2, prefix]
+    assert w(0) == [1.0, 0.5, 0.25, 0.25]
+    assert w(211) == [1.0, 0.5, round(0.25 * (1 - 211 / 423), 4), 0.25]  # 0.25 -> 0 over stage 1 (steps 0-422)
+    assert w(423) == [1.0, 0.5, 0.0, 0.25]  # stage 2: [1, 0.5 -> 0], prefix 0.25 -> 0
+    assert w(635) == [1.0, round(0.5 * (1 - 212 / 424), 4), 0.0, round(0.25 * (1 - 212 / 424), 4)]
+    assert w(847) == w(1269) == w(1270) == w(1284) == [1.0, 0.0, 0.0, 0.0]  # stage 3 and the extension: [1]
+    assert tg.loss_weights(5, tg.Hyperparameters()) == [1.0]  # the default: next token alone
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mtp_weights=1,0.5;1"], "has 2 ';'-separated entries; the run has 3 stages"),
+    (["--prefix_weights=0.25,0.1;0;0"], "one weight per stage"),
+    (["--mtp_weights=1,x;1;1"], "plain non-negative numbers"),
+    (["--untie_step=846"], "must be a step at which Adam updates .* e.g. 845 or 847"),
+    (["--untie_step=847", "--head_init_std=0"], "needs --head_init_std > 0"),
+])
+def test_bad_objective_flags_name_the_fix(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        frontier(*flags)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-token prediction and the prefix-token loss against loops of F.cross_entropy
+
+
+def test_prefix_token_table_by_hand():
+    tiktoken = pytest.importorskip("tiktoken")
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception:
+        pytest.skip("GPT-2 BPE files unavailable (set TIKTOKEN_CACHE_DIR)")
+    table = tg.prefix_token_table(50304)
+    token = lambda text: enc.encode_single_token(text)
+    assert table[token("hello")] == token("hell") and table[token(" t")] == token(" ")
+    assert table[token("!")] == -1 and table[tg.EOT_TOKEN] == -1 and table[50300] == -1  # a byte; EOT; padding
+    assert int((table >= 0).sum()) == 50_000
+    vocab = {enc.decode_single_token_bytes(t) for t in range(enc.n_vocab)}
+    for t in range(1000, 1200):  # each prefix is proper, and no longer proper prefix is a token
+        piece, p = enc.decode_single_token_bytes(t), int(table[t])
+        longest = max((n for n in range(1, len(piece)) if piece[:n] in vocab), default=0)
+        assert (p == -1) == (longest == 0)
+        if p >= 0:
+            assert enc.decode_single_token_bytes(p) == piece[:longest]
+
+
+def test_weighted_losses_equal_a_loop_of_cross_entropies(monkeypatch):
+    T, V = 12, 40
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(T, V, generator=gen, requires_grad=True)
+    targets = torch.randint(0, V, (T,), generator=gen)
+    prefix = torch.randint(-1, V, (V,), generator=gen)
+    monkeypatch.setattr(tg, "prefix_token_table", lambda vocab_size: prefix)
+    loss = tg.WeightedTokenLosses(num_targets=3, prefix=True, vocab_size=V)
+    loss.weights.copy_(torch.tensor([1.0, 0.5, 0.25, 0.3]))
+    ce = lambda rows, cols: F.cross_entropy(logits[rows], cols, reduction="sum")
+    ref = ce(slice(0, T), targets) + 0.5 * ce(slice(0, T - 1), targets[1:]) + 0.25 * ce(slice(0, T - 2), targets[2:])
+    has = prefix[targets] >= 0  # positions whose next token has a prefix token
+    ref = (ref + 0.3 * ce(has, prefix[targets][has])) / T
+    out = loss(logits, targets)
+    torch.testing.assert_close(out, ref)
+    g, g_ref = torch.autograd.grad(out, logits)[0], torch.autograd.grad(ref, logits)[0]
+    torch.testing.assert_close(g, g_ref)
+    loss.weights.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # stage 3: the next token alone = #21's loss
+    torch.testing.assert_close(loss(logits, targets), F.cross_entropy(logits, targets))
+
+
+def objective_model(*flags, seed=0):
+    torch.manual_seed(seed)
+    return randomize_zero_matrices(tg.build_model(smoke_args(*flags)))
+
+
+MTP = ["--vocab_size=1024", "--mtp_weights=1,0.5,0.25", "--prefix_weights=0.25"]
+
+
+def test_mtp_model_is_causal_and_validates_on_the_next_token_only():
+    tiktoken = pytest.importorskip("tiktoken")
+    try:
+        tiktoken.get_encoding("gpt2")
+    except Exception:
+        pytest.skip("GPT-2 BPE files unavailable (set TIKTOKEN_CACHE_DIR)")
+    model, plain = objective_model(*MTP), objective_model("--vocab_size=1024")
+    plain.load_state_dict(model.state_dict())  # the same weights: MTP and prefix add no parameters
+    assert tg.count_params(model) == tg.count_params(plain)
+    x = torch.randint(0, 1024, (257,), generator=torch.Generator().manual_seed(1))
+    inputs, targets = x[:-1], x[1:]
+    with torch.no_grad():
+        a = model(inputs)
+        changed = inputs.clone()
+        changed[200:] = 7
+        b = model(changed)
+    assert torch.equal(a[:200], b[:200]) and not torch.equal(a[200:], b[200:])  # the head reads the past only
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert model(inputs, targets) == plain(inputs, targets)  # validation: next-token CE, no extra terms
+    model.train(), plain.train()
+    tg.LossSchedule(model, smoke_args(*MTP), torch.device("cpu")).set(0)
+    with torch.no_grad():
+        assert model(inputs, targets) > plain(inputs, targets)  # training adds the weighted MTP/prefix terms
+
+
+def test_loss_schedule_writes_the_step_weights_in_place():
+    args = smoke_args("--mtp_weights=1,0.5-0")
+    model = tg.build_model(args)
+    buffer = model.train_loss.weights
+    schedule = tg.LossSchedule(model, args, torch.device("cpu"))
+    schedule.set(15)
+    assert model.train_loss.weights is buffer and buffer.tolist() == [1.0, 0.25]  # half-way through 30 steps
+    schedule.set(29)  # the last step of the run (the table ends there)
+    assert buffer[1].item() == pytest.approx(0.5 / 30)
+    assert tg.LossSchedule(tg.build_model(smoke_args()), smoke_args(), torch.device("cpu")).buffer is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tied until --untie_step, then untied with the head's Adam state
+
+
+# a 1,024-token vocabulary keeps the head small: these tests step the optimizers on CPU
+UNTIE = ["--vocab_size=1024", "--head_init_std=0.005", "--untie_step=3", "--adam_every=2", "--adam_wd=0.005",
+         "--embed_lr=0.008"]
+
+
+def batches(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[(x[:-1], x[1:]) for x in [torch.randint(0, 1024, (513,), generator=gen)]] for _ in range(n)]
+
+
+def test_tied_embedding_follows_the_head_then_gets_its_adam_state():
+    args = smoke_args(*UNTIE)
+    torch.manual_seed(0)
+    model = tg.build_model(args)
+    head, embed = model.lm_head.weight, model.embed.weight
+    assert torch.equal(embed, head[:args.vocab_size]) and 0.004 < head.std().item() < 0.006
+    adam, muon = opts = tg.build_optimizers(model, args)
+    data = batches(6)
+    for step in range(4):  # Adam updates at steps 1 and 3 (adam_every=2); the untie follows step 3's update
+        tg.train_step(model, opts, data[step], 1, args, step, 1)
+        assert torch.equal(embed, head[:args.vocab_size]), step
+        assert embed not in adam.state or step == 3
+    state, head_state = adam.state[embed], adam.state[head]
+    assert state["step"] == head_state["step"] == 2
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(state[key], head_state[key][:args.vocab_size])
+        assert state[key] is not head_state[key]
+    before = embed.detach().clone()
+    for step in (4, 5):
+        tg.train_step(model, opts, data[step], 1, args, step, 1)
+    assert not torch.equal(embed, before) and not torch.equal(embed, head[:args.vocab_size])  # its own updates
+    assert adam.state[embed]["step"] == 3
+
+
+def test_tied_update_equals_a_head_that_serves_as_the_embedding():
+    """While tied, the head's Adam update sees its own gradient plus the embedding's: the same as a model whose
+    embedding lookups read the head's weight directly (autograd adds the two uses)."""
+    flags = ["--vocab_size=1024", "--head_init_std=0.005", "--adam_wd=0.005", "--embed_lr=0.008"]
+    args = smoke_args(*flags, "--untie_step=2")
+    torch.manual_seed(0)
+    model = randomize_zero_matrices(tg.build_model(args))
+    shared = copy.deepcopy(model)
+    shared.embed.forward = lambda ids: F.embedding(ids, shared.lm_head.weight[:args.vocab_size])
+    opts, ref_opts = tg.build_optimizers(model, args), tg.build_optimizers(shared, smoke_args(*flags))
+    head_before = model.lm_head.weight.detach().clone()
+    data = batches(1)[0]
+    tg.train_step(model, opts, data, 1, args, 0, 1)
+    tg.train_step(shared, ref_opts, data, 1, args, 0, 1)
+    assert shared.embed.weight.grad is None  # the reference's embedding table is never read
+    assert torch.equal(model.lm_head.weight, shared.lm_head.weight) and not torch.equal(head_before,
+                                                                                         shared.lm_head.weight)
+    assert torch.equal(model.embed.weight, shared.lm_head.weight[:args.vocab_size])
+
+
+def test_untie_survives_the_optimizer_reload_of_the_compile_warmup():
+    """compile_warmup restores the optimizers with load_state_dict: the tie's count of Adam updates is re-read."""
+    args = smoke_args(*UNTIE)
+    torch.manual_seed(0)
+    model = tg.build_model(args)
+    adam, _ = opts = tg.build_optimizers(model, args)
+    fresh = copy.deepcopy(adam.state_dict())
+    for step, data in enumerate(batches(4)):
+        tg.train_step(model, opts, data, 1, args, step, 1)
+    adam.load_state_dict(fresh)
+    model.embed.weight.data.copy_(model.lm_head.weight.data[:args.vocab_size])
+    for step, data in enumerate(batches(2, seed=1)):
+        tg.train_step(model, opts, data, 1, args, step, 1)
+        assert torch.equal(model.embed.weight, model.lm_head.weight[:args.vocab_size])  # tied again from 0
