@@ -63,6 +63,14 @@ def randomize_zero_matrices(model, std: float = 0.02):
     return model
 
 
+def frontier_args(*flags):
+    """--preset=frontier with flags, validated as train_gpt.main() would on 8 GPUs."""
+    import train_gpt as tg
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier", *flags])
+    tg.check_config(args, 8)
+    return args
+
+
 def smoke_args(*flags):
     """The smoke preset with flags, validated as train_gpt.main() would."""
     import train_gpt as tg

@@ -14,16 +14,10 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import load_script, smoke_args, smoke_model, summary_of, write_shard
+from conftest import frontier_args as frontier, load_script, smoke_args, smoke_model, summary_of, write_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def frontier(*flags):
-    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier", *flags])
-    tg.check_config(args, 8)
-    return args
 
 
 # ---------------------------------------------------------------------------------------------------------------

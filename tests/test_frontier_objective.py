@@ -9,13 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import randomize_zero_matrices, smoke_args
-
-
-def frontier(*flags):
-    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier", *flags])
-    tg.check_config(args, 8)
-    return args
+from conftest import frontier_args as frontier, randomize_zero_matrices, smoke_args
 
 
 # ---------------------------------------------------------------------------------------------------------------
