@@ -119,6 +119,11 @@ class Hyperparameters:
     value_embed_layers: str = ""  # blocks reading value-embedding tables 0, 1, ... in order ("" = first/last nve)
     skip_pairs: str = ""  # skips "src:dst,...": dst's input += w * src's output ("" = U-net, block i -> L-1-i)
     backout_layer: int = -1  # x += lam * (output of this block) before the final norm, lam init -0.5 (-1 = off)
+    # MUDD (frontier recipe 3.5, r81): per-token mixes m = 0.1 (W2 GELU(W1 z) + b) of earlier residuals, off by default
+    mudd_final_sources: str = ""  # j=1 before the final norm: x += sum_k m_k s_k, s_k in "in,7:-0.5,9,ve0,3" ("" = off)
+    mudd_block: int = -1  # the block running j=0 (14 per-token mixes around its attention and MLP; -1 = off)
+    mudd_block_source: int = -1  # j=0's c: the earlier block whose output it mixes in and its attention reads
+    mudd_lr: float = 0.002  # Adam LR of the MUDD mixes' W1, W2 ("mudd" group) and b ("mudd_bias" group)
     attn_proj_init: str = "zero"  # zero | uniform: attention output projections' init (frontier r64: uniform)
     value_embed_std: float = 1.0  # std of the value-embedding tables' normal init (frontier: 0.01)
     head_init_std: float = 0.0  # lm_head init: 0 = zeros (#21), else normal with this std (frontier: 0.005)
@@ -211,18 +216,21 @@ FRONTIER = dict(
     # section 2.2: per-group Adam; the embedding is tied to the head until step 847 (3.2) and then trains with
     # the head's settings; the bigram table is in the value embeddings' group
     head_lr=0.008, embed_lr=0.008, value_embed_lr=0.6, scalar_lr=0.04, adam_every=2, adam_wd=0.005,
-    adam_group_betas="head=0.5/0.95,embed=0.5/0.95,value_embeds=0.75/0.95,scalars=0.9/0.99",
-    adam_group_wd="head=150,embed=150,value_embeds=5,scalars=0",
+    adam_group_betas="head=0.5/0.95,embed=0.5/0.95,value_embeds=0.75/0.95,scalars=0.9/0.99,mudd=0.9/0.99,"
+                     "mudd_bias=0.9/0.99",
+    adam_group_wd="head=150,embed=150,value_embeds=5,scalars=0,mudd=1,mudd_bias=0", mudd_lr=0.002,
     softcap="frontier", run_name="frontier",
     # sections 3.1-3.4, the model half (Frontier II), in the recipe's 11-layer shape (r30/r35 dropped #21's first
     # layer): no attention in block 6, long windows on 3 and 10, five value-embedding tables read by blocks 1, 2
-    # and 8, 9, 10 (r63/r70), one sigmoid-gated skip 3 -> 6 (r32/r45), backout of block 7's output (r40),
+    # and 8, 9, 10 (r63/r70), one sigmoid-gated skip 3 -> 6 (r32/r45), MUDD (r81, 3.5): its j=1 mix of c0, c7,
+    # c9, VE_0 and c3 before the final norm (m1 = -0.5 on c7: r40's backout at init) and its j=0 block 10 reading c7,
     # attention output projections uniform (r64), head N(0, 0.005^2) (r51). Smear (r34); sparse attention gate on
     # every attention layer (r28's form); key offset on the long-window layers 3 and 10 (r49); x-lambda init 1.1
     # (r45); VE gates on the value-embedding layers (r55/r70); XSA's static form on r82's layers 1,3,4,7,8,10;
     # bigram hash table of 7.5 x 50,304 rows with signs (r62/r83), added once at the input.
     num_layers=11, no_attn_layers="6", window_pattern="SSSLSSSSSSL", num_value_embeds=5,
-    value_embed_layers="1,2,8,9,10", value_embed_std=0.01, skip_pairs="3:6", skip_gate=True, backout_layer=7,
+    value_embed_layers="1,2,8,9,10", value_embed_std=0.01, skip_pairs="3:6", skip_gate=True,
+    mudd_final_sources="in,7:-0.5,9,ve0,3", mudd_block=10, mudd_block_source=7,
     attn_proj_init="uniform", head_init_std=0.005,
     # sections 3.2 and 3.7: embedding tied to the head through step 847 (r51, the first stage-3 step, odd so that
     # Adam updates at it); multi-token prediction (r53) and the prefix-token loss (r88) with the stage weights of 1.2
@@ -245,11 +253,13 @@ PRESETS = {
         stages="256:256:1-1:1.0,512:384:1-3:1.52,768:512:2-4:1.73", num_iterations=30, extension_steps=3,
         extension_window="2-5", val_window="3-6", val_every=10, muon_momentum_warmup_steps=10,
         muon_momentum_cooldown_steps=5, run_name="frontier_smoke",
-        # the smoke model's 4 blocks have attention in 0, 1, 3 (windows L S S L): its one value-embedding table
-        # in block 1, the gated skip into the attention-free block 2 (the recipe's 3 -> 6), backout of block 2;
-        # XSA on the two after the first; a bigram table sized for the ~40k tokens a smoke run reads (the
-        # recipe's 377,280 x 128 would be 48M parameters)
-        value_embed_layers="1", skip_pairs="1:2", backout_layer=2, xsa_layers="1,3", bigram_rows=8192,
+        # the smoke model's 4 blocks have attention in 0, 1, 3 (windows L S S L): value-embedding tables in
+        # blocks 1 and 3, the gated skip into the attention-free block 2 (the recipe's 3 -> 6); MUDD's j=1 mix of
+        # c0, c2 (the recipe's c7, init -0.5; also the last block's input, its c9), c1 (its c3) and VE_0, and its
+        # j=0 in the last block reading c2; XSA on the two after the first; a bigram table sized for the ~40k
+        # tokens a smoke run reads (the recipe's 377,280 x 128 would be 48M parameters)
+        num_value_embeds=2, value_embed_layers="1,3", skip_pairs="1:2", xsa_layers="1,3", bigram_rows=8192,
+        mudd_final_sources="in,2:-0.5,1,ve0", mudd_block=3, mudd_block_source=2,
         paired_head_layers="0",  # the first attention block (no XSA); its 2 heads are one pair, so per-pair
         # Muon (inherited) orthogonalizes the same matrices as whole Q and K here
         untie_step=21)},  # the first odd step of stage 3 (steps 20-29)
@@ -400,7 +410,7 @@ MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=
                   muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, kron_adam_lr=0.0, adam_eps=0.0,
                   attn_scale=0.0, kd_temp=1e-6, kd_cosine=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
                   muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_wd=0.0, adam_every=1, extension_steps=0,
-                  mot_self_pool=1, kron_progressive_every=0, kron_progressive_distill_steps=0)
+                  mot_self_pool=1, kron_progressive_every=0, kron_progressive_distill_steps=0, mudd_lr=0.0)
 UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_momentum_end", "adam_beta1",
                  "adam_beta2", "kd_alpha")
 # flag -> (what makes it meaningful, a predicate on args): setting the flag without that draws a warning
@@ -443,6 +453,8 @@ NEEDS = dict(
     yarn=("--stages (YaRN follows the stages' window changes)", lambda a: bool(a.stages)),
     window_schedule_tokens=("#21's schedule (it is replaced by --stages)", lambda a: not a.stages),
     ve_gate=("--num_value_embeds > 0 (it gates the value embeddings)", lambda a: a.num_value_embeds > 0),
+    mudd_block_source=("--mudd_block >= 0", lambda a: a.mudd_block >= 0),
+    mudd_lr=("--mudd_final_sources or --mudd_block", lambda a: bool(a.mudd_final_sources) or a.mudd_block >= 0),
 )
 
 
@@ -682,6 +694,50 @@ def check_model_shape(args: Hyperparameters, fail):
         fail(f"--attn_proj_init={args.attn_proj_init!r}; valid values: zero, uniform")
     if args.value_embed_std <= 0 or args.head_init_std < 0:
         fail(f"--value_embed_std={args.value_embed_std} must be > 0 and --head_init_std={args.head_init_std} >= 0")
+    check_mudd(args, fail)
+
+
+def check_mudd(args: Hyperparameters, fail):
+    """--mudd_final_sources (j=1) and --mudd_block / --mudd_block_source (j=0): sources that exist, residual-wide
+    values, and the inputs the j=0 block mixes (its attention, value embedding, bigram embedding)."""
+    L, text = args.num_layers, args.mudd_final_sources
+    try:
+        sources = parse_mudd_sources(text)
+    except ValueError:
+        fail(f"--mudd_final_sources={text!r}: expected comma-separated sources, each 'in' (the residual entering "
+             f"block 0), a block index N (its output) or 'veK' (value-embedding table K), optionally ':init' "
+             f"(default 0), e.g. 'in,7:-0.5,9,ve0,3'")
+    names = [name for name, _ in sources]
+    if text.strip() and not sources:
+        fail(f"--mudd_final_sources={text!r} lists no source (use '' for off)")
+    bad = [n for n in names if isinstance(n, int) and not 0 <= n < L] + \
+        [n for n in names if isinstance(n, str) and n != "in" and int(n[2:]) >= args.num_value_embeds]
+    if bad:
+        fail(f"--mudd_final_sources names {bad}: blocks must be in 0..{L - 1}, value-embedding tables in "
+             f"0..{args.num_value_embeds - 1} (--num_value_embeds={args.num_value_embeds})")
+    if len(set(names)) != len(names):
+        fail(f"--mudd_final_sources={text!r} lists a source twice; give each source once (one weight each)")
+    if not all(math.isfinite(init) for _, init in sources):
+        fail(f"--mudd_final_sources={text!r}: the inits must be finite numbers")
+    if any(isinstance(n, str) and n != "in" for n in names) and value_embed_dim(args) != args.model_dim:
+        fail(f"--mudd_final_sources adds value embeddings to the residual; with --n_kv_heads={args.n_kv_heads} "
+             f"they are {value_embed_dim(args)} wide, not model_dim={args.model_dim} (drop the veK sources)")
+    if sources and args.backout_layer >= 0:
+        fail(f"--mudd_final_sources generalizes --backout_layer={args.backout_layer}: list "
+             f"'{args.backout_layer}:-0.5' among its sources and drop --backout_layer (-1)")
+    k, c = args.mudd_block, args.mudd_block_source
+    if not -1 <= k < L:
+        fail(f"--mudd_block={k} must be a block in 0..{L - 1} (or -1: off)")
+    if k < 0:
+        return
+    if not 0 <= c < k:
+        fail(f"--mudd_block={k} needs --mudd_block_source in 0..{k - 1}: the earlier block whose output its "
+             f"attention reads and its mixes add (recipe: 7 for block 10); got {c}")
+    if k in parse_layer_list(args.no_attn_layers):
+        fail(f"--mudd_block={k} mixes into its attention's values; block {k} has none (--no_attn_layers)")
+    if args.mla_kv_rank > 0 or kv_heads(args) != args.num_heads:
+        fail(f"--mudd_block={k} adds model_dim-wide residuals to the attention's values: it needs multi-head "
+             f"attention (no --n_kv_heads, no --mla_kv_rank)")
 
 
 def check_objective(args: Hyperparameters, fail):
@@ -729,6 +785,19 @@ def skip_connections(args: Hyperparameters) -> list[tuple[int, int]]:
         return parse_skip_pairs(args.skip_pairs)
     L = args.num_layers
     return [(L - 1 - i, i) for i in range(L // 2, L)]
+
+
+def parse_mudd_sources(text: str) -> list[tuple[str | int, float]]:
+    """--mudd_final_sources "in,7:-0.5,9,ve0,3" -> [("in", 0.0), (7, -0.5), (9, 0.0), ("ve0", 0.0), (3, 0.0)]:
+    per source its effective init (default 0). "in" = the residual entering block 0 (the recipe's c0), an integer N =
+    block N's output, "veK" = value-embedding table K read at the input tokens (ValueError when malformed)."""
+    sources = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, init = item.partition(":")
+        if name != "in" and not (name.startswith("ve") and name[2:].isdigit()):
+            name = int(name)
+        sources.append((name, float(init) if init else 0.0))
+    return sources
 
 
 def parse_layer_list(text: str) -> list[int]:
@@ -1252,8 +1321,8 @@ def recipe_matrices(model: nn.Module) -> list[nn.Parameter]:
     parameter of >= 2 dims except embeddings (N(0, 1)), Kronecker/KS factors (their own fan-in rule) and the
     zero-initialized ones (output projections, the untied head)."""
     own_init = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    own_init |= {id(p) for m in model.modules() if isinstance(m, (KronLinear, GroupedKronLinear, KSLinear))
-                 for p in m.parameters()}
+    own_init |= {id(p) for m in model.modules() if isinstance(m, (KronLinear, GroupedKronLinear, KSLinear,
+                                                                   MuddWeights)) for p in m.parameters()}
     head = getattr(model, "lm_head", None)
     if isinstance(head, CastedLinear):  # zeros, or its own normal draw (--head_init_std)
         own_init.add(id(head.weight))
@@ -1754,7 +1823,7 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
     the output gate everywhere (frontier recipe 3.4)."""
     if args.key_offset and window_kinds(args)[layer] == "L":
         attn.key_offset = KeyOffset(attn.rotary)
-    if args.ve_gate and value_embed_tables(args)[layer] is not None:
+    if args.ve_gate and value_embed_tables(args)[layer] is not None and layer != args.mudd_block:  # MUDD: m6, m7
         attn.ve_gate = ValueEmbedGate(kv_heads(args))
     if layer in parse_layer_list(args.xsa_layers):
         attn.xsa = ExclusiveSelfAttention(args.num_heads, kv_heads(args))
@@ -2135,11 +2204,94 @@ class Block(nn.Module):
         self.lambdas = nn.Parameter(torch.tensor([args.resid_lambda_init, 0.0]))
         self.dropout = dropout_layer(args.dropout)  # on both branch outputs; Identity at --dropout=0
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask) -> Tensor:
-        x = self.lambdas[0] * x + self.lambdas[1] * x0
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, sources: dict | None = None) -> Tensor:
+        x = self.lambdas[0] * x + self.lambdas[1] * x0  # sources: the earlier residuals, read by MuddBlock only
         if self.attn is not None:
             x = x + self.dropout(self.attn(norm(x), ve, mask))
         return x + self.dropout(self.mlp(norm(x)))
+
+
+MUDD_HIDDEN, MUDD_SCALE = 64, 0.1  # the recipe's F_j: 64 hidden units, outputs times 0.1
+
+
+class MuddWeights(nn.Module):
+    """MUDD's per-token mixing weights (frontier recipe 3.5, r81; arXiv 2502.12170): m = F(z) = 0.1 (W2 GELU(W1 z)
+    + b), z the un-normalized residual (T, dim) -> m (T, n). W1 (64, dim) ~ U(+-1/sqrt(dim)) (nn.Linear's default,
+    kaiming-uniform a=sqrt(5)), W2 (n, 64) zero, b = inits / 0.1, so m starts at the given effective inits for every
+    token. m is computed in fp32 and returned in z's dtype. W1, W2 train in Adam's "mudd" group, b in "mudd_bias"
+    (no weight decay), at --mudd_lr (param_groups)."""
+
+    def __init__(self, dim: int, inits: list[float]):
+        super().__init__()
+        bound = dim ** -0.5
+        self.w1 = nn.Parameter(torch.empty(MUDD_HIDDEN, dim).uniform_(-bound, bound))
+        self.w2 = nn.Parameter(torch.zeros(len(inits), MUDD_HIDDEN))
+        self.b = nn.Parameter(torch.tensor(inits, dtype=torch.float32) / MUDD_SCALE)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = F.gelu(F.linear(z, self.w1.type_as(z)))
+        return (MUDD_SCALE * (F.linear(h, self.w2.type_as(h)).float() + self.b)).type_as(z)
+
+
+class MuddHeadGates(nn.Module):
+    """MuddBlock's value-embedding gate: the first ceil(H/2) heads times m6, the others times m7 (no sigmoid), plus
+    the block's value terms. Without a value embedding in that block MuddBlock has PassThrough instead (values
+    only)."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.register_buffer("first", torch.arange(heads) < (heads + 1) // 2, persistent=False)
+
+    def forward(self, values: Tensor, m6: Tensor, m7: Tensor, ve: Tensor) -> Tensor:  # m6, m7 (B, T, 1)
+        gate = torch.where(self.first[:, None], m6[..., None], m7[..., None])  # (B, T, heads, 1)
+        return (gate * ve.view(*ve.shape[:-1], self.first.numel(), -1)).flatten(-2) + values
+
+
+class ScaledAdd(nn.Module):
+    """x + m b: MuddBlock's bigram term (PassThrough without --bigram_rows: b = 0)."""
+
+    def forward(self, x: Tensor, m: Tensor, b: Tensor) -> Tensor:
+        return x + m * b
+
+
+class MuddBlock(nn.Module):
+    """--mudd_block=k, --mudd_block_source=c (frontier recipe 3.5, MUDD's j=0 at the recipe's layer 10, c = 7):
+    block k with 14 per-token mixes m = MuddWeights(x) of its input x in place of Block's lambdas:
+      V += m0 c0 + m1 c + m2 x   (c0 = the residual entering block 0, c = block c's output; model_dim = all heads)
+      x <- (1 + m5) x + m3 c0 + m4 c
+      value-embedding gate: the first ceil(H/2) heads m6, the others m7 (no sigmoid; replaces ValueEmbedGate)
+      a = Attn(RMSNorm(c))   (the recipe's r77: its attention reads c, not x)
+      x <- m8 x + m9 a + m10 x0 + m11 b   (x0 = the normed token embedding, b = the bigram embedding)
+      x <- m12 x + m13 MLP(RMSNorm(x))
+    Effective inits m6 = m7 = 2, m8 = m12 = sqrt(1.1), m9 = m13 = 1, m11 = 0.05, the rest 0. The value terms enter
+    the attention the way its value embedding does: v = l0 v + l1 (gated ve + m0 c0 + m1 c + m2 x), l1 the
+    attention's value lambda (#21's, init 0.5), so they are scaled by l1 where the recipe adds them as they are
+    (its values have no l1). Without a value embedding in block k, m6 and m7 gate nothing; without --bigram_rows,
+    b = 0 (m11 idle): both chosen at build time. check_mudd asks for attention with model_dim-wide values."""
+    INITS = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 1.1 ** 0.5, 1.0, 0.0, 0.05, 1.1 ** 0.5, 1.0]
+
+    def __init__(self, args: Hyperparameters, layer: int, max_seq_len: int):
+        super().__init__()
+        self.attn = build_attention(args, max_seq_len, layer)  # install_head_hooks leaves its ve_gate alone
+        self.mlp = build_mlp(args, layer)
+        self.mudd = MuddWeights(args.model_dim, self.INITS)
+        self.source = args.mudd_block_source
+        self.ve_gate = MuddHeadGates(args.num_heads) if value_embed_tables(args)[layer] is not None else PassThrough()
+        self.add_bigram = ScaledAdd() if args.bigram_rows > 0 else PassThrough()
+        self.dropout = dropout_layer(args.dropout)
+
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, sources: dict) -> Tensor:
+        c0, c = sources["in"], sources[self.source]
+        m = self.mudd(x).unsqueeze(-1).unbind(-2)  # 14 x (B, T, 1)
+        values = self.ve_gate(m[0] * c0 + m[1] * c + m[2] * x, m[6], m[7], ve)
+        x = (1 + m[5]) * x + m[3] * c0 + m[4] * c
+        x = m[8] * x + m[9] * self.dropout(self.attn(norm(c), values, mask)) + m[10] * x0
+        x = self.add_bigram(x, m[11], sources.get("bigram"))
+        return m[12] * x + m[13] * self.dropout(self.mlp(norm(x)))
+
+
+def build_block(args: Hyperparameters, layer: int, max_seq_len: int) -> nn.Module:
+    return (MuddBlock if layer == args.mudd_block else Block)(args, layer, max_seq_len)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -2216,8 +2368,10 @@ class BigramHashEmbedding(nn.Module):
         self.register_buffer("signs", torch.where(draw >= 0, 1, -1).to(torch.int8))
         self.gain = nn.Parameter(torch.tensor([0.05]))
 
-    def forward(self, x0: Tensor, inputs: Tensor) -> Tensor:  # x0 (1, T, dim), inputs (T,)
+    def forward(self, x0: Tensor, inputs: Tensor, sources: dict | None = None) -> Tensor:  # x0 (1, T, dim)
         b = self.table(bigram_hash(inputs, self.rows)) * self.signs[bigram_sign_index(inputs)].type_as(x0)
+        if sources is not None:  # GPT.hidden's: b is what --mudd_block mixes in after its attention
+            sources["bigram"] = b[None]
         return x0 + self.gain[0].type_as(x0) * b[None]
 
 
@@ -2233,6 +2387,27 @@ class Backout(nn.Module):
 
     def forward(self, x: Tensor, outputs: dict) -> Tensor:
         return x + self.lam[0].type_as(x) * outputs[self.layer]
+
+
+class MuddFinalMix(nn.Module):
+    """--mudd_final_sources (frontier recipe 3.3/3.5, MUDD's j=1, r81): before the final norm,
+    x <- x + sum_k m_k s_k with m = MuddWeights(x) per token (x the un-normalized final residual) and the sources
+    s_k in the flag's order: "in" = the residual entering block 0 (c0), N = block N's output, "veK" = value-embedding
+    table K at the input tokens; m_k starts at the source's init. The recipe's "in,7:-0.5,9,ve0,3" is
+    x + m0 c0 + m1 c7 + m2 c9 + m3 VE_0(x_t) + m4 c3 (c9 = block 9's output = block 10's input), and at init it is
+    --backout_layer=7 (x - 0.5 c7) bit for bit."""
+
+    def __init__(self, dim: int, sources: list[tuple[str | int, float]]):
+        super().__init__()
+        self.sources = [(name.startswith("ve"), int(name[2:])) if isinstance(name, str) and name != "in" else
+                        (False, name) for name, _ in sources]  # (from the value embeddings?, key)
+        self.mudd = MuddWeights(dim, [init for _, init in sources])
+
+    def forward(self, x: Tensor, outputs: dict, ves: list) -> Tensor:
+        m = self.mudd(x).unsqueeze(-1).unbind(-2)
+        for m_k, (is_ve, key) in zip(m, self.sources):
+            x = x + m_k * (ves[key] if is_ve else outputs[key])
+        return x
 
 
 class SigmoidSkipWeights(nn.Module):
@@ -2559,7 +2734,7 @@ class GPT(nn.Module):
             with torch.no_grad():
                 for ve in self.value_embeds:
                     ve.weight.mul_(args.value_embed_std)
-        self.blocks = nn.ModuleList([Block(args, i, max_seq_len) for i in range(L)])
+        self.blocks = nn.ModuleList([build_block(args, i, max_seq_len) for i in range(L)])  # --mudd_block: MuddBlock
         # skips: block dst's input += skip_gate(w) * block src's output, one weight per (src, dst) pair: the U-net
         # (block L-1-i <- block i) or --skip_pairs; --skip_gate passes the weights through a sigmoid
         self.skip_gate = SigmoidSkipWeights() if args.skip_gate else nn.Identity()
@@ -2570,6 +2745,9 @@ class GPT(nn.Module):
         # --backout_layer: x += lam * (that block's output) before the final norm (frontier recipe 3.3, r40)
         self.backout = Backout(args.backout_layer) if args.backout_layer >= 0 else PassThrough()
         self.kept_outputs = {src for src, _ in skips} | ({args.backout_layer} if args.backout_layer >= 0 else set())
+        mudd_sources = parse_mudd_sources(args.mudd_final_sources)  # and the MUDD mixes' block outputs
+        self.kept_outputs |= {n for n, _ in mudd_sources if isinstance(n, int)} | (
+            {args.mudd_block_source} if args.mudd_block >= 0 else set())
         self.lm_head = TiedHead(self.embed.weight) if args.tie_embeddings else \
             CastedLinear(dim, padded_vocab, zero_init=True)
         if args.head_init_std > 0 and not args.tie_embeddings:  # frontier recipe 3.2: N(0, 0.005^2)
@@ -2593,6 +2771,9 @@ class GPT(nn.Module):
         # the long window (blocks) when none is given: sampling and evaluation tools
         self.default_window_blocks = window_at(total_steps(args), args, final=True)[0] if args.stages else \
             next_multiple(args.window_schedule_tokens, BLOCK_SIZE) // BLOCK_SIZE
+        # --mudd_final_sources: MUDD's j=1 mix before the final norm; built last, so every other parameter is the
+        # draw it would be without it (the model with --backout_layer=N and the one with "N:-0.5" agree at init)
+        self.mudd_final = MuddFinalMix(dim, mudd_sources) if mudd_sources else PassThrough()
 
     def attention_masks(self, inputs: Tensor, window_blocks) -> dict:
         """Build the long and the short mask once per sequence; every block reuses one of them. window_blocks: the
@@ -2640,16 +2821,18 @@ class GPT(nn.Module):
             masks = self.attention_masks(inputs, window_blocks)
         ves = [ve(inputs)[None] for ve in self.value_embeds]
         x0 = norm(self.mot(self.embed_noise(self.smear(self.embed(inputs)[None])), inputs))
-        x = self.bigram(x0, inputs)
-        outputs = {}  # block index -> its output, for the skips and the backout that read it
+        # the residuals the skips, the backout and MUDD read: block index -> its output, "in" -> the residual
+        # entering block 0 (c0), "bigram" -> the bigram embedding b (written by BigramHashEmbedding)
+        outputs = {}
+        x = outputs["in"] = self.bigram(x0, inputs, outputs)
         for i, block in enumerate(self.blocks):
             for w, src in self.skips_into[i]:
                 x = x + self.skip_gate(self.skip_weights[w]) * outputs[src]
             table = self.ve_table[i]
-            x = block(x, x0, None if table is None else ves[table], masks[self.mask_key[i]])
+            x = block(x, x0, None if table is None else ves[table], masks[self.mask_key[i]], outputs)
             if i in self.kept_outputs:
                 outputs[i] = x
-        x = self.backout(x, outputs)
+        x = self.mudd_final(self.backout(x, outputs), outputs, ves)
         if cache is not None:
             cache.end()
         return norm(x)[0]
@@ -2697,8 +2880,11 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     kron = [p for m in model.blocks.modules() if isinstance(m, (KronLinear, GroupedKronLinear)) for p in (m.A, m.B)]
     kron_to_adam = args is not None and args.kron_optimizer == "adam"
     adam_ids = {id(p) for p in kron} if kron_to_adam else set()
-    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids]
-    scalars = [p for p in model.parameters() if p.ndim < 2]
+    # --mudd_final_sources / --mudd_block: MUDD's W1, W2 ("mudd") and b ("mudd_bias") are Adam's (recipe 2.2)
+    mudd = [m for m in model.modules() if isinstance(m, MuddWeights)]
+    mudd_ids = {id(p) for m in mudd for p in m.parameters()}
+    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids | mudd_ids]
+    scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in mudd_ids]
     mot_embeds = [m.weight for m in model.mot.modules() if isinstance(m, nn.Embedding)]
     # --bigram_rows: its table is an embedding (Adam "value_embeds" group: the recipe trains it like those)
     bigram = [m.weight for m in model.bigram.modules() if isinstance(m, nn.Embedding)]
@@ -2706,12 +2892,13 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied: embeds own it
     # --mot matrices live outside the blocks: Adam at head_lr (the byte/slot embeddings are embeds, a and b scalars)
     head += [p for p in model.mot.parameters() if p.ndim >= 2 and all(p is not e for e in mot_embeds)]
-    groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, kron=kron if kron_to_adam else [])
+    groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, kron=kron if kron_to_adam else [],
+                  mudd=[p for m in mudd for p in (m.w1, m.w2)], mudd_bias=[m.b for m in mudd])
     assert sum(map(len, groups.values())) == len(list(model.parameters()))
     return groups
 
 
-ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars", "kron")
+ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars", "kron", "mudd", "mudd_bias")
 
 
 def parse_group_values(text: str, flag: str, parse) -> dict:
@@ -2743,9 +2930,9 @@ def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
         id(m.weight) for m in model.bigram.modules() if isinstance(m, nn.Embedding)}
     params = dict(head=groups["head"], embed=[p for p in groups["embeds"] if id(p) not in value_embeds],
                   value_embeds=[p for p in groups["embeds"] if id(p) in value_embeds], scalars=groups["scalars"],
-                  kron=groups["kron"])
+                  kron=groups["kron"], mudd=groups["mudd"], mudd_bias=groups["mudd_bias"])
     lrs = dict(head=args.head_lr, embed=args.embed_lr, value_embeds=args.value_embed_lr or args.embed_lr,
-               scalars=args.scalar_lr, kron=args.kron_adam_lr)
+               scalars=args.scalar_lr, kron=args.kron_adam_lr, mudd=args.mudd_lr, mudd_bias=args.mudd_lr)
     betas = parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
     wd_mults = parse_group_values(args.adam_group_wd, "adam_group_wd", float)
     return [dict(name=name, params=params[name], lr=lrs[name],
@@ -3093,8 +3280,12 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
     embeds = model.embed.weight.numel() + sum(e.weight.numel() for e in model.value_embeds)
     attn_params, mlp_params = sum(map(count_params, attns)), sum(map(count_params, mlps))
     bigram_params = count_params(model.bigram)  # --bigram_rows: table + gain (a gather: no matrix FLOPs)
+    # --mudd_final_sources / --mudd_block: W1, W2, b per mix; FLOPs = its two matrices (the n weighted adds of
+    # dim-wide sources, 2 n dim each, are elementwise: not counted)
+    mudds = [m for m in model.modules() if isinstance(m, MuddWeights)]
+    mudd_params, mudd_flops = sum(map(count_params, mudds)), sum(map(dense_flops_per_token, mudds))
     other = (count_params(model) - embeds - sum(p.numel() for p in head) - attn_params - mlp_params - mot_params
-             - bigram_params)
+             - bigram_params - mudd_params)
     kind = lambda ms: ", ".join(sorted({type(m).__name__ + (f"({args.mlp_act})" if isinstance(m, MLP) else "")
                                         for m in ms}))
     head_kind = ("tied to the embedding" if not head else
@@ -3108,11 +3299,13 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
             f"params: embeddings {embeds:,} + head {sum(p.numel() for p in head):,} + attention {attn_params:,} + "
             f"mlp {mlp_params:,} + block/skip scalars {other:,}"
             f"{f' + bigram hash {bigram_params:,}' if bigram_params else ''}"
+            f"{f' + mudd {mudd_params:,}' if mudd_params else ''}"
             f"{f' + mot {type(model.mot).__name__} {mot_params:,}' if mot_params else ''} = {count_params(model):,}\n"
             f"forward FLOPs/token: attention {attn_flops / 1e6:.1f}M (of which scores {score_flops / 1e6:.1f}M "
             f"at windows {context['L']}/{context['S']}) + mlp {mlp_flops / 1e6:.1f}M (active) + head "
-            f"{head_flops / 1e6:.1f}M{f' + mot {mot_flops / 1e6:.1f}M' if mot_flops else ''} = "
-            f"{(attn_flops + mlp_flops + head_flops + mot_flops) / 1e6:.1f}M"
+            f"{head_flops / 1e6:.1f}M{f' + mot {mot_flops / 1e6:.1f}M' if mot_flops else ''}"
+            f"{f' + mudd {mudd_flops / 1e6:.2f}M' if mudd_flops else ''} = "
+            f"{(attn_flops + mlp_flops + head_flops + mot_flops + mudd_flops) / 1e6:.1f}M"
             + (f"\n{stage_table(args)}" if args.stages else ""))
 
 

@@ -404,7 +404,8 @@ def test_frontier_presets_carry_the_model_half():
     tg.check_config(smoke, 1)
     model = tg.build_model(smoke)
     assert isinstance(model.smear, tg.Smear) and model.bigram.rows == 8192
-    assert model.skips_into[2] == [(0, 1)] and model.backout.layer == 2 and model.ve_table == [None, 0, None, None]
+    assert model.skips_into[2] == [(0, 1)] and model.ve_table == [None, 0, None, 1]
+    assert isinstance(model.mudd_final, tg.MuddFinalMix) and isinstance(model.blocks[3], tg.MuddBlock)  # MUDD j=1, j=0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,11 +428,13 @@ def test_frontier_preset_builds_the_recipes_eleven_layers(frontier_model):
     assert model.ve_table == [None, 0, 1, None, None, None, None, None, 2, 3, 4]  # five tables, one block each
     assert [(w, src, dst) for dst, into in enumerate(model.skips_into) for w, src in into] == [(0, 3, 6)]
     assert model.skip_weights.tolist() == [-1.5] and isinstance(model.skip_gate, tg.SigmoidSkipWeights)
-    assert model.backout.layer == 7 and model.backout.lam.item() == -0.5
+    # MUDD (3.5): the j=1 mix of c0, c7 (init -0.5: the backout of r40), c9, VE_0, c3; block 10 runs j=0 on c7
+    assert model.mudd_final.sources == [(False, "in"), (False, 7), (False, 9), (True, 0), (False, 3)]
+    assert isinstance(model.blocks[10], tg.MuddBlock) and model.blocks[10].source == 7
     on = lambda name, cls: [i for i, b in enumerate(model.blocks) if b.attn is not None and
                             isinstance(getattr(b.attn, name), cls)]
     assert on("key_offset", tg.KeyOffset) == [3, 10] and on("xsa", tg.ExclusiveSelfAttention) == [1, 3, 4, 7, 8, 10]
-    assert on("ve_gate", tg.ValueEmbedGate) == [1, 2, 8, 9, 10]
+    assert on("ve_gate", tg.ValueEmbedGate) == [1, 2, 8, 9]  # block 10's value embedding: MUDD's m6, m7
     # inits (recipe 3.1-3.2): head N(0, 0.005^2), value embeddings N(0, 0.01^2), attention outputs uniform
     assert model.lm_head.weight.std().item() == pytest.approx(0.005, rel=0.01)
     assert all(ve.weight.std().item() == pytest.approx(0.01, rel=0.01) for ve in model.value_embeds)
@@ -446,7 +449,7 @@ def test_frontier_describe_model_prints_parameters_and_flops(frontier_model):
     text = tg.describe_model(model, args)
     bigram = 377_280 * 768 + 1  # the table and its gain
     total = tg.count_params(model) + bigram
-    assert total == 635_467_414, total
+    assert total == 635_566_878, total  # MUDD: + 49,477 (j=1) + 50,062 (j=0) - 1 lam - 2 lambdas - 72 VE gate
     assert f"= {tg.count_params(model):,}" in text and "embeddings 231,584,256" in text  # 50,257 x 768 x (1 + 5)
     assert "head tied to the embedding until step 847" in text and "forward FLOPs/token:" in text
     assert "stages: steps" in tg.stage_table(args)
