@@ -2858,11 +2858,12 @@ def progressive_swaps(args: Hyperparameters) -> list[tuple[int, int]]:
 
 
 def args_at_step(args: Hyperparameters, step: int) -> Hyperparameters:
-    """The configuration of the model a run has at `step`: with --kron_progressive_every only the blocks swapped by
-    then are factorized (a resumed run builds this model, then loads the checkpoint into it)."""
+    """The configuration of the model a checkpoint written at `step` holds: with --kron_progressive_every only the
+    blocks swapped before that step are factorized, because the loop writes step N's checkpoint before swap N (a
+    resumed run builds this model, loads the checkpoint into it, then makes swap N itself)."""
     if not args.kron_progressive_every:
         return args
-    done = [b for s, b in progressive_swaps(args) if s <= step]
+    done = [b for s, b in progressive_swaps(args) if s < step]
     if not done:
         return dataclasses.replace(args, kron_mlp="off")
     return dataclasses.replace(args, kron_layers=",".join(map(str, done)))
@@ -3666,6 +3667,13 @@ def checkpoint_args(ckpt: dict) -> Hyperparameters:
     if isinstance(values.get("save_checkpoint"), bool):  # written before the flag took off/full/weights
         values["save_checkpoint"] = "full" if values["save_checkpoint"] else "off"
     return Hyperparameters(**values)
+
+
+def checkpoint_model_args(ckpt: dict) -> Hyperparameters:
+    """The flags of the model a checkpoint holds (its weights' layout): its flags at its step, so a checkpoint written
+    before the last --kron_progressive_every swap builds the blocks it has (tools/eval.py, sample.py, mlp_init.py)."""
+    args = checkpoint_args(ckpt)
+    return args_at_step(args, ckpt.get("step", total_steps(args)))
 
 
 def load_weights(model: nn.Module, state: dict, partial: bool = False) -> str:

@@ -18,7 +18,8 @@ def test_swap_schedule_and_the_model_at_each_step():
     assert tg.progressive_swaps(args) == [(2, 0), (4, 1)]
     kron_blocks = lambda step: [i for i, b in enumerate(tg.build_model(tg.args_at_step(args, step)).blocks)
                                 if isinstance(b.mlp.c_fc, tg.KronLinear)]
-    assert kron_blocks(0) == [] and kron_blocks(1) == [] and kron_blocks(2) == [0] and kron_blocks(5) == [0, 1]
+    # a checkpoint at step N is written before swap N: at step 2 the model is still dense
+    assert kron_blocks(0) == [] and kron_blocks(2) == [] and kron_blocks(3) == [0] and kron_blocks(5) == [0, 1]
     assert tg.args_at_step(smoke_args(), 3) == smoke_args()  # off: the configuration itself
     with pytest.raises(SystemExit, match="after the run's 6 steps"):
         smoke_args("--kron_mlp=both", "--kron_progressive_every=2", "--num_iterations=6")  # 4 blocks: swap at 8
@@ -64,14 +65,19 @@ def test_resume_across_a_swap_is_exact(shakespeare_shards, tmp_path, capsys):
     train, val = shakespeare_shards
     common = ["--preset=smoke", f"--train_files={train}", f"--val_files={val}", "--val_every=0",
               "--val_tokens=1024", *FLAGS, "--kron_progressive_distill_steps=5"]
-    assert tg.main(common + [f"--records_dir={tmp_path / 'a'}", "--save_every=3", "--save_checkpoint=full"]) == 0
+    assert tg.main(common + [f"--records_dir={tmp_path / 'a'}", "--save_every=1", "--save_checkpoint=full"]) == 0
     full = summary_of(capsys.readouterr().out)
     assert full["status"] == "ok" and full["final_val_loss"] < 10.8
-    mid = Path(full["record"]).with_name(Path(full["record"]).stem + "_step3.pt")  # after swap 1, before swap 2
-    assert tg.main([f"--resume={mid}", f"--records_dir={tmp_path / 'b'}", "--save_checkpoint=full"]) == 0
-    resumed = summary_of(capsys.readouterr().out)
-    a, b = tg.load_checkpoint(full["checkpoint"]), tg.load_checkpoint(resumed["checkpoint"])
-    assert a["model"].keys() == b["model"].keys() and "blocks.1.mlp.c_fc.A" in a["model"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert resumed["final_val_loss"] == full["final_val_loss"]
+    a = tg.load_checkpoint(full["checkpoint"])
+    assert "blocks.1.mlp.c_fc.A" in a["model"]
+    # step 3: between the swaps; step 2: written at a swap step, before that swap (the model is still dense)
+    for step in (3, 2):
+        mid = Path(full["record"]).with_name(Path(full["record"]).stem + f"_step{step}.pt")
+        assert ("blocks.0.mlp.c_fc.A" in tg.load_checkpoint(str(mid))["model"]) == (step == 3)
+        assert tg.main([f"--resume={mid}", f"--records_dir={tmp_path / f'b{step}'}", "--save_checkpoint=full"]) == 0
+        resumed = summary_of(capsys.readouterr().out)
+        b = tg.load_checkpoint(resumed["checkpoint"])
+        assert a["model"].keys() == b["model"].keys()
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (step, k)
+        assert resumed["final_val_loss"] == full["final_val_loss"]

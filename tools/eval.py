@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def eval_config(ckpt: dict, opts, device: torch.device) -> tg.Hyperparameters:
-    args = tg.checkpoint_args(ckpt)
+    args = tg.checkpoint_model_args(ckpt)
     args.val_files = opts.val_files or args.val_files
     args.val_tokens = opts.val_tokens or args.val_tokens
     args.val_seq_len = opts.seq_len or min(args.val_seq_len, args.val_tokens)  # also sizes the rotary tables

@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
         fail(f"--prune={opts.prune} must be in [0, 1): the fraction of each replaced matrix's entries set to zero")
     device = torch.device(opts.device)
     ckpt = tg.load_checkpoint(opts.checkpoint)
-    teacher_args = tg.checkpoint_args(ckpt)
+    teacher_args = tg.checkpoint_model_args(ckpt)
     student_args = student_config(teacher_args, opts.student_flags)
     teacher = tg.build_model(runnable_on(teacher_args, device))
     teacher.load_state_dict(ckpt["model"])

@@ -34,7 +34,7 @@ import train_gpt as tg  # noqa: E402
 
 def load_model(path: str, device: str = "cpu") -> tg.GPT:
     ckpt = tg.load_checkpoint(path)
-    args = tg.checkpoint_args(ckpt)
+    args = tg.checkpoint_model_args(ckpt)
     for name in ("kron_impl", "ks_impl"):  # the CPU runs the torch/bmm paths of the same weights
         if device == "cpu" and getattr(args, name) == "triton":
             setattr(args, name, "auto")
