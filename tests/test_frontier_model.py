@@ -12,7 +12,7 @@ from conftest import randomize_zero_matrices, smoke_args
 
 ALL = ["--smear=true", "--attn_gate=true", "--key_offset=true", "--resid_lambda_init=1.1", "--skip_gate=true",
        "--ve_gate=true", "--xsa_layers=1,3", "--bigram_rows=4096"]
-FLAG_SETS = [[flag] for flag in ALL] + [ALL, ALL + ["--n_kv_heads=1"]]
+FLAG_SETS = [[flag] for flag in ALL] + [ALL, ALL + ["--n_kv_heads=1"], ["--rope=canonical"]]
 
 
 def live_model(*flags, seed: int = 0):

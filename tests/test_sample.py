@@ -14,7 +14,8 @@ def random_model(*extra, seed=0):
     return smoke_model(*extra, seed=seed, std=0.05).eval()
 
 
-@pytest.mark.parametrize("extra", [[], ["--n_kv_heads=1"], ["--mla_kv_rank=32", "--mla_rope_dim=16"]])
+@pytest.mark.parametrize("extra", [[], ["--n_kv_heads=1"], ["--mla_kv_rank=32", "--mla_rope_dim=16"],
+                                   ["--rope=canonical"], ["--rope=canonical", "--mla_kv_rank=32", "--mla_rope_dim=16"]])
 def test_kv_cache_equals_full_forward(extra):
     model = random_model(*extra)
     x = torch.randint(0, 50000, (300,))
