@@ -116,12 +116,17 @@ def test_four_processes_on_two_nodes_equal_one_process(shakespeare_shards, tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    run_id = f"test{uuid.uuid4().hex[:8]}"  # one id for both nodes: that is what makes them one job
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=2",
-         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{uuid.uuid4().hex[:8]}",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={run_id}",
          "train_gpt.py", *common, f"--records_dir={tmp_path / 'four'}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
-    outs = [node.communicate(timeout=900) for node in nodes]
+    try:  # a rendezvous that never completes fails the test in minutes instead of hanging the suite
+        outs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
     assert all(node.returncode == 0 for node in nodes), outs[0][1][-3000:] + outs[1][1][-3000:]
     four = summary_of(next(out for out, _ in outs if "summary: " in out))
     assert four["world_size"] == 4
