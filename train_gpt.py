@@ -1959,17 +1959,15 @@ class FP8MLP(MLP):
         self.refreshes += 1
 
 
-def refresh_fp8_mlps(model: nn.Module):
-    for m in model.modules():
-        if isinstance(m, FP8MLP):
-            m.refresh()
+def refresh_fp8_mlps(mlps: list):
+    for m in mlps:
+        m.refresh()
 
 
 @torch.no_grad()
-def share_fp8_mlp_amax(model: nn.Module, world_size: int):
+def share_fp8_mlp_amax(mlps: list, world_size: int):
     """After an optimizer step on several ranks: every rank takes the largest amax(p) of the ranks' last forwards,
     so the scaling state is the same on every rank (and rank 0's checkpoint resumes all of them exactly)."""
-    mlps = [m for m in model.modules() if isinstance(m, FP8MLP)]
     if not mlps:
         return
     amax = torch.stack([m.p_amax for m in mlps])
@@ -3043,9 +3041,10 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
     if model.moe_layers:
         muon.register_step_post_hook(lambda *_: update_moe_biases(model, world_size))
     if args.fp8_mlp:  # W2 (c_proj, a Muon matrix) moves in Muon's step: refresh the delayed scales around it
-        muon.register_step_pre_hook(lambda *_: refresh_fp8_mlps(model))
+        fp8_mlps = [m for m in model.modules() if isinstance(m, FP8MLP)]  # found once, not every step
+        muon.register_step_pre_hook(lambda *_: refresh_fp8_mlps(fp8_mlps))
         if world_size > 1:
-            muon.register_step_post_hook(lambda *_: share_fp8_mlp_amax(model, world_size))
+            muon.register_step_post_hook(lambda *_: share_fp8_mlp_amax(fp8_mlps, world_size))
     if args.untie_step:
         EmbeddingTie(model, adam, args)
     for opt in (adam, muon):
