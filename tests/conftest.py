@@ -117,3 +117,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_future_never_changes_past(model, x, cut: int = 400):
+    """Replacing tokens cut.. of x changes the logits from cut on and none before it (no look-ahead anywhere)."""
+    import torch
+    with torch.no_grad():
+        logits = model(x)
+        y = x.clone()
+        y[cut:] = torch.randint(0, 50000, (len(x) - cut,), generator=torch.Generator().manual_seed(1))
+        changed = model(y)
+    torch.testing.assert_close(changed[:cut], logits[:cut])
+    assert not torch.allclose(changed[cut:], logits[cut:])
+    return logits
+
+
+def cached_logits(model, x, window_blocks, prefill: int = 130):
+    """Logits of x decoded through a KVCache: a prefill of `prefill` tokens, then one token per forward."""
+    import torch
+    import train_gpt as tg
+    with torch.no_grad():
+        cache = tg.KVCache()
+        parts = [model.logits(model.hidden(x[:prefill], window_blocks, cache=cache))]
+        parts += [model.logits(model.hidden(x[i:i + 1], window_blocks, cache=cache)) for i in range(prefill, len(x))]
+    return torch.cat(parts)

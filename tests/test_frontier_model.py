@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import randomize_zero_matrices, smoke_args
+from conftest import assert_future_never_changes_past, cached_logits, randomize_zero_matrices, smoke_args
 
 ALL = ["--smear=true", "--attn_gate=true", "--key_offset=true", "--resid_lambda_init=1.1", "--skip_gate=true",
        "--ve_gate=true", "--xsa_layers=1,3", "--bigram_rows=4096"]
@@ -59,15 +59,7 @@ def test_default_model_has_no_frontier_modules():
 
 @pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: ",".join(x.split("=")[0][2:] for x in f))
 def test_future_tokens_never_change_past_logits(flags):
-    model = live_model(*flags)
-    x = tokens_with_docs(512, [0, 300])
-    with torch.no_grad():
-        logits = model(x)
-        y = x.clone()
-        y[400:] = torch.randint(0, 50000, (112,), generator=torch.Generator().manual_seed(1))
-        changed = model(y)
-    torch.testing.assert_close(changed[:400], logits[:400])
-    assert not torch.allclose(changed[400:], logits[400:])
+    assert_future_never_changes_past(live_model(*flags), tokens_with_docs(512, [0, 300]))
 
 
 @pytest.mark.parametrize("flag", ["--smear=true", "--key_offset=true", "--bigram_rows=4096"])
@@ -342,10 +334,7 @@ def test_kv_cache_decoding_with_per_token_hooks_and_refusal_for_look_back():
     x = tokens_with_docs(256, [0, 100])
     with torch.no_grad():
         full = model.logits(model.hidden(x, 2))
-        cache = tg.KVCache()
-        parts = [model.logits(model.hidden(x[:130], 2, cache=cache))]
-        parts += [model.logits(model.hidden(x[i:i + 1], 2, cache=cache)) for i in range(130, 256)]
-    torch.testing.assert_close(torch.cat(parts), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached_logits(model, x, 2), full, rtol=1e-4, atol=1e-4)
     for flag in ("--smear=true", "--key_offset=true", "--bigram_rows=64"):
         with pytest.raises(NotImplementedError, match=flag.split("=")[0]):
             live_model(flag).eval().hidden(x[:10], 2, cache=tg.KVCache())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import randomize_zero_matrices, smoke_args
+from conftest import cached_logits, randomize_zero_matrices, smoke_args
 
 V = "--vocab_size=1024"
 FINAL = "--mudd_final_sources=in,2:-0.5,1,ve0"  # c0, c2 (init -0.5), c1, VE_0
@@ -168,10 +168,7 @@ def test_mudd_block_without_value_embedding_or_bigram():
     x = tokens(256)
     with torch.no_grad():
         full = model.logits(model.hidden(x, 2))
-        cache = tg.KVCache()
-        parts = [model.logits(model.hidden(x[:130], 2, cache=cache))]
-        parts += [model.logits(model.hidden(x[i:i + 1], 2, cache=cache)) for i in range(130, 256)]
-        torch.testing.assert_close(torch.cat(parts), full, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cached_logits(model, x, 2), full, rtol=1e-4, atol=1e-4)
         block.mudd.b[:3] = 0.0  # with the value terms' W2 rows zeroed too, they vanish
         block.mudd.w2[:3] = 0.0
         without = model(x)

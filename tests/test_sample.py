@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import load_script, smoke_args, smoke_model
+from conftest import cached_logits, load_script, smoke_args, smoke_model
 
 sample = load_script("tools/sample.py")
 
@@ -22,10 +22,7 @@ def test_kv_cache_equals_full_forward(extra):
     x[[0, 100, 250]] = tg.EOT_TOKEN  # documents, one crossing a 128-block, windows of 2 and 1 blocks cut them
     with torch.no_grad():
         full = model(torch.cat([x, torch.zeros(84, dtype=x.dtype)]), window_blocks=2)[:300]
-        cache = tg.KVCache()
-        parts = [model.logits(model.hidden(x[:130], 2, cache=cache))]
-        parts += [model.logits(model.hidden(x[i:i + 1], 2, cache=cache)) for i in range(130, 300)]
-    torch.testing.assert_close(torch.cat(parts), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached_logits(model, x, 2), full, rtol=1e-4, atol=1e-4)
 
 
 def test_greedy_equals_argmax_of_full_forwards():
