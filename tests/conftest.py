@@ -141,3 +141,27 @@ def cached_logits(model, x, window_blocks, prefill: int = 130):
         parts = [model.logits(model.hidden(x[:prefill], window_blocks, cache=cache))]
         parts += [model.logits(model.hidden(x[i:i + 1], window_blocks, cache=cache)) for i in range(prefill, len(x))]
     return torch.cat(parts)
+
+
+def live_model(*flags, seed: int = 0):
+    """Smoke model with flags, every all-zero parameter made random (matrices N(0, 0.02) as in
+    randomize_zero_matrices, the zero scalars and vectors N(0, 0.5): gates, lambdas, alphas), so no path hides
+    behind a zero."""
+    import torch
+    import train_gpt as tg
+    torch.manual_seed(seed)
+    model = randomize_zero_matrices(tg.build_model(smoke_args(*flags)))
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.5)
+    return model
+
+
+def tokens_with_docs(n: int, starts, seed: int = 0):
+    """n random token ids with EOT (a document start) at the given positions."""
+    import torch
+    import train_gpt as tg
+    x = torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(seed))
+    x[list(starts)] = tg.EOT_TOKEN
+    return x

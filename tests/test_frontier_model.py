@@ -8,29 +8,12 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import assert_future_never_changes_past, cached_logits, randomize_zero_matrices, smoke_args
+from conftest import (assert_future_never_changes_past, cached_logits, live_model, randomize_zero_matrices, smoke_args,
+                      tokens_with_docs)
 
 ALL = ["--smear=true", "--attn_gate=true", "--key_offset=true", "--resid_lambda_init=1.1", "--skip_gate=true",
        "--ve_gate=true", "--xsa_layers=1,3", "--bigram_rows=4096"]
 FLAG_SETS = [[flag] for flag in ALL] + [ALL, ALL + ["--n_kv_heads=1"], ["--rope=canonical"]]
-
-
-def live_model(*flags, seed: int = 0):
-    """Smoke model with flags, every all-zero parameter made random (matrices N(0, 0.02) as in conftest, the zero
-    scalars and vectors N(0, 0.5): smear's gate and lambda, XSA's alphas), so no path hides behind a zero."""
-    torch.manual_seed(seed)
-    model = randomize_zero_matrices(tg.build_model(smoke_args(*flags)))
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.5)
-    return model
-
-
-def tokens_with_docs(n: int, starts, seed: int = 0) -> torch.Tensor:
-    x = torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(seed))
-    x[list(starts)] = tg.EOT_TOKEN
-    return x
 
 
 # ---------------------------------------------------------------------------------------------------------------

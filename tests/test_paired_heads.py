@@ -11,31 +11,15 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import assert_future_never_changes_past, randomize_zero_matrices, smoke_args, summary_of
+from conftest import (assert_future_never_changes_past, live_model, randomize_zero_matrices, smoke_args, summary_of,
+                      tokens_with_docs)
 
 BLOCK = tg.BLOCK_SIZE
 PAIRED = ["--num_heads=4", "--paired_head_layers=0,1"]  # smoke: 4 blocks, attention in 0 (L), 1 (S), 3 (L)
 
 
-def tokens_with_docs(n: int, starts, seed: int = 0) -> torch.Tensor:
-    x = torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(seed))
-    x[list(starts)] = tg.EOT_TOKEN
-    return x
-
-
 def window(blocks: int) -> torch.Tensor:
     return torch.tensor(blocks, dtype=torch.int32)
-
-
-def live_model(*flags, seed: int = 0):
-    """Smoke model whose zero parameters are made random (matrices N(0, 0.02), vectors N(0, 0.5))."""
-    torch.manual_seed(seed)
-    model = randomize_zero_matrices(tg.build_model(smoke_args(*flags)))
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.5)
-    return model
 
 
 def reference_doubled_mask(token_docs: torch.Tensor, window_blocks: int) -> torch.Tensor:
