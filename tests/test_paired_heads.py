@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import (assert_future_never_changes_past, live_model, randomize_zero_matrices, smoke_args, summary_of,
-                      tokens_with_docs)
+from conftest import assert_future_never_changes_past, live_model, smoke_args, summary_of, tokens_with_docs
 
 BLOCK = tg.BLOCK_SIZE
 PAIRED = ["--num_heads=4", "--paired_head_layers=0,1"]  # smoke: 4 blocks, attention in 0 (L), 1 (S), 3 (L)
