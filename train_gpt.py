@@ -124,6 +124,14 @@ class Hyperparameters:
     mudd_block: int = -1  # the block running j=0 (14 per-token mixes around its attention and MLP; -1 = off)
     mudd_block_source: int = -1  # j=0's c: the earlier block whose output it mixes in and its attention reads
     mudd_lr: float = 0.002  # Adam LR of the MUDD mixes' W1, W2 ("mudd" group) and b ("mudd_bias" group)
+    # MUDD gates (frontier recipe 3.5, r85): per-token values G = s (W2 GELU(W1 z) + b) in place of static scalars
+    mudd_gate_block: int = -1  # gates on: one gate from x0 serves the blocks before this one, one from its input the
+    # rest (the recipe's 4); they give XSA alphas, x0/bigram weights, skip weights (-1 = off; --sublayer_lambdas)
+    mudd_gate_attn_layers: str = ""  # blocks whose heads' outputs are scaled by a raw gate value (init 0.25; r85: 3,10)
+    mudd_gate_lr: float = 8e-4  # Adam LR of the gates' W1, W2 ("mudd_gate") and b, s ("mudd_gate_bias")
+    # the residual stream's later form (frontier recipe 3.3)
+    sublayer_lambdas: bool = False  # x = r_a x + p_a attn + l x0; x = r_m x + p_m mlp (r45; r = sqrt(x-lambda init))
+    attn_input_skips: str = ""  # "src:dst,...": block dst's attention reads RMSNorm(block src's output) (r77: 7:8,7:9)
     attn_proj_init: str = "zero"  # zero | uniform: attention output projections' init (frontier r64: uniform)
     value_embed_std: float = 1.0  # std of the value-embedding tables' normal init (frontier: 0.01)
     head_init_std: float = 0.0  # lm_head init: 0 = zeros (#21), else normal with this std (frontier: 0.005)
@@ -410,7 +418,8 @@ MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=
                   muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, kron_adam_lr=0.0, adam_eps=0.0,
                   attn_scale=0.0, kd_temp=1e-6, kd_cosine=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
                   muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_wd=0.0, adam_every=1, extension_steps=0,
-                  mot_self_pool=1, kron_progressive_every=0, kron_progressive_distill_steps=0, mudd_lr=0.0)
+                  mot_self_pool=1, kron_progressive_every=0, kron_progressive_distill_steps=0, mudd_lr=0.0,
+                  mudd_gate_lr=0.0)
 UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_momentum_end", "adam_beta1",
                  "adam_beta2", "kd_alpha")
 # flag -> (what makes it meaningful, a predicate on args): setting the flag without that draws a warning
@@ -455,6 +464,7 @@ NEEDS = dict(
     ve_gate=("--num_value_embeds > 0 (it gates the value embeddings)", lambda a: a.num_value_embeds > 0),
     mudd_block_source=("--mudd_block >= 0", lambda a: a.mudd_block >= 0),
     mudd_lr=("--mudd_final_sources or --mudd_block", lambda a: bool(a.mudd_final_sources) or a.mudd_block >= 0),
+    mudd_gate_lr=("--mudd_gate_block >= 0", lambda a: a.mudd_gate_block >= 0),
 )
 
 
@@ -624,7 +634,8 @@ def check_frontier_model(args: Hyperparameters, fail):
         fail(f"--xsa_layers names blocks {bad} without attention; blocks with attention: "
              f"{','.join(map(str, sorted(attention)))}")
     per_head = [f"--{flag}" for flag, on in (("attn_gate", args.attn_gate), ("key_offset", args.key_offset),
-                                             ("ve_gate", args.ve_gate), ("xsa_layers", bool(xsa))) if on]
+                                             ("ve_gate", args.ve_gate), ("xsa_layers", bool(xsa)),
+                                             ("mudd_gate_attn_layers", bool(args.mudd_gate_attn_layers))) if on]
     if per_head and args.mla_kv_rank > 0:
         fail(f"{', '.join(per_head)} act on the heads of multi-head or grouped-query attention; "
              f"MLA (--mla_kv_rank > 0) has no hooks for them")
@@ -695,6 +706,7 @@ def check_model_shape(args: Hyperparameters, fail):
     if args.value_embed_std <= 0 or args.head_init_std < 0:
         fail(f"--value_embed_std={args.value_embed_std} must be > 0 and --head_init_std={args.head_init_std} >= 0")
     check_mudd(args, fail)
+    check_residual_form(args, fail)
 
 
 def check_mudd(args: Hyperparameters, fail):
@@ -738,6 +750,42 @@ def check_mudd(args: Hyperparameters, fail):
     if args.mla_kv_rank > 0 or kv_heads(args) != args.num_heads:
         fail(f"--mudd_block={k} adds model_dim-wide residuals to the attention's values: it needs multi-head "
              f"attention (no --n_kv_heads, no --mla_kv_rank)")
+
+
+def check_residual_form(args: Hyperparameters, fail):
+    """--sublayer_lambdas, --attn_input_skips, --mudd_gate_block, --mudd_gate_attn_layers: blocks that exist and
+    have what the flag reads, gates only where the sub-layer form gives their values a place."""
+    L, k = args.num_layers, args.mudd_gate_block
+    attention = set(range(L)) - set(parse_layer_list(args.no_attn_layers))
+    if args.sublayer_lambdas and args.resid_lambda_init < 0:
+        fail(f"--sublayer_lambdas starts each sub-layer's r at sqrt(--resid_lambda_init); "
+             f"resid_lambda_init={args.resid_lambda_init} must be >= 0")
+    try:
+        inputs, gated_attn = parse_skip_pairs(args.attn_input_skips), parse_layer_list(args.mudd_gate_attn_layers)
+    except ValueError:
+        fail(f"--attn_input_skips={args.attn_input_skips!r} / --mudd_gate_attn_layers="
+             f"{args.mudd_gate_attn_layers!r}: expected src:dst pairs such as '7:8,7:9' and block indices such as "
+             f"'3,10'")
+    bad = [f"{a}:{b}" for a, b in inputs if not (0 <= a < b < L and b in attention and b != args.mudd_block)]
+    if bad:
+        fail(f"--attn_input_skips {bad}: each src:dst needs 0 <= src < dst < num_layers={L} with attention in dst "
+             f"and dst not the --mudd_block (whose attention reads --mudd_block_source)")
+    if len({b for _, b in inputs}) != len(inputs):
+        fail(f"--attn_input_skips={args.attn_input_skips!r} gives a block two attention inputs; one each")
+    if k < 0:
+        if gated_attn:
+            fail("--mudd_gate_attn_layers scales heads by MUDD gate values: it needs --mudd_gate_block")
+        return
+    if not 1 <= k < L or k == args.mudd_block:
+        fail(f"--mudd_gate_block={k}: the block whose input feeds the second gate must be in 1..{L - 1} (the first "
+             f"gate, from x0, serves the blocks before it) and not the --mudd_block (recipe: 4)")
+    if not args.sublayer_lambdas:
+        fail("--mudd_gate_block gates the x0 and bigram terms that --sublayer_lambdas adds after each attention: "
+             "add --sublayer_lambdas")
+    bad = sorted(set(gated_attn) - attention)
+    if bad or len(set(gated_attn)) != len(gated_attn):
+        fail(f"--mudd_gate_attn_layers={args.mudd_gate_attn_layers!r} must name different blocks with attention; "
+             f"{bad or 'a block twice'}")
 
 
 def check_objective(args: Hyperparameters, fail):
@@ -1592,11 +1640,41 @@ class ExclusiveSelfAttention(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(heads))
         self.group = heads // kv_heads
 
-    def forward(self, y: Tensor, v: Tensor) -> Tensor:  # y (B, T, heads, head_dim), v (B, T, kv_heads, head_dim)
-        v = v.unsqueeze(-2).expand(*v.shape[:-1], self.group, v.size(-1)).flatten(-3, -2)
-        dot = (y.float() * v.float()).sum(-1, keepdim=True)
-        coef = dot / (v.float() * v.float()).sum(-1, keepdim=True).clamp_min(1e-8)
-        return y - (torch.tanh(self.alpha)[:, None] * coef).type_as(y) * v
+    def forward(self, y: Tensor, v: Tensor, sources: dict | None = None) -> Tensor:
+        return remove_value_component(y, v, self.group, torch.tanh(self.alpha)[:, None])
+
+
+def remove_value_component(y: Tensor, v: Tensor, group: int, strength: Tensor) -> Tensor:
+    """XSA's y_h - strength_h (y_h . v_h / max(|v_h|^2, 1e-8)) v_h; y (B, T, heads, head_dim), v (B, T, kv_heads,
+    head_dim), strength broadcasting to (B, T, heads, 1)."""
+    v = v.unsqueeze(-2).expand(*v.shape[:-1], group, v.size(-1)).flatten(-3, -2)
+    dot = (y.float() * v.float()).sum(-1, keepdim=True)
+    coef = dot / (v.float() * v.float()).sum(-1, keepdim=True).clamp_min(1e-8)
+    return y - (strength * coef).type_as(y) * v
+
+
+class GatedExclusiveSelfAttention(nn.Module):
+    """XSA with alpha per token and head from a MUDD gate (--mudd_gate_block; frontier recipe 3.4, r85): the same
+    projection as ExclusiveSelfAttention, strength tanh(alpha_h(t)), alpha_h(t) = sources[key] (init 0)."""
+
+    def __init__(self, heads: int, kv_heads: int, key: str):
+        super().__init__()
+        self.group, self.key = heads // kv_heads, key
+
+    def forward(self, y: Tensor, v: Tensor, sources: dict) -> Tensor:
+        return remove_value_component(y, v, self.group, torch.tanh(sources[self.key].float())[..., None])
+
+
+class GatedHeadScale(nn.Module):
+    """The attention gate of the gated recipe (--mudd_gate_attn_layers; frontier recipe 3.4 [H], r85): each head's
+    output times a raw per-token MUDD gate value (no sigmoid), init 0.25."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+
+    def forward(self, y: Tensor, x: Tensor, sources: dict) -> Tensor:  # y (B, T, heads, head_dim)
+        return sources[self.key][..., None] * y
 
 
 class AttentionGate(nn.Module):
@@ -1609,7 +1687,7 @@ class AttentionGate(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(heads, 12))
 
-    def forward(self, y: Tensor, x: Tensor) -> Tensor:  # y (B, T, heads, head_dim), x (B, T, dim)
+    def forward(self, y: Tensor, x: Tensor, sources: dict | None = None) -> Tensor:  # y (B, T, heads, hd), x (B, T, dim)
         return torch.sigmoid(F.linear(x[..., :12], self.weight.type_as(x)))[..., None] * y
 
 
@@ -1623,14 +1701,15 @@ class HeadAttention(nn.Module):
         super().__init__()
         self.key_offset, self.ve_gate, self.xsa, self.out_gate = (PassThrough() for _ in range(4))
 
-    def rotate_mix_attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask) -> Tensor:
+    def rotate_mix_attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask,
+                          sources: dict | None) -> Tensor:
         B, T = q.shape[:2]  # x (B, T, dim) normed input; q (B, T, heads, head_dim); k, v (B, T, kv_heads, head_dim)
         offset = rotary_offset(mask)
         q, k = self.rotary(norm(q), offset), self.key_offset(self.rotary(norm(k), offset))
         v = self.lambdas[0] * v if ve is None else \
             self.lambdas[0] * v + self.lambdas[1] * self.ve_gate(ve.view_as(v), x)
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale).transpose(1, 2)
-        return self.c_proj(self.out_gate(self.xsa(y, v), x).reshape(B, T, -1))
+        return self.c_proj(self.out_gate(self.xsa(y, v, sources), x, sources).reshape(B, T, -1))
 
 
 class CausalSelfAttention(HeadAttention):
@@ -1646,11 +1725,11 @@ class CausalSelfAttention(HeadAttention):
         self.rotary = Rotary(self.head_dim, max_seq_len)
         self.c_proj = CastedLinear(dim, dim, zero_init=zero_proj)  # --attn_proj_init=uniform: zero_proj False
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
-        B, T = x.shape[:2]
+    def forward(self, x: Tensor, ve: Tensor | None, mask, sources: dict | None = None) -> Tensor:
+        B, T = x.shape[:2]  # sources: what the per-head hooks may read (MUDD gate values); None without them
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
         q, k, v = qkv.chunk(3, dim=-2)
-        return self.rotate_mix_attend(x, q, k, v, ve, mask)
+        return self.rotate_mix_attend(x, q, k, v, ve, mask, sources)
 
     def kv_cache_floats_per_token(self) -> int:
         return 2 * self.num_heads * self.head_dim
@@ -1673,12 +1752,12 @@ class GroupedQueryAttention(HeadAttention):
         self.rotary = Rotary(self.head_dim, max_seq_len)
         self.c_proj = CastedLinear(dim, dim, zero_init=zero_proj)  # --attn_proj_init=uniform: zero_proj False
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, mask, sources: dict | None = None) -> Tensor:
         B, T = x.shape[:2]
         q = F.linear(x, self.q_w.type_as(x)).view(B, T, self.num_heads, self.head_dim)
         kv = F.linear(x, self.kv_w.flatten(end_dim=1).type_as(x)).view(B, T, 2 * self.n_kv_heads, self.head_dim)
         k, v = kv.chunk(2, dim=-2)
-        return self.rotate_mix_attend(x, q, k, v, ve, mask)
+        return self.rotate_mix_attend(x, q, k, v, ve, mask, sources)
 
     def kv_cache_floats_per_token(self) -> int:
         return 2 * self.n_kv_heads * self.head_dim
@@ -1712,7 +1791,8 @@ class PairedHeads(HeadAttention):
     before interleaving, the output gate after de-interleaving. No XSA (check_paired_heads refuses it). Decoding
     with a KV cache is refused by GPT.hidden."""
 
-    def rotate_mix_attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask) -> Tensor:
+    def rotate_mix_attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask,
+                          sources: dict | None) -> Tensor:
         B, T = q.shape[:2]
         k = self.key_offset(norm(k))
         v = self.lambdas[0] * v if ve is None else \
@@ -1720,7 +1800,7 @@ class PairedHeads(HeadAttention):
         q, k, v = interleave_pairs(norm(q)), interleave_pairs(k), interleave_pairs(v)
         q, k = self.rotary(q), self.rotary(k)
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale).transpose(1, 2)
-        return self.c_proj(self.out_gate(deinterleave_pairs(y), x).reshape(B, T, -1))
+        return self.c_proj(self.out_gate(deinterleave_pairs(y), x, sources).reshape(B, T, -1))
 
 
 class PairedSelfAttention(PairedHeads, CausalSelfAttention):
@@ -1768,8 +1848,8 @@ class LatentAttention(nn.Module):
         self.rotary = Rotary(r, max_seq_len, rotated=r)
         self.c_proj = CastedLinear(dim, dim, zero_init=args.attn_proj_init == "zero")
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
-        B, T = x.shape[:2]
+    def forward(self, x: Tensor, ve: Tensor | None, mask, sources: dict | None = None) -> Tensor:
+        B, T = x.shape[:2]  # sources: unused (MLA has no per-head hooks)
         H, hd, r = self.num_heads, self.head_dim, self.rope_dim
         q = self.q_proj(x).view(B, T, H, hd + r)
         latent = norm(self.kv_down(x))  # (B, T, kv_rank)
@@ -1820,14 +1900,18 @@ def value_embed_tables(args: Hyperparameters) -> list[int | None]:
 def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
     """Replace the PassThrough hooks of block `layer`'s attention with the modules its flags ask for: the key
     offset on long-window blocks, the value-embedding gate on blocks with a value embedding, XSA on --xsa_layers,
-    the output gate everywhere (frontier recipe 3.4)."""
+    the output gate everywhere or the MUDD-gated head scale on --mudd_gate_attn_layers (frontier recipe 3.4)."""
     if args.key_offset and window_kinds(args)[layer] == "L":
         attn.key_offset = KeyOffset(attn.rotary)
     if args.ve_gate and value_embed_tables(args)[layer] is not None and layer != args.mudd_block:  # MUDD: m6, m7
         attn.ve_gate = ValueEmbedGate(kv_heads(args))
+    gated = args.mudd_gate_block >= 0  # --mudd_gate_block: XSA's alphas come per token from the MUDD gates
     if layer in parse_layer_list(args.xsa_layers):
-        attn.xsa = ExclusiveSelfAttention(args.num_heads, kv_heads(args))
-    if args.attn_gate:
+        attn.xsa = GatedExclusiveSelfAttention(args.num_heads, kv_heads(args), f"gate.xsa{layer}") if gated else \
+            ExclusiveSelfAttention(args.num_heads, kv_heads(args))
+    if layer in parse_layer_list(args.mudd_gate_attn_layers):  # replaces --attn_gate's sigmoid gate there
+        attn.out_gate = GatedHeadScale(f"gate.attn{layer}")
+    elif args.attn_gate:
         attn.out_gate = AttentionGate(args.num_heads)
 
 
@@ -2197,16 +2281,102 @@ class Block(nn.Module):
         super().__init__()
         has_attn = layer not in parse_layer_list(args.no_attn_layers)
         self.attn = build_attention(args, max_seq_len, layer) if has_attn else None
+        self.attn_input = attention_input(args, layer)  # its own residual, or an earlier block's output (r77)
         self.mlp = build_mlp(args, layer)
         # x = l0 * x + l1 * x0; --resid_lambda_init sets l0 (frontier recipe 3.3, r45: 1.1)
         self.lambdas = nn.Parameter(torch.tensor([args.resid_lambda_init, 0.0]))
         self.dropout = dropout_layer(args.dropout)  # on both branch outputs; Identity at --dropout=0
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, sources: dict | None = None) -> Tensor:
-        x = self.lambdas[0] * x + self.lambdas[1] * x0  # sources: the earlier residuals, read by MuddBlock only
+        x = self.lambdas[0] * x + self.lambdas[1] * x0  # sources: earlier residuals and gate values (GPT.hidden)
         if self.attn is not None:
-            x = x + self.dropout(self.attn(norm(x), ve, mask))
+            x = x + self.dropout(self.attn(norm(self.attn_input(x, sources)), ve, mask, sources))
         return x + self.dropout(self.mlp(norm(x)))
+
+
+class BlockOutput(nn.Module):
+    """--attn_input_skips src:dst (frontier recipe 3.3, r77): block dst's attention reads block src's output, not
+    its own residual (the recipe's layers 8, 9 read c7); its MLP still reads the residual."""
+
+    def __init__(self, block: int):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor, sources: dict) -> Tensor:
+        return sources[self.block]
+
+
+def attention_input(args: Hyperparameters, layer: int) -> nn.Module:
+    inputs = {dst: src for src, dst in parse_skip_pairs(args.attn_input_skips)}
+    return BlockOutput(inputs[layer]) if layer in inputs else PassThrough()
+
+
+class LearnedAdd(nn.Module):
+    """x + lam t, lam a learned scalar (an Adam scalar)."""
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.lam = nn.Parameter(torch.tensor([init]))
+
+    def forward(self, x: Tensor, t: Tensor, sources: dict | None = None) -> Tensor:
+        return x + self.lam[0].type_as(x) * t
+
+
+class GatedAdd(nn.Module):
+    """x + g t, g a per-token MUDD gate value (B, T, 1) that GPT.hidden put in sources[key] (--mudd_gate_block)."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+
+    def forward(self, x: Tensor, t: Tensor, sources: dict) -> Tensor:
+        return x + sources[self.key] * t
+
+
+class GateScale(nn.Module):
+    """g t, g = sources[key] (B, T, 1): a skip's per-token MUDD gate (--mudd_gate_block)."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+
+    def forward(self, t: Tensor, sources: dict) -> Tensor:
+        return sources[self.key] * t
+
+
+class SublayerBlock(nn.Module):
+    """--sublayer_lambdas (frontier recipe 3.3, r45): each sub-layer scales the residual and its own output,
+      a = Attn(RMSNorm(u)),   x <- r_a x + p_a a + l x0 (+ g_b b),   x <- r_m x + p_m MLP(RMSNorm(x)),
+    u = x or an earlier block's output (--attn_input_skips, r77). r starts at sqrt(--resid_lambda_init) in each
+    sub-layer (the recipe's sqrt(1.1): 1.1 per block, like #21's one x-lambda at 1.1), p at 1. x0 enters after the
+    attention (#21's Block adds it before), times a learned scalar l (init 0) or, under --mudd_gate_block, a per-token
+    MUDD gate g_x0, which also brings the bigram embedding b in times its gate g_b (blocks after the first; block
+    0's g_b weighs b at the input). An attention-free block is its MLP sub-layer alone (the recipe's layer 6).
+    entry_gate: PassThrough, or in block --mudd_gate_block the gate that reads its input (GPT puts it there)."""
+
+    def __init__(self, args: Hyperparameters, layer: int, max_seq_len: int):
+        super().__init__()
+        has_attn = layer not in parse_layer_list(args.no_attn_layers)
+        r = args.resid_lambda_init ** 0.5
+        self.attn = build_attention(args, max_seq_len, layer) if has_attn else None
+        self.attn_input = attention_input(args, layer)
+        self.attn_lambdas = nn.Parameter(torch.tensor([r, 1.0])) if has_attn else None  # r_a, p_a
+        gated = args.mudd_gate_block >= 0
+        self.add_x0 = (GatedAdd(f"gate.x0_{layer}") if gated else LearnedAdd(0.0)) if has_attn else None
+        self.add_bigram = GatedAdd(f"gate.bigram{layer}") if gated and has_attn and layer > 0 and \
+            args.bigram_rows > 0 else PassThrough()
+        self.mlp = build_mlp(args, layer)
+        self.mlp_lambdas = nn.Parameter(torch.tensor([r, 1.0]))  # r_m, p_m
+        self.entry_gate = PassThrough()
+        self.dropout = dropout_layer(args.dropout)
+
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, sources: dict) -> Tensor:
+        self.entry_gate(x, sources)
+        if self.attn is not None:
+            a = self.attn(norm(self.attn_input(x, sources)), ve, mask, sources)
+            x = self.attn_lambdas[0] * x + self.attn_lambdas[1] * self.dropout(a)
+            x = self.add_bigram(self.add_x0(x, x0, sources), sources.get("bigram"), sources)
+        return self.mlp_lambdas[0] * x + self.mlp_lambdas[1] * self.dropout(self.mlp(norm(x)))
 
 
 MUDD_HIDDEN, MUDD_SCALE = 64, 0.1  # the recipe's F_j: 64 hidden units, outputs times 0.1
@@ -2227,8 +2397,51 @@ class MuddWeights(nn.Module):
         self.b = nn.Parameter(torch.tensor(inits, dtype=torch.float32) / MUDD_SCALE)
 
     def forward(self, z: Tensor) -> Tensor:
+        return (MUDD_SCALE * self.unscaled(z)).type_as(z)
+
+    def unscaled(self, z: Tensor) -> Tensor:  # W2 GELU(W1 z) + b in fp32
         h = F.gelu(F.linear(z, self.w1.type_as(z)))
-        return (MUDD_SCALE * (F.linear(h, self.w2.type_as(h)).float() + self.b)).type_as(z)
+        return F.linear(h, self.w2.type_as(h)).float() + self.b
+
+
+class MuddGate(MuddWeights):
+    """MUDD gates (--mudd_gate_block; frontier recipe 3.5, r85): G(z) = s (W2 GELU(W1 z) + b), MuddWeights with a
+    learned scale s (init 0.1; the r85 README adds it for stability) in place of the fixed 0.1, so the values start
+    at their effective inits (b = init / 0.1). Its outputs are named per-token values, (key, width, init) each from
+    mudd_gate_outputs: forward writes sources[key] = (B, T, width) for the modules that read them (GatedAdd,
+    GateScale, GatedExclusiveSelfAttention, GatedHeadScale) and returns z. W1, W2 train in Adam's "mudd_gate"
+    group, b and s in "mudd_gate_bias", at --mudd_gate_lr."""
+
+    def __init__(self, dim: int, outputs: list[tuple[str, int, float]]):
+        super().__init__(dim, [init for _, width, init in outputs for _ in range(width)])
+        self.scale = nn.Parameter(torch.tensor([MUDD_SCALE]))
+        self.keys, self.widths = [key for key, _, _ in outputs], [width for _, width, _ in outputs]
+
+    def forward(self, z: Tensor, sources: dict) -> Tensor:
+        g = (self.scale[0] * self.unscaled(z)).type_as(z)
+        sources.update(zip(self.keys, g.split(self.widths, dim=-1)))
+        return z
+
+
+def mudd_gate_outputs(args: Hyperparameters) -> tuple[list, list]:
+    """--mudd_gate_block=k (frontier recipe 3.5, r85): the (key, width, init) outputs of the gate that reads x0 and
+    serves the blocks before k, and of the gate that reads block k's input and serves k and the later blocks: per
+    XSA block its heads' alphas (init 0), per --mudd_gate_attn_layers block its heads' output scales (0.25), per
+    block with attention (not --mudd_block) its x0 weight (0) and with --bigram_rows its bigram weight (0.05;
+    block 0's weighs b at the input), per skip its weight (0.5, times the skip's own sigmoid; a skip into block k
+    is added before k's gate runs, so the x0 gate serves it). The recipe's layout gives 26 and 41 outputs; 12 of
+    the 41 feed its DC attention (not ported), so the second gate has 29 here."""
+    k, H = args.mudd_gate_block, args.num_heads
+    if k < 0:
+        return [], []
+    attention = sorted(set(range(args.num_layers)) - set(parse_layer_list(args.no_attn_layers)))
+    outputs = [(i, f"gate.xsa{i}", H, 0.0) for i in parse_layer_list(args.xsa_layers)]
+    outputs += [(i, f"gate.attn{i}", H, 0.25) for i in parse_layer_list(args.mudd_gate_attn_layers)]
+    for i in (i for i in attention if i != args.mudd_block):
+        outputs += [(i, f"gate.x0_{i}", 1, 0.0)] + ([(i, f"gate.bigram{i}", 1, 0.05)] if args.bigram_rows else [])
+    outputs += [(dst - 0.5, f"gate.skip{w}", 1, 0.5) for w, (src, dst) in enumerate(skip_connections(args))]
+    return ([(key, w, init) for i, key, w, init in outputs if i < k],
+            [(key, w, init) for i, key, w, init in outputs if i >= k])
 
 
 class MuddHeadGates(nn.Module):
@@ -2283,13 +2496,14 @@ class MuddBlock(nn.Module):
         m = self.mudd(x).unsqueeze(-1).unbind(-2)  # 14 x (B, T, 1)
         values = self.ve_gate(m[0] * c0 + m[1] * c + m[2] * x, m[6], m[7], ve)
         x = (1 + m[5]) * x + m[3] * c0 + m[4] * c
-        x = m[8] * x + m[9] * self.dropout(self.attn(norm(c), values, mask)) + m[10] * x0
+        x = m[8] * x + m[9] * self.dropout(self.attn(norm(c), values, mask, sources)) + m[10] * x0
         x = self.add_bigram(x, m[11], sources.get("bigram"))
         return m[12] * x + m[13] * self.dropout(self.mlp(norm(x)))
 
 
 def build_block(args: Hyperparameters, layer: int, max_seq_len: int) -> nn.Module:
-    return (MuddBlock if layer == args.mudd_block else Block)(args, layer, max_seq_len)
+    kind = MuddBlock if layer == args.mudd_block else SublayerBlock if args.sublayer_lambdas else Block
+    return kind(args, layer, max_seq_len)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -2353,24 +2567,25 @@ class BigramHashEmbedding(nn.Module):
     """--bigram_rows=B (frontier recipe 3.2, r62 + r83's sign trick): b_t = E[h_t] * S[j_t], a zero-initialized
     (B, dim) table E read at the hashed (previous, current) token pair, times fixed signs S in {+1, -1}^(8192 x dim)
     chosen by a second hash, so two pairs that collide in E usually see different sign patterns and their
-    gradients partly cancel instead of adding up. Added once at the input, x = x0 + g b with a learned scalar g
-    (init 0.05); the recipe also injects b into every layer through its MUDD gates (not ported). S is the sign of
-    a Gaussian drawn from a fixed-seed CPU generator, so every rank builds the same S without a broadcast; it is
-    kept in the state dict (int8) so a checkpoint always pairs E with the signs it was trained against."""
+    gradients partly cancel instead of adding up. Added at the input, x = x0 + g b with a learned scalar g (init
+    0.05); with --mudd_gate_block g is a per-token gate and the gated blocks add b again (the recipe's every-layer
+    injection, SublayerBlock). S is the sign of a Gaussian drawn from a fixed-seed CPU generator, so every rank
+    builds the same S without a broadcast; it is kept in the state dict (int8) so a checkpoint always pairs E with
+    the signs it was trained against."""
 
-    def __init__(self, rows: int, dim: int):
+    def __init__(self, rows: int, dim: int, inject: nn.Module | None = None):
         super().__init__()
         self.rows = rows
         self.table = nn.Embedding(rows, dim, _weight=torch.zeros(rows, dim))  # no random draw: zero-init
         draw = torch.randn(BIGRAM_SIGN_ROWS, dim, generator=torch.Generator().manual_seed(BIGRAM_SIGN_SEED))
         self.register_buffer("signs", torch.where(draw >= 0, 1, -1).to(torch.int8))
-        self.gain = nn.Parameter(torch.tensor([0.05]))
+        self.inject = inject or LearnedAdd(0.05)  # x0 + g b: g learned, or GatedAdd (--mudd_gate_block)
 
     def forward(self, x0: Tensor, inputs: Tensor, sources: dict | None = None) -> Tensor:  # x0 (1, T, dim)
         b = self.table(bigram_hash(inputs, self.rows)) * self.signs[bigram_sign_index(inputs)].type_as(x0)
-        if sources is not None:  # GPT.hidden's: b is what --mudd_block mixes in after its attention
+        if sources is not None:  # GPT.hidden's: b is what --mudd_block and the gated blocks mix in
             sources["bigram"] = b[None]
-        return x0 + self.gain[0].type_as(x0) * b[None]
+        return self.inject(x0, b[None], sources)
 
 
 class Backout(nn.Module):
@@ -2722,7 +2937,9 @@ class GPT(nn.Module):
         self.embed_noise = NEFTune(args.neftune_alpha) if args.neftune_alpha > 0 else nn.Identity()
         self.mot = build_mot(args)  # mixes byte-level information into x0 (--mot)
         # x = x0 + g * bigram embedding (--bigram_rows); the blocks' x0 stays the token embedding alone
-        self.bigram = BigramHashEmbedding(args.bigram_rows, dim) if args.bigram_rows else PassThrough()
+        gated = args.mudd_gate_block >= 0  # --mudd_gate_block: per-token gate values replace static scalars
+        self.bigram = BigramHashEmbedding(args.bigram_rows, dim, GatedAdd("gate.bigram0") if gated else None) \
+            if args.bigram_rows else PassThrough()
         # modules that read the previous token, which decoding with a KVCache does not hand them (hidden refuses)
         self.looks_back = [flag for flag, on in (("--smear", args.smear), ("--key_offset", args.key_offset),
                                                  ("--bigram_rows", args.bigram_rows > 0)) if on]
@@ -2740,12 +2957,16 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.full((len(skips),), SigmoidSkipWeights.init) if args.skip_gate else
                                          torch.ones(len(skips)))
         self.skips_into = [[(w, src) for w, (src, dst) in enumerate(skips) if dst == i] for i in range(L)]
+        # --mudd_gate_block: each skip also times its per-token gate (parameter-free PassThroughs otherwise)
+        self.skip_scales = nn.ModuleList([GateScale(f"gate.skip{w}") for w in range(len(skips))]) if gated else \
+            [PassThrough()] * len(skips)
         # --backout_layer: x += lam * (that block's output) before the final norm (frontier recipe 3.3, r40)
         self.backout = Backout(args.backout_layer) if args.backout_layer >= 0 else PassThrough()
         self.kept_outputs = {src for src, _ in skips} | ({args.backout_layer} if args.backout_layer >= 0 else set())
         mudd_sources = parse_mudd_sources(args.mudd_final_sources)  # and the MUDD mixes' block outputs
         self.kept_outputs |= {n for n, _ in mudd_sources if isinstance(n, int)} | (
-            {args.mudd_block_source} if args.mudd_block >= 0 else set())
+            {args.mudd_block_source} if args.mudd_block >= 0 else set()) | {
+            src for src, _ in parse_skip_pairs(args.attn_input_skips)}
         self.lm_head = TiedHead(self.embed.weight) if args.tie_embeddings else \
             CastedLinear(dim, padded_vocab, zero_init=True)
         if args.head_init_std > 0 and not args.tie_embeddings:  # frontier recipe 3.2: N(0, 0.005^2)
@@ -2772,6 +2993,12 @@ class GPT(nn.Module):
         # --mudd_final_sources: MUDD's j=1 mix before the final norm; built last, so every other parameter is the
         # draw it would be without it (the model with --backout_layer=N and the one with "N:-0.5" agree at init)
         self.mudd_final = MuddFinalMix(dim, mudd_sources) if mudd_sources else PassThrough()
+        # --mudd_gate_block=k: the gate from x0 (before block 0) and the one block k runs on its input, built last
+        # like the mix above (the other parameters stay the draw they would be without them)
+        before, after = mudd_gate_outputs(args)
+        self.pre_gate = MuddGate(dim, before) if before else PassThrough()
+        if after:
+            self.blocks[args.mudd_gate_block].entry_gate = MuddGate(dim, after)
 
     def attention_masks(self, inputs: Tensor, window_blocks) -> dict:
         """Build the long and the short mask once per sequence; every block reuses one of them. window_blocks: the
@@ -2821,11 +3048,12 @@ class GPT(nn.Module):
         x0 = norm(self.mot(self.embed_noise(self.smear(self.embed(inputs)[None])), inputs))
         # the residuals the skips, the backout and MUDD read: block index -> its output, "in" -> the residual
         # entering block 0 (c0), "bigram" -> the bigram embedding b (written by BigramHashEmbedding)
-        outputs = {}
+        outputs = {}  # and "gate.*" -> the MUDD gates' per-token values (--mudd_gate_block; MuddGate)
+        self.pre_gate(x0, outputs)
         x = outputs["in"] = self.bigram(x0, inputs, outputs)
         for i, block in enumerate(self.blocks):
             for w, src in self.skips_into[i]:
-                x = x + self.skip_gate(self.skip_weights[w]) * outputs[src]
+                x = x + self.skip_gate(self.skip_weights[w]) * self.skip_scales[w](outputs[src], outputs)
             table = self.ve_table[i]
             x = block(x, x0, None if table is None else ves[table], masks[self.mask_key[i]], outputs)
             if i in self.kept_outputs:
@@ -2880,8 +3108,9 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     kron_to_adam = args is not None and args.kron_optimizer == "adam"
     adam_ids = {id(p) for p in kron} if kron_to_adam else set()
     # --mudd_final_sources / --mudd_block: MUDD's W1, W2 ("mudd") and b ("mudd_bias") are Adam's (recipe 2.2)
-    mudd = [m for m in model.modules() if isinstance(m, MuddWeights)]
-    mudd_ids = {id(p) for m in mudd for p in m.parameters()}
+    mudd = [m for m in model.modules() if type(m) is MuddWeights]
+    gates = [m for m in model.modules() if isinstance(m, MuddGate)]  # --mudd_gate_block: "mudd_gate(_bias)"
+    mudd_ids = {id(p) for m in mudd + gates for p in m.parameters()}
     matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids | mudd_ids]
     scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in mudd_ids]
     mot_embeds = [m.weight for m in model.mot.modules() if isinstance(m, nn.Embedding)]
@@ -2892,12 +3121,15 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     # --mot matrices live outside the blocks: Adam at head_lr (the byte/slot embeddings are embeds, a and b scalars)
     head += [p for p in model.mot.parameters() if p.ndim >= 2 and all(p is not e for e in mot_embeds)]
     groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, kron=kron if kron_to_adam else [],
-                  mudd=[p for m in mudd for p in (m.w1, m.w2)], mudd_bias=[m.b for m in mudd])
+                  mudd=[p for m in mudd for p in (m.w1, m.w2)], mudd_bias=[m.b for m in mudd],
+                  mudd_gate=[p for m in gates for p in (m.w1, m.w2)], mudd_gate_bias=[p for m in gates
+                                                                       for p in (m.b, m.scale)])
     assert sum(map(len, groups.values())) == len(list(model.parameters()))
     return groups
 
 
-ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars", "kron", "mudd", "mudd_bias")
+ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars", "kron", "mudd", "mudd_bias", "mudd_gate",
+               "mudd_gate_bias")
 
 
 def parse_group_values(text: str, flag: str, parse) -> dict:
@@ -2929,9 +3161,10 @@ def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
         id(m.weight) for m in model.bigram.modules() if isinstance(m, nn.Embedding)}
     params = dict(head=groups["head"], embed=[p for p in groups["embeds"] if id(p) not in value_embeds],
                   value_embeds=[p for p in groups["embeds"] if id(p) in value_embeds], scalars=groups["scalars"],
-                  kron=groups["kron"], mudd=groups["mudd"], mudd_bias=groups["mudd_bias"])
+                  **{name: groups[name] for name in ADAM_GROUPS[4:]})
     lrs = dict(head=args.head_lr, embed=args.embed_lr, value_embeds=args.value_embed_lr or args.embed_lr,
-               scalars=args.scalar_lr, kron=args.kron_adam_lr, mudd=args.mudd_lr, mudd_bias=args.mudd_lr)
+               scalars=args.scalar_lr, kron=args.kron_adam_lr, mudd=args.mudd_lr, mudd_bias=args.mudd_lr,
+               mudd_gate=args.mudd_gate_lr, mudd_gate_bias=args.mudd_gate_lr)
     betas = parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
     wd_mults = parse_group_values(args.adam_group_wd, "adam_group_wd", float)
     return [dict(name=name, params=params[name], lr=lrs[name],

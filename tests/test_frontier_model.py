@@ -109,12 +109,12 @@ def test_bigram_signs_are_fixed_and_the_embedding_starts_at_x0():
     assert torch.equal(a.signs, b.signs) and a.signs.dtype == torch.int8 and a.signs.shape == (8192, 16)
     assert set(a.signs.unique().tolist()) == {-1, 1} and abs(a.signs.float().mean().item()) < 0.02
     assert "signs" in a.state_dict()  # a checkpoint pairs the table with its signs
-    assert not a.table.weight.any() and a.gain.item() == pytest.approx(0.05)
+    assert not a.table.weight.any() and a.inject.lam.item() == pytest.approx(0.05)
     x0, x = torch.randn(1, 6, 16), torch.tensor([5, 7, 9, 7, 5, 1])
     assert torch.equal(a(x0, x), x0)  # zero table: the model starts without it
     with torch.no_grad():
         a.table.weight.normal_()
-        a.gain.fill_(0.3)
+        a.inject.lam.fill_(0.3)
     h, j = tg.bigram_hash(x, 100), tg.bigram_sign_index(x)
     expected = x0.clone()
     for t in range(6):
@@ -130,7 +130,7 @@ def test_bigram_table_is_an_adam_embedding_and_counted():
     # trained like the value embeddings (recipe 2.2: lr 0.6, betas 0.75/0.95, wd x5 in the frontier preset)
     assert any(p is table for p in groups["value_embeds"]["params"])
     assert groups["value_embeds"]["lr"] == (args.value_embed_lr or args.embed_lr)
-    assert any(p is model.bigram.gain for p in groups["scalars"]["params"])
+    assert any(p is model.bigram.inject.lam for p in groups["scalars"]["params"])
     assert "bigram hash 524,289" in tg.describe_model(model, args)  # 4096 x 128 + the gain
     assert all(p is not table for p in tg.recipe_matrices(model))  # --weight_init=truncated leaves it at zero
 
@@ -262,7 +262,7 @@ def test_every_new_parameter_learns_and_has_one_optimizer():
     model(x[:-1], x[1:]).backward()
     new = {n: p for n, p in model.named_parameters() if any(k in n for k in (
         "smear.", "bigram.", "skip_weights", "key_offset", "ve_gate.", "xsa.", "out_gate."))}
-    assert {n.split(".")[-1] for n in new} >= {"gate", "lam", "weight", "gain", "alpha", "skip_weights"}
+    assert {n.split(".")[-1] for n in new} >= {"gate", "lam", "weight", "alpha", "skip_weights"}
     for name, p in new.items():
         assert p.grad is not None and p.grad.any(), name
     groups = tg.param_groups(model, args)

@@ -98,7 +98,7 @@ def reference_hidden(model, x):
     x0 = tg.norm(model.embed(x)[None])
     bigram = model.bigram
     b = (bigram.table(tg.bigram_hash(x, bigram.rows)) * bigram.signs[tg.bigram_sign_index(x)].float())[None]
-    h = c0 = x0 + bigram.gain * b
+    h = c0 = x0 + bigram.inject.lam * b
     outs = {}
     for i, block in enumerate(model.blocks):
         for w, src in model.skips_into[i]:
