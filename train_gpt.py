@@ -225,25 +225,30 @@ FRONTIER = dict(
     # the head's settings; the bigram table is in the value embeddings' group
     head_lr=0.008, embed_lr=0.008, value_embed_lr=0.6, scalar_lr=0.04, adam_every=2, adam_wd=0.005,
     adam_group_betas="head=0.5/0.95,embed=0.5/0.95,value_embeds=0.75/0.95,scalars=0.9/0.99,mudd=0.9/0.99,"
-                     "mudd_bias=0.9/0.99",
-    adam_group_wd="head=150,embed=150,value_embeds=5,scalars=0,mudd=1,mudd_bias=0", mudd_lr=0.002,
+                     "mudd_bias=0.9/0.99,mudd_gate=0.9/0.99,mudd_gate_bias=0.9/0.99",
+    adam_group_wd="head=150,embed=150,value_embeds=5,scalars=0,mudd=1,mudd_bias=0,mudd_gate=1,mudd_gate_bias=0",
+    mudd_lr=0.002, mudd_gate_lr=8e-4,
     softcap="frontier", run_name="frontier",
     # sections 3.1-3.4, the model half (Frontier II), in the recipe's 11-layer shape (r30/r35 dropped #21's first
     # layer): no attention in block 6, long windows on 3 and 10, five value-embedding tables read by blocks 1, 2
     # and 8, 9, 10 (r63/r70), one sigmoid-gated skip 3 -> 6 (r32/r45), MUDD (r81, 3.5): its j=1 mix of c0, c7,
     # c9, VE_0 and c3 before the final norm (m1 = -0.5 on c7: r40's backout at init) and its j=0 block 10 reading c7,
-    # attention output projections uniform (r64), head N(0, 0.005^2) (r51). Smear (r34); sparse attention gate on
-    # every attention layer (r28's form); key offset on the long-window layers 3 and 10 (r49); x-lambda init 1.1
-    # (r45); VE gates on the value-embedding layers (r55/r70); XSA's static form on r82's layers 1,3,4,7,8,10;
-    # bigram hash table of 7.5 x 50,304 rows with signs (r62/r83), added once at the input.
+    # attention output projections uniform (r64), head N(0, 0.005^2) (r51). Smear (r34); key offset on the
+    # long-window layers 3 and 10 (r49); VE gates on the value-embedding layers (r55/r70); XSA on layers 1,3,4,7
+    # (r82, r85's set); bigram hash table of 7.5 x 50,304 rows with signs (r62/r83). The residual stream of 3.3:
+    # per-sub-layer lambdas, r init sqrt(1.1) (r45), x0 and the bigram embedding added after each attention, layers
+    # 8 and 9 attending over RMSNorm(c7) (r77); r85's MUDD gates (3.5): one from x0 for layers 0-3, one from the
+    # residual entering layer 4 for the rest, giving per token the XSA alphas, the x0 and bigram weights, the skip
+    # weight and the attention gates of layers 3 and 10 (the r28 sigmoid gate is gone in [H]).
     num_layers=11, no_attn_layers="6", window_pattern="SSSLSSSSSSL", num_value_embeds=5,
     value_embed_layers="1,2,8,9,10", value_embed_std=0.01, skip_pairs="3:6", skip_gate=True,
     mudd_final_sources="in,7:-0.5,9,ve0,3", mudd_block=10, mudd_block_source=7,
     attn_proj_init="uniform", head_init_std=0.005,
+    sublayer_lambdas=True, attn_input_skips="7:8,7:9", mudd_gate_block=4, mudd_gate_attn_layers="3,10",
     # sections 3.2 and 3.7: embedding tied to the head through step 847 (r51, the first stage-3 step, odd so that
     # Adam updates at it); multi-token prediction (r53) and the prefix-token loss (r88) with the stage weights of 1.2
     untie_step=847, mtp_weights="1,0.5,0.25-0;1,0.5-0;1", prefix_weights="0.25;0.25-0;0",
-    smear=True, attn_gate=True, key_offset=True, resid_lambda_init=1.1, ve_gate=True, xsa_layers="1,3,4,7,8,10",
+    smear=True, key_offset=True, resid_lambda_init=1.1, ve_gate=True, xsa_layers="1,3,4,7",
     bigram_rows=377_280,
     # paired-head attention on the recipe's layers 0, 2, 5, 9 (r58; none of them has XSA) and Muon on Q and K per
     # head pair (r80, section 2.1 item 7)
@@ -265,9 +270,11 @@ PRESETS = {
         # blocks 1 and 3, the gated skip into the attention-free block 2 (the recipe's 3 -> 6); MUDD's j=1 mix of
         # c0, c2 (the recipe's c7, init -0.5; also the last block's input, its c9), c1 (its c3) and VE_0, and its
         # j=0 in the last block reading c2; XSA on the two after the first; a bigram table sized for the ~40k
-        # tokens a smoke run reads (the recipe's 377,280 x 128 would be 48M parameters)
+        # tokens a smoke run reads (the recipe's 377,280 x 128 would be 48M parameters); MUDD gates from x0 for
+        # blocks 0, 1 and from block 2's input for 2, 3, the attention gates on the long-window blocks 0 and 3
         num_value_embeds=2, value_embed_layers="1,3", skip_pairs="1:2", xsa_layers="1,3", bigram_rows=8192,
-        mudd_final_sources="in,2:-0.5,1,ve0", mudd_block=3, mudd_block_source=2,
+        mudd_final_sources="in,2:-0.5,1,ve0", mudd_block=3, mudd_block_source=2, attn_input_skips="",
+        mudd_gate_block=2, mudd_gate_attn_layers="0,3",
         paired_head_layers="0",  # the first attention block (no XSA); its 2 heads are one pair, so per-pair
         # Muon (inherited) orthogonalizes the same matrices as whole Q and K here
         untie_step=21)},  # the first odd step of stage 3 (steps 20-29)

@@ -370,8 +370,8 @@ def test_describe_model_counts_the_new_parameters_and_gate_flops(full_model):
 def test_frontier_presets_carry_the_model_half():
     args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier"])
     tg.check_config(args, 8)
-    assert (args.smear, args.attn_gate, args.key_offset, args.ve_gate, args.skip_gate) == (True,) * 5
-    assert args.resid_lambda_init == 1.1 and args.xsa_layers == "1,3,4,7,8,10" and args.bigram_rows == 377_280
+    assert (args.smear, args.key_offset, args.ve_gate, args.skip_gate) == (True,) * 4
+    assert args.resid_lambda_init == 1.1 and args.bigram_rows == 377_280  # XSA, gates: test_mudd_gates.py
     smoke = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke"])
     tg.check_config(smoke, 1)
     model = tg.build_model(smoke)
@@ -405,7 +405,8 @@ def test_frontier_preset_builds_the_recipes_eleven_layers(frontier_model):
     assert isinstance(model.blocks[10], tg.MuddBlock) and model.blocks[10].source == 7
     on = lambda name, cls: [i for i, b in enumerate(model.blocks) if b.attn is not None and
                             isinstance(getattr(b.attn, name), cls)]
-    assert on("key_offset", tg.KeyOffset) == [3, 10] and on("xsa", tg.ExclusiveSelfAttention) == [1, 3, 4, 7, 8, 10]
+    assert on("key_offset", tg.KeyOffset) == [3, 10] and on("xsa", tg.GatedExclusiveSelfAttention) == [1, 3, 4, 7]
+    assert on("out_gate", tg.GatedHeadScale) == [3, 10] and not on("out_gate", tg.AttentionGate)  # r85's [H]
     assert on("ve_gate", tg.ValueEmbedGate) == [1, 2, 8, 9]  # block 10's value embedding: MUDD's m6, m7
     # inits (recipe 3.1-3.2): head N(0, 0.005^2), value embeddings N(0, 0.01^2), attention outputs uniform
     assert model.lm_head.weight.std().item() == pytest.approx(0.005, rel=0.01)
@@ -419,9 +420,12 @@ def test_frontier_preset_builds_the_recipes_eleven_layers(frontier_model):
 def test_frontier_describe_model_prints_parameters_and_flops(frontier_model):
     model, args = frontier_model
     text = tg.describe_model(model, args)
-    bigram = 377_280 * 768 + 1  # the table and its gain
+    bigram = 377_280 * 768 + 9 * 65  # the table and the gates' 9 bigram weights (a W2 row and a b each)
     total = tg.count_params(model) + bigram
-    assert total == 635_566_878, total  # MUDD: + 49,477 (j=1) + 50,062 (j=0) - 1 lam - 2 lambdas - 72 VE gate
+    # MUDD: + 49,477 (j=1) + 50,062 (j=0) - 1 lam - 2 lambdas - 72 VE gate; gates (r85): + 50,843 (x0, 26 values)
+    # + 51,038 (layer 4, 29) - 720 sigmoid gates - 36 static XSA alphas + 18 lambdas (4 a sub-layer block, 2 in
+    # block 6) - 1 bigram gain
+    assert total == 635_668_020, total
     assert f"= {tg.count_params(model):,}" in text and "embeddings 231,584,256" in text  # 50,257 x 768 x (1 + 5)
     assert "head tied to the embedding until step 847" in text and "forward FLOPs/token:" in text
     assert "stages: steps" in tg.stage_table(args)
