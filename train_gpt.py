@@ -115,6 +115,8 @@ class Hyperparameters:
     xsa_layers: str = ""  # blocks whose heads remove tanh(alpha_h) of their output's projection on v (alpha 0)
     bigram_rows: int = 0  # hashed bigram embedding table rows (0 = off; recipe 377,280), added to x0 times g = 0.05
     paired_head_layers: str = ""  # blocks whose heads 2j, 2j+1 attend as one interleaved 2T sequence (r58; "" = off)
+    dc_layers: str = ""  # blocks adding dynamically-composed attention: heads' probabilities mixed per token (r85)
+    dc_window: int = 112  # DC's window in tokens (within the document, this token included)
     # the recipe's shape (frontier recipe 3.1-3.3): which blocks read which tables and skips, and the inits
     value_embed_layers: str = ""  # blocks reading value-embedding tables 0, 1, ... in order ("" = first/last nve)
     skip_pairs: str = ""  # skips "src:dst,...": dst's input += w * src's output ("" = U-net, block i -> L-1-i)
@@ -253,6 +255,8 @@ FRONTIER = dict(
     # paired-head attention on the recipe's layers 0, 2, 5, 9 (r58; none of them has XSA) and Muon on Q and K per
     # head pair (r80, section 2.1 item 7)
     paired_head_layers="0,2,5,9", muon_qk_pairs=True,
+    # r85's lightweight DC on layer 10 (3.4), its w1, w2 per token from the second MUDD gate
+    dc_layers="10",
     # section 3.6: FP8 MLP matmuls (r84 up, r89 down with delayed scaling); acts only on GPUs with FP8
     fp8_mlp=True,
 )
@@ -271,10 +275,11 @@ PRESETS = {
         # c0, c2 (the recipe's c7, init -0.5; also the last block's input, its c9), c1 (its c3) and VE_0, and its
         # j=0 in the last block reading c2; XSA on the two after the first; a bigram table sized for the ~40k
         # tokens a smoke run reads (the recipe's 377,280 x 128 would be 48M parameters); MUDD gates from x0 for
-        # blocks 0, 1 and from block 2's input for 2, 3, the attention gates on the long-window blocks 0 and 3
+        # blocks 0, 1 and from block 2's input for 2, 3, the attention gate on block 3 (the recipe's 3 and 10 are
+        # long-window blocks without paired heads; block 0 is paired), DC in block 3 (the recipe's MUDD block 10)
         num_value_embeds=2, value_embed_layers="1,3", skip_pairs="1:2", xsa_layers="1,3", bigram_rows=8192,
         mudd_final_sources="in,2:-0.5,1,ve0", mudd_block=3, mudd_block_source=2, attn_input_skips="",
-        mudd_gate_block=2, mudd_gate_attn_layers="0,3",
+        mudd_gate_block=2, mudd_gate_attn_layers="3", dc_layers="3",
         paired_head_layers="0",  # the first attention block (no XSA); its 2 heads are one pair, so per-pair
         # Muon (inherited) orthogonalizes the same matrices as whole Q and K here
         untie_step=21)},  # the first odd step of stage 3 (steps 20-29)
@@ -426,7 +431,7 @@ MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=
                   attn_scale=0.0, kd_temp=1e-6, kd_cosine=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
                   muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_wd=0.0, adam_every=1, extension_steps=0,
                   mot_self_pool=1, kron_progressive_every=0, kron_progressive_distill_steps=0, mudd_lr=0.0,
-                  mudd_gate_lr=0.0)
+                  mudd_gate_lr=0.0, dc_window=1)
 UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_momentum_end", "adam_beta1",
                  "adam_beta2", "kd_alpha")
 # flag -> (what makes it meaningful, a predicate on args): setting the flag without that draws a warning
@@ -472,6 +477,7 @@ NEEDS = dict(
     mudd_block_source=("--mudd_block >= 0", lambda a: a.mudd_block >= 0),
     mudd_lr=("--mudd_final_sources or --mudd_block", lambda a: bool(a.mudd_final_sources) or a.mudd_block >= 0),
     mudd_gate_lr=("--mudd_gate_block >= 0", lambda a: a.mudd_gate_block >= 0),
+    dc_window=("--dc_layers", lambda a: bool(a.dc_layers)),
 )
 
 
@@ -658,6 +664,22 @@ def check_frontier_model(args: Hyperparameters, fail):
         fail(f"--bigram_rows={args.bigram_rows} must be 0 (off) or >= 2 (hashes take rows - 1 values, plus the "
              f"row of position 0)")
     check_paired_heads(args, attention, xsa, fail)
+    check_dc(args, attention, fail)
+
+
+def check_dc(args: Hyperparameters, attention: set, fail):
+    """--dc_layers: multi-head attention blocks that are not paired (the head mix rolls values across heads)."""
+    try:
+        dc = parse_layer_list(args.dc_layers)
+    except ValueError:
+        fail(f"--dc_layers={args.dc_layers!r}: expected comma-separated block indices such as '10'")
+    bad = sorted(set(dc) - attention) + sorted(set(dc) & set(parse_layer_list(args.paired_head_layers)))
+    if bad or len(set(dc)) != len(dc):
+        fail(f"--dc_layers={args.dc_layers!r} must name different blocks with attention and without paired heads; "
+             f"{bad or 'a block twice'}")
+    if dc and (args.mla_kv_rank > 0 or kv_heads(args) != args.num_heads):
+        fail("--dc_layers mixes every head's probabilities onto every head's values: it needs multi-head attention "
+             "(no --n_kv_heads, no --mla_kv_rank)")
 
 
 def check_paired_heads(args: Hyperparameters, attention: set, xsa: list, fail):
@@ -1429,6 +1451,38 @@ def doc_causal_window_mask(docs: Tensor, window_blocks, halvings: int = 0):
     return mask_mod
 
 
+def doc_causal_token_window_mask(docs: Tensor, tokens: int):
+    """Query i sees key j iff i - tokens < j <= i and both lie in the same document: a window counted in tokens,
+    not blocks (--dc_layers' 112)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx]) & (q_idx - kv_idx < tokens)
+    return mask_mod
+
+
+def dense_token_window_mask(inputs: Tensor, tokens: int) -> Tensor:
+    """(T, T) boolean doc_causal_token_window_mask for scaled_dot_product_attention."""
+    docs = document_ids(inputs)
+    idx = torch.arange(len(docs), device=docs.device)
+    return doc_causal_token_window_mask(docs, tokens)(0, 0, idx[:, None], idx[None, :])
+
+
+def flex_token_window_mask(inputs: Tensor, tokens: int) -> BlockMask:
+    """doc_causal_token_window_mask as a FlexAttention BlockMask: each query block visits the key blocks the window
+    can reach (its own and the ceil((tokens - 1) / 128) before it) that share a document with it, all partial (the
+    window cuts through them). Equals dense_token_window_mask (tested)."""
+    docs = document_ids(inputs)
+    n = len(docs) // BLOCK_SIZE
+    blocks = torch.arange(n, device=docs.device)
+    q, kv = blocks[:, None], blocks[None, :]
+    first, last = docs.view(n, BLOCK_SIZE)[:, 0], docs.view(n, BLOCK_SIZE)[:, -1]
+    reach = -(-(tokens - 1) // BLOCK_SIZE)
+    some = (q >= kv) & (q - kv <= reach) & (first[:, None] <= last[None, :])
+    counts = some.sum(-1, dtype=torch.int32)
+    indices = torch.argsort(some.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return BlockMask.from_kv_blocks(counts[None, None].contiguous(), indices[None, None].contiguous(),
+                                    BLOCK_SIZE=BLOCK_SIZE, mask_mod=doc_causal_token_window_mask(docs, tokens))
+
+
 def dense_attention_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None, halvings: int = 0) -> Tensor:
     """(T, T) boolean mask for scaled_dot_product_attention, evaluated from the same mask_mod. docs: per-position
     document ids given directly (--mot=cross+self's byte stream) instead of from the tokens."""
@@ -1470,6 +1524,11 @@ FLEX_ATTENTION_ON_CPU = False
 def mask_builder(x: Tensor):
     """flex_block_mask on GPU (or with FLEX_ATTENTION_ON_CPU), dense_attention_mask otherwise."""
     return flex_block_mask if x.is_cuda or FLEX_ATTENTION_ON_CPU else dense_attention_mask
+
+
+def token_window_mask_builder(x: Tensor):
+    """flex_token_window_mask on GPU (or with FLEX_ATTENTION_ON_CPU), dense_token_window_mask otherwise."""
+    return flex_token_window_mask if x.is_cuda or FLEX_ATTENTION_ON_CPU else dense_token_window_mask
 
 
 class KVCache:
@@ -1684,6 +1743,52 @@ class GatedHeadScale(nn.Module):
         return sources[self.key][..., None] * y
 
 
+def compose_heads(y: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, mask, w1: Tensor, w2: Tensor) -> Tensor:
+    """DC's y_h += w2_h sum_s (sum_h' w1n_h' P_h'(t, s)) v_h(s), w1n = w1 / sqrt(mean_h(w1^2) + 1e-6); y (B, T,
+    heads, head_dim), q, k, v (B, heads, T, head_dim) as attend takes them, w1 and w2 broadcasting to (B, T, heads,
+    1). FlexAttention returns per-head P_h V_h only, so the head mix runs over rolled values: call j gives head h'
+    its own probabilities on head h' + j's values, weighed by w1n_h' and rolled back onto head h' + j; the sum over
+    j covers every h'. The mix reads each output transposed, token-major like y: inductor's CPU FlexAttention
+    template cannot take a pointwise epilogue, which a head-major multiply would become."""
+    w1n = (w1.float() * torch.rsqrt(w1.float().square().mean(-2, keepdim=True) + 1e-6))
+    mixed = 0
+    for j in range(q.size(1)):
+        mixed = mixed + (w1n * attend(q, k, v.roll(-j, dims=1), mask, scale).transpose(1, 2)).roll(j, dims=2)
+    return y + (w2 * mixed).type_as(y)
+
+
+class DynamicComposition(nn.Module):
+    """--dc_layers (frontier recipe 3.4, r85's lightweight dynamically-composable attention): after the attention,
+    each head also reads its own values through a mix of all heads' attention probabilities over a short window,
+      P_h(t, s) = softmax_s(scale q_h(t) . k_h(s)) over s in t's document, t - s < --dc_window (112),
+      y_h(t) += w2_h sum_s (sum_h' w1n_h' P_h'(t, s)) v_h(s),   w1n = w1 / RMS_h(w1),
+    with the attention's own q, k (normed, rotated, key-offset), v (value embedding added) and scale, so a head can
+    look where another head looks. w1 (init 1) and w2 (init 0: no change at init) per head, Adam scalars here;
+    per token from the MUDD gates in GatedDynamicComposition. Cost: heads extra attention calls over the short
+    window (compose_heads; the recipe's Triton kernel computes the softmax once, these recompute it per call)."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.ones(heads))
+        self.w2 = nn.Parameter(torch.zeros(heads))
+
+    def forward(self, y: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, sources: dict) -> Tensor:
+        return compose_heads(y, q, k, v, scale, sources["masks"]["dc"], self.w1[:, None], self.w2[:, None])
+
+
+class GatedDynamicComposition(nn.Module):
+    """DynamicComposition with w1, w2 per token and head from a MUDD gate (--mudd_gate_block; the recipe's r85
+    form: its second gate's last 12 values, w1 init 1, w2 init 0)."""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.keys = f"gate.dc_w1_{layer}", f"gate.dc_w2_{layer}"
+
+    def forward(self, y: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, sources: dict) -> Tensor:
+        w1, w2 = (sources[key][..., None] for key in self.keys)  # (B, T, heads, 1)
+        return compose_heads(y, q, k, v, scale, sources["masks"]["dc"], w1, w2)
+
+
 class AttentionGate(nn.Module):
     """--attn_gate (frontier recipe 3.4, r28's sparse attention gate): each head's output times
     sigmoid(w_h . h[:12]), h the normed attention input, so a head can switch itself off per token (no attention
@@ -1700,13 +1805,13 @@ class AttentionGate(nn.Module):
 
 class HeadAttention(nn.Module):
     """The part multi-head and grouped-query attention share after their projections: RMS-norm and rotary on q and
-    k, value-embedding mixing, attention, output projection. Four per-head hooks (PassThrough unless
-    install_head_hooks swaps in a module): key_offset on the rotated keys, ve_gate on the value embedding, xsa and
-    out_gate on the attention output, in the recipe's order (key offset, v += ve, attention, XSA, gate)."""
+    k, value-embedding mixing, attention, output projection. Five per-head hooks (PassThrough unless
+    install_head_hooks swaps in a module): key_offset on the rotated keys, ve_gate on the value embedding, dc, xsa
+    and out_gate on the attention output, in the recipe's order (key offset, v += ve, attention, DC, XSA, gate)."""
 
     def __init__(self):
         super().__init__()
-        self.key_offset, self.ve_gate, self.xsa, self.out_gate = (PassThrough() for _ in range(4))
+        self.key_offset, self.ve_gate, self.dc, self.xsa, self.out_gate = (PassThrough() for _ in range(5))
 
     def rotate_mix_attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask,
                           sources: dict | None) -> Tensor:
@@ -1715,7 +1820,8 @@ class HeadAttention(nn.Module):
         q, k = self.rotary(norm(q), offset), self.key_offset(self.rotary(norm(k), offset))
         v = self.lambdas[0] * v if ve is None else \
             self.lambdas[0] * v + self.lambdas[1] * self.ve_gate(ve.view_as(v), x)
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale).transpose(1, 2)
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = self.dc(attend(qh, kh, vh, mask, self.attn_scale).transpose(1, 2), qh, kh, vh, self.attn_scale, sources)
         return self.c_proj(self.out_gate(self.xsa(y, v, sources), x, sources).reshape(B, T, -1))
 
 
@@ -1916,6 +2022,8 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
     if layer in parse_layer_list(args.xsa_layers):
         attn.xsa = GatedExclusiveSelfAttention(args.num_heads, kv_heads(args), f"gate.xsa{layer}") if gated else \
             ExclusiveSelfAttention(args.num_heads, kv_heads(args))
+    if layer in parse_layer_list(args.dc_layers):
+        attn.dc = GatedDynamicComposition(layer) if gated else DynamicComposition(args.num_heads)
     if layer in parse_layer_list(args.mudd_gate_attn_layers):  # replaces --attn_gate's sigmoid gate there
         attn.out_gate = GatedHeadScale(f"gate.attn{layer}")
     elif args.attn_gate:
@@ -2436,8 +2544,8 @@ def mudd_gate_outputs(args: Hyperparameters) -> tuple[list, list]:
     XSA block its heads' alphas (init 0), per --mudd_gate_attn_layers block its heads' output scales (0.25), per
     block with attention (not --mudd_block) its x0 weight (0) and with --bigram_rows its bigram weight (0.05;
     block 0's weighs b at the input), per skip its weight (0.5, times the skip's own sigmoid; a skip into block k
-    is added before k's gate runs, so the x0 gate serves it). The recipe's layout gives 26 and 41 outputs; 12 of
-    the 41 feed its DC attention (not ported), so the second gate has 29 here."""
+    is added before k's gate runs, so the x0 gate serves it), per --dc_layers block its heads' w1 (1) and w2 (0).
+    The recipe's layout gives 26 and 41 outputs (12 of the 41 for DC at layer 10)."""
     k, H = args.mudd_gate_block, args.num_heads
     if k < 0:
         return [], []
@@ -2447,6 +2555,8 @@ def mudd_gate_outputs(args: Hyperparameters) -> tuple[list, list]:
     for i in (i for i in attention if i != args.mudd_block):
         outputs += [(i, f"gate.x0_{i}", 1, 0.0)] + ([(i, f"gate.bigram{i}", 1, 0.05)] if args.bigram_rows else [])
     outputs += [(dst - 0.5, f"gate.skip{w}", 1, 0.5) for w, (src, dst) in enumerate(skip_connections(args))]
+    for i in parse_layer_list(args.dc_layers):
+        outputs += [(i, f"gate.dc_w1_{i}", H, 1.0), (i, f"gate.dc_w2_{i}", H, 0.0)]
     return ([(key, w, init) for i, key, w, init in outputs if i < k],
             [(key, w, init) for i, key, w, init in outputs if i >= k])
 
@@ -2992,6 +3102,9 @@ class GPT(nn.Module):
         self.paired_layers = sorted(set(parse_layer_list(args.paired_head_layers)))
         self.mask_key = [("paired_" if i in self.paired_layers else "") + kind
                          for i, kind in enumerate(self.window_kind)]
+        # --dc_layers: their DC reads one more mask, the token window of --dc_window ("dc"; 0 = none built)
+        self.dc_layers = parse_layer_list(args.dc_layers)
+        self.dc_window = args.dc_window if self.dc_layers else 0
         # validation computes head + loss in chunks of this many tokens
         self.eval_chunk_tokens = max(st.seq_len for st in training_stages(args)) if args.stages else args.seq_len
         # the long window (blocks) when none is given: sampling and evaluation tools
@@ -3020,6 +3133,8 @@ class GPT(nn.Module):
             docs = paired_document_ids(inputs)
             masks.update({"paired_" + kind: build(inputs, w, docs=docs, halvings=h) for kind, (w, h) in windows.items()
                           if "paired_" + kind in self.mask_key})
+        if self.dc_window:
+            masks["dc"] = token_window_mask_builder(inputs)(inputs, self.dc_window)
         return masks
 
     def forward(self, inputs: Tensor, targets: Tensor | None = None, window_blocks=None) -> Tensor:
@@ -3043,19 +3158,20 @@ class GPT(nn.Module):
                 raise NotImplementedError(f"decoding with a KV cache does not support {', '.join(self.looks_back)} "
                                           f"(they read the previous token, which the cache does not keep); run full "
                                           f"forward passes instead")
-            if self.paired_layers:
-                raise NotImplementedError("decoding with a KV cache does not support --paired_head_layers (their "
-                                          "heads attend over the doubled sequence, which the cache does not build); "
-                                          "run full forward passes instead")
+            if self.paired_layers or self.dc_layers:
+                raise NotImplementedError("decoding with a KV cache does not support --paired_head_layers or "
+                                          "--dc_layers (they attend over the doubled sequence or a second window, "
+                                          "which the cache does not build); run full forward passes instead")
             masks = cache.begin(inputs, window_blocks)
         else:
             assert inputs.ndim == 1 and len(inputs) % BLOCK_SIZE == 0, "one packed sequence, a multiple of 128"
             masks = self.attention_masks(inputs, window_blocks)
         ves = [ve(inputs)[None] for ve in self.value_embeds]
         x0 = norm(self.mot(self.embed_noise(self.smear(self.embed(inputs)[None])), inputs))
-        # the residuals the skips, the backout and MUDD read: block index -> its output, "in" -> the residual
-        # entering block 0 (c0), "bigram" -> the bigram embedding b (written by BigramHashEmbedding)
-        outputs = {}  # and "gate.*" -> the MUDD gates' per-token values (--mudd_gate_block; MuddGate)
+        # what skips, backout, MUDD, gates and DC read besides x: block index -> its output, "in" -> the residual
+        # entering block 0 (c0), "bigram" -> the bigram embedding b (written by BigramHashEmbedding), "gate.*" ->
+        # the MUDD gates' per-token values (MuddGate), "masks" -> this forward's masks (DC reads its own there)
+        outputs = {"masks": masks}
         self.pre_gate(x0, outputs)
         x = outputs["in"] = self.bigram(x0, inputs, outputs)
         for i, block in enumerate(self.blocks):
@@ -3512,6 +3628,10 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
                 for k, n in (("L", long_blocks), ("S", short_blocks))}
     score_flops = sum(2 * context[model.mask_key[i]] * b.attn.num_heads * (b.attn.qk_dim + b.attn.v_dim)
                       for i, b in enumerate(model.blocks) if b.attn is not None)
+    # --dc_layers: heads more attention calls per DC block over its token window (compose_heads)
+    dc_flops = sum(b.attn.num_heads * 2 * min(model.dc_window, model.eval_chunk_tokens) * b.attn.num_heads *
+                   (b.attn.qk_dim + b.attn.v_dim) for i, b in enumerate(model.blocks) if i in model.dc_layers)
+    score_flops += dc_flops
     attn_flops = sum(dense_flops_per_token(a) for a in attns) + score_flops
     mlp_flops = sum(m.flops_per_token() if isinstance(m, MoE) else dense_flops_per_token(m) for m in mlps)
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied
@@ -3542,7 +3662,7 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
             f"{f' + mudd {mudd_params:,}' if mudd_params else ''}"
             f"{f' + mot {type(model.mot).__name__} {mot_params:,}' if mot_params else ''} = {count_params(model):,}\n"
             f"forward FLOPs/token: attention {attn_flops / 1e6:.1f}M (of which scores {score_flops / 1e6:.1f}M "
-            f"at windows {context['L']}/{context['S']}) + mlp {mlp_flops / 1e6:.1f}M (active) + head "
+            f"at windows {context['L']}/{context['S']}{f', DC {dc_flops / 1e6:.1f}M' if dc_flops else ''}) + mlp {mlp_flops / 1e6:.1f}M (active) + head "
             f"{head_flops / 1e6:.1f}M{f' + mot {mot_flops / 1e6:.1f}M' if mot_flops else ''}"
             f"{f' + mudd {mudd_flops / 1e6:.2f}M' if mudd_flops else ''} = "
             f"{(attn_flops + mlp_flops + head_flops + mot_flops + mudd_flops) / 1e6:.1f}M"

@@ -347,11 +347,11 @@ def test_frontier_presets_carry_the_gated_residual_stream():
     assert (args.sublayer_lambdas, args.attn_input_skips, args.mudd_gate_block) == (True, "7:8,7:9", 4)
     assert (args.mudd_gate_attn_layers, args.xsa_layers, args.attn_gate) == ("3,10", "1,3,4,7", False)
     before, after = tg.mudd_gate_outputs(args)
-    # the recipe's r85 gates: 26 values from x0; 41 from the residual entering layer 4, less DC's 12
-    assert sum(w for _, w, _ in before) == 26 and sum(w for _, w, _ in after) == 41 - 12
+    # the recipe's r85 gates: 26 values from x0; 41 from the residual entering layer 4 (12 of them DC's)
+    assert sum(w for _, w, _ in before) == 26 and sum(w for _, w, _ in after) == 41
     assert [k for k, _, _ in before if "x0" in k] == [f"gate.x0_{i}" for i in range(4)]
     assert [k for k, _, _ in after if "x0" in k] == [f"gate.x0_{i}" for i in (4, 5, 7, 8, 9)]
-    assert {k for k, _, _ in after} >= {"gate.xsa4", "gate.xsa7", "gate.attn10", "gate.skip0"}
+    assert {k for k, _, _ in after} >= {"gate.xsa4", "gate.xsa7", "gate.attn10", "gate.skip0", "gate.dc_w1_10"}
     groups = dict(tg.parse_group_values(args.adam_group_betas, "b", tg.parse_betas))
     assert groups["mudd_gate"] == groups["mudd_gate_bias"] == (0.9, 0.99) and args.mudd_gate_lr == 8e-4
     smoke = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke", V])
@@ -359,5 +359,4 @@ def test_frontier_presets_carry_the_gated_residual_stream():
     model = tg.build_model(smoke)
     assert all(type(b) is tg.SublayerBlock for b in model.blocks[:3]) and isinstance(model.blocks[3], tg.MuddBlock)
     assert isinstance(model.pre_gate, tg.MuddGate) and isinstance(model.blocks[2].entry_gate, tg.MuddGate)
-    assert type(model.blocks[0].attn.out_gate) is tg.GatedHeadScale  # a paired block: scaled after de-interleave
-    assert type(model.blocks[3].attn.out_gate) is tg.GatedHeadScale
+    assert [type(model.blocks[i].attn.out_gate) for i in (0, 1, 3)] == [tg.PassThrough] * 2 + [tg.GatedHeadScale]
