@@ -128,7 +128,7 @@ class Hyperparameters:
     mudd_lr: float = 0.002  # Adam LR of the MUDD mixes' W1, W2 ("mudd" group) and b ("mudd_bias" group)
     # MUDD gates (frontier recipe 3.5, r85): per-token values G = s (W2 GELU(W1 z) + b) in place of static scalars
     mudd_gate_block: int = -1  # gates on: one gate from x0 serves the blocks before this one, one from its input the
-    # rest (the recipe's 4); they give XSA alphas, x0/bigram weights, skip weights (-1 = off; --sublayer_lambdas)
+    # rest (the recipe's 4); per token: XSA alphas, x0/bigram/skip weights, DC's w1, w2 (-1 = off; --sublayer_lambdas)
     mudd_gate_attn_layers: str = ""  # blocks whose heads' outputs are scaled by a raw gate value (init 0.25; r85: 3,10)
     mudd_gate_lr: float = 8e-4  # Adam LR of the gates' W1, W2 ("mudd_gate") and b, s ("mudd_gate_bias")
     # the residual stream's later form (frontier recipe 3.3)
@@ -1799,7 +1799,7 @@ class AttentionGate(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(heads, 12))
 
-    def forward(self, y: Tensor, x: Tensor, sources: dict | None = None) -> Tensor:  # y (B, T, heads, hd), x (B, T, dim)
+    def forward(self, y: Tensor, x: Tensor, sources: dict | None = None) -> Tensor:  # y (B, T, H, hd), x (B, T, dim)
         return torch.sigmoid(F.linear(x[..., :12], self.weight.type_as(x)))[..., None] * y
 
 
@@ -2524,8 +2524,8 @@ class MuddGate(MuddWeights):
     learned scale s (init 0.1; the r85 README adds it for stability) in place of the fixed 0.1, so the values start
     at their effective inits (b = init / 0.1). Its outputs are named per-token values, (key, width, init) each from
     mudd_gate_outputs: forward writes sources[key] = (B, T, width) for the modules that read them (GatedAdd,
-    GateScale, GatedExclusiveSelfAttention, GatedHeadScale) and returns z. W1, W2 train in Adam's "mudd_gate"
-    group, b and s in "mudd_gate_bias", at --mudd_gate_lr."""
+    GateScale, GatedExclusiveSelfAttention, GatedHeadScale, GatedDynamicComposition) and returns z. W1, W2 train
+    in Adam's "mudd_gate" group, b and s in "mudd_gate_bias", at --mudd_gate_lr."""
 
     def __init__(self, dim: int, outputs: list[tuple[str, int, float]]):
         super().__init__(dim, [init for _, width, init in outputs for _ in range(width)])
@@ -3662,7 +3662,8 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
             f"{f' + mudd {mudd_params:,}' if mudd_params else ''}"
             f"{f' + mot {type(model.mot).__name__} {mot_params:,}' if mot_params else ''} = {count_params(model):,}\n"
             f"forward FLOPs/token: attention {attn_flops / 1e6:.1f}M (of which scores {score_flops / 1e6:.1f}M "
-            f"at windows {context['L']}/{context['S']}{f', DC {dc_flops / 1e6:.1f}M' if dc_flops else ''}) + mlp {mlp_flops / 1e6:.1f}M (active) + head "
+            f"at windows {context['L']}/{context['S']}{f', DC {dc_flops / 1e6:.1f}M' if dc_flops else ''}) + mlp "
+            f"{mlp_flops / 1e6:.1f}M (active) + head "
             f"{head_flops / 1e6:.1f}M{f' + mot {mot_flops / 1e6:.1f}M' if mot_flops else ''}"
             f"{f' + mudd {mudd_flops / 1e6:.2f}M' if mudd_flops else ''} = "
             f"{(attn_flops + mlp_flops + head_flops + mot_flops + mudd_flops) / 1e6:.1f}M"
