@@ -3300,7 +3300,13 @@ class CautiousAdam(torch.optim.Optimizer):
     """Adam with cautious weight decay (--adam_wd > 0; frontier recipe section 2.2). Bias-corrected, eps outside
     the square root: update = lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), fp32 moments. Where
     update * W > 0 (strictly: decay only pulls W toward zero where the update already does), W -= lr^2 *
-    weight_decay * W, then W -= update."""
+    weight_decay * W, then W -= update.
+
+    The frontier model has 54 Adam tensors, 46 of them scalars and small gate matrices: those (below
+    FOREACH_NUMEL elements) are updated together per (device, dtype) with torch._foreach ops, the same arithmetic
+    in the same order (bit for bit, tests/test_frontier.py), about 10 kernel launches per such group instead of ~10
+    per tensor; the large tables one at a time, so the step's fp32 temporaries stay those of one table."""
+    FOREACH_NUMEL = 1 << 20
 
     def __init__(self, params, lr: float, betas: tuple, eps: float, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -3310,6 +3316,7 @@ class CautiousAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
             decay = lr * lr * group["weight_decay"]
+            batches = {}  # (device, dtype) -> small tensors; each large one alone
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -3319,13 +3326,26 @@ class CautiousAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
-                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad.float()
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                update = m / (v.sqrt() + eps) * (lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t))
-                if decay:
-                    p.sub_((p.float() * (update * p.float() > 0)).to(p.dtype), alpha=decay)
-                p.sub_(update.to(p.dtype))
+                key = (p.device, p.dtype) if p.numel() < self.FOREACH_NUMEL else id(p)
+                batches.setdefault(key, []).append(p)
+            for params in batches.values():
+                self.update(params, b1, b2, lr, eps, decay)
+
+    def update(self, params: list, b1: float, b2: float, lr: float, eps: float, decay: float):
+        """One Adam step for tensors of one device and dtype (their states exist, steps counted)."""
+        states = [self.state[p] for p in params]
+        m, v, g = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [p.grad.float() for p in params]
+        torch._foreach_lerp_(m, g, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - b2)
+        update = torch._foreach_div(m, torch._foreach_add(torch._foreach_sqrt(v), eps))
+        torch._foreach_mul_(update, [lr * (1 - b2 ** s["step"]) ** 0.5 / (1 - b1 ** s["step"]) for s in states])
+        if decay:  # W where update * W > 0, else 0 (sign clamped at 0: the same 1/0 mask as a comparison)
+            weights = [p.float() for p in params]
+            agree = torch._foreach_clamp_min(torch._foreach_sign(torch._foreach_mul(update, weights)), 0.0)
+            torch._foreach_sub_(params, [w.to(p.dtype) for w, p in zip(torch._foreach_mul(weights, agree), params)],
+                                alpha=decay)
+        torch._foreach_sub_(params, [u.to(p.dtype) for u, p in zip(update, params)])
 
 
 class EmbeddingTie:
