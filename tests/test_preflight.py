@@ -70,6 +70,27 @@ def test_quick_run_on_cpu_passes_and_writes_its_report(tmp_path):
     assert "preflight passed" in out.stdout
 
 
+def test_frontier_preset_runs_its_stages(tmp_path):
+    """--flags=--preset=frontier_smoke: training follows the stages as main() does (each stage's sequence length and
+    windows, YaRN, the MTP/prefix loss weights), one graph per sequence length and no other recompile; step_time
+    times every stage and the extension and reports the step-weighted mean and the training time it implies; the MoE
+    check drops the preset's FP8 MLP instead of failing on it."""
+    out, report = run_preflight("--quick", "--flags=--preset=frontier_smoke", "--only=moe,compiled_training,step_time",
+                                "--out", str(tmp_path), "--budget_s=100000")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert [c["status"] for c in report["checks"] + report["measurements"]] == ["pass"] * 3
+    training = report["timings"]["compiled_training"]
+    assert training["graphs"] == 3 and training["recompiles"] == 0 and training["graph_breaks"] == 0
+    assert training["losses"] == training["eager_losses"] and training["losses"][-1] < training["losses"][0] - 0.5
+    step = report["timings"]["step_time"]
+    assert [(st["stage"], st["steps"], st["tokens_per_step"]) for st in step["stages"]] == [
+        ("stage 1", 10, 512), ("stage 2", 10, 1024), ("stage 3", 10, 1536), ("extension", 3, 1536)]
+    weighted = sum(st["ms_per_step"] * st["steps"] for st in step["stages"]) / 33
+    assert step["steps"] == 33 and step["ms_per_step"] == pytest.approx(weighted, abs=0.01)
+    assert step["est_train_s"] == pytest.approx(33 * step["ms_per_step"] / 1000, abs=0.1)
+    assert "## Step time per stage" in (sorted(tmp_path.glob("*.md"))[0]).read_text()
+
+
 def boom(ctx):
     raise RuntimeError("boom: something broke")
 

@@ -21,11 +21,13 @@ Correctness checks, each against an independent reference on the device:
   kron_ks_kernels       kernels.KronLinear (triton vs dense) and KSLinear (triton vs bmm) at the MLP shapes
   moe                   train_gpt.MoE output, aux loss and gradients vs a per-expert loop
   compiled_training     N steps of train_step on a learnable synthetic stream along the real schedule (windows
-                        grow): finite falling loss, graphs/recompiles/graph breaks, compiled == eager losses
+                        grow; --stages: each stage's length), set up as main() does (StepSetup): finite falling
+                        loss, graphs/recompiles/graph breaks, compiled == eager losses
   model_flex_forward    (CPU, not --quick) the model's forward through FlexAttention (FLEX_ATTENTION_ON_CPU,
                         inductor) vs its dense-mask forward
 Measurements (median of repeats after warm-up; a variant that runs out of memory is reported, not fatal):
-  step_time / fp8_off   ms/step, tokens/s, peak memory, MFU of the recipe (or --flags), and with --fp8_head=false
+  step_time / fp8_off   ms/step, tokens/s, peak memory, MFU of the recipe (or --flags; --stages: per stage and
+                        the step-weighted mean), the training time it implies, and with --fp8_head=false
   allreduce_bandwidth   NCCL bus bandwidth (world size > 1)
   kernel_bench          Kronecker and KS kernels vs the dense cuBLAS matmul (GPU)
   overhead_*            step-time overhead vs the default at equal tokens: --mot, --kron_mlp, --ks_mlp, GQA, MLA, MoE
@@ -358,15 +360,30 @@ def learnable_stream(n_tokens: int, vocab_size: int, seed: int = 0) -> torch.Ten
     return stream
 
 
-def micro_batches(stream: torch.Tensor, args: tg.Hyperparameters, count: int, index: int,
-                  device: torch.device) -> list:
-    """`count` (inputs int32, targets int64) sequences of seq_len from the stream, the index-th group of them."""
+def micro_batches(stream: torch.Tensor, start: int, count: int, seq_len: int, device: torch.device) -> list:
+    """`count` (inputs int32, targets int64) consecutive sequences of seq_len from the stream, from `start` on."""
     out = []
     for m in range(count):
-        start = (index * count + m) * args.seq_len
-        buf = stream[start:start + args.seq_len + 1].to(device)
+        buf = stream[start + m * seq_len:start + (m + 1) * seq_len + 1].to(device)
         out.append((buf[:-1].to(torch.int32), buf[1:].to(torch.int64)))
     return out
+
+
+class StepSetup:
+    """What main()'s loop sets before each step, from train_gpt itself: the step's window tensors (WindowTensors),
+    YaRN's rotary buffers (RotaryWindows) and the loss weights (LossSchedule, --mtp_weights/--prefix_weights),
+    plus the step's sequence length (--stages: the stage's)."""
+
+    def __init__(self, model: nn.Module, args: tg.Hyperparameters, device: torch.device):
+        self.args = args
+        self.windows = tg.WindowTensors(args, device)
+        self.rotary, self.losses = tg.RotaryWindows(model, args), tg.LossSchedule(model, args, device)
+
+    def __call__(self, step: int):
+        """Set step's state; returns (window, seq_len)."""
+        self.rotary.set(step)
+        self.losses.set(step)
+        return self.windows[step], tg.sequence_length(step, self.args)
 
 
 def window_tensor(blocks: int, device: torch.device) -> torch.Tensor:
@@ -783,8 +800,8 @@ def check_moe(ctx: Context) -> str:
         raise Skip(f"torch {torch.__version__} has no torch._grouped_mm (--moe_experts needs torch >= 2.8)")
     flags = [] if ctx.args.moe_experts else ["--moe_experts=8", "--moe_shared=1"]
     args = config_args(ctx.flags + flags, ctx.on_gpu)
-    if args.mlp_act not in ("relu2", "gelu") or args.kron_mlp != "off" or args.ks_mlp != "off":
-        args = dataclasses.replace(args, mlp_act="relu2", kron_mlp="off", ks_mlp="off")
+    if args.mlp_act not in ("relu2", "gelu") or args.kron_mlp != "off" or args.ks_mlp != "off" or args.fp8_mlp:
+        args = dataclasses.replace(args, mlp_act="relu2", kron_mlp="off", ks_mlp="off", fp8_mlp=False)
     tg.check_config(args, 1)
     tokens = (4096 if ctx.quick else 8192) if ctx.on_gpu else 256
     torch.manual_seed(0)
@@ -870,10 +887,11 @@ def run_steps(model, optimizers: list, args: tg.Hyperparameters, stream: torch.T
               micro: int, after_step: Callable[[int, float], None]) -> list[float]:
     """train_step at the given schedule steps (windows, LR and momentum as at those steps of the run), `micro`
     sequences of the stream each; returns the losses."""
-    losses = []
+    losses, start, setup = [], 0, StepSetup(getattr(model, "_orig_mod", model), args, device)
     for i, step in enumerate(schedule):
-        batch = micro_batches(stream, args, micro, i, device)
-        window = window_tensor(tg.long_window_blocks(step, args), device)
+        window, seq_len = setup(step)
+        batch = micro_batches(stream, start, micro, seq_len, device)
+        start += micro * seq_len
         losses.append(tg.train_step(model, optimizers, batch, window, args, step, 1).item())
         after_step(i, losses[-1])
     return losses
@@ -887,9 +905,11 @@ def check_compiled_training(ctx: Context) -> str:
     n_steps = (4 if ctx.quick else 8) if ctx.on_gpu else (4 if ctx.quick else 6)
     micro = min(base.micro_batches // ctx.env.world_size, 2 if ctx.on_gpu else 1)  # the run's per-sequence graph
     args = dataclasses.replace(base, micro_batches=micro)
-    schedule = [round(i * (base.num_iterations - 1) / (n_steps - 1)) for i in range(n_steps)]  # windows grow
-    windows = [tg.long_window_blocks(s, base) for s in schedule]
-    stream = learnable_stream(n_steps * micro * args.seq_len + 1, args.vocab_size)
+    # windows grow (and with --stages, sequences too: one graph per distinct length, as in main())
+    schedule = [round(i * (tg.total_steps(base) - 1) / (n_steps - 1)) for i in range(n_steps)]
+    windows = [tg.window_at(s, base) for s in schedule]
+    lengths = [tg.sequence_length(s, base) for s in schedule]
+    stream = learnable_stream(micro * sum(lengths) + 1, args.vocab_size)
     model = place_model(args, ctx.device)
     initial = copy.deepcopy(model.state_dict())
 
@@ -928,15 +948,16 @@ def check_compiled_training(ctx: Context) -> str:
         ctx.stash.update(model=model, compiled=compiled, orthogonalize=orthogonalize)
         ctx.estimate_s = max(ctx.estimate_s, 1.5 * compile_s)  # what a measurement that compiles will take
     breaks, reasons = graph_breaks()
-    recompiles = graphs_after[-1] - graphs_after[0]
+    new_lengths = len(set(lengths)) - 1  # each later stage's sequence length is one new graph (main() too)
+    recompiles = graphs_after[-1] - graphs_after[0] - new_lengths
     problems = []
     if not all(math.isfinite(v) for v in losses):
         problems.append(f"non-finite loss: {losses}")
     elif not losses[-1] < losses[0] - 0.5:
         problems.append(f"loss does not fall on a repeated stream: {[round(v, 3) for v in losses]}")
     if recompiles:
-        problems.append(f"{recompiles} recompiles after the first step (windows {windows}): window changes "
-                        f"recompile")
+        problems.append(f"{recompiles} recompiles after the first step beyond the {new_lengths} new sequence "
+                        f"lengths (windows {windows}, lengths {lengths}): window changes recompile")
     if breaks:
         problems.append(f"{breaks} graph breaks: {reasons}")
     diff = None
@@ -951,9 +972,10 @@ def check_compiled_training(ctx: Context) -> str:
     if problems:
         raise CheckFailed("; ".join(problems))
     compared = f"max rel. diff {diff:.1e}" if diff is not None else "n/a"
-    return (f"{n_steps} steps x {micro} x {args.seq_len} tokens ({backend.name}, windows {windows}): loss "
-            f"{losses[0]:.3f} -> {losses[-1]:.3f}, {backend.graphs} graphs, 0 recompiles, 0 graph breaks, compiled "
-            f"vs eager {compared}{eager_note}")
+    sizes = f"{micro} x {'/'.join(map(str, sorted(set(lengths))))}"
+    return (f"{n_steps} steps x {sizes} tokens ({backend.name}, windows {windows}): loss "
+            f"{losses[0]:.3f} -> {losses[-1]:.3f}, {backend.graphs} graphs, 0 recompiles beyond {new_lengths} new "
+            f"sequence lengths, 0 graph breaks, compiled vs eager {compared}{eager_note}")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -961,24 +983,39 @@ def check_compiled_training(ctx: Context) -> str:
 
 
 def forward_flops_per_token(model: tg.GPT, args: tg.Hyperparameters) -> float:
-    """describe_model's estimate (its last line ends '= <M>M'), so MFU uses the same count the run prints."""
-    last = tg.describe_model(model, args).splitlines()[-1]
-    return float(re.search(r"= ([\d.]+)M$", last).group(1)) * 1e6
+    """describe_model's estimate (its "forward FLOPs/token" line ends '= <M>M'; --stages adds the stage table
+    after it), so MFU uses the same count the run prints."""
+    line = next(t for t in tg.describe_model(model, args).splitlines() if t.startswith("forward FLOPs/token"))
+    return float(re.search(r"= ([\d.]+)M$", line).group(1)) * 1e6
 
 
-def document_micro_batches(args: tg.Hyperparameters, count: int, device: torch.device, seed: int) -> list:
-    """`count` (inputs int32, targets int64) sequences of packed documents: block sparsity like real data."""
+def document_micro_batches(args: tg.Hyperparameters, count: int, device: torch.device, seed: int,
+                           seq_len: int | None = None) -> list:
+    """`count` (inputs int32, targets int64) sequences of packed documents (seq_len tokens, default the flag's):
+    block sparsity like real data."""
     out = []
     for i in range(count):
-        buf = packed_documents(args.seq_len + 1, seed=1000 * seed + i, vocab_size=args.vocab_size).to(device)
+        buf = packed_documents((seq_len or args.seq_len) + 1, seed=1000 * seed + i,
+                               vocab_size=args.vocab_size).to(device)
         out.append((buf[:-1].to(torch.int32), buf[1:].to(torch.int64)))
     return out
 
 
+def timed_steps(args: tg.Hyperparameters) -> list[tuple[str, int, int]]:
+    """(label, step, steps it stands for) of each point time_config times: #21's last step; with --stages the first
+    step of every stage and of the extension (each its own sequence length and windows)."""
+    stages = tg.training_stages(args)
+    if not stages:
+        return [("", args.num_iterations - 1, args.num_iterations)]
+    return [("extension" if st.start >= args.num_iterations else f"stage {k + 1}", st.start, st.end - st.start)
+            for k, st in enumerate(stages)]
+
+
 def time_config(ctx: Context, name: str, extra_flags: list[str]) -> dict:
     """ms/step of train_step at this config as main() runs it (compiled on GPU, eager on CPU; micro_batches /
-    world_size sequences per rank; the final, widest window), median of repeats after warm-up. An OOM is a
-    result, not an exception."""
+    world_size sequences per rank; the final, widest window; with --stages each stage at its own length and
+    windows, then the step-weighted mean), median of repeats after warm-up, and the training time it implies
+    (est_train_s: ms/step x steps, validation and compile excluded). An OOM is a result, not an exception."""
     flags = ctx.flags + extra_flags
     try:
         args = config_args(flags, ctx.on_gpu)
@@ -1002,33 +1039,50 @@ def time_config(ctx: Context, name: str, extra_flags: list[str]) -> dict:
         optimizers = tg.build_optimizers(model, args, ctx.env.rank, ws)
         if orthogonalize is not None:
             optimizers[1].orthogonalize = orthogonalize
-        batch = document_micro_batches(args, accum, ctx.device, seed=ctx.env.rank)
-        step = args.num_iterations - 1
-        window = window_tensor(tg.long_window_blocks(args.num_iterations, args), ctx.device)
-        times, loss = [], None
-        for i in range(warmup + repeats):
-            if i == warmup and ctx.on_gpu:
-                torch.cuda.reset_peak_memory_stats(ctx.device)
-            synchronize(ctx.device)
-            t0 = time.perf_counter()
-            loss = tg.train_step(compiled, optimizers, batch, window, args, step, ws)
-            synchronize(ctx.device)
-            times.append(time.perf_counter() - t0)
-            if i == 0:
-                ctx.progress(name, f"first step{' (compile included)' if compiled is not model else ''} "
-                                   f"{times[0]:.1f}s")
-        loss = loss.item()
-        if not math.isfinite(loss):
-            raise CheckFailed(f"non-finite loss {loss} at {' '.join(flags) or 'the defaults'}")
-        ms = 1000 * statistics.median(times[warmup:])
-        tokens = args.micro_batches * args.seq_len
+        setup, stages, peak = StepSetup(model, args, ctx.device), [], 0
+        for label, step, count in timed_steps(args):
+            window, seq_len = setup(step)
+            if not args.stages:  # #21: the final, widest window (step num_iterations) at the last step's LR
+                window = window_tensor(tg.long_window_blocks(args.num_iterations, args), ctx.device)
+            batch = document_micro_batches(args, accum, ctx.device, seed=ctx.env.rank, seq_len=seq_len)
+            times, loss = [], None
+            for i in range(warmup + repeats):
+                if i == warmup and ctx.on_gpu:
+                    torch.cuda.reset_peak_memory_stats(ctx.device)
+                synchronize(ctx.device)
+                t0 = time.perf_counter()
+                loss = tg.train_step(compiled, optimizers, batch, window, args, step, ws)
+                synchronize(ctx.device)
+                times.append(time.perf_counter() - t0)
+                if i == 0:
+                    ctx.progress(name, f"{label}{': ' if label else ''}first step"
+                                       f"{' (compile included)' if compiled is not model else ''} {times[0]:.1f}s")
+            loss = loss.item()
+            if not math.isfinite(loss):
+                raise CheckFailed(f"non-finite loss {loss} at {' '.join(flags) or 'the defaults'}"
+                                  f"{', ' + label if label else ''}")
+            ms = 1000 * statistics.median(times[warmup:])
+            tokens = args.micro_batches * seq_len
+            stage = dict(stage=label, step=step, steps=count, ms_per_step=round(ms, 2), tokens_per_step=tokens,
+                         tokens_per_s=round(tokens / ms * 1000), first_step_s=round(times[0], 1))
+            if ctx.on_gpu:
+                stage["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2 ** 30, 2)
+                peak = max(peak, stage["peak_mem_gib"])
+            stages.append(stage)
+        # the run's figures: per step, weighted by the steps each timed point stands for (one point without stages)
+        total_steps = sum(st["steps"] for st in stages)
+        ms = sum(st["ms_per_step"] * st["steps"] for st in stages) / total_steps
+        tokens = round(sum(st["tokens_per_step"] * st["steps"] for st in stages) / total_steps)
         fwd = forward_flops_per_token(model, args)
         result = dict(flags=flags, ms_per_step=round(ms, 2), tokens_per_step=tokens,
                       tokens_per_s=round(tokens / ms * 1000), grad_accum=accum, world_size=ws,
-                      first_step_s=round(times[0], 1), fwd_flops_per_token=fwd, fp8_head=model.lm_head.use_fp8,
-                      compiled=compiled is not model, repeats=repeats)
+                      first_step_s=stages[0]["first_step_s"], fwd_flops_per_token=fwd, fp8_head=model.lm_head.use_fp8,
+                      compiled=compiled is not model, repeats=repeats,
+                      est_train_s=round(ms * total_steps / 1000, 1), steps=total_steps)
+        if args.stages:
+            result["stages"] = stages
         if ctx.on_gpu:
-            result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2 ** 30, 2)
+            result["peak_mem_gib"] = peak
             tflops = 3 * fwd * tokens / (ms / 1000) / ws / 1e12  # training ~ 3x the forward
             peak = peak_tflops(torch.cuda.get_device_name(ctx.device))
             result.update(tflops_per_gpu=round(tflops, 1), peak_tflops=peak,
@@ -1052,8 +1106,13 @@ def timing_line(r: dict) -> str:
     mfu = (f", {r['tflops_per_gpu']} TFLOP/s/GPU, MFU {r['mfu']:.1%}" if r.get("mfu") is not None else
            f", {r['tflops_per_gpu']} TFLOP/s/GPU, MFU unknown (GPU not in PEAK_BF16_TFLOPS)" if "tflops_per_gpu" in r
            else ", MFU n/a (CPU)")
-    return (f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:,} tokens/s ({r['tokens_per_step']:,} tokens/step, "
-            f"{r['grad_accum']}-way accumulation x {r['world_size']} ranks), {mem}{mfu}, first step {r['first_step_s']}s")
+    stages = "".join(f"; {st['stage']} {st['ms_per_step']:.1f} ms/step x {st['steps']} ({st['tokens_per_step']:,} "
+                     f"tokens{', peak ' + str(st['peak_mem_gib']) + ' GiB' if 'peak_mem_gib' in st else ''})"
+                     for st in r.get("stages", []))
+    return (f"{r['ms_per_step']:.1f} ms/step{' (mean over the stages)' if stages else ''}, {r['tokens_per_s']:,} "
+            f"tokens/s ({r['tokens_per_step']:,} tokens/step, {r['grad_accum']}-way accumulation x "
+            f"{r['world_size']} ranks), {mem}{mfu}, first step {r['first_step_s']}s, {r['steps']} steps = "
+            f"{r['est_train_s']} s of training{stages}")
 
 
 def record_timing(ctx: Context, key: str, result: dict) -> str:
@@ -1215,17 +1274,24 @@ def markdown(report: dict) -> str:
     configs += list(report["timings"].get("overhead", {}).items())
     configs = [(n, r) for n, r in configs if r]
     if configs:
-        lines += ["## Step time", "", "| config | ms/step | tokens/s | peak memory GiB | MFU | vs default |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## Step time", "", "| config | ms/step | tokens/s | peak memory GiB | MFU | vs default | "
+                  "training s (steps x ms/step) |", "|---|---|---|---|---|---|---|"]
         for n, r in configs:
             if "ms_per_step" not in r:
-                lines.append(f"| `{n}` | {r.get('error', '?')} | | | | |")
+                lines.append(f"| `{n}` | {r.get('error', '?')} | | | | | |")
                 continue
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "unknown" if "tflops_per_gpu" in r else "n/a"
             over = f"{r['overhead_vs_default']:+.1%}" if "overhead_vs_default" in r else ""
             lines.append(f"| `{n}` | {r['ms_per_step']} | {r['tokens_per_s']:,} | "
-                         f"{r.get('peak_mem_gib', r.get('max_rss_gib'))} | {mfu} | {over} |")
+                         f"{r.get('peak_mem_gib', r.get('max_rss_gib'))} | {mfu} | {over} | {r['est_train_s']} |")
         lines.append("")
+        stages = report["timings"].get("step_time", {}).get("stages")
+        if stages:  # --stages: each stage at its own sequence length and windows
+            lines += ["## Step time per stage", "", "| stage | steps | tokens/step | ms/step | tokens/s | peak memory "
+                      "GiB |", "|---|---|---|---|---|---|"]
+            lines += [f"| {st['stage']} | {st['steps']} | {st['tokens_per_step']:,} | {st['ms_per_step']} | "
+                      f"{st['tokens_per_s']:,} | {st.get('peak_mem_gib', '')} |" for st in stages]
+            lines.append("")
     if report["timings"].get("kernel_bench"):
         lines += ["## Kernels (fwd+bwd, bf16)", "", "| shape | impl | ms | vs dense |", "|---|---|---|---|"]
         lines += [f"| {r['shape']} | {r['impl']} | {r['fwd_bwd_ms']} | {r['vs_dense']}x |"
