@@ -165,3 +165,19 @@ def tokens_with_docs(n: int, starts, seed: int = 0):
     x = torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(seed))
     x[list(starts)] = tg.EOT_TOKEN
     return x
+
+
+def assert_traces_as_one_graph_in_bf16(model, x, window_blocks: int = 2):
+    """What a GPU run sees: bf16 embeddings (main() casts every nn.Embedding) and torch.compile(fullgraph=True);
+    dynamo's trace (eager backend: no inductor on 2 cores) must not break and must give the eager model's loss, and
+    the hidden states come out in bf16."""
+    import torch
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding):
+            m.bfloat16()
+    window = torch.tensor(window_blocks, dtype=torch.int32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert model.hidden(x, window).dtype == torch.bfloat16
+        torch.testing.assert_close(compiled(x, x.roll(-1).long(), window), model(x, x.roll(-1).long(), window))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import live_model, smoke_args, smoke_model, tokens_with_docs
+from conftest import assert_traces_as_one_graph_in_bf16, live_model, smoke_args, smoke_model, tokens_with_docs
 
 DC = ["--dc_layers=1,3"]  # the GPT-2 vocabulary: documents need EOT
 GATED = [*DC, "--sublayer_lambdas=true", "--mudd_gate_block=2"]
@@ -130,15 +130,7 @@ def test_decoding_with_a_kv_cache_is_refused():
 
 def test_dc_model_traces_as_one_graph_in_bf16():
     model = live_model(*GATED)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
-            m.bfloat16()
-    x = tokens_with_docs(256, [0, 100])
-    window = torch.tensor(2, dtype=torch.int32)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x, x.roll(-1).long(), window), model(x, x.roll(-1).long(), window))
+    assert_traces_as_one_graph_in_bf16(model, tokens_with_docs(256, [0, 100]))
 
 
 @pytest.mark.parametrize("flags, message", [

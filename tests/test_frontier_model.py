@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import (assert_future_never_changes_past, cached_logits, live_model, randomize_zero_matrices, smoke_args,
-                      tokens_with_docs)
+from conftest import (assert_future_never_changes_past, assert_traces_as_one_graph_in_bf16, cached_logits, live_model,
+                      randomize_zero_matrices, smoke_args, tokens_with_docs)
 
 ALL = ["--smear=true", "--attn_gate=true", "--key_offset=true", "--resid_lambda_init=1.1", "--skip_gate=true",
        "--ve_gate=true", "--xsa_layers=1,3", "--bigram_rows=4096"]
@@ -296,16 +296,7 @@ def test_all_flags_trace_as_one_graph_in_bf16(extra):
     """What a GPU run sees: bf16 embeddings (main() casts every nn.Embedding, the bigram table included) and
     torch.compile(fullgraph=True); dynamo's trace (eager backend: no inductor on 2 cores) must not break."""
     model = live_model(*ALL, *extra)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
-            m.bfloat16()
-    x = tokens_with_docs(512, [0, 200])
-    window = torch.tensor(2, dtype=torch.int32)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        assert model.hidden(x, window).dtype == torch.bfloat16
-        torch.testing.assert_close(compiled(x, x.roll(-1).long(), window), model(x, x.roll(-1).long(), window))
+    assert_traces_as_one_graph_in_bf16(model, tokens_with_docs(512, [0, 200]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import cached_logits, randomize_zero_matrices, smoke_args
+from conftest import assert_traces_as_one_graph_in_bf16, cached_logits, randomize_zero_matrices, smoke_args
 
 V = "--vocab_size=1024"
 FINAL = "--mudd_final_sources=in,2:-0.5,1,ve0"  # c0, c2 (init -0.5), c1, VE_0
@@ -227,16 +227,7 @@ def test_a_mudd_model_trains_a_few_steps_with_falling_loss():
 
 def test_mudd_model_traces_as_one_graph_in_bf16():
     model = live_model(*ALL)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
-            m.bfloat16()
-    x = tokens(256)
-    window = torch.tensor(2, dtype=torch.int32)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        assert model.hidden(x, window).dtype == torch.bfloat16
-        torch.testing.assert_close(compiled(x, x.roll(-1).long(), window), model(x, x.roll(-1).long(), window))
+    assert_traces_as_one_graph_in_bf16(model, tokens(256))
 
 
 # ---------------------------------------------------------------------------------------------------------------

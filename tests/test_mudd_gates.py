@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import cached_logits, frontier_args, live_model, smoke_args, smoke_model
+from conftest import assert_traces_as_one_graph_in_bf16, cached_logits, frontier_args, live_model, smoke_args, smoke_model
 
 V = "--vocab_size=1024"
 SUBLAYER = ["--sublayer_lambdas=true", "--resid_lambda_init=1.1"]
@@ -283,16 +283,7 @@ def test_a_gated_model_trains_a_few_steps_with_falling_loss():
 
 def test_gated_model_traces_as_one_graph_in_bf16():
     model = gated_model(*GATED, BIGRAM)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
-            m.bfloat16()
-    x = tokens(256)
-    window = torch.tensor(2, dtype=torch.int32)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        assert model.hidden(x, window).dtype == torch.bfloat16
-        torch.testing.assert_close(compiled(x, x.roll(-1).long(), window), model(x, x.roll(-1).long(), window))
+    assert_traces_as_one_graph_in_bf16(model, tokens(256))
 
 
 # ---------------------------------------------------------------------------------------------------------------

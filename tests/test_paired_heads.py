@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import assert_future_never_changes_past, live_model, smoke_args, summary_of, tokens_with_docs
+from conftest import (assert_future_never_changes_past, assert_traces_as_one_graph_in_bf16, live_model, smoke_args,
+                      summary_of, tokens_with_docs)
 
 BLOCK = tg.BLOCK_SIZE
 PAIRED = ["--num_heads=4", "--paired_head_layers=0,1"]  # smoke: 4 blocks, attention in 0 (L), 1 (S), 3 (L)
@@ -118,14 +119,7 @@ def test_paired_model_traces_as_one_graph_in_bf16():
     """What a GPU run sees: bf16 embeddings and torch.compile(fullgraph=True); dynamo's trace (eager backend) of
     the paired masks and layers must not break."""
     model = live_model(*PAIRED, "--attn_gate=true", "--ve_gate=true", "--key_offset=true")
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
-            m.bfloat16()
-    x = tokens_with_docs(512, [0, 200])
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x, x.roll(-1).long(), window(2)), model(x, x.roll(-1).long(), window(2)))
+    assert_traces_as_one_graph_in_bf16(model, tokens_with_docs(512, [0, 200]))
 
 
 @pytest.mark.slow
