@@ -1476,11 +1476,9 @@ def flex_token_window_mask(inputs: Tensor, tokens: int) -> BlockMask:
     q, kv = blocks[:, None], blocks[None, :]
     first, last = docs.view(n, BLOCK_SIZE)[:, 0], docs.view(n, BLOCK_SIZE)[:, -1]
     reach = -(-(tokens - 1) // BLOCK_SIZE)
-    some = (q >= kv) & (q - kv <= reach) & (first[:, None] <= last[None, :])
-    counts = some.sum(-1, dtype=torch.int32)
-    indices = torch.argsort(some.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return BlockMask.from_kv_blocks(counts[None, None].contiguous(), indices[None, None].contiguous(),
-                                    BLOCK_SIZE=BLOCK_SIZE, mask_mod=doc_causal_token_window_mask(docs, tokens))
+    counts, indices = kv_block_lists((q >= kv) & (q - kv <= reach) & (first[:, None] <= last[None, :]))
+    return BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=BLOCK_SIZE,
+                                    mask_mod=doc_causal_token_window_mask(docs, tokens))
 
 
 def dense_attention_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None, halvings: int = 0) -> Tensor:
@@ -1489,6 +1487,14 @@ def dense_attention_mask(inputs: Tensor, window_blocks, docs: Tensor | None = No
     docs = document_ids(inputs) if docs is None else docs
     idx = torch.arange(len(docs), device=docs.device)
     return doc_causal_window_mask(docs, window_blocks, halvings)(0, 0, idx[:, None], idx[None, :])
+
+
+def kv_block_lists(visited: Tensor) -> tuple[Tensor, Tensor]:
+    """(q blocks, kv blocks) bool -> BlockMask's (counts, indices): per query block how many kv blocks, and which
+    (visited ones first), shaped (1, 1, ...)."""
+    counts = visited.sum(-1, dtype=torch.int32)
+    indices = torch.argsort(visited.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts[None, None].contiguous(), indices[None, None].contiguous()
 
 
 def flex_block_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None, halvings: int = 0) -> BlockMask:
@@ -1504,14 +1510,8 @@ def flex_block_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None, h
     # and every pair does iff both blocks lie inside one document (and kv < q, so no pair is acausal).
     some = visible & (first[:, None] <= last[None, :])
     every = visible & (q > kv) & (last[:, None] == first[None, :])
-
-    def ordered(m):
-        counts = m.sum(-1, dtype=torch.int32)
-        indices = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return counts[None, None].contiguous(), indices[None, None].contiguous()
-
-    partial_counts, partial_idx = ordered(some & ~every)
-    full_counts, full_idx = ordered(every)
+    partial_counts, partial_idx = kv_block_lists(some & ~every)
+    full_counts, full_idx = kv_block_lists(every)
     return BlockMask.from_kv_blocks(partial_counts, partial_idx, full_counts, full_idx, BLOCK_SIZE=BLOCK_SIZE,
                                     mask_mod=doc_causal_window_mask(docs, window_blocks, halvings))
 
