@@ -23,26 +23,34 @@ import train_gpt as tg  # noqa: E402
 
 PINNED_TORCH = "2.13.0+cpu"
 # (one process: 3 steps, 2-way accumulation; two processes: 4 steps, 4 micro-batches on 2 ranks), each as
-# weights/optimizer-state digests, per CPU kind. The avx512 pair was taken 2026-12-04 at d986da4 itself (its
-# train_gpt.py with this file's steps) and equals every later commit checked (devlog 2026-12-04).
-PINNED = {False: ("34a4d7a049c0b51e/a23923d3393d67be", "efe10104dc7a168c/fd425bc342bd0263"),
-          True: ("0ba0bcfaae905da8/5cdb90eecab62cd2", "ae4979c90424b77e/04fc47b090bdc0dc")}
+# weights/optimizer-state digests, per CPU kind (avx512?, vendor; None: the vendor was not recorded). The AMD avx512
+# pair was taken 2026-12-04 at d986da4 itself (its train_gpt.py with this file's steps) and equals every later commit
+# checked (devlog 2026-12-04). The Intel avx512 pair was taken 2026-12-07 on an Intel Xeon: one process at d986da4
+# itself, two processes at fe49b46 (d986da4 predates gather_momentum); fe49b46 gives the same one-process digest.
+PINNED = {(False, None): ("34a4d7a049c0b51e/a23923d3393d67be", "efe10104dc7a168c/fd425bc342bd0263"),
+          (True, "AuthenticAMD"): ("0ba0bcfaae905da8/5cdb90eecab62cd2", "ae4979c90424b77e/04fc47b090bdc0dc"),
+          (True, "GenuineIntel"): ("7f1ab11079163abe/3f84fd194f3415ad", "586e0f31380bdae5/186d17b22b1c5c71")}
 
 
-def has_avx512() -> bool:
+def cpu_kind() -> tuple[bool, str | None]:
+    """(avx512?, vendor): floating-point results of the CPU build differ between these."""
     try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return False, None
+    vendor = next((line.split(":")[1].strip() for line in info.splitlines() if line.startswith("vendor_id")), None)
+    return "avx512f" in info, vendor
 
 
 def skip_unless_pinned_machine() -> tuple[str, str]:
     """The (one process, two processes) digests pinned for this torch build and CPU kind; skips elsewhere."""
     import pytest
-    if torch.__version__ != PINNED_TORCH or has_avx512() not in PINNED:
-        pytest.skip(f"digests pinned on torch {PINNED_TORCH}; here torch {torch.__version__}, "
-                    f"avx512={has_avx512()}: re-pin with `python tests/test_default_numerics.py` at a trusted commit")
-    return PINNED[has_avx512()]
+    avx512, vendor = cpu_kind()
+    key = (avx512, vendor) if (avx512, vendor) in PINNED else (avx512, None)
+    if torch.__version__ != PINNED_TORCH or key not in PINNED:
+        pytest.skip(f"digests pinned on torch {PINNED_TORCH}; here torch {torch.__version__}, avx512={avx512}, "
+                    f"vendor {vendor}: re-pin with `python tests/test_default_numerics.py` at a trusted commit")
+    return PINNED[key]
 
 
 def run_steps(steps: int, micro_batches: int, rank: int = 0, world_size: int = 1):
