@@ -181,3 +181,37 @@ def assert_traces_as_one_graph_in_bf16(model, x, window_blocks: int = 2):
     with torch.no_grad():
         assert model.hidden(x, window).dtype == torch.bfloat16
         torch.testing.assert_close(compiled(x, x.roll(-1).long(), window), model(x, x.roll(-1).long(), window))
+
+
+def preflight_flex_problems(pf, case, tokens, builds: dict) -> dict:
+    """tools/preflight.py's flex check of one attention case (pf: the loaded script) on each mask builder of builds
+    (name -> build_mask, None = the script's own): name -> the problems it reports."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False)
+    results = {}
+    for name, build in builds.items():
+        cmp = pf.Comparison(torch.float32)
+        pf.run_attention_case(case, tokens, 16, 0.12, torch.float32, flex, False, cmp, build_mask=build)
+        results[name] = cmp.problems
+    torch._dynamo.reset()
+    return results
+
+
+def cpu_fp8_matmul_is_reference_only() -> bool:
+    """Whether this CPU's torch._scaled_mm runs oneDNN's reference matmul (no FP8 kernel for the ISA: seen on an
+    Intel Xeon with AMX, ~25 MFLOP/s, where a GPT-2 head-sized FP8 product takes ~25 minutes) rather than a
+    vectorized one (~1000x faster: the AMD avx512 machines of earlier sessions). Probed once with a 16x768x256
+    product: ~0.1 s on the reference path, well under 10 ms on a real kernel."""
+    import time
+    import torch
+    global _FP8_REFERENCE_ONLY
+    if "_FP8_REFERENCE_ONLY" not in globals():
+        one = torch.tensor(1.0)
+        x, w = torch.ones(16, 768).to(torch.float8_e4m3fn), torch.ones(256, 768).to(torch.float8_e4m3fn)
+        torch._scaled_mm(x, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # warm-up
+        t = time.perf_counter()
+        torch._scaled_mm(x, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        _FP8_REFERENCE_ONLY = time.perf_counter() - t > 0.02
+    return _FP8_REFERENCE_ONLY

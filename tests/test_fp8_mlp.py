@@ -103,6 +103,12 @@ def test_scales_by_rule():
     assert tg.fp8_scale(amax(0.0)).item() > 0  # the zero-initialized W2: a finite scale, zero e4m3 values
 
 
+def same_amax(recorded, by_hand) -> bool:
+    """The op's recorded amax(p) and the hand computation's: equal up to the last bit of the fp32 matmul, whose
+    rounding depends on the CPU's BLAS path (bitwise equal on AMD avx512, 1 ulp apart on an Intel Xeon)."""
+    return torch.allclose(recorded, by_hand, rtol=1e-6, atol=0)
+
+
 def test_p_scale_comes_from_the_previous_forward():
     """Forward n quantizes p at forward n-1's amax(p) x 1.8 / 448 and clamps at 448; eval forwards do not count."""
     fp8, _ = mlp_pair(dim=16)
@@ -110,18 +116,18 @@ def test_p_scale_comes_from_the_previous_forward():
     h1, h2 = inputs(32, 16, seed=3), 2 * inputs(32, 16, seed=4)  # p ~4x larger: clamped
     y1 = fp8(h1)
     _, p1 = hand_mlp(h1, w1, w2)
-    assert torch.equal(fp8.p_amax, p1.amax()) and rel(y1, hand_mlp(h1, w1, w2)[0]) < 1e-5
+    assert same_amax(fp8.p_amax, p1.amax()) and rel(y1, hand_mlp(h1, w1, w2)[0]) < 1e-5
     fp8.eval()
     fp8(h2)
     fp8.train()
-    assert torch.equal(fp8.p_amax, p1.amax())
+    assert same_amax(fp8.p_amax, p1.amax())
     y2 = fp8(h2)
     scale = p1.amax() * 1.8 / 448
     want, p2 = hand_mlp(h2, w1, w2, p_scale=scale)
     assert (p2 / scale > 448).sum() >= 3  # some values were clamped
     assert rel(y2, want) < 1e-5
     assert rel(y2, hand_mlp(h2, w1, w2)[0]) > 1e-2  # p at its own amax would differ: the test can tell
-    assert torch.equal(fp8.p_amax, p2.amax())
+    assert same_amax(fp8.p_amax, p2.amax())
 
 
 def test_w2_scale_comes_from_the_previous_refresh_after_16_steps():

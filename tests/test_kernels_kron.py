@@ -40,7 +40,8 @@ def test_reference_matches_kron_materialization(shape):
     x = torch.randn(2, 3, f[1] * f[3], generator=torch.Generator().manual_seed(1))
     y = kron_linear_ref(x, A, B)
     assert y.shape == (2, 3, f[0] * f[2])
-    torch.testing.assert_close(y, x @ kron_dense_weight(A, B).T, rtol=1e-5, atol=1e-5)
+    dense = x @ kron_dense_weight(A, B).T  # |y| reaches ~100 at the largest shape: fp32 sums in either order
+    torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-6 * dense.abs().max().item())  # differ by ~1e-6 of that
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 2, 5, 2), (4, 2, 5, 3, 1)])  # one of each contraction order
