@@ -14,6 +14,7 @@ without triton (then HAS_TRITON is False and only the torch paths are available)
 """
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -82,6 +83,23 @@ def _block_tokens(per_token_elems):
 
 def _launch_opts(tile_elems):
     return {"num_warps": 8 if tile_elems > 4096 else 4}
+
+
+class KernelLaunch(NamedTuple):
+    """One Triton launch exactly as its launcher computes it; calling it launches. tools/preflight.py --aot compiles
+    the same launch for a named GPU without one (its tensors on the meta device)."""
+    kernel: object
+    args: tuple  # positional runtime arguments (tensors and ints), in the kernel's order
+    constexprs: dict
+    grid: tuple
+    num_warps: int
+    num_stages: int | None = None  # None: Triton's default (3 on CUDA)
+
+    def __call__(self):
+        opts = {"num_warps": self.num_warps}
+        if self.num_stages is not None:
+            opts["num_stages"] = self.num_stages
+        self.kernel[self.grid](*self.args, **self.constexprs, **opts)
 
 
 if HAS_TRITON:
@@ -202,12 +220,20 @@ def _precision(dtype):
 
 def _kron_apply_triton(x, A, B, a_first=None):
     """Y_t = sum_i A_i X_t B_i^T for x (N, k1*k2), A (r, m1, k1), B (r, m2, k2), any strides (no copies)."""
+    y, launch = _kron_apply_plan(x, A, B, a_first)
+    if launch is not None:
+        launch()
+    return y
+
+
+def _kron_apply_plan(x, A, B, a_first=None):
+    """(y, KernelLaunch or None for no tokens) of _kron_apply_triton, y allocated, nothing launched."""
     n = x.shape[0]
     r, m1, k1 = A.shape
     _, m2, k2 = B.shape
     y = torch.empty(n, m1 * m2, device=x.device, dtype=x.dtype)
     if n == 0:
-        return y
+        return y, None
     if a_first is None:
         a_first = _a_first(m1, k1, m2, k2)
     # The kernel always contracts its P factor first; B-first is the transposed problem Y^T = B X^T A^T,
@@ -223,17 +249,24 @@ def _kron_apply_triton(x, A, B, a_first=None):
     per_token = max(PP * QP, MP * QP, MP * NP)
     block_t = _block_tokens(per_token)
     grid = (triton.cdiv(n, block_t),)
-    _kron_apply_kernel[grid](
-        x, P, Q, y, n, r, dp, dq, dm, dn,
-        x.stride(0), *sx, *P.stride(), *Q.stride(), y.stride(0), *sy,
-        BLOCK_T=block_t, PP=PP, QP=QP, MP=MP, NP=NP, PRECISION=_precision(x.dtype),
+    return y, KernelLaunch(
+        _kron_apply_kernel, (x, P, Q, y, n, r, dp, dq, dm, dn,
+                             x.stride(0), *sx, *P.stride(), *Q.stride(), y.stride(0), *sy),
+        dict(BLOCK_T=block_t, PP=PP, QP=QP, MP=MP, NP=NP, PRECISION=_precision(x.dtype)), grid,
         **_launch_opts(block_t * per_token),
     )
-    return y
 
 
 def _kron_weight_grad_triton(x, dy, A, B, num_programs=None):
     """(dA, dB) in fp32 for x (N, K), dy (N, M), any strides (no copies). num_programs fixes the reduction split."""
+    (da, db), launch = _kron_weight_grad_plan(x, dy, A, B, num_programs)
+    launch()
+    return da.sum(0), db.sum(0)
+
+
+def _kron_weight_grad_plan(x, dy, A, B, num_programs=None, sms=None):
+    """((dA partials, dB partials), KernelLaunch) of _kron_weight_grad_triton, nothing launched; sms (streaming
+    multiprocessors, for the default split) defaults to x's GPU's count (4 off a GPU)."""
     n = x.shape[0]
     r, m1, k1 = A.shape
     _, m2, k2 = B.shape
@@ -243,17 +276,18 @@ def _kron_weight_grad_triton(x, dy, A, B, num_programs=None):
     n_blocks = triton.cdiv(n, block_t)
     if num_programs is None:
         # a few programs per SM keep the GPU busy while the partial buffers stay small
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+        if sms is None:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
         num_programs = 4 * sms
     num_programs = max(1, min(num_programs, n_blocks))
     da = torch.empty(num_programs, r, m1, k1, device=x.device, dtype=torch.float32)
     db = torch.empty(num_programs, r, m2, k2, device=x.device, dtype=torch.float32)
-    _kron_weight_grad_kernel[(num_programs, r)](
-        x, dy, A, B, da, db, n, m1, k1, m2, k2, *x.stride(), *dy.stride(), *A.stride(), *B.stride(),
-        BLOCK_T=block_t, M1P=M1P, K1P=K1P, M2P=M2P, K2P=K2P, PRECISION=_precision(x.dtype),
-        **_launch_opts(block_t * per_token),
+    return (da, db), KernelLaunch(
+        _kron_weight_grad_kernel,
+        (x, dy, A, B, da, db, n, m1, k1, m2, k2, *x.stride(), *dy.stride(), *A.stride(), *B.stride()),
+        dict(BLOCK_T=block_t, M1P=M1P, K1P=K1P, M2P=M2P, K2P=K2P, PRECISION=_precision(x.dtype)),
+        (num_programs, r), **_launch_opts(block_t * per_token),
     )
-    return da.sum(0), db.sum(0)
 
 
 # -----------------------------------------------------------------------------
@@ -305,6 +339,19 @@ def _kron_apply_backward(ctx, dy):
 
 
 kron_apply.register_autograd(_kron_apply_backward, setup_context=_kron_apply_setup_context)
+
+
+def kron_apply_launches(x, A, B, sms=None):
+    """(y, {"forward", "dx", "weight_grad": KernelLaunch}) of one kron_apply forward and backward on x (N, K), as
+    kron_apply and _kron_apply_backward launch them (dy taken contiguous), nothing run: tensors may be on the meta
+    device (tools/preflight.py --aot). sms: as _kron_weight_grad_plan. No tokens: no launches."""
+    y, forward = _kron_apply_plan(x, A, B)
+    if forward is None:
+        return y, {}
+    dy = torch.empty_like(y)
+    _, dx = _kron_apply_plan(dy, A.transpose(1, 2), B.transpose(1, 2))
+    _, weight_grad = _kron_weight_grad_plan(x, dy, A, B, sms=sms)
+    return y, {"forward": forward, "dx": dx, "weight_grad": weight_grad}
 
 
 # -----------------------------------------------------------------------------
@@ -633,24 +680,39 @@ def _ks_strides(t, bs_last):
 
 def _ks_apply_triton(x, weight, pattern, bs_last=False):
     """One KS factor for x (N, in), or (in, N) when bs_last, and weight (a*d, b, c); any strides (no copies)."""
+    y, launch = _ks_apply_plan(x, weight, pattern, bs_last)
+    if launch is not None:
+        launch()
+    return y
+
+
+def _ks_apply_plan(x, weight, pattern, bs_last=False):
+    """(y, KernelLaunch or None for no tokens) of _ks_apply_triton, y allocated, nothing launched."""
     a, b, c, d = pattern
     n = x.shape[1] if bs_last else x.shape[0]
     out = a * b * d
     y = torch.empty((out, n) if bs_last else (n, out), device=x.device, dtype=x.dtype)
     if n == 0:
-        return y
+        return y, None
     bb, bc, bd = _ks_blocks(b, c, d)
     bn = _ks_block_tokens(n)
     grid = (triton.cdiv(n, bn), a * triton.cdiv(d, bd), triton.cdiv(b, bb))
-    _ks_apply_kernel[grid](
-        x, weight, y, n, b, c, d, *_ks_strides(x, bs_last), *weight.stride(), *_ks_strides(y, bs_last),
-        BLOCK_N=bn, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_precision(x.dtype), num_warps=4,
+    return y, KernelLaunch(
+        _ks_apply_kernel,
+        (x, weight, y, n, b, c, d, *_ks_strides(x, bs_last), *weight.stride(), *_ks_strides(y, bs_last)),
+        dict(BLOCK_N=bn, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_precision(x.dtype)), grid, num_warps=4,
     )
-    return y
 
 
 def _ks_weight_grad_triton(x, dy, pattern, bs_last=False, num_programs=None):
     """dw (a*d, b, c) in fp32 for x, dy in the given layout, any strides. num_programs fixes the reduction split."""
+    part, launch = _ks_weight_grad_plan(x, dy, pattern, bs_last, num_programs)
+    launch()
+    return part.sum(0)
+
+
+def _ks_weight_grad_plan(x, dy, pattern, bs_last=False, num_programs=None, sms=None):
+    """(dw partials, KernelLaunch) of _ks_weight_grad_triton, nothing launched; sms as _kron_weight_grad_plan."""
     a, b, c, d = pattern
     n = x.shape[1] if bs_last else x.shape[0]
     bb, bc, bd = _ks_blocks(b, c, d)
@@ -659,15 +721,17 @@ def _ks_weight_grad_triton(x, dy, pattern, bs_last=False, num_programs=None):
     n_blocks = triton.cdiv(n, bn)
     if num_programs is None:
         # about 4 programs per SM in all, and at most 64 partial copies of the weight
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+        if sms is None:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
         num_programs = min(64, triton.cdiv(4 * sms, tiles[0] * tiles[1]))
     num_programs = max(1, min(num_programs, n_blocks))
     part = torch.zeros(num_programs, a * d, b, c, device=x.device, dtype=torch.float32)
-    _ks_weight_grad_kernel[(num_programs, *tiles)](
-        x, dy, part, n, b, c, d, a * b * c * d, *_ks_strides(x, bs_last), *_ks_strides(dy, bs_last),
-        BLOCK_N=bn, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_precision(x.dtype), num_warps=4,
+    return part, KernelLaunch(
+        _ks_weight_grad_kernel,
+        (x, dy, part, n, b, c, d, a * b * c * d, *_ks_strides(x, bs_last), *_ks_strides(dy, bs_last)),
+        dict(BLOCK_N=bn, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_precision(x.dtype)),
+        (num_programs, *tiles), num_warps=4,
     )
-    return part.sum(0)
 
 
 # -----------------------------------------------------------------------------
@@ -719,6 +783,19 @@ def _ks_apply_backward(ctx, dy):
 
 
 ks_apply.register_autograd(_ks_apply_backward, setup_context=_ks_apply_setup_context)
+
+
+def ks_apply_launches(x, weight, pattern, bs_last=False, sms=None):
+    """(y, {"forward", "dx", "weight_grad": KernelLaunch}) of one ks_apply forward and backward, as ks_apply and
+    _ks_apply_backward launch them (dy taken contiguous), nothing run; see kron_apply_launches."""
+    a, b, c, d = pattern
+    y, forward = _ks_apply_plan(x, weight, tuple(pattern), bs_last)
+    if forward is None:
+        return y, {}
+    dy = torch.empty_like(y)
+    _, dx = _ks_apply_plan(dy, weight.transpose(1, 2), (a, c, b, d), bs_last)
+    _, weight_grad = _ks_weight_grad_plan(x, dy, tuple(pattern), bs_last, sms=sms)
+    return y, {"forward": forward, "dx": dx, "weight_grad": weight_grad}
 
 
 # -----------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class Hyperparameters:
     rope: str = "half"  # half: half the head dims rotated, frequencies 1..1/1024 | canonical: all dims, base 10000
     window_pattern: str = "LSSSLS"  # Long/Short window per block for the first half, mirrored (or every block)
     window_schedule_tokens: int = 1728  # long window at step s of S: this * s / S rounded up to a multiple of 128
+    window_unit: str = "block"  # window W: block = the last W key blocks of 128 (#21) | token = keys <= 128 W back
     # Kronecker-factorized MLP (kernels.KronLinear): W = sum_{i<r} A_i (x) B_i, never materialized
     kron_mlp: str = "off"  # off | fc | proj | both: which MLP matrices become Kronecker sums
     kron_rank: int = 1  # r, the number of Kronecker terms
@@ -113,8 +114,9 @@ class Hyperparameters:
     skip_gate: bool = False  # U-net skip weights pass through a sigmoid (logits init -1.5)
     ve_gate: bool = False  # value embeddings times 2 sigmoid(w_h . [h[:6], ve[:6]]) per head (w 0: gate 1)
     xsa_layers: str = ""  # blocks whose heads remove tanh(alpha_h) of their output's projection on v (alpha 0)
+    attn_lambdas: str = "ve"  # ve: v = l0 v + l1 ve (#21, l = 0.5, 0.5) | o: v = l0 v + ve, out = l1 proj(y) (r47, 1)
     bigram_rows: int = 0  # hashed bigram embedding table rows (0 = off; recipe 377,280), added to x0 times g = 0.05
-    paired_head_layers: str = ""  # blocks whose heads 2j, 2j+1 attend as one interleaved 2T sequence (r58; "" = off)
+    paired_head_layers: str = ""  # blocks whose heads g, g+H/2 attend as one interleaved 2T sequence (r58; "" = off)
     dc_layers: str = ""  # blocks adding dynamically-composed attention: heads' probabilities mixed per token (r85)
     dc_window: int = 112  # DC's window in tokens (within the document, this token included)
     # the recipe's shape (frontier recipe 3.1-3.3): which blocks read which tables and skips, and the inits
@@ -167,6 +169,8 @@ class Hyperparameters:
     adam_group_betas: str = ""  # per Adam group betas "head=0.5/0.95,embed=...,value_embeds=...,scalars=..."
     adam_wd: float = 0.0  # cautious Adam weight decay when > 0: W -= lr^2 * adam_wd * group_wd * W where update*W > 0
     adam_group_wd: str = ""  # per-group multipliers of adam_wd "head=150,value_embeds=5" (groups not named: 1)
+    param_dtype: str = "r21"  # on GPU, r21: bf16 embeddings, fp32 rest | record: the record's bf16 Adam tensors too
+    adam_group_lr: str = ""  # LR of the small groups "ve_gate=0.008,smear_gate=8e-5,..." (not named: scalar_lr)
     adam_every: int = 1  # step Adam every N steps on the gradients of those N steps summed (frontier: 2)
     softcap: str = "r21"  # logit softcap: r21 = 30 sigmoid(z / 7.5) | frontier = 23 sigmoid((z + 5) / 7.5)
     # training stages (frontier recipe section 1): each stage its own sequence length, document cap, windows, LR
@@ -219,16 +223,25 @@ FRONTIER = dict(
     bos_align=True, stages="16384:896:1-3:1.0,32768:2048:3-7:1.52,49152:2048:5-11:1.73", num_iterations=1270,
     extension_steps=15, extension_window="6-13", val_window="6-20", cooldown_frac=0.6, final_lr_frac=0.15,
     yarn=True, attn_scale=0.1, val_every=250,
+    # FA3's window_size=(128 W, 0): a query sees the keys 0..128 W tokens back (128 W + 1), not whole key blocks
+    window_unit="token",
     # section 2.1: Polar Express + NorMuon + cautious WD; c_fc gets 2x from its shape, c_proj 4x (ours is stored
     # 768x3072, the recipe's 3072x768, so the 4x is all muon_proj_lr_mult)
     muon_ns="polar_express", normuon_beta2=0.9, muon_wd=1.2, muon_lr=0.023, muon_proj_lr_mult=4.0,
     muon_momentum_cooldown_steps=50,
     # section 2.2: per-group Adam; the embedding is tied to the head until step 847 (3.2) and then trains with
-    # the head's settings; the bigram table is in the value embeddings' group
+    # the head's settings; the bigram table is in the value embeddings' group. The record's code (its param_table)
+    # trains the value-embedding gates, the smear gate and the residual / output lambdas in groups of their own
     head_lr=0.008, embed_lr=0.008, value_embed_lr=0.6, scalar_lr=0.04, adam_every=2, adam_wd=0.005,
     adam_group_betas="head=0.5/0.95,embed=0.5/0.95,value_embeds=0.75/0.95,scalars=0.9/0.99,mudd=0.9/0.99,"
-                     "mudd_bias=0.9/0.99,mudd_gate=0.9/0.99,mudd_gate_bias=0.9/0.99",
-    adam_group_wd="head=150,embed=150,value_embeds=5,scalars=0,mudd=1,mudd_bias=0,mudd_gate=1,mudd_gate_bias=0",
+                     "mudd_bias=0.9/0.99,mudd_gate=0.9/0.99,mudd_gate_bias=0.9/0.99,ve_gate=0.9/0.99,"
+                     "smear_gate=0.9/0.99,resid_lambdas=0.9/0.95,post_lambdas=0.9/0.95",
+    adam_group_wd="head=150,embed=150,value_embeds=5,scalars=0,mudd=1,mudd_bias=0,mudd_gate=1,mudd_gate_bias=0,"
+                  "ve_gate=1,smear_gate=0,resid_lambdas=0,post_lambdas=0",
+    adam_group_lr="ve_gate=0.008,smear_gate=8e-5,post_lambdas=0.008",
+    # the record's parameter dtypes (its code): bf16 storage for the head, embeddings, gates and MUDD weights on a
+    # GPU (Adam's update rounded to bf16: small updates of large entries are lost), bf16 reads of the r / p lambdas
+    param_dtype="record",
     mudd_lr=0.002, mudd_gate_lr=8e-4,
     softcap="frontier", run_name="frontier",
     # sections 3.1-3.4, the model half (Frontier II), in the recipe's 11-layer shape (r30/r35 dropped #21's first
@@ -251,6 +264,8 @@ FRONTIER = dict(
     # Adam updates at it); multi-token prediction (r53) and the prefix-token loss (r88) with the stage weights of 1.2
     untie_step=847, mtp_weights="1,0.5,0.25-0;1,0.5-0;1", prefix_weights="0.25;0.25-0;0",
     smear=True, key_offset=True, resid_lambda_init=1.1, ve_gate=True, xsa_layers="1,3,4,7",
+    # the record's attention lambdas (r47, its sa_lambdas): v = l0 v + ve (coefficient 1), output times l1 (init 1)
+    attn_lambdas="o",
     bigram_rows=377_280,
     # paired-head attention on the recipe's layers 0, 2, 5, 9 (r58; none of them has XSA) and Muon on Q and K per
     # head pair (r80, section 2.1 item 7)
@@ -499,7 +514,8 @@ def meaningless_flags(args: Hyperparameters) -> list[str]:
 
 def check_schedule(args: Hyperparameters, fail):
     """The post-#21 optimizer and stage flags (frontier recipe): values and combinations."""
-    choices = dict(muon_ns=tuple(ORTHOGONALIZERS), softcap=tuple(SOFTCAPS), rope=("half", "canonical"))
+    choices = dict(muon_ns=tuple(ORTHOGONALIZERS), softcap=tuple(SOFTCAPS), rope=("half", "canonical"),
+                   window_unit=tuple(WINDOW_RULES))
     for name, valid in choices.items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
@@ -510,6 +526,13 @@ def check_schedule(args: Hyperparameters, fail):
         fail(f"--normuon_beta2={args.normuon_beta2} must be in [0, 1) (0 = off)")
     parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
     parse_group_values(args.adam_group_wd, "adam_group_wd", float)
+    if args.param_dtype not in PARAM_DTYPES:
+        fail(f"--param_dtype={args.param_dtype!r}; valid values: {', '.join(PARAM_DTYPES)}")
+    for name, lr in parse_group_values(args.adam_group_lr, "adam_group_lr", float).items():
+        if name not in SMALL_ADAM_GROUPS or not lr > 0 or not math.isfinite(lr):
+            fail(f"--adam_group_lr: {name}={lr} must name one of {', '.join(SMALL_ADAM_GROUPS)} with a finite LR > 0 "
+                 f"(the other groups have their own flags: --head_lr, --embed_lr, --value_embed_lr, --scalar_lr, "
+                 f"--mudd_lr, --mudd_gate_lr, --kron_adam_lr)")
     if args.adam_every > 1 and args.save_every % args.adam_every:
         fail(f"--save_every={args.save_every} must be a multiple of --adam_every={args.adam_every}, so periodic "
              f"checkpoints fall where Adam has just stepped")
@@ -649,6 +672,9 @@ def check_frontier_model(args: Hyperparameters, fail):
     per_head = [f"--{flag}" for flag, on in (("attn_gate", args.attn_gate), ("key_offset", args.key_offset),
                                              ("ve_gate", args.ve_gate), ("xsa_layers", bool(xsa)),
                                              ("mudd_gate_attn_layers", bool(args.mudd_gate_attn_layers))) if on]
+    if args.attn_lambdas not in ATTN_LAMBDAS:
+        fail(f"--attn_lambdas={args.attn_lambdas!r}; valid values: {', '.join(ATTN_LAMBDAS)}")
+    per_head += ["--attn_lambdas=o"] if args.attn_lambdas == "o" else []
     if per_head and args.mla_kv_rank > 0:
         fail(f"{', '.join(per_head)} act on the heads of multi-head or grouped-query attention; "
              f"MLA (--mla_kv_rank > 0) has no hooks for them")
@@ -1439,15 +1465,32 @@ def in_window(block_distance, window_blocks, halvings: int = 0):
     return (block_distance < (window_blocks >> halvings)) | (block_distance == 0)
 
 
-def doc_causal_window_mask(docs: Tensor, window_blocks, halvings: int = 0):
+def in_token_window(distance, window_blocks, halvings: int = 0):
+    """--window_unit=token: key `distance` (>= 0) tokens before the query is at most 128 max(window_blocks >>
+    halvings, 1) tokens back, FA3's window_size=(128 W, 0): 128 W + 1 keys. Clamped as in_window, for the same
+    reason (only the caller's window tensor is captured)."""
+    return (distance <= (window_blocks >> halvings) * BLOCK_SIZE) | (distance <= BLOCK_SIZE)
+
+
+# --window_unit -> whether key kv_idx lies in query q_idx's window (kv_idx <= q_idx; documents aside)
+WINDOW_RULES = dict(
+    block=lambda q_idx, kv_idx, window_blocks, halvings: in_window(q_idx // BLOCK_SIZE - kv_idx // BLOCK_SIZE,
+                                                                   window_blocks, halvings),
+    token=lambda q_idx, kv_idx, window_blocks, halvings: in_token_window(q_idx - kv_idx, window_blocks, halvings))
+
+
+def doc_causal_window_mask(docs: Tensor, window_blocks, halvings: int = 0, unit: str = "block"):
     """The one attention mask definition, shared by FlexAttention and the dense CPU path.
 
-    Query i sees key j iff j <= i, both lie in the same document, and j's 128-block is one of the last
-    max(window_blocks >> halvings, 1) blocks up to and including i's block (halvings=1: the short window).
+    Query i sees key j iff j <= i, both lie in the same document, and j is in i's window of max(window_blocks >>
+    halvings, 1) (halvings=1: the short window): j's 128-block is one of that many blocks up to and including
+    i's block (unit "block"), or i - j <= 128 times that many (unit "token", --window_unit).
     """
+    near = WINDOW_RULES[unit]
+
     def mask_mod(b, h, q_idx, kv_idx):
         return ((q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
-                & in_window(q_idx // BLOCK_SIZE - kv_idx // BLOCK_SIZE, window_blocks, halvings))
+                & near(q_idx, kv_idx, window_blocks, halvings))
     return mask_mod
 
 
@@ -1481,12 +1524,14 @@ def flex_token_window_mask(inputs: Tensor, tokens: int) -> BlockMask:
                                     mask_mod=doc_causal_token_window_mask(docs, tokens))
 
 
-def dense_attention_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None, halvings: int = 0) -> Tensor:
+def dense_attention_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None, halvings: int = 0,
+                         unit: str = "block") -> Tensor:
     """(T, T) boolean mask for scaled_dot_product_attention, evaluated from the same mask_mod. docs: per-position
-    document ids given directly (--mot=cross+self's byte stream) instead of from the tokens."""
+    document ids given directly (--mot=cross+self's byte stream, the doubled sequence of --paired_head_layers)
+    instead of from the tokens."""
     docs = document_ids(inputs) if docs is None else docs
     idx = torch.arange(len(docs), device=docs.device)
-    return doc_causal_window_mask(docs, window_blocks, halvings)(0, 0, idx[:, None], idx[None, :])
+    return doc_causal_window_mask(docs, window_blocks, halvings, unit)(0, 0, idx[:, None], idx[None, :])
 
 
 def kv_block_lists(visited: Tensor) -> tuple[Tensor, Tensor]:
@@ -1497,7 +1542,8 @@ def kv_block_lists(visited: Tensor) -> tuple[Tensor, Tensor]:
     return counts[None, None].contiguous(), indices[None, None].contiguous()
 
 
-def flex_block_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None, halvings: int = 0) -> BlockMask:
+def flex_block_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None, halvings: int = 0,
+                    unit: str = "block") -> BlockMask:
     """Block-sparse FlexAttention mask from per-block document ranges, so fully masked blocks are skipped and
     fully visible blocks skip the mask_mod. Equals dense_attention_mask (tested)."""
     docs = document_ids(inputs) if docs is None else docs
@@ -1505,15 +1551,19 @@ def flex_block_mask(inputs: Tensor, window_blocks, docs: Tensor | None = None, h
     blocks = torch.arange(n, device=docs.device)
     q, kv = blocks[:, None], blocks[None, :]
     first, last = docs.view(n, BLOCK_SIZE)[:, 0], docs.view(n, BLOCK_SIZE)[:, -1]
-    visible = (q >= kv) & in_window(q - kv, window_blocks, halvings)
+    # the window admits some pair of (q, kv) iff it admits their nearest pair, every pair iff their farthest (both
+    # rules widen with the distance): unit "block" admits whole blocks; "token" also cuts the block just beyond
+    near, start = WINDOW_RULES[unit], blocks * BLOCK_SIZE
+    visible = (q >= kv) & near(start[:, None], start[None, :] + BLOCK_SIZE - 1, window_blocks, halvings)
+    inside = near(start[:, None] + BLOCK_SIZE - 1, start[None, :], window_blocks, halvings)
     # docs are non-decreasing, so for kv <= q some pair shares a document iff kv's last doc reaches q's first doc,
     # and every pair does iff both blocks lie inside one document (and kv < q, so no pair is acausal).
     some = visible & (first[:, None] <= last[None, :])
-    every = visible & (q > kv) & (last[:, None] == first[None, :])
+    every = visible & inside & (q > kv) & (last[:, None] == first[None, :])
     partial_counts, partial_idx = kv_block_lists(some & ~every)
     full_counts, full_idx = kv_block_lists(every)
     return BlockMask.from_kv_blocks(partial_counts, partial_idx, full_counts, full_idx, BLOCK_SIZE=BLOCK_SIZE,
-                                    mask_mod=doc_causal_window_mask(docs, window_blocks, halvings))
+                                    mask_mod=doc_causal_window_mask(docs, window_blocks, halvings, unit))
 
 
 # FlexAttention has no backward on CPU, so CPU runs use dense SDPA masks. Tests and tools/preflight.py set this to
@@ -1522,7 +1572,8 @@ FLEX_ATTENTION_ON_CPU = False
 
 
 def mask_builder(x: Tensor):
-    """flex_block_mask on GPU (or with FLEX_ATTENTION_ON_CPU), dense_attention_mask otherwise."""
+    """flex_block_mask on GPU (or with FLEX_ATTENTION_ON_CPU), dense_attention_mask otherwise (both take unit=, the
+    --window_unit that GPT stores at build time)."""
     return flex_block_mask if x.is_cuda or FLEX_ATTENTION_ON_CPU else dense_attention_mask
 
 
@@ -1534,18 +1585,19 @@ def token_window_mask_builder(x: Tensor):
 class KVCache:
     """Inference cache for tools/sample.py: each attention layer's keys and values so far, in call order. Passed to
     GPT.hidden(cache=...) in place of the masks; attend() appends to it and masks new queries against every cached
-    key with the same doc_causal_window_mask as training (absolute positions, documents split at EOT)."""
+    key with the same doc_causal_window_mask as training (absolute positions, documents split at EOT, the model's
+    --window_unit)."""
 
     def __init__(self):
         self.keys, self.values, self.docs, self.layer = [], [], None, 0
         self.length = 0  # tokens already cached (the absolute position of the next token)
 
-    def begin(self, inputs: Tensor, window_blocks) -> dict:
+    def begin(self, inputs: Tensor, window_blocks, unit: str = "block") -> dict:
         docs = document_ids(inputs) + (self.docs[-1] if self.docs is not None else 0)
         self.docs = docs if self.docs is None else torch.cat([self.docs, docs])
         self.layer, self.new_tokens = 0, len(inputs)
-        return {"L": KVCacheWindow(self, max(int(window_blocks), 1)),
-                "S": KVCacheWindow(self, max(int(window_blocks) // 2, 1))}
+        return {"L": KVCacheWindow(self, max(int(window_blocks), 1), unit),
+                "S": KVCacheWindow(self, max(int(window_blocks) // 2, 1), unit)}
 
     def end(self):
         self.length += self.new_tokens
@@ -1560,6 +1612,7 @@ class KVCache:
 class KVCacheWindow:
     cache: KVCache
     window_blocks: int
+    unit: str = "block"  # --window_unit
 
     @property
     def offset(self) -> int:
@@ -1574,7 +1627,8 @@ class KVCacheWindow:
         c.layer += 1
         q_idx = torch.arange(c.length, c.length + q.size(2), device=q.device)
         kv_idx = torch.arange(c.keys[i].size(2), device=q.device)
-        mask = doc_causal_window_mask(c.docs, self.window_blocks)(0, 0, q_idx[:, None], kv_idx[None, :])
+        mask_mod = doc_causal_window_mask(c.docs, self.window_blocks, unit=self.unit)
+        mask = mask_mod(0, 0, q_idx[:, None], kv_idx[None, :])
         return F.scaled_dot_product_attention(q, c.keys[i], c.values[i], attn_mask=mask, scale=scale,
                                               enable_gqa=c.keys[i].size(1) != q.size(1))
 
@@ -1618,6 +1672,16 @@ class Rotary(nn.Module):
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:  # x: (B, T, heads, head_dim) at positions offset..
         cos = self.cos[None, offset:offset + x.size(1), None, :]
         sin = self.sin[None, offset:offset + x.size(1), None, :]
+        return self.rotate(x, cos, sin)
+
+    def paired(self, x: Tensor) -> Tensor:
+        """--paired_head_layers (the record's r58): head h of token t at the phase of position 2t + (h mod 2); x (B,
+        T, heads, head_dim), heads even, the table 2T long."""
+        T, H = x.size(1), x.size(2)
+        cos, sin = (table[:2 * T].view(T, 2, -1).repeat(1, H // 2, 1)[None] for table in (self.cos, self.sin))
+        return self.rotate(x, cos, sin)
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
@@ -1650,8 +1714,8 @@ class YarnRotary(Rotary):
         self.sin.copy_(theta.sin())
         self.gain.fill_(growth ** 0.5)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        return (super().forward(x.float(), offset) * self.gain).type_as(x)
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return (super().rotate(x.float(), cos, sin) * self.gain).type_as(x)
 
 
 class PassThrough(nn.Module):
@@ -1803,6 +1867,41 @@ class AttentionGate(nn.Module):
         return torch.sigmoid(F.linear(x[..., :12], self.weight.type_as(x)))[..., None] * y
 
 
+def value_lambdas_r21(lambdas: Tensor, v: Tensor, ve: Tensor | None) -> Tensor:
+    """#21: v = l0 v + l1 ve (both learned, init 0.5)."""
+    return lambdas[0] * v if ve is None else lambdas[0] * v + lambdas[1] * ve
+
+
+def value_lambda_r47(lambdas: Tensor, v: Tensor, ve: Tensor | None) -> Tensor:
+    """r47 (the 2026 record's sa_lambdas[0]): v = l0 v + ve, the value embedding's coefficient a fixed 1."""
+    return lambdas[0] * v if ve is None else lambdas[0] * v + ve
+
+
+def unscaled_qk(lambdas: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    return q, k
+
+
+def qk_lambda_r47(lambdas: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """r47: l0 multiplies the whole QKV weight, so q and k too; RMS norm undoes it up to its eps (l0's gradient
+    through q and k is that small, but it is the record's)."""
+    return lambdas[0] * q, lambdas[0] * k
+
+
+def unscaled_output(lambdas: Tensor, out: Tensor) -> Tensor:
+    return out
+
+
+def output_lambda_r47(lambdas: Tensor, out: Tensor) -> Tensor:
+    """r47 (the record's sa_lambdas[1], init 1, pre-multiplying W_o): out = l1 proj(y)."""
+    return lambdas[1] * out
+
+
+# --attn_lambdas: what the attention's two lambdas multiply, (q and k scale, value mix, output scale, l1's init).
+# The record's (r47) l0 multiplies its whole QKV weight; q and k are RMS-normed right after, so mostly v feels it.
+ATTN_LAMBDAS = dict(ve=(unscaled_qk, value_lambdas_r21, unscaled_output, 0.5),
+                    o=(qk_lambda_r47, value_lambda_r47, output_lambda_r47, 1.0))
+
+
 class HeadAttention(nn.Module):
     """The part multi-head and grouped-query attention share after their projections: RMS-norm and rotary on q and
     k, value-embedding mixing, attention, output projection. Five per-head hooks (PassThrough unless
@@ -1812,17 +1911,23 @@ class HeadAttention(nn.Module):
     def __init__(self):
         super().__init__()
         self.key_offset, self.ve_gate, self.dc, self.xsa, self.out_gate = (PassThrough() for _ in range(5))
+        self.scale_qk, self.mix_values, self.scale_output = ATTN_LAMBDAS["ve"][:3]  # --attn_lambdas
+
+    def values(self, x: Tensor, v: Tensor, ve: Tensor | None) -> Tensor:
+        """v mixed with the block's (gated) value embedding by the lambdas (--attn_lambdas)."""
+        return self.mix_values(self.lambdas, v, None if ve is None else self.ve_gate(ve.view_as(v), x))
 
     def rotate_mix_attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask,
                           sources: dict | None) -> Tensor:
         B, T = q.shape[:2]  # x (B, T, dim) normed input; q (B, T, heads, head_dim); k, v (B, T, kv_heads, head_dim)
         offset = rotary_offset(mask)
+        q, k = self.scale_qk(self.lambdas, q, k)
         q, k = self.rotary(norm(q), offset), self.key_offset(self.rotary(norm(k), offset))
-        v = self.lambdas[0] * v if ve is None else \
-            self.lambdas[0] * v + self.lambdas[1] * self.ve_gate(ve.view_as(v), x)
+        v = self.values(x, v, ve)
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         y = self.dc(attend(qh, kh, vh, mask, self.attn_scale).transpose(1, 2), qh, kh, vh, self.attn_scale, sources)
-        return self.c_proj(self.out_gate(self.xsa(y, v, sources), x, sources).reshape(B, T, -1))
+        y = self.out_gate(self.xsa(y, v, sources), x, sources).reshape(B, T, -1)
+        return self.scale_output(self.lambdas, self.c_proj(y))
 
 
 class CausalSelfAttention(HeadAttention):
@@ -1877,27 +1982,31 @@ class GroupedQueryAttention(HeadAttention):
 
 
 def interleave_pairs(x: Tensor) -> Tensor:
-    """(B, T, heads, d) -> (B, 2T, heads/2, d): head pair j's doubled sequence, whose position 2t + s holds token t
-    of head 2j + s (--paired_head_layers)."""
+    """(B, T, heads, d) -> (B, 2T, heads/2, d), the record's reshape (r58): slot g's doubled sequence holds token t of
+    head g at position 2t and of head g + heads/2 at 2t + 1 (--paired_head_layers)."""
     B, T, H, d = x.shape
-    return x.view(B, T, H // 2, 2, d).transpose(2, 3).reshape(B, 2 * T, H // 2, d)
+    return x.reshape(B, 2 * T, H // 2, d)
 
 
 def deinterleave_pairs(y: Tensor) -> Tensor:
     """The inverse of interleave_pairs: (B, 2T, heads/2, d) -> (B, T, heads, d)."""
     B, T2, P, d = y.shape
-    return y.view(B, T2 // 2, 2, P, d).transpose(2, 3).reshape(B, T2 // 2, 2 * P, d)
+    return y.reshape(B, T2 // 2, 2 * P, d)
 
 
 class PairedHeads(HeadAttention):
     """Paired-head attention (--paired_head_layers; frontier recipe 3.4, r58), mixed into multi-head or grouped-query
-    attention (PairedSelfAttention, PairedGroupedQueryAttention: same parameters, same init). Heads 2j and 2j+1
-    form one sequence of 2T positions, position 2t + s = token t of head 2j + s, for q, k and v alike; rotary
-    rotates it at positions 0..2T-1 (so the rotary table is twice as long); the masks are the doubled ones
-    GPT.attention_masks builds (document of position p = that of token p // 2, causal, the window counted in
-    doubled positions: half the tokens); the output is de-interleaved. Each query thus sees both heads' keys of
-    earlier tokens (and head 2j+1's query also head 2j's key of its own token) in one softmax. GQA pairs the K/V
-    heads the same way, query pair j reading K/V pair j // (num_heads / n_kv_heads).
+    attention (PairedSelfAttention, PairedGroupedQueryAttention: same parameters, same init). In the record's
+    layout, heads g and g + H/2 form slot g's sequence of 2T positions, position 2t = token t of head g, 2t + 1 =
+    token t of head g + H/2, for q, k and v alike (interleave_pairs, one reshape). Rotary turns head h of token t by
+    the phase of position 2t + (h mod 2), as the record's rotary on its (T, H/2, 2 head_dim) view does: equal to the
+    position for slots with g even, the two phases swapped for g odd (the record's (1, 4) stream at 6 heads); the
+    rotary table is twice as long. The masks are the doubled ones GPT.attention_masks builds (document of position p
+    = that of token p // 2, causal, the window counted in doubled positions: half the tokens); the output is
+    de-interleaved. Each query thus sees both heads' keys of earlier tokens (and head g + H/2's query also head
+    g's key of its own token) in one softmax. GQA pairs the K/V heads the same way: query slot g (heads g, g + H/2)
+    reads K/V slot g // (H / n_kv_heads) (kv heads g // (H / n_kv_heads) and that + n_kv_heads/2, the K/V heads the
+    two query heads read without pairing).
 
     The per-head hooks act on each head in token order outside the pairing: the key offset on the normed keys
     (rotary leaves the dims it shifts unrotated, so before or after rotary is the same), the value-embedding gate
@@ -1907,13 +2016,13 @@ class PairedHeads(HeadAttention):
     def rotate_mix_attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask,
                           sources: dict | None) -> Tensor:
         B, T = q.shape[:2]
-        k = self.key_offset(norm(k))
-        v = self.lambdas[0] * v if ve is None else \
-            self.lambdas[0] * v + self.lambdas[1] * self.ve_gate(ve.view_as(v), x)
-        q, k, v = interleave_pairs(norm(q)), interleave_pairs(k), interleave_pairs(v)
-        q, k = self.rotary(q), self.rotary(k)
+        q, k = self.scale_qk(self.lambdas, q, k)
+        q, k = self.rotary.paired(norm(q)), self.rotary.paired(self.key_offset(norm(k)))
+        v = self.values(x, v, ve)
+        q, k, v = interleave_pairs(q), interleave_pairs(k), interleave_pairs(v)
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale).transpose(1, 2)
-        return self.c_proj(self.out_gate(deinterleave_pairs(y), x, sources).reshape(B, T, -1))
+        y = self.out_gate(deinterleave_pairs(y), x, sources).reshape(B, T, -1)
+        return self.scale_output(self.lambdas, self.c_proj(y))
 
 
 class PairedSelfAttention(PairedHeads, CausalSelfAttention):
@@ -1970,7 +2079,7 @@ class LatentAttention(nn.Module):
         k_content, v = kv.chunk(2, dim=-2)
         k = torch.cat([k_content, self.k_rope(x).view(B, T, 1, r).expand(B, T, H, r)], dim=-1)
         q, k = self.rope(norm(q), rotary_offset(mask)), self.rope(norm(k), rotary_offset(mask))
-        v = self.lambdas[0] * v if ve is None else self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v)
+        v = value_lambdas_r21(self.lambdas, v, None if ve is None else ve.view_as(v))
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -2018,6 +2127,10 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
         attn.key_offset = KeyOffset(attn.rotary)
     if args.ve_gate and value_embed_tables(args)[layer] is not None and layer != args.mudd_block:  # MUDD: m6, m7
         attn.ve_gate = ValueEmbedGate(kv_heads(args))
+    if args.attn_lambdas != "ve":
+        attn.scale_qk, attn.mix_values, attn.scale_output, l1 = ATTN_LAMBDAS[args.attn_lambdas]
+        with torch.no_grad():
+            attn.lambdas[1] = l1
     gated = args.mudd_gate_block >= 0  # --mudd_gate_block: XSA's alphas come per token from the MUDD gates
     if layer in parse_layer_list(args.xsa_layers):
         attn.xsa = GatedExclusiveSelfAttention(args.num_heads, kv_heads(args), f"gate.xsa{layer}") if gated else \
@@ -2459,6 +2572,17 @@ class GateScale(nn.Module):
         return sources[self.key] * t
 
 
+def lambdas_as_stored(lambdas: Tensor) -> Tensor:
+    return lambdas
+
+
+def lambdas_in_bf16(lambdas: Tensor) -> Tensor:
+    return lambdas.bfloat16()
+
+
+LAMBDA_READS = dict(r21=lambdas_as_stored, record=lambdas_in_bf16)  # --param_dtype: SublayerBlock's r and p
+
+
 class SublayerBlock(nn.Module):
     """--sublayer_lambdas (frontier recipe 3.3, r45): each sub-layer scales the residual and its own output,
       a = Attn(RMSNorm(u)),   x <- r_a x + p_a a + l x0 (+ g_b b),   x <- r_m x + p_m MLP(RMSNorm(x)),
@@ -2467,7 +2591,11 @@ class SublayerBlock(nn.Module):
     attention (#21's Block adds it before), times a learned scalar l (init 0) or, under --mudd_gate_block, a per-token
     MUDD gate g_x0, which also brings the bigram embedding b in times its gate g_b (blocks after the first; block
     0's g_b weighs b at the input). An attention-free block is its MLP sub-layer alone (the recipe's layer 6).
-    entry_gate: PassThrough, or in block --mudd_gate_block the gate that reads its input (GPT puts it there)."""
+    The r's are one parameter (resid_lambdas: r_a, r_m) and the p's another (post_lambdas: p_a, p_m), because the
+    record trains them in Adam groups of their own (param_groups); under --param_dtype=record they are read rounded
+    to bf16, as the record's forward reads them (sqrt(1.1) = 1.0488 acts as 1.0469; on a GPU a 0-dim fp32 factor of
+    a bf16 activation is rounded so anyway). entry_gate: PassThrough, or in block --mudd_gate_block the gate that
+    reads its input (GPT puts it there)."""
 
     def __init__(self, args: Hyperparameters, layer: int, max_seq_len: int):
         super().__init__()
@@ -2475,23 +2603,25 @@ class SublayerBlock(nn.Module):
         r = args.resid_lambda_init ** 0.5
         self.attn = build_attention(args, max_seq_len, layer) if has_attn else None
         self.attn_input = attention_input(args, layer)
-        self.attn_lambdas = nn.Parameter(torch.tensor([r, 1.0])) if has_attn else None  # r_a, p_a
         gated = args.mudd_gate_block >= 0
         self.add_x0 = (GatedAdd(f"gate.x0_{layer}") if gated else LearnedAdd(0.0)) if has_attn else None
         self.add_bigram = GatedAdd(f"gate.bigram{layer}") if gated and has_attn and layer > 0 and \
             args.bigram_rows > 0 else PassThrough()
         self.mlp = build_mlp(args, layer)
-        self.mlp_lambdas = nn.Parameter(torch.tensor([r, 1.0]))  # r_m, p_m
+        self.resid_lambdas = nn.Parameter(torch.tensor([r, r] if has_attn else [r]))  # r_a, r_m
+        self.post_lambdas = nn.Parameter(torch.ones(2 if has_attn else 1))  # p_a, p_m
+        self.read_lambdas = LAMBDA_READS[args.param_dtype]
         self.entry_gate = PassThrough()
         self.dropout = dropout_layer(args.dropout)
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, sources: dict) -> Tensor:
         self.entry_gate(x, sources)
+        r, p = self.read_lambdas(self.resid_lambdas), self.read_lambdas(self.post_lambdas)
         if self.attn is not None:
             a = self.attn(norm(self.attn_input(x, sources)), ve, mask, sources)
-            x = self.attn_lambdas[0] * x + self.attn_lambdas[1] * self.dropout(a)
+            x = r[0] * x + p[0] * self.dropout(a)
             x = self.add_bigram(self.add_x0(x, x0, sources), sources.get("bigram"), sources)
-        return self.mlp_lambdas[0] * x + self.mlp_lambdas[1] * self.dropout(self.mlp(norm(x)))
+        return r[-1] * x + p[-1] * self.dropout(self.mlp(norm(x)))
 
 
 MUDD_HIDDEN, MUDD_SCALE = 64, 0.1  # the recipe's F_j: 64 hidden units, outputs times 0.1
@@ -2521,11 +2651,12 @@ class MuddWeights(nn.Module):
 
 class MuddGate(MuddWeights):
     """MUDD gates (--mudd_gate_block; frontier recipe 3.5, r85): G(z) = s (W2 GELU(W1 z) + b), MuddWeights with a
-    learned scale s (init 0.1; the r85 README adds it for stability) in place of the fixed 0.1, so the values start
-    at their effective inits (b = init / 0.1). Its outputs are named per-token values, (key, width, init) each from
-    mudd_gate_outputs: forward writes sources[key] = (B, T, width) for the modules that read them (GatedAdd,
-    GateScale, GatedExclusiveSelfAttention, GatedHeadScale, GatedDynamicComposition) and returns z. W1, W2 train
-    in Adam's "mudd_gate" group, b and s in "mudd_gate_bias", at --mudd_gate_lr."""
+    learned scale s (init 0.1; the r85 README adds it for stability; one s shared by both gates, as in the record's
+    code) in place of the fixed 0.1, so the values start at their effective inits (b = init / 0.1). Its outputs are
+    named per-token values, (key, width, init) each from mudd_gate_outputs: forward writes sources[key] = (B, T,
+    width) for the modules that read them (GatedAdd, GateScale, GatedExclusiveSelfAttention, GatedHeadScale,
+    GatedDynamicComposition) and returns z. W1, W2 train in Adam's "mudd_gate" group, b and s in "mudd_gate_bias",
+    at --mudd_gate_lr."""
 
     def __init__(self, dim: int, outputs: list[tuple[str, int, float]]):
         super().__init__(dim, [init for _, width, init in outputs for _ in range(width)])
@@ -2589,13 +2720,13 @@ class MuddBlock(nn.Module):
       x <- (1 + m5) x + m3 c0 + m4 c
       value-embedding gate: the first ceil(H/2) heads m6, the others m7 (no sigmoid; replaces ValueEmbedGate)
       a = Attn(RMSNorm(c))   (the recipe's r77: its attention reads c, not x)
-      x <- m8 x + m9 a + m10 x0 + m11 b   (x0 = the normed token embedding, b = the bigram embedding)
+      x <- m8 x + m9 a + m10 c0 + m11 b   (b = the bigram embedding; the record's m10 term reads c0, not x0)
       x <- m12 x + m13 MLP(RMSNorm(x))
     Effective inits m6 = m7 = 2, m8 = m12 = sqrt(1.1), m9 = m13 = 1, m11 = 0.05, the rest 0. The value terms enter
-    the attention the way its value embedding does: v = l0 v + l1 (gated ve + m0 c0 + m1 c + m2 x), l1 the
-    attention's value lambda (#21's, init 0.5), so they are scaled by l1 where the recipe adds them as they are
-    (its values have no l1). Without a value embedding in block k, m6 and m7 gate nothing; without --bigram_rows,
-    b = 0 (m11 idle): both chosen at build time. check_mudd asks for attention with model_dim-wide values."""
+    the attention the way its value embedding does: v = l0 v + l1 (gated ve + m0 c0 + m1 c + m2 x) with #21's
+    lambdas (l1 init 0.5), or v = l0 v + (gated ve + ...) as the record adds them under --attn_lambdas=o. Without a
+    value embedding in block k, m6 and m7 gate nothing; without --bigram_rows, b = 0 (m11 idle): both chosen at
+    build time. check_mudd asks for attention with model_dim-wide values."""
     INITS = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 1.1 ** 0.5, 1.0, 0.0, 0.05, 1.1 ** 0.5, 1.0]
 
     def __init__(self, args: Hyperparameters, layer: int, max_seq_len: int):
@@ -2613,7 +2744,7 @@ class MuddBlock(nn.Module):
         m = self.mudd(x).unsqueeze(-1).unbind(-2)  # 14 x (B, T, 1)
         values = self.ve_gate(m[0] * c0 + m[1] * c + m[2] * x, m[6], m[7], ve)
         x = (1 + m[5]) * x + m[3] * c0 + m[4] * c
-        x = m[8] * x + m[9] * self.dropout(self.attn(norm(c), values, mask, sources)) + m[10] * x0
+        x = m[8] * x + m[9] * self.dropout(self.attn(norm(c), values, mask, sources)) + m[10] * c0
         x = self.add_bigram(x, m[11], sources.get("bigram"))
         return m[12] * x + m[13] * self.dropout(self.mlp(norm(x)))
 
@@ -3102,6 +3233,7 @@ class GPT(nn.Module):
         self.paired_layers = sorted(set(parse_layer_list(args.paired_head_layers)))
         self.mask_key = [("paired_" if i in self.paired_layers else "") + kind
                          for i, kind in enumerate(self.window_kind)]
+        self.window_unit = args.window_unit  # which window rule every mask (and a KVCache) applies: WINDOW_RULES
         # --dc_layers: their DC reads one more mask, the token window of --dc_window ("dc"; 0 = none built)
         self.dc_layers = parse_layer_list(args.dc_layers)
         self.dc_window = args.dc_window if self.dc_layers else 0
@@ -3118,14 +3250,17 @@ class GPT(nn.Module):
         before, after = mudd_gate_outputs(args)
         self.pre_gate = MuddGate(dim, before) if before else PassThrough()
         if after:
-            self.blocks[args.mudd_gate_block].entry_gate = MuddGate(dim, after)
+            self.blocks[args.mudd_gate_block].entry_gate = gate = MuddGate(dim, after)
+            if before:  # the record has one scale s for both gates: the second gate shares the first's parameter
+                gate.scale = self.pre_gate.scale
 
     def attention_masks(self, inputs: Tensor, window_blocks) -> dict:
         """Build the long and the short mask once per sequence; every block reuses one of them. window_blocks: the
         long window (the short one is its half), or a (long, short) pair (--stages). With --paired_head_layers also
         the masks of the doubled sequence its blocks need: 2T positions, position p in the document of token p // 2,
-        causal and windowed in doubled positions (the same window in blocks covers half the tokens)."""
-        build = mask_builder(inputs)
+        causal and windowed in doubled positions (the same window in blocks covers half the tokens). The window
+        counts in blocks or tokens as --window_unit says (doubled positions too)."""
+        build = functools.partial(mask_builder(inputs), unit=self.window_unit)
         windows = {"L": (window_blocks[0], 0), "S": (window_blocks[1], 0)} if isinstance(window_blocks, tuple) else \
             {"L": (window_blocks, 0), "S": (window_blocks, 1)}
         masks = {kind: build(inputs, w, halvings=h) for kind, (w, h) in windows.items()}
@@ -3162,7 +3297,7 @@ class GPT(nn.Module):
                 raise NotImplementedError("decoding with a KV cache does not support --paired_head_layers or "
                                           "--dc_layers (they attend over the doubled sequence or a second window, "
                                           "which the cache does not build); run full forward passes instead")
-            masks = cache.begin(inputs, window_blocks)
+            masks = cache.begin(inputs, window_blocks, self.window_unit)
         else:
             assert inputs.ndim == 1 and len(inputs) % BLOCK_SIZE == 0, "one packed sequence, a multiple of 128"
             masks = self.attention_masks(inputs, window_blocks)
@@ -3224,6 +3359,43 @@ def build_model(args: Hyperparameters) -> GPT:
     return WEIGHT_INITS[args.weight_init](GPT(args))
 
 
+PARAM_DTYPES = tuple(LAMBDA_READS)  # --param_dtype
+
+
+def record_bf16_params(model: GPT) -> list[nn.Parameter]:
+    """--param_dtype=record: what the 2026 record stores in bf16 (its code casts every nn.Embedding and nn.Linear
+    weight, the value-embedding gate bank and the MUDD / MUDD-gate W1, W2, b to bf16; its head is bf16 from the
+    start) and Adam updates in place, rounded once per step: the head, the embeddings (token, value, bigram), the
+    value-embedding gates, the smear gate, MUDD's and the MUDD gates' W1, W2, b. It keeps in fp32 the scalars, the
+    residual / output lambdas and the gate scale; its Muon banks are bf16 plus a 16-bit mantissa, fp32 in effect,
+    like our fp32 Muon matrices (their bf16 view is the fp32 value truncated, ours rounded to nearest)."""
+    groups = param_groups(model)
+    scales = {id(m.scale) for m in model.modules() if isinstance(m, MuddGate)}
+    names = ("head", "embeds", "ve_gate", "smear_gate", "mudd", "mudd_bias", "mudd_gate", "mudd_gate_bias")
+    return [p for name in names for p in groups[name] if id(p) not in scales]
+
+
+def place_model(model: GPT, args: Hyperparameters, device: torch.device) -> GPT:
+    """What main() does to a built model before training, and the tools that must see the same model: on the device;
+    on a GPU bf16 embeddings (every activation is then bf16; CastedLinear casts its weights to match), and with
+    --param_dtype=record the record's other bf16 parameters (record_bf16_params); the FP8 head (--fp8_head) and FP8
+    MLPs (--fp8_mlp) where the GPU has FP8 matmuls (compute capability >= 8.9)."""
+    model = model.to(device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                m.bfloat16()
+        for p in record_bf16_params(model) if args.param_dtype == "record" else []:
+            p.data = p.data.bfloat16()
+    fp8_gpu = on_gpu and torch.cuda.get_device_capability(device) >= (8, 9)
+    model.lm_head.use_fp8 = args.fp8_head and fp8_gpu
+    for m in model.modules():
+        if isinstance(m, FP8MLP):
+            m.use_fp8 = args.fp8_mlp and fp8_gpu
+    return model
+
+
 def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     """Which optimizer owns which parameter: the recipe's split (Kronecker factors: --kron_optimizer). 3-D expert
     and merged weights go to Muon as batches of matrices; learned_gelu's per-channel affine is a scalar group."""
@@ -3234,8 +3406,15 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     mudd = [m for m in model.modules() if type(m) is MuddWeights]
     gates = [m for m in model.modules() if isinstance(m, MuddGate)]  # --mudd_gate_block: "mudd_gate(_bias)"
     mudd_ids = {id(p) for m in mudd + gates for p in m.parameters()}
-    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids | mudd_ids]
-    scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in mudd_ids]
+    # the record's own Adam groups for the small parameters (frontier recipe 2.2): value-embedding gates (a matrix
+    # per block, yet Adam's), the smear gate, and --sublayer_lambdas' residual (r) and output (p) lambdas
+    small = dict(ve_gate=[m.weight for m in model.modules() if isinstance(m, ValueEmbedGate)],
+                 smear_gate=[m.gate for m in model.modules() if isinstance(m, Smear)],
+                 resid_lambdas=[b.resid_lambdas for b in model.blocks if isinstance(b, SublayerBlock)],
+                 post_lambdas=[b.post_lambdas for b in model.blocks if isinstance(b, SublayerBlock)])
+    own_ids = mudd_ids | {id(p) for params in small.values() for p in params}
+    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids | own_ids]
+    scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in own_ids]
     mot_embeds = [m.weight for m in model.mot.modules() if isinstance(m, nn.Embedding)]
     # --bigram_rows: its table is an embedding (Adam "value_embeds" group: the recipe trains it like those)
     bigram = [m.weight for m in model.bigram.modules() if isinstance(m, nn.Embedding)]
@@ -3245,14 +3424,16 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     head += [p for p in model.mot.parameters() if p.ndim >= 2 and all(p is not e for e in mot_embeds)]
     groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, kron=kron if kron_to_adam else [],
                   mudd=[p for m in mudd for p in (m.w1, m.w2)], mudd_bias=[m.b for m in mudd],
-                  mudd_gate=[p for m in gates for p in (m.w1, m.w2)], mudd_gate_bias=[p for m in gates
-                                                                       for p in (m.b, m.scale)])
+                  mudd_gate=[p for m in gates for p in (m.w1, m.w2)],
+                  mudd_gate_bias=[m.b for m in gates] + list({id(m.scale): m.scale for m in gates}.values()),
+                  **small)
     assert sum(map(len, groups.values())) == len(list(model.parameters()))
     return groups
 
 
+SMALL_ADAM_GROUPS = ("ve_gate", "smear_gate", "resid_lambdas", "post_lambdas")  # LR: --adam_group_lr or scalar_lr
 ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars", "kron", "mudd", "mudd_bias", "mudd_gate",
-               "mudd_gate_bias")
+               "mudd_gate_bias") + SMALL_ADAM_GROUPS
 
 
 def parse_group_values(text: str, flag: str, parse) -> dict:
@@ -3285,9 +3466,11 @@ def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
     params = dict(head=groups["head"], embed=[p for p in groups["embeds"] if id(p) not in value_embeds],
                   value_embeds=[p for p in groups["embeds"] if id(p) in value_embeds], scalars=groups["scalars"],
                   **{name: groups[name] for name in ADAM_GROUPS[4:]})
+    small_lrs = parse_group_values(args.adam_group_lr, "adam_group_lr", float)
     lrs = dict(head=args.head_lr, embed=args.embed_lr, value_embeds=args.value_embed_lr or args.embed_lr,
                scalars=args.scalar_lr, kron=args.kron_adam_lr, mudd=args.mudd_lr, mudd_bias=args.mudd_lr,
-               mudd_gate=args.mudd_gate_lr, mudd_gate_bias=args.mudd_gate_lr)
+               mudd_gate=args.mudd_gate_lr, mudd_gate_bias=args.mudd_gate_lr,
+               **{name: small_lrs.get(name, args.scalar_lr) for name in SMALL_ADAM_GROUPS})
     betas = parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
     wd_mults = parse_group_values(args.adam_group_wd, "adam_group_wd", float)
     return [dict(name=name, params=params[name], lr=lrs[name],
@@ -3299,8 +3482,9 @@ def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
 class CautiousAdam(torch.optim.Optimizer):
     """Adam with cautious weight decay (--adam_wd > 0; frontier recipe section 2.2). Bias-corrected, eps outside
     the square root: update = lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), fp32 moments. Where
-    update * W > 0 (strictly: decay only pulls W toward zero where the update already does), W -= lr^2 *
-    weight_decay * W, then W -= update.
+    update * W > 0 (strictly: decay only pulls W toward zero where the update already does), the update gains
+    lr^2 * weight_decay * W; then W -= update in one subtraction, as the record's code does: a bf16 parameter
+    (--param_dtype=record) is rounded once, so an update below half its last bit is lost, as in the record.
 
     The frontier model has 54 Adam tensors, 46 of them scalars and small gate matrices: those (below
     FOREACH_NUMEL elements) are updated together per (device, dtype) with torch._foreach ops, the same arithmetic
@@ -3343,9 +3527,8 @@ class CautiousAdam(torch.optim.Optimizer):
         if decay:  # W where update * W > 0, else 0 (sign clamped at 0: the same 1/0 mask as a comparison)
             weights = [p.float() for p in params]
             agree = torch._foreach_clamp_min(torch._foreach_sign(torch._foreach_mul(update, weights)), 0.0)
-            torch._foreach_sub_(params, [w.to(p.dtype) for w, p in zip(torch._foreach_mul(weights, agree), params)],
-                                alpha=decay)
-        torch._foreach_sub_(params, [u.to(p.dtype) for u, p in zip(update, params)])
+            torch._foreach_add_(update, torch._foreach_mul(weights, agree), alpha=decay)
+        torch._foreach_sub_(params, update)  # fp32 updates: a bf16 parameter is rounded once
 
 
 class EmbeddingTie:
@@ -3640,11 +3823,13 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
     mlps = [b.mlp for b in model.blocks]
     final = window_at(total_steps(args), args, final=True)
     long_blocks, short_blocks = final if isinstance(final, tuple) else (final, max(final // 2, 1))
-    context = {k: min(model.eval_chunk_tokens, n * BLOCK_SIZE - BLOCK_SIZE // 2)
-               for k, n in (("L", long_blocks), ("S", short_blocks))}
+    # keys a query sees in a window of n: the last n blocks, its own one about half (--window_unit=block), or the
+    # 128 n + 1 keys 0..128 n back (token)
+    keys = dict(block=lambda n: n * BLOCK_SIZE - BLOCK_SIZE // 2, token=lambda n: n * BLOCK_SIZE + 1)[args.window_unit]
+    context = {k: min(model.eval_chunk_tokens, keys(n)) for k, n in (("L", long_blocks), ("S", short_blocks))}
     # --paired_head_layers: a query sees as many keys (positions of the doubled sequence) in the same window of
     # blocks, the keys of half the tokens; only a window longer than the sequence is capped at twice its length
-    context |= {"paired_" + k: min(2 * model.eval_chunk_tokens, n * BLOCK_SIZE - BLOCK_SIZE // 2)
+    context |= {"paired_" + k: min(2 * model.eval_chunk_tokens, keys(n))
                 for k, n in (("L", long_blocks), ("S", short_blocks))}
     score_flops = sum(2 * context[model.mask_key[i]] * b.attn.num_heads * (b.attn.qk_dim + b.attn.v_dim)
                       for i, b in enumerate(model.blocks) if b.attn is not None)
@@ -4487,17 +4672,9 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = env.device.type == "cuda"
 
     # same seed on every rank: identical initial weights; a resumed progressive run builds the swapped blocks
-    model = build_model(args_at_step(args, resume["step"] if resume is not None else 0)).to(env.device)
-    if on_gpu:
-        for m in model.modules():
-            if isinstance(m, nn.Embedding):
-                m.bfloat16()  # bf16 embeddings make every activation bf16 (CastedLinear casts weights to match)
-    fp8_gpu = on_gpu and torch.cuda.get_device_capability(env.device) >= (8, 9)
-    fp8, fp8_mlp_on = args.fp8_head and fp8_gpu, args.fp8_mlp and fp8_gpu
-    model.lm_head.use_fp8 = fp8
-    for m in model.modules():
-        if isinstance(m, FP8MLP):
-            m.use_fp8 = fp8_mlp_on
+    model = place_model(build_model(args_at_step(args, resume["step"] if resume is not None else 0)), args,
+                        env.device)
+    fp8, fp8_mlp_on = model.lm_head.use_fp8, any(m.use_fp8 for m in model.modules() if isinstance(m, FP8MLP))
     record = RunRecord(args, env)
     log = record.log
     init_report = load_weights(model, load_checkpoint(args.init_from)["model"], args.init_partial) \

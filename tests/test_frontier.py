@@ -174,8 +174,8 @@ def loop_cautious_adam_step(params, state, lr, b1, b2, eps, wd):
         s["m"].lerp_(g, 1 - b1)
         s["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
         update = s["m"] / (s["v"].sqrt() + eps) * (lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t))
-        p.sub_((p.float() * (update * p.float() > 0)).to(p.dtype), alpha=lr * lr * wd)
-        p.sub_(update.to(p.dtype))
+        update.add_(p.float() * (update * p.float() > 0), alpha=lr * lr * wd)  # the record's single subtraction
+        p.sub_(update)
 
 
 @pytest.mark.parametrize("foreach_numel", [1 << 20, 64])  # everything batched / the 300-element tensor alone

@@ -114,7 +114,7 @@ def reference_hidden(model, x):
             gated = torch.cat([ve[..., j * hd:(j + 1) * hd] * (mk(6) if j < (heads + 1) // 2 else mk(7))
                                for j in range(heads)], dim=-1)
             h = (1 + mk(5)) * h + mk(3) * c0 + mk(4) * c
-            h = mk(8) * h + mk(9) * block.attn(tg.norm(c), gated + values, mask) + mk(10) * x0 + mk(11) * b
+            h = mk(8) * h + mk(9) * block.attn(tg.norm(c), gated + values, mask) + mk(10) * c0 + mk(11) * b
             h = mk(12) * h + mk(13) * block.mlp(tg.norm(h))
         outs[i] = h
     m = reference_weights(model.mudd_final.mudd, h)

@@ -102,11 +102,11 @@ def test_sublayer_block_by_hand():
     model = live_model(V, *SUBLAYER)
     block = model.blocks[0]
     assert isinstance(block, tg.SublayerBlock) and type(block.add_bigram) is tg.PassThrough
-    torch.testing.assert_close(block.attn_lambdas.detach(), torch.tensor([1.1 ** 0.5, 1.0]))  # before live_model:
-    torch.testing.assert_close(block.mlp_lambdas.detach(), torch.tensor([1.1 ** 0.5, 1.0]))  # non-zero, untouched
+    torch.testing.assert_close(block.resid_lambdas.detach(), torch.tensor([1.1 ** 0.5] * 2))  # before live_model:
+    torch.testing.assert_close(block.post_lambdas.detach(), torch.tensor([1.0, 1.0]))  # non-zero, untouched
     with torch.no_grad():
-        block.attn_lambdas.copy_(torch.tensor([0.9, 1.3]))
-        block.mlp_lambdas.copy_(torch.tensor([1.2, 0.7]))
+        block.resid_lambdas.copy_(torch.tensor([0.9, 1.2]))
+        block.post_lambdas.copy_(torch.tensor([1.3, 0.7]))
     x, x0 = torch.randn(1, 256, 128), torch.randn(1, 256, 128)
     mask = model.attention_masks(tokens(256), 2)["L"]
     ve = torch.randn(1, 256, 128)
@@ -115,9 +115,9 @@ def test_sublayer_block_by_hand():
         expected = 1.2 * h + 0.7 * block.mlp(tg.norm(h))
         torch.testing.assert_close(block(x, x0, ve, mask, {}), expected)
         free = model.blocks[2]  # attention-free: its MLP sub-layer only, no x0 term
-        assert free.attn is None and free.attn_lambdas is None and free.add_x0 is None
-        torch.testing.assert_close(free(x, x0, None, mask, {}), free.mlp_lambdas[0] * x +
-                                   free.mlp_lambdas[1] * free.mlp(tg.norm(x)))
+        assert free.attn is None and free.add_x0 is None and free.resid_lambdas.shape == free.post_lambdas.shape == (1,)
+        torch.testing.assert_close(free(x, x0, None, mask, {}), free.resid_lambdas[0] * x +
+                                   free.post_lambdas[0] * free.mlp(tg.norm(x)))
 
 
 def test_sublayer_form_at_init_is_the_r21_block_bit_for_bit():
@@ -186,9 +186,9 @@ def reference_hidden(model, x):
         if block.attn is not None:
             u = outs[0] if i == 1 else h
             a = block.attn(tg.norm(u), ve if i in (0, 3) else None, masks[model.mask_key[i]], g)
-            h = block.attn_lambdas[0] * h + block.attn_lambdas[1] * a + g[f"gate.x0_{i}"] * x0
+            h = block.resid_lambdas[0] * h + block.post_lambdas[0] * a + g[f"gate.x0_{i}"] * x0
             h = h + (g[f"gate.bigram{i}"] * b if i > 0 else 0)
-        h = block.mlp_lambdas[0] * h + block.mlp_lambdas[1] * block.mlp(tg.norm(h))
+        h = block.resid_lambdas[-1] * h + block.post_lambdas[-1] * block.mlp(tg.norm(h))
         outs[i] = h
     return tg.norm(h)[0]
 
@@ -260,12 +260,13 @@ def test_every_new_parameter_learns_and_has_one_optimizer():
     groups = {g["name"]: g for g in adam.param_groups}
     ids = lambda params: sorted(map(id, params))
     assert ids(groups["mudd_gate"]["params"]) == ids(p for m in gates for p in (m.w1, m.w2))
-    assert ids(groups["mudd_gate_bias"]["params"]) == ids(p for m in gates for p in (m.b, m.scale))
+    assert gates[0].scale is gates[1].scale  # the record's one scale for both gates
+    assert ids(groups["mudd_gate_bias"]["params"]) == ids([gates[0].b, gates[1].b, gates[0].scale])
     assert groups["mudd_gate"]["lr"] == groups["mudd_gate_bias"]["lr"] == 8e-4 and "mudd" not in groups
     assert groups["mudd_gate"]["betas"] == (0.9, 0.99) and groups["mudd_gate"]["weight_decay"] == 0.005
     assert groups["mudd_gate_bias"]["weight_decay"] == 0
-    lambdas = {id(p) for b in model.blocks for p in (b.attn_lambdas, b.mlp_lambdas) if p is not None}
-    assert lambdas <= {id(p) for p in groups["scalars"]["params"]}
+    assert ids(groups["resid_lambdas"]["params"]) == ids(b.resid_lambdas for b in model.blocks)
+    assert ids(groups["post_lambdas"]["params"]) == ids(b.post_lambdas for b in model.blocks)
 
 
 def test_a_gated_model_trains_a_few_steps_with_falling_loss():

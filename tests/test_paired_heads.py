@@ -1,7 +1,8 @@
 """Paired-head attention (--paired_head_layers; frontier recipe 3.4, r58) and per-pair Muon (--muon_qk_pairs; recipe
 2.1 item 7, r80). The doubled mask by hand in both representations (dense, BlockMask) and compiled FlexAttention
-against dense SDPA on it; the paired layer against a slow reference (explicit interleave, rotary at positions 2t + s,
-dense softmax, de-interleave) forward and backward, with and without the per-head hooks; causality; the window
+against dense SDPA on it; the paired layer against a slow reference (the record's layout: slot g pairs heads g and
+g + H/2, head h turned by the phase of position 2t + h mod 2; explicit interleave, dense softmax, de-interleave)
+forward and backward, with and without the per-head hooks; causality; the window
 counted in doubled positions; per-pair orthogonalization against a loop over the slices; the default untouched;
 the flag checks; a short smoke run."""
 import math
@@ -152,25 +153,29 @@ def rotate(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * theta.cos() + x2 * theta.sin(), x2 * theta.cos() - x1 * theta.sin()], dim=-1)
 
 
-def reference_paired_attention(attn, x, ve, token_docs, window_blocks):
-    """Slow paired-head attention: head 2j + s of token t at rotary position 2t + s, the key offset after rotary in
-    token order (the recipe's order), per pair an explicitly interleaved sequence, a dense softmax under
-    reference_doubled_mask, the result written back to (token, head), the output gate, the projection."""
+def reference_paired_attention(attn, x, ve, token_docs, window_blocks, key_parity=None):
+    """Slow paired-head attention in the record's layout (r58): slot g's sequence holds token t of head g at position
+    2t and of head g + H/2 at 2t + 1; head h of token t is turned by the rotary phase of position 2t + h mod 2 (the
+    record rotates its (T, H/2, 2 head_dim) view), keys by key_parity[h] (default h mod 2) instead; the key offset
+    after rotary in token order (the recipe's order), a dense softmax under reference_doubled_mask, the result
+    written back to (token, head), the output gate, the projection."""
     B, T, _ = x.shape
     H, hd = attn.num_heads, attn.head_dim
     q, k, v = (F.linear(x, attn.qkv_w[i]).view(B, T, H, hd) for i in range(3))
-    position = 2 * torch.arange(T)[:, None] + torch.arange(H)[None, :] % 2  # (T, H)
-    theta = position[..., None].float() * attn.rotary.frequencies()  # (T, H, hd / 2)
-    q, k = rotate(tg.norm(q), theta), attn.key_offset(rotate(tg.norm(k), theta))
+    parity = torch.arange(H) % 2
+    key_parity = parity if key_parity is None else key_parity
+    theta_q, theta_k = ((2 * torch.arange(T)[:, None] + p[None, :])[..., None].float() * attn.rotary.frequencies()
+                        for p in (parity, key_parity))  # (T, H, hd / 2)
+    q, k = rotate(tg.norm(q), theta_q), attn.key_offset(rotate(tg.norm(k), theta_k))
     v = attn.lambdas[0] * v if ve is None else attn.lambdas[0] * v + attn.lambdas[1] * attn.ve_gate(ve.view_as(v), x)
     allowed = reference_doubled_mask(token_docs, window_blocks)
     y = torch.zeros(B, T, H, hd)
-    for j in range(H // 2):
-        Q, K, V = (torch.stack([t[:, u, 2 * j + s] for u in range(T) for s in (0, 1)], dim=1) for t in (q, k, v))
+    for g in range(H // 2):
+        Q, K, V = (torch.stack([t[:, u, g + s * H // 2] for u in range(T) for s in (0, 1)], dim=1) for t in (q, k, v))
         scores = (Q @ K.transpose(1, 2) * attn.attn_scale).masked_fill(~allowed, float("-inf"))
         Y = scores.softmax(-1) @ V  # (B, 2T, hd)
         for s in (0, 1):
-            y[:, :, 2 * j + s] = Y[:, s::2]
+            y[:, :, g + s * H // 2] = Y[:, s::2]
     return F.linear(attn.out_gate(y, x).reshape(B, T, -1), attn.c_proj.weight)
 
 
@@ -208,8 +213,9 @@ def test_paired_attention_equals_the_slow_reference_forward_and_backward(hooks):
 
 
 def test_paired_gqa_pairs_the_kv_heads_too():
-    """--n_kv_heads=2 with 4 query heads: query pair j reads K/V pair j // 2 = 0; the paired layer equals the
-    reference run on the K/V heads repeated per query head (GQA = MHA with shared K/V)."""
+    """--n_kv_heads=2 with 4 query heads: query slot g (heads g, g + 2) reads K/V slot g // 2 = 0 (kv heads 0, 1: the
+    ones heads g and g + 2 read without pairing); the paired layer equals the reference run on the K/V heads repeated
+    per query head (GQA = MHA with shared K/V), each key turned by its own K/V head's phase."""
     model = live_model("--num_heads=4", "--n_kv_heads=2", "--paired_head_layers=0")
     attn = model.blocks[0].attn
     assert isinstance(attn, tg.PairedGroupedQueryAttention)
@@ -221,9 +227,11 @@ def test_paired_gqa_pairs_the_kv_heads_too():
         # the same weights as MHA: q from q_w, K/V pair 0 (kv heads 0, 1) for both query pairs
         mha = tg.PairedSelfAttention(128, 4, attn.attn_scale, attn.rotary.max_seq_len // 2)
         mha.load_state_dict(attn.state_dict(), strict=False)  # lambdas and c_proj
-        k_w, v_w = attn.kv_w  # K/V heads 0, 1 -> MHA heads 0, 1, 2, 3 = kv 0, 1, 0, 1
-        mha.qkv_w.copy_(torch.stack([attn.q_w, k_w.repeat(2, 1), v_w.repeat(2, 1)]))
-        ref = reference_paired_attention(mha, x, ve.repeat(1, 1, 2), tg.document_ids(inputs), 2)
+        share = lambda w: w.view(2, -1, *w.shape[1:]).repeat_interleave(2, dim=0).flatten(0, 1)
+        k_w, v_w = attn.kv_w  # K/V heads 0, 1 -> MHA heads 0, 1, 2, 3 = kv 0, 0, 1, 1
+        mha.qkv_w.copy_(torch.stack([attn.q_w, share(k_w), share(v_w)]))
+        ref = reference_paired_attention(mha, x, share(ve[0].T).T[None], tg.document_ids(inputs), 2,
+                                         key_parity=torch.tensor([0, 0, 1, 1]))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 

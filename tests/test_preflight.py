@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, preflight_flex_problems
 import train_gpt as tg
 
 pf = load_script("tools/preflight.py")
@@ -195,15 +195,8 @@ def test_the_flex_check_catches_a_wrong_block_mask():
         return BlockMask.from_kv_blocks((bm.kv_num_blocks - 1).clamp_min(0), bm.kv_indices, bm.full_kv_num_blocks,
                                         bm.full_kv_indices, BLOCK_SIZE=tg.BLOCK_SIZE, mask_mod=bm.mask_mod)
     case = pf.AttnCase("MHA", 2, 2, 32, 32, window=3)
-    tokens = pf.packed_documents(512)
-    torch._dynamo.reset()
-    flex = torch.compile(flex_attention, dynamic=False)
-    results = {}
-    for name, build in (("script", None), ("broken", drop_last_partial_block)):
-        cmp = pf.Comparison(torch.float32)
-        pf.run_attention_case(case, tokens, 16, 0.12, torch.float32, flex, False, cmp, build_mask=build)
-        results[name] = cmp.problems
-    torch._dynamo.reset()
+    results = preflight_flex_problems(pf, case, pf.packed_documents(512),
+                                      {"script": None, "broken": drop_last_partial_block})
     assert results["script"] == [] and results["broken"] and "relative error" in results["broken"][0]
 
 

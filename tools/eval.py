@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as tg  # noqa: E402
@@ -58,12 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = eval_config(ckpt, opts, device)
     model = tg.build_model(args)
     model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
+    tg.place_model(model, args, device).eval()
     compiled = device.type == "cuda" and args.compile
-    if device.type == "cuda":
-        for m in model.modules():
-            if isinstance(m, nn.Embedding):
-                m.bfloat16()
     window = opts.window_blocks or model.default_window_blocks
     batches = tg.val_batches(args, 0, 1, device)
     run = torch.compile(model, dynamic=False) if compiled else model

@@ -14,8 +14,8 @@ Correctness checks, each against an independent reference on the device:
                         FP8 support; NCCL (gloo on CPU) all-reduce / all-gather round trips with known values
   flex_attention        compiled FlexAttention with the script's flex_block_mask vs dense SDPA under
                         dense_attention_mask (fp32, query chunk by chunk), forward and, on GPU, backward: packed
-                        documents with boundaries mid-block, long/short windows, MHA/GQA/MLA head shapes, and the
-                        --mot=cross+self byte stream
+                        documents with boundaries mid-block, long/short windows (in --window_unit), MHA/GQA/MLA
+                        head shapes, and the --mot=cross+self byte stream
   fp8_head              the lm_head's FP8 matmul (train_gpt.fp8_mm with FP8_HEAD_SCALES) forward and backward vs
                         fp32, at the real head shape: error bounded, all finite, no e4m3/e5m2 saturation
   kron_ks_kernels       kernels.KronLinear (triton vs dense) and KSLinear (triton vs bmm) at the MLP shapes
@@ -270,20 +270,10 @@ def fp8_enabled(args: tg.Hyperparameters, device: torch.device) -> bool:
 
 
 def place_model(args: tg.Hyperparameters, device: torch.device) -> tg.GPT:
-    """build_model, then what main() does before training: same seed, on the device, bf16 embeddings on GPU (so
-    every activation is bf16), the FP8 head and FP8 MLPs (--fp8_mlp) where supported."""
+    """build_model with main()'s seed, placed as main() places it (train_gpt.place_model: bf16 embeddings on GPU,
+    --param_dtype, the FP8 head and FP8 MLPs where supported)."""
     torch.manual_seed(args.seed)
-    model = tg.build_model(args).to(device)
-    if device.type == "cuda":
-        for m in model.modules():
-            if isinstance(m, nn.Embedding):
-                m.bfloat16()
-    model.lm_head.use_fp8 = fp8_enabled(args, device)
-    fp8_mlp = args.fp8_mlp and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-    for m in model.modules():
-        if isinstance(m, tg.FP8MLP):
-            m.use_fp8 = fp8_mlp
-    return model
+    return tg.place_model(tg.build_model(args), args, device)
 
 
 def synchronize(device: torch.device):
@@ -552,6 +542,7 @@ class AttnCase:
     window: int  # long-window blocks, as long_window_blocks returns them
     halvings: int = 0  # 1: the short window
     byte_stream: bool = False  # --mot=cross+self: tokens x bytes_per_token positions, CharSelfAttention's mask
+    unit: str = "block"  # --window_unit of the token masks (the byte stream's window is always in blocks)
 
 
 def attention_cases(args: tg.Hyperparameters, quick: bool) -> list[AttnCase]:
@@ -560,21 +551,24 @@ def attention_cases(args: tg.Hyperparameters, quick: bool) -> list[AttnCase]:
     mot = dataclasses.replace(args, mot="cross+self")
     char_window = tg.CharSelfAttention(mot).window_blocks
     char_heads, char_hd = mot.mot_heads, mot.char_dim // mot.mot_heads
-    cases = [AttnCase(f"MHA {H}x{hd} long window", H, H, hd, hd, final),
-             AttnCase(f"MHA {H}x{hd} short window", H, H, hd, hd, final, halvings=1)]
+    unit, windows = args.window_unit, f" ({args.window_unit} window)" if args.window_unit != "block" else ""
+    cases = [AttnCase(f"MHA {H}x{hd} long window{windows}", H, H, hd, hd, final, unit=unit),
+             AttnCase(f"MHA {H}x{hd} short window{windows}", H, H, hd, hd, final, halvings=1, unit=unit)]
     if quick:
-        cases.append(AttnCase(f"GQA {H}/{kv} heads + MLA dims qk {hd + rope} v {hd}", H, kv, hd + rope, hd, final))
+        cases.append(AttnCase(f"GQA {H}/{kv} heads + MLA dims qk {hd + rope} v {hd}", H, kv, hd + rope, hd, final,
+                              unit=unit))
     else:
-        cases += [AttnCase(f"MHA {H}x{hd} step-0 window (1 block, halved)", H, H, hd, hd, 1, halvings=1),
-                  AttnCase(f"GQA {H} q / {kv} kv heads", H, kv, hd, hd, final),
-                  AttnCase(f"MLA qk {hd + rope} v {hd}", H, H, hd + rope, hd, final)]
+        cases += [AttnCase(f"MHA {H}x{hd} step-0 window (1 block, halved){windows}", H, H, hd, hd, 1, halvings=1,
+                           unit=unit),
+                  AttnCase(f"GQA {H} q / {kv} kv heads", H, kv, hd, hd, final, unit=unit),
+                  AttnCase(f"MLA qk {hd + rope} v {hd}", H, H, hd + rope, hd, final, unit=unit)]
     cases.append(AttnCase(f"byte stream x{mot.bytes_per_token} ({char_heads}x{char_hd}, window {char_window} "
                           f"blocks)", char_heads, char_heads, char_hd, char_hd, char_window, byte_stream=True))
     return cases
 
 
 def reference_attention(q, k, v, docs, window_blocks, halvings: int, scale: float, band: int | None = None,
-                        chunk: int = 1024) -> torch.Tensor:
+                        chunk: int = 1024, unit: str = "block") -> torch.Tensor:
     """Dense SDPA in fp32 under the dense mask, one chunk of queries at a time: each chunk's mask rows are
     dense_attention_mask's rows (the script's mask_mod on index grids) over keys [lo, chunk end); later keys are
     acausal, and `band` bounds how far back keys are taken (byte streams, whose T x T mask would not fit; a band at
@@ -582,7 +576,7 @@ def reference_attention(q, k, v, docs, window_blocks, halvings: int, scale: floa
     chunk's scores at a time."""
     q, k, v = q.float(), k.float(), v.float()
     k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
-    mask_mod = tg.doc_causal_window_mask(docs, window_blocks, halvings)
+    mask_mod = tg.doc_causal_window_mask(docs, window_blocks, halvings, unit)
     idx = torch.arange(q.size(2), device=q.device)
     outs = []
     for s in range(0, q.size(2), chunk):
@@ -612,7 +606,7 @@ def run_attention_case(case: AttnCase, tokens: torch.Tensor, bytes_per_token: in
         tokens = tokens.to(torch.int32)  # as the loader yields them
         docs = tg.document_ids(tokens)
         window = window_tensor(case.window, device)
-        block_mask = build_mask(tokens, window, halvings=case.halvings)
+        block_mask = build_mask(tokens, window, halvings=case.halvings, unit=case.unit)
         band, chunk = None, 1024
     T = len(docs)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -622,7 +616,7 @@ def run_attention_case(case: AttnCase, tokens: torch.Tensor, bytes_per_token: in
     leaves = [t.requires_grad_(backward) for t in (q, k, v)]
     ref_leaves = [t.detach().float().requires_grad_(backward) for t in leaves]
     out = flex_fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=case.kv_heads != case.heads)
-    ref = reference_attention(*ref_leaves, docs, window, case.halvings, scale, band, chunk)
+    ref = reference_attention(*ref_leaves, docs, window, case.halvings, scale, band, chunk, case.unit)
     cmp.add(f"{case.name} out", out, ref)
     if backward:
         d_out = torch.randn(out.shape, device=device, generator=g).to(dtype)
@@ -1328,6 +1322,214 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile (--aot): every Triton kernel the flags launch, compiled for named GPUs without one
+
+
+@dataclass(frozen=True)
+class ArchLimits:
+    """Per-SM limits of one compute capability (CUDA programming guide, occupancy tables); sms: a typical part's
+    SM count, used only for the grid the launchers pick."""
+    cc: int
+    shared_block: int  # bytes of shared memory one block may use (opt-in maximum)
+    shared_sm: int  # bytes per SM (each resident block also reserves 1 KiB)
+    warps: int  # resident warps per SM
+    blocks: int  # resident blocks per SM
+    sms: int
+    part: str
+
+
+AOT_ARCHS = {
+    "sm_80": ArchLimits(80, 163 * 1024, 164 * 1024, 64, 32, 108, "A100"),
+    "sm_86": ArchLimits(86, 99 * 1024, 100 * 1024, 48, 16, 84, "A40"),
+    "sm_89": ArchLimits(89, 99 * 1024, 100 * 1024, 48, 24, 142, "L40S"),
+    "sm_90": ArchLimits(90, 227 * 1024, 228 * 1024, 64, 32, 132, "H100 SXM"),
+}
+REGS_PER_SM, MAX_REGS_PER_THREAD, MAX_THREADS_PER_BLOCK = 64 * 1024, 255, 1024
+
+
+def aot_launches(args: tg.Hyperparameters, sms: int) -> list[tuple[str, kernels.KernelLaunch]]:
+    """(label, launch) for every Triton launch of one training micro-step (forward + backward at each stage's
+    seq_len) and one validation forward (val_seq_len) of the model the flags build on a GPU, computed by the
+    launchers' own plan functions on meta tensors (bf16 activations, the model's fp32 factors); duplicates kept."""
+    with torch.device("meta"):
+        model = tg.build_model(args)
+    train_tokens = sorted({st.seq_len for st in tg.training_stages(args)} if args.stages else {args.seq_len})
+    out = []
+    for name, m in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if isinstance(m, kernels.KronLinear) and m.impl in ("auto", "triton"):
+            layers = [(f"kron {short} {m.in_features}->{m.out_features}", m.in_features, m.A.dtype,
+                       lambda x, m=m: kernels.kron_apply_launches(x, m.A, m.B, sms=sms))]
+        elif isinstance(m, kernels.KSLinear) and m.impl in ("auto", "triton"):
+            layers = [(f"ks {short}[{i}] {m.patterns[i]}", kernels.ks_in_features(m.patterns[i]), w.dtype,
+                       lambda x, w=w, p=m.patterns[i], bl=m.bs_last: kernels.ks_apply_launches(x, w, p, bl, sms=sms))
+                      for i, w in enumerate(m.factors)]
+        else:
+            continue
+        for tokens, backward in [(t, True) for t in train_tokens] + [(args.val_seq_len, False)]:
+            bs_last = isinstance(m, kernels.KSLinear) and m.bs_last
+            x = torch.empty((layers[0][1], tokens) if bs_last else (tokens, layers[0][1]), device="meta",
+                            dtype=torch.bfloat16)
+            for label, _, _, plan in layers:
+                x, launches = plan(x)
+                for kind, launch in launches.items():
+                    if backward or kind == "forward":
+                        out.append((f"{label} {kind}", launch))
+    return out
+
+
+def launch_spec(launch: kernels.KernelLaunch, backend) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a launch as Triton's JIT would specialize it (ints equal to 1 become
+    constexprs; pointers and ints divisible by 16 get divisibility hints), for triton.compile's ASTSource."""
+    from triton._C.libtriton import native_specialize_impl
+    names = launch.kernel.arg_names
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, value) in enumerate(zip(names, launch.args)):
+        kind, spec = native_specialize_impl(type(backend), value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[(i,)] = value
+        elif spec:
+            attrs[(i,)] = backend.parse_attr(spec)
+    for name, value in launch.constexprs.items():
+        signature[name] = "constexpr"
+        constexprs[(names.index(name),)] = value
+    return signature, constexprs, attrs
+
+
+def cubin_usage(cubin: bytes) -> dict:
+    """Registers per thread, stack and local bytes per thread, static shared bytes, by Triton's bundled cuobjdump."""
+    import tempfile
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if not found:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{text}")
+    return dict(zip(("regs", "stack", "static_shared", "local"), map(int, found.groups())))
+
+
+def compile_usage(flags: list[str], archs: list[str]) -> list[dict]:
+    """One row per distinct compiled kernel and arch: what the kernel needs (registers, stack, shared memory) as
+    Triton's ptxas builds it for that GPU. Needs real (not interpreted) Triton kernels: see aot_usage."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    args = config_args(flags, on_gpu=True)
+    rows = []
+    for arch in archs:
+        lim = AOT_ARCHS[arch]
+        target = GPUTarget("cuda", lim.cc, 32)
+        backend = make_backend(target)
+        seen = {}
+        for label, launch in aot_launches(args, lim.sms):
+            signature, constexprs, attrs = launch_spec(launch, backend)
+            key = (launch.kernel.fn.__name__, repr(signature), repr(sorted(constexprs.items())),
+                   repr(sorted(attrs.items())), launch.num_warps, launch.num_stages)
+            if key in seen:
+                seen[key]["sites"].append(label)
+                continue
+            options = {"num_warps": launch.num_warps}
+            if launch.num_stages is not None:
+                options["num_stages"] = launch.num_stages
+            compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
+                                      options=options)
+            usage = cubin_usage(compiled.asm["cubin"])
+            seen[key] = dict(kernel=compiled.metadata.name, label=label, sites=[label], arch=arch,
+                             regs=usage["regs"], stack=usage["stack"] + usage["local"],
+                             shared=compiled.metadata.shared + usage["static_shared"],
+                             num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
+                             grid=list(launch.grid), constexprs=launch.constexprs)
+            rows.append(seen[key])
+    return rows
+
+
+def aot_usage(flags: list[str], archs: list[str]) -> list[dict]:
+    """compile_usage, here if this process's kernels are compiled ones, else (imported under TRITON_INTERPRET=1,
+    as in the tests: interpreted kernels cannot be compiled) in a child process without the variable."""
+    import triton
+    if isinstance(kernels._kron_apply_kernel, triton.runtime.jit.JITFunction):
+        return compile_usage(flags, archs)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import preflight; "
+            "print('aot_rows: ' + json.dumps(preflight.compile_usage(json.loads(sys.argv[2]), sys.argv[3].split(','))))")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT / "tools"), json.dumps(flags), ",".join(archs)],
+                          env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("aot_rows: ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"AOT compile in a child process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len("aot_rows: "):])
+
+
+def blocks_per_sm(row: dict, lim: ArchLimits) -> int:
+    """Resident blocks per SM the kernel's registers (allocated per warp in units of 256), warps and shared memory
+    (plus 1 KiB reserved per block) allow."""
+    warps = row["num_warps"]
+    regs_per_warp = math.ceil(max(row["regs"], 1) * 32 / 256) * 256
+    by_regs = (REGS_PER_SM // regs_per_warp) // warps
+    by_shared = lim.shared_sm // (row["shared"] + 1024) if row["shared"] else lim.blocks
+    return min(by_regs, lim.warps // warps, by_shared, lim.blocks)
+
+
+def aot_verdict(row: dict) -> tuple[list[str], list[str]]:
+    """(failures, warnings) of one row against its arch's limits; over a limit fails, a stack (spills) warns."""
+    lim, arch, name = AOT_ARCHS[row["arch"]], row["arch"], f"{row['kernel']} ({row['label']})"
+    fails = []
+    if row["shared"] > lim.shared_block:
+        fails.append(f"{name} on {arch}: {row['shared']} B shared memory per block, over the {arch} limit "
+                     f"{lim.shared_block} B ({lim.shared_block // 1024} KiB)")
+    if row["regs"] > MAX_REGS_PER_THREAD:
+        fails.append(f"{name} on {arch}: {row['regs']} registers per thread, over the limit {MAX_REGS_PER_THREAD}")
+    if row["num_warps"] * 32 > MAX_THREADS_PER_BLOCK or row["num_warps"] > lim.warps:
+        fails.append(f"{name} on {arch}: {row['num_warps']} warps per block, over the {arch} limit "
+                     f"{min(lim.warps, MAX_THREADS_PER_BLOCK // 32)}")
+    if not fails and blocks_per_sm(row, lim) < 1:
+        fails.append(f"{name} on {arch}: not one block fits an SM ({row['regs']} registers x {row['num_warps']} "
+                     f"warps vs {REGS_PER_SM} registers, {row['shared']} B vs {lim.shared_sm} B shared memory per SM)")
+    warns = [f"{name} on {arch}: {row['stack']} B stack per thread (spills or a local array; {row['regs']} registers)"] \
+        if row["stack"] else []
+    return fails, warns
+
+
+def run_aot(flags: list[str], archs: list[str]) -> int:
+    """--aot: print one line per (kernel, arch), then `preflight: {json}`; 1 when a kernel is over a limit."""
+    args = config_args(flags, on_gpu=True)
+    tg.check_config(args, 1)
+    print(f"preflight --aot for {', '.join(archs)} (triton ptxas, no GPU needed); flags: {' '.join(flags) or 'defaults'}",
+          flush=True)
+    start = time.perf_counter()
+    rows = aot_usage(flags, archs) if aot_launches(args, 1) else []
+    fails, warns = [], []
+    if not rows:
+        print("[PASS] aot: these flags launch no Triton kernel (dense MLP, or --kron_impl=torch/dense, "
+              "--ks_impl=bmm)", flush=True)
+    for row in rows:
+        lim = AOT_ARCHS[row["arch"]]
+        row_fails, row_warns = aot_verdict(row)
+        fails += row_fails
+        warns += row_warns
+        row["blocks_per_sm"] = blocks_per_sm(row, lim)
+        status = "FAIL" if row_fails else "WARN" if row_warns else "PASS"
+        more = f" (+{len(row['sites']) - 1} same)" if len(row["sites"]) > 1 else ""
+        print(f"[{status}] {row['arch']} {row['kernel']:26s} {row['label']}{more}: {row['regs']} regs, "
+              f"{row['stack']} B stack, {row['shared']} B shared, {row['num_warps']} warps, "
+              f"{row['num_stages']} stages, {row['blocks_per_sm']} blocks/SM, grid {tuple(row['grid'])} "
+              f"({lim.part}, {lim.sms} SMs)", flush=True)
+    for line in warns:
+        print(f"WARN aot: {line}", flush=True)
+    for line in fails:
+        print(f"FAIL aot: {line}", flush=True)
+    report = dict(mode="aot", ok=not fails, archs=archs, flags=flags, kernels=rows, failures=fails, warnings=warns,
+                  seconds=round(time.perf_counter() - start, 1))
+    print(f"preflight: {json.dumps(json_safe(report))}", flush=True)
+    return 0 if report["ok"] else 1
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # Main
 
 
@@ -1340,6 +1542,10 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--budget_s", type=float, help="start no measurement past this many seconds "
                                                        "(default 570, --quick 170)")
     parser.add_argument("--list", action="store_true", help="list the checks and measurements, then exit")
+    parser.add_argument("--aot", action="store_true", help="no GPU needed: compile every Triton kernel the --flags "
+                                                       "launch for --arch and check registers, spills, shared "
+                                                       "memory and blocks/SM against each GPU's limits")
+    parser.add_argument("--arch", default=",".join(AOT_ARCHS), help=f"--aot targets, of {', '.join(AOT_ARCHS)}")
     argv = list(argv)
     for i, item in enumerate(argv[:-1]):  # `--flags "--mot=cross"`: argparse would take the value for an option
         if item == "--flags":
@@ -1374,6 +1580,17 @@ def main(argv: list[str] | None = None, registry: list[Entry] | None = None) -> 
     except SystemExit as e:
         print(f"preflight: {e}" if str(e).startswith("error") else f"preflight: error: {e}", file=sys.stderr)
         return 2
+    if cli.aot:
+        archs = [a.strip() for a in cli.arch.split(",") if a.strip()]
+        unknown = sorted(set(archs) - set(AOT_ARCHS))
+        if unknown or not archs:
+            print(f"preflight: error: --arch {cli.arch!r}: valid: {', '.join(AOT_ARCHS)}", file=sys.stderr)
+            return 2
+        try:
+            return run_aot(flags, archs)
+        except SystemExit as e:
+            print(f"preflight: {e}", file=sys.stderr)
+            return 2
     env = tg.setup_distributed()
     try:
         args = config_args(flags, env.device.type == "cuda")

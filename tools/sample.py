@@ -148,7 +148,7 @@ class BatchWindow(tg.KVCacheWindow):
         return self.cache.rotary_offset
 
     def attend(self, q, k, v, scale):
-        return self.cache.attend(q, k, v, scale, self.window_blocks)
+        return self.cache.attend(q, k, v, scale, self.window_blocks, self.unit)
 
 
 class BatchKVCache:
@@ -188,7 +188,7 @@ class BatchKVCache:
             raise RuntimeError("every row must be prefilled before stack()")
         self.row = b
 
-    def begin(self, inputs: torch.Tensor, window_blocks) -> dict:
+    def begin(self, inputs: torch.Tensor, window_blocks, unit: str = "block") -> dict:
         self.layer = 0
         if self.row is not None:
             if len(inputs) != self.lengths[self.row]:
@@ -206,8 +206,8 @@ class BatchKVCache:
             self.valid = torch.cat([self.valid, self.valid.new_ones(len(inputs), 1)], dim=1)
             self.pos = torch.cat([self.pos, self.pos[:, -1:] + 1], dim=1)
             self.docs = torch.cat([self.docs, docs[:, None]], dim=1)
-        return {"L": BatchWindow(self, max(int(window_blocks), 1)),
-                "S": BatchWindow(self, max(int(window_blocks) // 2, 1))}
+        return {"L": BatchWindow(self, max(int(window_blocks), 1), unit),
+                "S": BatchWindow(self, max(int(window_blocks) // 2, 1), unit)}
 
     def end(self):
         if self.row is None:
@@ -232,16 +232,17 @@ class BatchKVCache:
         self.pos = (slot - first).clamp_min(0)
         self.docs = torch.stack([F.pad(d, (p, 0)) for d, p in zip(self.row_docs, pads)])
 
-    def attend(self, q, k, v, scale, window_blocks):
+    def attend(self, q, k, v, scale, window_blocks, unit: str = "block"):
         """q (1, heads, T, dq), k (1, kv_heads, T, dq), v (1, kv_heads, T, dv): one row's prompt (prefill) or one
-        token per row (batch step)."""
+        token per row (batch step); unit: the model's --window_unit."""
         i, gqa = self.layer, k.size(1) != q.size(1)
         self.layer += 1
         if self.row is not None:
             self.row_keys[self.row].append(k)
             self.row_values[self.row].append(v)
             idx = torch.arange(q.size(2), device=q.device)
-            mask = tg.doc_causal_window_mask(self.row_docs[self.row], window_blocks)(0, 0, idx[:, None], idx[None, :])
+            mask_mod = tg.doc_causal_window_mask(self.row_docs[self.row], window_blocks, unit=unit)
+            mask = mask_mod(0, 0, idx[:, None], idx[None, :])
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         # (1, heads, rows, dim) -> (rows, heads, 1, dim): each row's new token is its own query
         self.keys[i] = torch.cat([self.keys[i], k.transpose(0, 2)], dim=2)
@@ -249,7 +250,7 @@ class BatchKVCache:
         query_pos, query_doc = self.pos[:, -1:], self.docs[:, -1:]
         # doc_causal_window_mask of each row, its queries at the row's last position
         mask = (self.valid & (self.docs == query_doc) & (self.pos <= query_pos)
-                & tg.in_window(query_pos // tg.BLOCK_SIZE - self.pos // tg.BLOCK_SIZE, window_blocks))
+                & tg.WINDOW_RULES[unit](query_pos, self.pos, window_blocks, 0))
         y = F.scaled_dot_product_attention(q.transpose(0, 2), self.keys[i], self.values[i],
                                            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa)
         return y.transpose(0, 2)
