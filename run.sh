@@ -12,7 +12,11 @@ NPROC="${NPROC:-8}"
 NNODES="${NNODES:-1}"
 
 # Fail before starting NPROC processes: on a machine without enough GPUs each would build the model on the CPU.
-gpus="$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+if ! python -c 'import torch' 2>/dev/null; then
+  echo "error: $(command -v python || echo python) cannot import torch; install the requirements first (README: Set up)" >&2
+  exit 1
+fi
+gpus="$(python -c 'import torch; print(torch.cuda.device_count())')"
 if [ "$gpus" -lt "$NPROC" ]; then
   echo "error: NPROC=$NPROC processes per node but $gpus GPU(s) visible here." >&2
   if [ "$gpus" -gt 0 ]; then

@@ -17,7 +17,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -128,9 +130,8 @@ class Hyperparameters:
     mudd_block: int = -1  # the block running j=0 (14 per-token mixes around its attention and MLP; -1 = off)
     mudd_block_source: int = -1  # j=0's c: the earlier block whose output it mixes in and its attention reads
     mudd_lr: float = 0.002  # Adam LR of the MUDD mixes' W1, W2 ("mudd" group) and b ("mudd_bias" group)
-    # MUDD gates (frontier recipe 3.5, r85): per-token values G = s (W2 GELU(W1 z) + b) in place of static scalars
-    mudd_gate_block: int = -1  # gates on: one gate from x0 serves the blocks before this one, one from its input the
-    # rest (the recipe's 4); per token: XSA alphas, x0/bigram/skip weights, DC's w1, w2 (-1 = off; --sublayer_lambdas)
+    # MUDD gates (frontier recipe 3.5, r85): per-token G = s (W2 GELU(W1 z) + b) for XSA alphas, x0/bigram/skip weights
+    mudd_gate_block: int = -1  # gates on (-1 = off): x0's gate for the blocks before it, its input's for the rest
     mudd_gate_attn_layers: str = ""  # blocks whose heads' outputs are scaled by a raw gate value (init 0.25; r85: 3,10)
     mudd_gate_lr: float = 8e-4  # Adam LR of the gates' W1, W2 ("mudd_gate") and b, s ("mudd_gate_bias")
     # the residual stream's later form (frontier recipe 3.3)
@@ -189,6 +190,7 @@ class Hyperparameters:
     seed: int = 0  # model init (identical on every rank); the data order is fixed and never shuffled
     # checkpoints (one format: weights, optimizer states, step, flags, code, data position; see save_checkpoint)
     save_every: int = 0  # write a checkpoint every N steps next to the record file (0 = never)
+    keep_checkpoints: int = 2  # periodic checkpoints kept, the newest (0 = all); final and interrupted ones always
     save_checkpoint: str = "off"  # at the end of the run: off | full (resumable) | weights (weights + flags only)
     resume: str = ""  # checkpoint path: continue that run exactly (its flags; flags given here still win)
     init_from: str = ""  # checkpoint path: take only the weights; fresh optimizers and schedule from step 0
@@ -199,7 +201,7 @@ class Hyperparameters:
     kd_temp: float = 2.0  # distillation temperature T
     kd_cosine: float = 0.0  # weight of 1 - cos(final hidden states), learned projection if widths differ
     # records
-    records_dir: str = "records"  # root of the record tree
+    records_dir: str = "records"  # root of the record tree; a relative path is taken beside train_gpt.py
     track: str = "track_1_short"  # records/<track>/...; compare runs only within a track
     run_name: str = "baseline"  # records/<track>/<date>_<run_name>/<uuid>.txt
     preset: str = ""  # named set of defaults applied before explicit flags: smoke
@@ -370,6 +372,7 @@ def check_config(args: Hyperparameters, world_size: int):
     """Reject configurations the model or the batch layout cannot run, with the fix in the message."""
     def fail(msg):
         raise SystemExit(f"error: {msg}")
+    check_ranges(args, fail)  # first: the checks below divide by these values
     valid_ws = [w for w in range(1, args.micro_batches + 1) if args.micro_batches % w == 0]
     if args.micro_batches % world_size:
         fail(f"world size {world_size} does not divide micro_batches={args.micro_batches} (the global batch is "
@@ -395,7 +398,6 @@ def check_config(args: Hyperparameters, world_size: int):
     bad = [i for i in parse_layer_list(args.no_attn_layers) if not 0 <= i < args.num_layers]
     if bad:
         fail(f"no_attn_layers names blocks {bad} outside 0..{args.num_layers - 1}")
-    check_ranges(args, fail)
     check_architecture(args, fail)
     choices = dict(kron_mlp=("off", "fc", "proj", "both"), kron_impl=KRON_IMPLS, kron_optimizer=("adam", "muon"),
                    save_checkpoint=("off", "full", "weights"))
@@ -441,7 +443,8 @@ def check_config(args: Hyperparameters, world_size: int):
 MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=1,
                   vocab_size=1, model_dim=4, num_heads=1, mlp_ratio=1, num_value_embeds=0, kron_rank=1, ks_rank=1,
                   val_tokens=1, window_schedule_tokens=1, ns_steps=1, muon_momentum_warmup_steps=0, val_every=0,
-                  warmup_steps=0, save_every=0, bytes_per_token=1, char_dim=0, mot_heads=1, mot_self_window=1,
+                  warmup_steps=0, save_every=0, keep_checkpoints=0, bytes_per_token=1, char_dim=0, mot_heads=1,
+                  mot_self_window=1,
                   muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, kron_adam_lr=0.0, adam_eps=0.0,
                   attn_scale=0.0, kd_temp=1e-6, kd_cosine=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
                   muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_wd=0.0, adam_every=1, extension_steps=0,
@@ -451,6 +454,7 @@ UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_
                  "adam_beta2", "kd_alpha")
 # flag -> (what makes it meaningful, a predicate on args): setting the flag without that draws a warning
 NEEDS = dict(
+    keep_checkpoints=("--save_every", lambda a: a.save_every > 0),
     kron_rank=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
     kron_factors=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
     kron_impl=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
@@ -497,6 +501,10 @@ NEEDS = dict(
 
 
 def check_ranges(args: Hyperparameters, fail):
+    for field in dataclasses.fields(args):  # nan passes every comparison below, inf every lower bound
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{field.name}={value} must be a finite number")
     for name, low in MIN_VALUES.items():
         if getattr(args, name) < low:
             fail(f"--{name}={getattr(args, name)} must be >= {low}")
@@ -2897,6 +2905,17 @@ class TiedHead(nn.Module):
         return F.linear(x, self.weight.type_as(x)) * self.scale
 
 
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE; without network it needs TIKTOKEN_CACHE_DIR pointing at its cached files."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' ConnectionError, a corrupt cache file, ...
+        raise SystemExit(f"error: could not load the GPT-2 tokenizer ({type(e).__name__}); tiktoken downloads its BPE "
+                         f"files on first use, so without network set TIKTOKEN_CACHE_DIR to a directory that holds "
+                         f"them (e.g. ../shared/tiktoken_cache)") from None
+
+
 def byte_table(bytes_per_token: int) -> Tensor:
     """(GPT2_VOCAB, bytes_per_token) int16: row t holds token t's last bytes_per_token UTF-8 bytes right-aligned
     (the token's final byte in the last slot), BYTE_PAD before them; EOT_TOKEN is [PAD, ..., PAD, BYTE_EOT].
@@ -2905,8 +2924,7 @@ def byte_table(bytes_per_token: int) -> Tensor:
     path = Path(__file__).resolve().parent / "data" / "local" / f"byte_table_gpt2_{bytes_per_token}.pt"
     if path.exists():
         return torch.load(path)
-    import tiktoken  # only --mot needs it; TIKTOKEN_CACHE_DIR makes it work offline
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()  # only --mot needs it
     table = torch.full((GPT2_VOCAB, bytes_per_token), BYTE_PAD, dtype=torch.int16)
     for t in range(GPT2_VOCAB):
         piece = [BYTE_EOT] if t == EOT_TOKEN else list(enc.decode_single_token_bytes(t))[-bytes_per_token:]
@@ -3119,8 +3137,7 @@ def prefix_token_table(vocab_size: int) -> Tensor:
     """(vocab_size,) int64: for token y, the token whose bytes are the longest proper prefix of y's bytes (GPT-2
     BPE, from tiktoken), -1 where there is none (single bytes, EOT, ids past GPT-2's vocabulary, prefixes outside
     vocab_size). 50,000 of the 50,257 GPT-2 tokens have one; building it takes about 0.4 s on a CPU."""
-    import tiktoken  # TIKTOKEN_CACHE_DIR makes it work offline
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     pieces = [enc.decode_single_token_bytes(t) for t in range(enc.n_vocab)]
     ids = {piece: t for t, piece in enumerate(pieces[:vocab_size]) if t != EOT_TOKEN}  # prefixes the head has
     table = torch.full((vocab_size,), -1, dtype=torch.long)
@@ -3645,6 +3662,8 @@ def _stages(spec: str, num_iterations: int, extension_steps: int, extension_wind
             seq_len, doc_cap, windows, lr_mult = item.split(":")
             stages.append(Stage(round(num_iterations * i / len(items)), round(num_iterations * (i + 1) / len(items)),
                                 int(seq_len), int(doc_cap), *parse_windows(windows, "stages"), float(lr_mult)))
+            if not 0 <= stages[-1].lr_mult < math.inf:  # also refuses nan
+                raise ValueError(lr_mult)
         except ValueError:
             raise SystemExit(f"error: --stages: {item!r} is not seq_len:doc_cap:short-long:lr_mult "
                              f"(e.g. 16384:896:1-3:1.0)") from None
@@ -3725,7 +3744,7 @@ def parse_stage_weights(text: str) -> list[list[tuple[float, float]]]:
         weights = []
         for item in entry.split(","):
             ends = [float(v) for v in item.strip().split("-")]
-            if len(ends) not in (1, 2) or min(ends) < 0:
+            if len(ends) not in (1, 2) or not all(0 <= v < math.inf for v in ends):
                 raise ValueError(item)
             weights.append((ends[0], ends[-1]))
         stages.append(weights)
@@ -3971,6 +3990,22 @@ def steps_available(files: list[Path], batch_tokens: int) -> int:
     return sum((read_shard_header(f) - 1) // batch_tokens for f in files)
 
 
+def require_documents(files: list[Path], sequences: int, train_files: str):
+    """--bos_align starts every sequence at a new document, so the shards need at least one document (EOT) per
+    sequence of the run. Counted shard by shard until there are enough (the first FineWeb shard has ~100k)."""
+    documents = 0
+    for path in files:
+        read_shard_header(path)
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES)
+        documents += int(np.count_nonzero(tokens == EOT_TOKEN))
+        if documents >= sequences:
+            return
+    raise SystemExit(f"error: {train_files!r} holds {documents:,} documents (EOT tokens) but --bos_align starts each "
+                     f"of the run's {sequences:,} sequences (steps x micro_batches) at a new one; train on a corpus of "
+                     f"many documents (FineWeb, or data/tokenize_text.py on a .jsonl with one per line), lower "
+                     f"--num_iterations, or pass --bos_align=false")
+
+
 def require_train_steps(files: list[Path], args: Hyperparameters) -> list[Path]:
     if args.bos_align:  # a lower bound: capped and cut documents skip tokens, found when the stream runs out
         needed = tokens_after(total_steps(args), args) + total_steps(args) * args.micro_batches
@@ -3979,6 +4014,7 @@ def require_train_steps(files: list[Path], args: Hyperparameters) -> list[Path]:
             raise SystemExit(f"error: {args.train_files!r} holds {available:,} tokens but the run needs at least "
                              f"{needed:,}; download more shards (python data/cached_fineweb10B.py N, 100M tokens "
                              f"each) or lower --num_iterations")
+        require_documents(files, total_steps(args) * args.micro_batches, args.train_files)
         return files
     global_tokens = args.micro_batches * args.seq_len
     available = steps_available(files, global_tokens)
@@ -4126,47 +4162,97 @@ def git_commit() -> str | None:
     return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
 
 
+def records_root(args: Hyperparameters) -> Path:
+    """Records belong beside the script, wherever the run was started from."""
+    return HERE / args.records_dir  # an absolute --records_dir replaces HERE
+
+
+def check_records_dir(args: Hyperparameters):
+    """The record tree must be a directory this process can create and write, before a model is built."""
+    root = records_root(args)
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"error: --records_dir={args.records_dir}: {existing} is a file, not a directory; pass a "
+                         f"directory (default: records beside train_gpt.py)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --records_dir={args.records_dir}: {existing} is not writable by this user; pass a "
+                         f"writable directory")
+
+
 def record_folder(args: Hyperparameters, device: torch.device) -> Path:
     """records/<track>; CPU runs (smoke tests, ports, debugging) go to the git-ignored records/local/<track>, so
     they never land next to GPU records in the tracked tree."""
-    root = Path(args.records_dir)
+    root = records_root(args)
     if device.type == "cpu" and args.track != "local":
         return root / "local" / args.track
     return root / args.track
 
 
+def write_failure(e: BaseException, path: Path) -> str:
+    """Why a write failed, in words: torch.save reports a full disk or the file-size limit (ulimit -f, EFBIG) as an
+    opaque 'unexpected pos' error, so look at the limit and the free space."""
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"file too large: this process may write files of at most {limit / 2**20:.1f} MiB (ulimit -f)"
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 2**30:
+        return f"no space left: {free / 2**20:.0f} MiB free on the disk of {path.parent}"
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+class RecordWriteError(SystemExit):
+    """The record file could not be written: the run stops with one line (a run without its record is lost)."""
+
+
 class RunRecord:
     """records/<track>/<date>_<run_name>/<uuid>.txt: code, environment, flags, then one line per step, flushed as
-    it goes. Opened with mode 'x' so an existing file is never overwritten. Only rank 0 writes and prints."""
+    it goes. Opened with mode 'x' so an existing file is never overwritten. Only rank 0 writes and prints. A write
+    that fails (disk full, ulimit -f) stops the run with one line; the console keeps getting the log."""
 
     def __init__(self, args: Hyperparameters, env: DistEnv):
         self.enabled = env.master
-        self.path = None
+        self.path, self.broken = None, False
         if not self.enabled:
             return
         folder = record_folder(args, env.device) / f"{time.strftime('%Y-%m-%d')}_{args.run_name}"
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{uuid.uuid4()}.txt"
         self.file = open(self.path, "x")
-        for name in ("train_gpt.py", "kernels.py"):
-            source = HERE / name
-            self.section(name, source.read_text() if source.exists() else "(missing)")
-        self.section("environment", environment_report(env.device))
-        self.section("hyperparameters", f"hparams: {json.dumps(dataclasses.asdict(args))}\n"
-                                        f"flags: {json.dumps(changed_flags(args))}")
-        self.section("log", "")
+        try:
+            for name in ("train_gpt.py", "kernels.py"):
+                source = HERE / name
+                self.section(name, source.read_text() if source.exists() else "(missing)")
+            self.section("environment", environment_report(env.device))
+            self.section("hyperparameters", f"hparams: {json.dumps(dataclasses.asdict(args))}\n"
+                                            f"flags: {json.dumps(changed_flags(args))}")
+            self.section("log", "")
+        except RecordWriteError:  # nothing trained yet: leave no half record behind
+            self.path.unlink(missing_ok=True)
+            raise
+
+    def _write(self, text: str):
+        try:
+            self.file.write(text)
+            self.file.flush()
+        except OSError as e:
+            self.broken = True
+            raise RecordWriteError(f"error: cannot write the record {self.path}: {write_failure(e, self.path)}; "
+                                   f"free space or raise the limit and run again") from None
 
     def section(self, title: str, body: str):
-        self.file.write(f"{'=' * 20} {title} {'=' * 20}\n{body}{'' if body.endswith(chr(10)) or not body else chr(10)}")
-        self.file.flush()
+        self._write(f"{'=' * 20} {title} {'=' * 20}\n{body}{'' if body.endswith(chr(10)) or not body else chr(10)}")
 
     def log(self, line: str, console: bool = True):
         if not self.enabled:
             return
         if console:
             print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
+        if not self.broken:
+            self._write(line + "\n")
 
 
 CHECKPOINT_FORMAT = "train_gpt-checkpoint-v1"
@@ -4187,10 +4273,39 @@ def save_checkpoint(path: Path, model: GPT, optimizers: list, args: Hyperparamet
     if weights_only:  # for --init_from, eval, sample and teachers: the optimizer states are most of the bytes
         for key in ("optimizers", "rng", "pending_grads"):
             del state[key]
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # whose it is: stale_temporaries
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full, a second Ctrl-C) leaves no temporary
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def stale_temporaries(folder: Path) -> list[Path]:
+    """Checkpoint temporaries in folder whose writer is gone: written on this host by a process that no longer
+    runs (SIGKILL, a power cut), or, named without their writer (before it was in the name), over an hour old."""
+    stale = []
+    for tmp in folder.glob("*.pt*.tmp"):
+        parts = tmp.name.split(".")  # <stem>_<name>.pt.<host>.<pid>.tmp or <stem>_<name>.pt.tmp
+        if parts[-2] == "pt":
+            if time.time() - tmp.stat().st_mtime > 3600:
+                stale.append(tmp)
+            continue
+        host, pid = ".".join(parts[parts.index("pt") + 1:-2]), parts[-2]
+        if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+            stale.append(tmp)
+    return stale
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def pending_gradients(adam: torch.optim.Optimizer, world_size: int) -> list | None:
@@ -4611,12 +4726,81 @@ def check_gpus():
 
 def check_inputs(args: Hyperparameters, world_size: int):
     """Everything a run reads, checked before a model or a record exists: shards present with valid headers and
-    enough tokens, checkpoint files readable (memory-mapped, not loaded)."""
-    require_train_steps(find_shards(args.train_files, "train"), args)
-    require_val_tokens(find_shards(args.val_files, "val"), args, world_size)
-    for flag in ("init_from", "teacher"):
-        if getattr(args, flag):
-            load_checkpoint(getattr(args, flag), mmap=True)
+    enough tokens (documents with --bos_align), the record tree writable, checkpoint files readable (memory-mapped,
+    not loaded) and, for --init_from, shaped like this model."""
+    try:
+        require_train_steps(find_shards(args.train_files, "train"), args)
+        require_val_tokens(find_shards(args.val_files, "val"), args, world_size)
+    except ShardError as e:
+        raise SystemExit(f"error: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {e.filename}: {e.strerror}") from None
+    check_records_dir(args)
+    if args.teacher:
+        load_checkpoint(args.teacher, mmap=True)
+    if args.init_from:
+        problems = checkpoint_misfits(args, load_checkpoint(args.init_from, mmap=True)["model"], strict=False)
+        if problems and not args.init_partial:
+            raise SystemExit(f"error: --init_from={args.init_from} does not fit this model: "
+                             f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}; build the same "
+                             f"architecture, or pass --init_partial=true to skip these tensors")
+
+
+def checkpoint_misfits(args: Hyperparameters, state: dict, strict: bool = True, step: int = 0) -> list[str]:
+    """What keeps `state` from loading into the model `args` build at `step` (built on the meta device: no memory,
+    no random draw): shape mismatches, and with strict the missing and unexpected tensors."""
+    with torch.device("meta"):
+        own = build_model(args_at_step(args, step)).state_dict()
+    problems = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+                if k in own and v.shape != own[k].shape]
+    if strict:
+        problems += [f"{k} missing from the checkpoint" for k in own if k not in state]
+        problems += [f"{k} not in this model" for k in state if k not in own]
+    return problems
+
+
+def check_resume(args: Hyperparameters, ckpt: dict):
+    """A resume that cannot continue stops before any record: nothing left to train, or flags that build another
+    model than the checkpoint's (a resume takes the checkpoint's flags; the explicit ones override them)."""
+    step, steps = ckpt["step"], total_steps(args)
+    if step >= steps:
+        raise SystemExit(f"error: {args.resume} is at step {step} and the run has {steps} steps: nothing left to "
+                         f"train; to train on, pass a larger --num_iterations (or --extension_steps)")
+    problems = checkpoint_misfits(args, ckpt["model"], step=step)
+    if problems:
+        raise SystemExit(f"error: --resume={args.resume}: the flags build another model than the checkpoint's: "
+                         f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}; drop the architecture "
+                         f"flags (a resume takes the checkpoint's) or start from its weights with --init_from")
+
+
+def device_memory_bytes() -> tuple[str, int]:
+    """This process's device and its total memory: the GPU torchrun gives it, or the machine's RAM."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.cuda.get_device_name(local_rank), torch.cuda.get_device_properties(local_rank).total_memory
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        pages = 0
+    return "this machine's RAM", pages
+
+
+def check_memory(args: Hyperparameters):
+    """A model whose weights and gradients alone cannot fit the device stops here with its size, not in the
+    allocator. Counted on the meta device (no memory, no random draw). A lower bound (2 bytes a value on a GPU, 4 on
+    a CPU; optimizer states and activations come on top), so it never refuses a run that would fit."""
+    try:
+        with torch.device("meta"):
+            params = count_params(build_model(args))
+    except RuntimeError as e:  # past int64 even on the meta device
+        raise SystemExit(f"error: the model's tensor sizes overflow ({str(e).splitlines()[0][:120]}); lower "
+                         f"--model_dim (now {args.model_dim}) or --mlp_ratio / --vocab_size") from None
+    device, available = device_memory_bytes()
+    needed = params * (2 if torch.cuda.is_available() else 4) * 2
+    if available and needed > available:
+        raise SystemExit(f"error: the model has {params:,} parameters; its weights and gradients alone need "
+                         f"{needed / 2**30:,.1f} GiB but {device} has {available / 2**30:,.1f} GiB; lower --model_dim "
+                         f"(now {args.model_dim}) or --num_layers (now {args.num_layers})")
 
 
 class StopRequest:
@@ -4653,30 +4837,83 @@ def fail_once(error: SystemExit, rank: int):
     raise SystemExit(2)
 
 
-def main(argv: list[str] | None = None) -> int:
-    rank = int(os.environ.get("RANK", "0"))
+class Checkpoints:
+    """This run's checkpoints, <record stem>_<name>.pt beside its record. Untimed: every rank hands its Muon momentum
+    to the others, then rank 0 writes while the others wait at the next collective. A write that fails (disk full,
+    ulimit -f) is logged and the run goes on: the record keeps the result. Of the periodic checkpoints the newest
+    --keep_checkpoints stay; the final and the interrupted ones always."""
+
+    def __init__(self, record: RunRecord, model: GPT, optimizers: list, args: Hyperparameters, env: DistEnv):
+        self.record, self.model, self.optimizers, self.args, self.env = record, model, optimizers, args, env
+        self.last: Path | None = None  # the newest one on disk: the summary's resume point
+        self.periodic: list[Path] = []
+        self.failures = 0
+
+    def save(self, step: int, name: str, train_time_ms: float, weights_only: bool = False,
+             periodic: bool = False) -> Path | None:
+        self.optimizers[1].gather_momentum()
+        pending = pending_gradients(self.optimizers[0], self.env.world_size)
+        if not self.env.master:
+            return None
+        path = self.record.path.with_name(f"{self.record.path.stem}_{name}.pt")
+        try:
+            save_checkpoint(path, self.model, self.optimizers, self.args, step, train_time_ms, weights_only, pending)
+        except (OSError, RuntimeError) as e:
+            self.failures += 1
+            self.record.log(f"checkpoint failed: {write_failure(e, path)}; writing {path}; "
+                            f"{'training continues' if periodic else 'the record keeps the result'}")
+            return None
+        self.last, removed = path, []
+        if periodic:
+            self.periodic.append(path)
+            while self.args.keep_checkpoints and len(self.periodic) > self.args.keep_checkpoints:
+                removed.append(self.periodic.pop(0))
+                removed[-1].unlink(missing_ok=True)
+        kept = sum(p.stat().st_size for p in self.periodic) / 2**20
+        self.record.log(f"checkpoint: {path} ({path.stat().st_size / 2**20:.1f} MiB)" + (
+            f"; periodic kept: {len(self.periodic)} ({kept:.0f} MiB, --keep_checkpoints={self.args.keep_checkpoints})"
+            f"{'; removed ' + ', '.join(p.name for p in removed) if removed else ''}" if periodic else ""))
+        return path
+
+
+def checked_args(argv: list[str], rank: int) -> tuple[Hyperparameters, dict | None]:
+    """The flags (with --resume: the checkpoint's, overridden) and everything wrong with them, the inputs or the
+    device's memory, found before any process group, model or record exists."""
     try:
-        args, resume = parse_args(sys.argv[1:] if argv is None else argv)
+        args, resume = parse_args(argv)
         for warning in meaningless_flags(args) if rank == 0 else []:
             print(warning, file=sys.stderr)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
         check_gpus()
-        check_config(args, int(os.environ.get("WORLD_SIZE", "1")))
-        check_inputs(args, int(os.environ.get("WORLD_SIZE", "1")))
+        check_config(args, world_size)
+        check_memory(args)
+        check_inputs(args, world_size)
+        if resume is not None:
+            check_resume(args, resume)
     except SystemExit as e:
         if e.code in (0, None):
             raise
         fail_once(e, rank)
-    env = setup_distributed()
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    on_gpu = env.device.type == "cuda"
+    return args, resume
 
-    # same seed on every rank: identical initial weights; a resumed progressive run builds the swapped blocks
+
+@dataclass
+class TrainingRun:
+    """What main() trains: the model, what the loss is computed on (the model or its Distiller), the optimizers,
+    and where training starts (a resumed step and its train time so far)."""
+    model: GPT
+    trainee: nn.Module
+    optimizers: list
+    start_step: int = 0
+    train_time_ms: float = 0.0
+    init_report: str | None = None
+
+
+def build_run(args: Hyperparameters, resume: dict | None, env: DistEnv) -> TrainingRun:
+    """The model (same seed on every rank: identical weights; a resumed progressive run builds the swapped blocks),
+    --init_from, the teacher, the optimizers, and a resume's states."""
     model = place_model(build_model(args_at_step(args, resume["step"] if resume is not None else 0)), args,
                         env.device)
-    fp8, fp8_mlp_on = model.lm_head.use_fp8, any(m.use_fp8 for m in model.modules() if isinstance(m, FP8MLP))
-    record = RunRecord(args, env)
-    log = record.log
     init_report = load_weights(model, load_checkpoint(args.init_from)["model"], args.init_partial) \
         if args.init_from else None
     trainee = Distiller(model, build_teacher(args.teacher, model, env.device), args).to(env.device) \
@@ -4687,21 +4924,26 @@ def main(argv: list[str] | None = None) -> int:
                                            initial_lr=args.head_lr))
         if optimizers[1].grad_sync is not None:
             optimizers[1].grad_sync.add(list(trainee.proj.parameters()))
-    start_step, train_time_ms = 0, 0.0
+    run = TrainingRun(model, trainee, optimizers, init_report=init_report)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        for opt, state in zip(optimizers, resume["optimizers"], strict=True):
-            opt.load_state_dict(state)
+        model.load_state_dict(resume["model"])  # check_resume compared the shapes
+        try:
+            for opt, state in zip(optimizers, resume["optimizers"], strict=True):
+                opt.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise SystemExit(f"error: --resume={args.resume}: its optimizer states do not fit this run's optimizer "
+                             f"groups ({str(e).splitlines()[0]}); drop the flags that change them (--kron_optimizer, "
+                             f"--teacher, ...)") from None
         torch.set_rng_state(resume["rng"])
-        start_step, train_time_ms = resume["step"], resume["train_time_ms"]
+        run.start_step, run.train_time_ms = resume["step"], resume["train_time_ms"]
         adam_params = [p for group in optimizers[0].param_groups for p in group["params"]]
         for p, grad in zip(adam_params, resume.get("pending_grads") or [None] * len(adam_params), strict=True):
             p.grad = None if grad is None else grad.to(device=p.device, dtype=p.dtype)
-    compiled = args.compile and on_gpu
-    if compiled:
-        optimizers[1].orthogonalize = torch.compile(optimizers[1].orthogonalize)
-    train_model = torch.compile(trainee, dynamic=False) if compiled else trainee
+    return run
 
+
+def log_run_header(log, run: TrainingRun, args: Hyperparameters, env: DistEnv, compiled: bool):
+    model, trainee = run.model, run.trainee
     groups = param_groups(model, args)
     kron_layers = [m for m in model.modules() if isinstance(m, KronLinear)]
     if kron_layers:
@@ -4710,6 +4952,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{k.out_features} rank {k.rank} factors {k.factors}: {sum(count_params(m) for m in kron_layers):,} "
             f"parameters "
             f"(dense: {sum(m.in_features * m.out_features for m in kron_layers):,})")
+    fp8, fp8_mlp_on = model.lm_head.use_fp8, any(m.use_fp8 for m in model.modules() if isinstance(m, FP8MLP))
     log(f"model: {count_params(model):,} parameters (block matrices {sum(p.numel() for p in groups['matrices']):,}, "
         f"embeddings {sum(p.numel() for p in groups['embeds']):,}, head {sum(p.numel() for p in groups['head']):,}, "
         f"scalars {sum(p.numel() for p in groups['scalars']):,}); world_size {env.world_size}, "
@@ -4719,40 +4962,53 @@ def main(argv: list[str] | None = None) -> int:
         log(f"--fp8_mlp: {device_name(env.device)} has no FP8 matmuls (needs CUDA compute capability >= 8.9); the "
             f"MLPs train without FP8 (in bf16 on a GPU)")
     log(describe_model(model, args))
-    if init_report:
-        log(f"init_from {args.init_from}: {init_report}")
-    if resume is not None:
-        log(f"resumed from {args.resume} at step {start_step} (train_time {train_time_ms:.0f}ms so far)")
+    if run.init_report:
+        log(f"init_from {args.init_from}: {run.init_report}")
+    if args.resume:
+        log(f"resumed from {args.resume} at step {run.start_step} (train_time {run.train_time_ms:.0f}ms so far)")
     if isinstance(trainee, Distiller):
         log(f"distillation: teacher {args.teacher} ({count_params(trainee.teacher):,} parameters), "
             f"kd_alpha {args.kd_alpha}, kd_temp {args.kd_temp}, kd_cosine {args.kd_cosine}")
 
+
+def remove_stale_temporaries(record: RunRecord, args: Hyperparameters):
+    """Checkpoint temporaries that killed runs left in this run's folder (and the resumed one's)."""
+    if not record.enabled:
+        return
+    folders = {record.path.parent} | ({Path(args.resume).resolve().parent} if args.resume else set())
+    for tmp in (t for folder in folders for t in stale_temporaries(folder)):
+        size = tmp.stat().st_size / 2**20
+        tmp.unlink(missing_ok=True)
+        record.log(f"removed a stale checkpoint temporary of a stopped run: {tmp} ({size:.0f} MiB)")
+
+
+@dataclass
+class Outcome:
+    status: str  # ok | failed | interrupted
+    reason: str | None
+    val_loss: float
+    step: int
+
+
+def train(run: TrainingRun, train_model: nn.Module, args: Hyperparameters, env: DistEnv, record: RunRecord,
+          checkpoints: Checkpoints, stop: StopRequest) -> Outcome:
+    """The timed loop: validation and checkpoints untimed, a non-finite loss ends the run as failed, Ctrl-C or
+    SIGTERM at a step boundary as interrupted (with a checkpoint when --save_every is on), any other error is
+    recorded as failed and propagates."""
+    model, optimizers, start_step, log = run.model, run.optimizers, run.start_step, record.log
     train_loader = train_batches(args, env.rank, env.world_size, env.device, start_step)
     val_data = val_batches(args, env.rank, env.world_size, env.device)
     final_window = WindowTensors(args, env.device).final()
-    if compiled and args.warmup_steps:
+    if train_model is not run.trainee and args.warmup_steps:
         t = time.perf_counter()
-        compile_warmup(train_model, trainee, optimizers, args, env, final_window)
+        compile_warmup(train_model, run.trainee, optimizers, args, env, final_window)
         log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t:.1f}s (untimed)")
-
-    def checkpoint(step: int, name: str, weights_only: bool = False):
-        """Untimed: every rank hands its Muon momentum to the others, then rank 0 writes while the others wait at
-        the next collective."""
-        optimizers[1].gather_momentum()
-        pending = pending_gradients(optimizers[0], env.world_size)
-        if env.master:
-            path = save_checkpoint(record.path.with_name(f"{record.path.stem}_{name}.pt"), model, optimizers,
-                                   args, step, train_time_ms, weights_only, pending)
-            log(f"checkpoint: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-            return path
-
-    status, reason, val_loss, step, saved = "ok", None, float("nan"), start_step, None
+    status, reason, val_loss, step = "ok", None, float("nan"), start_step
     windows = WindowTensors(args, env.device)
     rotary_windows = RotaryWindows(model, args)
     loss_schedule = LossSchedule(model, args, env.device)
     progressive = ProgressiveReplacement(model, args, env)
     loss_watch = LossWatch(env.device)
-    stop = StopRequest()
     steps = total_steps(args)
     try:
         synchronize(env.device)
@@ -4763,24 +5019,25 @@ def main(argv: list[str] | None = None) -> int:
             window = windows[step]
             rotary_windows.set(step)
             loss_schedule.set(step)
+            periodic_save = args.save_every and step % args.save_every == 0 and step > start_step and not last
             if last or (args.val_every > 0 and step % args.val_every == 0):
                 synchronize(env.device)
-                train_time_ms += 1000 * (time.perf_counter() - t0)
+                run.train_time_ms += 1000 * (time.perf_counter() - t0)
                 val_loss = evaluate(train_model, val_data, final_window if last else window, env.world_size)
-                log(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
-                    f"step_avg:{train_time_ms / max(step, 1):.2f}ms tokens:{tokens_after(step, args)}"
+                log(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{run.train_time_ms:.0f}ms "
+                    f"step_avg:{run.train_time_ms / max(step, 1):.2f}ms tokens:{tokens_after(step, args)}"
                     f"{moe_utilization(model)}")
                 if not math.isfinite(val_loss):
                     status, reason = "failed", f"non-finite val loss at step {step}"
                     break
-                if args.save_every and step % args.save_every == 0 and step > start_step and not last:
-                    saved = checkpoint(step, f"step{step}")
+                if periodic_save:
+                    checkpoints.save(step, f"step{step}", run.train_time_ms, periodic=True)
                 synchronize(env.device)
                 t0 = time.perf_counter()
-            elif args.save_every and step % args.save_every == 0 and step > start_step:
+            elif periodic_save:
                 synchronize(env.device)
-                train_time_ms += 1000 * (time.perf_counter() - t0)
-                saved = checkpoint(step, f"step{step}")
+                run.train_time_ms += 1000 * (time.perf_counter() - t0)
+                checkpoints.save(step, f"step{step}", run.train_time_ms, periodic=True)
                 t0 = time.perf_counter()
             if last:
                 break
@@ -4792,7 +5049,7 @@ def main(argv: list[str] | None = None) -> int:
             if bad_step is not None:
                 status, reason = "failed", f"non-finite train loss at step {bad_step}"
                 break
-            approx_ms = train_time_ms + 1000 * (time.perf_counter() - t0)
+            approx_ms = run.train_time_ms + 1000 * (time.perf_counter() - t0)
             log(f"step:{step + 1}/{steps} train_time:{approx_ms:.0f}ms "
                 f"step_avg:{approx_ms / (step + 1):.2f}ms")
         bad_step = loss_watch.first_nonfinite(wait=True)
@@ -4802,53 +5059,99 @@ def main(argv: list[str] | None = None) -> int:
         # At a step boundary one process can write a resumable checkpoint; several ranks may have stopped at
         # different steps or inside a collective, so they keep only the last periodic checkpoint.
         if isinstance(e, StopRequest.AtBoundary) and args.save_every and env.world_size == 1 and step > start_step:
-            train_time_ms += 1000 * (time.perf_counter() - t0)
-            saved = checkpoint(step, f"step{step}_interrupted")
-        resume_hint = f"; resume: --resume={saved}" if saved else ""
-        record.log(f"status: interrupted at step {step}{resume_hint}")
-        summary = dict(status="interrupted", steps=step, record=str(record.path),
-                       checkpoint=str(saved) if saved else None, resumed_from=args.resume or None)
-        record.log(f"summary: {json.dumps(summary)}")
-        return 130
+            run.train_time_ms += 1000 * (time.perf_counter() - t0)
+            try:
+                checkpoints.save(step, f"step{step}_interrupted", run.train_time_ms)
+            except KeyboardInterrupt:  # a second signal while writing: stop now, keep the last periodic one
+                log("second signal while writing the interrupted checkpoint: not written")
+        resume_hint = f"; resume: --resume={checkpoints.last}" if checkpoints.last else ""
+        log(f"status: interrupted at step {step}{resume_hint}")
+        return Outcome("interrupted", None, val_loss, step)
     except BaseException as e:  # the record says how the run ended, then the error propagates
         # No final_val_loss key: tools/records.py reads that as a crash (rerun it), not a divergence.
-        record.log(f"status: failed reason: {type(e).__name__}: {e}")
-        record.log(f"summary: {json.dumps(dict(status='failed', reason=repr(e), record=str(record.path)))}")
+        log(f"status: failed reason: {type(e).__name__}: {e}")
+        log(f"summary: {json.dumps(dict(status='failed', reason=repr(e), record=str(record.path)))}")
         raise
-    finally:
-        stop.close()
-
-    if isinstance(trainee, Distiller):
-        log(f"teacher forward: {teacher_cost_ms(trainee.teacher, val_data[0][0][:args.seq_len], env.device):.1f}ms "
-            f"per {args.seq_len}-token micro-batch, {args.micro_batches // env.world_size} per step per rank "
+    if isinstance(run.trainee, Distiller):
+        log(f"teacher forward: {teacher_cost_ms(run.trainee.teacher, val_data[0][0][:args.seq_len], env.device):.1f}"
+            f"ms per {args.seq_len}-token micro-batch, {args.micro_batches // env.world_size} per step per rank "
             f"(measured after training; included in train_time)")
-    if on_gpu:
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated(env.device) // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved(env.device) // 2**20} MiB")
+    return Outcome(status, reason, val_loss, step)
+
+
+def log_peak_memory(log, device: torch.device):
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
     else:
         import resource
         log(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
-    if status == "failed":
-        log(f"status: failed reason: {reason}")
-    if args.save_checkpoint != "off":
-        saved = checkpoint(step, "final", weights_only=args.save_checkpoint == "weights")
-    tokens_per_step = args.micro_batches * sequence_length(max(step - 1, 0), args)  # the last stage's
+
+
+def run_summary(outcome: Outcome, run: TrainingRun, args: Hyperparameters, env: DistEnv, record: RunRecord,
+                checkpoints: Checkpoints) -> dict:
+    """The record's last line: what tools/records.py reads."""
+    step, val_loss = outcome.step, outcome.val_loss
+    if outcome.status == "interrupted":
+        return dict(status="interrupted", steps=step, record=str(record.path),
+                    checkpoint=str(checkpoints.last) if checkpoints.last else None, resumed_from=args.resume or None)
     summary = dict(
-        status=status, final_val_loss=val_loss if math.isfinite(val_loss) else None, train_time_ms=train_time_ms,
-        step_avg_ms=train_time_ms / max(step, 1), steps=step, tokens=tokens_after(step, args),
-        tokens_per_step=tokens_per_step, world_size=env.world_size, device=device_name(env.device),
-        track=args.track, run_name=args.run_name, date=time.strftime("%Y-%m-%d"), seed=args.seed,
-        params=count_params(model), non_embedding_params=count_params(model.blocks), flags=changed_flags(args),
-        git_commit=git_commit(), record=str(record.path) if record.path else None,
-        checkpoint=str(saved) if saved else None, resumed_from=args.resume or None)
-    if reason:
-        summary["reason"] = reason
-    log(f"add it to the records table: python tools/records.py table --write"
-        f"{' --include_local' if args.track == 'local' else ''}")
-    log(f"summary: {json.dumps(summary)}")
+        status=outcome.status, final_val_loss=val_loss if math.isfinite(val_loss) else None,
+        train_time_ms=run.train_time_ms, step_avg_ms=run.train_time_ms / max(step, 1), steps=step,
+        tokens=tokens_after(step, args),
+        tokens_per_step=args.micro_batches * sequence_length(max(step - 1, 0), args),  # the last stage's
+        world_size=env.world_size, device=device_name(env.device), track=args.track, run_name=args.run_name,
+        date=time.strftime("%Y-%m-%d"), seed=args.seed, params=count_params(run.model),
+        non_embedding_params=count_params(run.model.blocks), flags=changed_flags(args), git_commit=git_commit(),
+        record=str(record.path) if record.path else None,
+        checkpoint=str(checkpoints.last) if checkpoints.last else None, resumed_from=args.resume or None)
+    if outcome.reason:
+        summary["reason"] = outcome.reason
+    if checkpoints.failures:
+        summary["checkpoint_failures"] = checkpoints.failures
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, resume = checked_args(sys.argv[1:] if argv is None else argv, int(os.environ.get("RANK", "0")))
+    env = setup_distributed()
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    try:  # everything that reads the checkpoints, then the record: a run that cannot start leaves none
+        run = build_run(args, resume, env)
+        record = RunRecord(args, env)
+    except SystemExit as e:
+        fail_once(e, env.rank)
+    compiled = args.compile and env.device.type == "cuda"
+    if compiled:
+        run.optimizers[1].orthogonalize = torch.compile(run.optimizers[1].orthogonalize)
+    train_model = torch.compile(run.trainee, dynamic=False) if compiled else run.trainee
+    record.log(f"record: {record.path}")
+    log_run_header(record.log, run, args, env, compiled)
+    remove_stale_temporaries(record, args)
+    checkpoints = Checkpoints(record, run.model, run.optimizers, args, env)
+
+    stop = StopRequest()  # until the summary is written: a second signal then ends the run without a traceback
+    try:
+        outcome = train(run, train_model, args, env, record, checkpoints, stop)
+        if outcome.status != "interrupted":
+            log_peak_memory(record.log, env.device)
+            if outcome.status == "failed":
+                record.log(f"status: failed reason: {outcome.reason}")
+            if args.save_checkpoint != "off":
+                checkpoints.save(outcome.step, "final", run.train_time_ms,
+                                 weights_only=args.save_checkpoint == "weights")
+            record.log(f"add it to the records table: python tools/records.py table --write"
+                       f"{' --include_local' if args.track == 'local' else ''}")
+        record.log(f"summary: {json.dumps(run_summary(outcome, run, args, env, record, checkpoints))}")
+    except KeyboardInterrupt:  # the second signal, after training ended
+        record.log("status: interrupted while writing the final checkpoint or the summary")
+        return 130
+    finally:
+        stop.close()
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0 if status == "ok" else 1
+    return dict(ok=0, failed=1, interrupted=130)[outcome.status]
 
 
 if __name__ == "__main__":
