@@ -4330,7 +4330,8 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be "
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); it may be "
                          f"truncated; use another one (runs write *_stepN.pt and *_final.pt)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} is not a train_gpt.py checkpoint (expected format {CHECKPOINT_FORMAT!r})")

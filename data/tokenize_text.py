@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -178,6 +179,14 @@ def read_pieces(paths: Iterable[Path], separator: str | None, text_field: str) -
                 yield from _jsonl_pieces(path, text_field)
         except UnicodeDecodeError as e:
             raise TokenizeError(f"{path}: not UTF-8 text ({e})") from None
+        except (gzip.BadGzipFile, zlib.error) as e:
+            raise TokenizeError(f"{path}: not a valid gzip file ({e}); download or compress it again, or give it "
+                                "uncompressed without the .gz suffix") from None
+        except EOFError:
+            raise TokenizeError(f"{path}: the gzip stream ends early (a truncated file); download or compress it "
+                                "again") from None
+        except OSError as e:
+            raise TokenizeError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,6 +284,9 @@ def tokenize(inputs: list, out_dir, name: str | None = None, val_tokens: int = 1
     """Tokenizes inputs into shards in out_dir; returns ([(path, tokens)], documents)."""
     inputs, out_dir = [Path(p) for p in inputs], Path(out_dir)
     for path in inputs:
+        if path.is_dir():
+            raise TokenizeError(f"{path} is a directory; give the .txt, .jsonl or .jsonl.gz files in it (e.g. "
+                                f"{shlex.quote(str(path))}/*.jsonl.gz)")
         if not path.is_file():
             raise TokenizeError(f"{path}: no such file")
         _input_kind(path)

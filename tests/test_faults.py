@@ -280,3 +280,16 @@ def test_run_sh_without_torch_says_so(tmp_path):
     out = subprocess.run(["bash", "run.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}"))
     assert out.returncode == 1 and "cannot import torch" in out.stderr and "GPU(s)" not in out.stderr
+
+
+def test_optimizer_states_that_do_not_fit_are_refused_before_any_record(shards, tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    args = tg.apply_overrides(tg.Hyperparameters(), [*TINY, *data_flags(shards, folder), "--num_iterations=3",
+                                                     "--kron_mlp=both", "--kron_optimizer=adam"])
+    model = tg.build_model(args)
+    path = tg.save_checkpoint(folder / "run_step1.pt", model, tg.build_optimizers(model, args), args, 1, 1.0)
+    with pytest.raises(SystemExit) as e:
+        tg.main([f"--resume={path}", "--kron_optimizer=muon", f"--records_dir={tmp_path / 'records'}"])
+    assert_one_error_line(e.value, "its optimizer states do not fit")
+    assert not (tmp_path / "records").exists()

@@ -221,9 +221,20 @@ def test_table_rewrites_only_between_markers(fake, tmp_path, capsys):
     assert "| 3/5 (1 failed, 1 incomplete) |" in inner and "smoke" not in inner and "old table" not in inner
     assert "| 3/5 (1 failed, 1 incomplete) |" in capsys.readouterr().out
 
+    # --include_local: the local (CPU) runs go to the git-ignored records/local/README.md, created with its markers;
+    # the tracked README is rewritten exactly as without the flag (issue 22: local runs never land in it)
+    written = readme.read_bytes()
     assert records.main(["table", "--records_dir", str(root), "--include_local", "--write"]) == 0
-    assert "| local | 2026-11-23 | smoke | 1/1 |" in readme.read_text()
-    assert readme.read_bytes().decode().startswith(before) and readme.read_bytes().decode().endswith(after)
+    assert "| local | 2026-11-23 | smoke | 1/1 |" in capsys.readouterr().out  # printed with the others
+    assert readme.read_bytes() == written
+    local = (root / "local" / "README.md").read_text()
+    assert local.count(records.TABLE_START) == 1 and "| local | 2026-11-23 | smoke | 1/1 |" in local
+    assert "baseline" not in local
+    (root / "local" / "README.md").write_text(f"# mine\n{records.TABLE_START}\nold\n{records.TABLE_END}\nkept\n")
+    assert records.main(["table", "--records_dir", str(root), "--include_local", "--write"]) == 0
+    local = (root / "local" / "README.md").read_text()
+    assert local.startswith("# mine\n") and local.endswith("kept\n") and "old" not in local and "smoke" in local
+    assert readme.read_bytes() == written
 
     readme.write_text("# no markers here\n")
     assert records.main(["table", "--records_dir", str(root), "--write"]) == 1
@@ -642,6 +653,89 @@ def test_unresumed_interrupt_and_missing_parent(tmp_path, capsys):
     (run,) = records.load_runs([root2])
     assert run.record_files == (child,) and run.status == "ok"
     assert "whose record was not found" in capsys.readouterr().err
+
+
+def failed_resume(root, folder, name, parent, ckpt_kind, logged_resume):
+    """The record of a --resume that died before its first step (a shape mismatch on loading): the resume flag, no
+    step line, a failed status and a short summary; with logged_resume, the "resumed from" line came first."""
+    ckpt = str(parent.with_name(f"{parent.stem}_{ckpt_kind}.pt"))
+    cut = 20 if ckpt_kind == "final" else int(ckpt_kind.removeprefix("step"))
+    path = write_segment(root, folder, name, RESUME_HP, cut, cut, resumed_from=ckpt, status="incomplete")
+    text = path.read_text()
+    if not logged_resume:
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("resumed from")) + "\n"
+    reason = "RuntimeError: Error(s) in loading state_dict for GPT: size mismatch for embed.weight"
+    path.write_text(text + f"status: failed reason: {reason}\n"
+                    + "summary: " + json.dumps({"status": "failed", "reason": reason, "record": str(path)}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("ckpt_kind,logged_resume", [("final", False), ("step10", True), ("step10", False)])
+def test_a_resume_that_never_trained_never_demotes_its_parent(tmp_path, capsys, ckpt_kind, logged_resume):
+    """Issue 22: a finished run plus a failed --resume of its checkpoint counts as the finished run alone."""
+    root = tmp_path / "records"
+    folder = root / "track_1_short" / "2026-11-20_baseline"
+    parent = write_segment(root, folder.name, "aaaaaaaa-0000-0000-0000-000000000000.txt", RESUME_HP, 0, 20,
+                           final=3.27)
+    write_segment(root, folder.name, "cccccccc-0000-0000-0000-000000000000.txt", dict(RESUME_HP, seed=1), 0, 20,
+                  final=3.275)
+
+    def outcome():
+        runs = records.load_runs([folder])
+        assert records.main(["stats", str(folder)]) == 0
+        captured = capsys.readouterr()
+        return ([(r.path, r.record_files, r.status, r.final_val_loss, r.num_steps, len(r.steps)) for r in runs],
+                captured.out, captured.err)
+
+    alone, alone_out, _ = outcome()
+    assert "2 runs, 2 ok" in alone_out and "n=2" in alone_out
+    # the failed resume writes its record on the next day, into a folder of its own (found from the parent's too)
+    child = failed_resume(root, "2026-11-21_baseline", "bbbbbbbb-0000-0000-0000-000000000000.txt", parent,
+                          ckpt_kind, logged_resume)
+    assert records.parse_record(child).resumed_from.endswith(f"aaaaaaaa-0000-0000-0000-000000000000_{ckpt_kind}.pt")
+    joined, out, err = outcome()
+    assert joined == alone and out == alone_out
+    assert f"warning: {child} resumed from" in err and "never trained a step (status failed" in err
+    other = folder / "cccccccc-0000-0000-0000-000000000000.txt"
+    both = {parent: "ok", other: "ok"}
+    for given, expected in (([root], both), ([folder, child.parent], both),
+                            ([child.parent], {parent: "ok"})):  # the child's folder alone: its parent, from disk
+        assert {r.path: (r.status, r.record_files) for r in records.load_runs(given)} == {
+            k: (v, (k,)) for k, v in expected.items()}
+    assert [r["runs"] for r in records.table_rows(records.load_runs([root]))] == ["2/2"]
+
+
+def test_an_empty_resume_beside_a_real_one(tmp_path, capsys):
+    """An interrupted run resumed twice: the attempt that died on loading is ignored, the one that trained is
+    joined, and an interrupted parent with only an empty attempt stays interrupted (not failed)."""
+    root = tmp_path / "records"
+    parent, good = resumed_pair(root)  # interrupted at 12, resumed to 20
+    ckpt_kind = "step12_interrupted"
+    empty = failed_resume(root, "2026-11-22_baseline", "dddddddd-0000-0000-0000-000000000000.txt", parent,
+                          "step12", False)
+    empty.write_text(empty.read_text().replace("_step12.pt", f"_{ckpt_kind}.pt"))
+    (run,) = records.load_runs([root])
+    assert run.record_files == (parent, good) and run.status == "ok" and run.final_val_loss == 3.27
+    assert f"warning: {empty} resumed from" in capsys.readouterr().err
+    good.unlink()
+    (run,) = records.load_runs([root])
+    assert run.record_files == (parent,) and run.status == "interrupted"
+
+
+def test_a_finished_run_is_not_demoted_by_a_shorter_branch(tmp_path, capsys):
+    """A run that finished ok, and a branch resumed from its step-10 checkpoint that trained to step 14 and
+    diverged: the finished run counts as it stands."""
+    root = tmp_path / "records"
+    parent = write_segment(root, "2026-11-20_baseline", "aaaaaaaa-0000-0000-0000-000000000000.txt", RESUME_HP, 0,
+                           20, final=3.27)
+    ckpt = str(parent.with_name(parent.stem + "_step10.pt"))
+    branch = write_segment(root, "2026-11-21_baseline", "bbbbbbbb-0000-0000-0000-000000000000.txt", RESUME_HP, 10,
+                           14, resumed_from=ckpt, status="incomplete")
+    branch.write_text(branch.read_text() + "status: failed reason: non-finite train loss at step 14\nsummary: "
+                      + json.dumps({"status": "failed", "final_val_loss": None, "steps": 14}) + "\n")
+    (run,) = records.load_runs([root])
+    assert run.record_files == (parent,) and run.status == "ok" and run.final_val_loss == 3.27
+    assert f"warning: {branch} continues {parent}, which finished ok, but got less far" in capsys.readouterr().err
 
 
 def test_duplicate_seed_warning(fake, tmp_path, capsys):

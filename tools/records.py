@@ -1,6 +1,6 @@
 """Read, summarize, compare and produce run records (`records/<track>/<date>_<run_name>/<uuid>.txt`).
 
-    python tools/records.py table   [--records_dir records] [--target 3.28] [--include_local]
+    python tools/records.py table   [--records_dir records] [--target 3.28] [--include_local] [--write]
     python tools/records.py stats   FILES... [--target 3.28] [--alpha 0.01] [--vs FILES...]
     python tools/records.py compare A B ... --out plot.png [--labels a,b] [--zoom 0.3] [--subject flag,...]
     python tools/records.py sweep   --grid name=v1,v2 ... --seeds 0,1 [--budget_hours H] [--fit] [-- extra flags]
@@ -21,6 +21,7 @@ import queue
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -43,7 +44,7 @@ NOT_OK = ("failed", "interrupted", "incomplete")
 # (where records and checkpoints go, how often checkpoints are written, which checkpoint a segment resumed from):
 # never reported as confounds, ignored when matching a sweep cell to earlier records, hidden in the table.
 PER_RUN_KEYS = {"seed", "run_name", "run_id", "uuid", "date", "git_commit", "record", "records_dir", "track",
-                "save_checkpoint", "save_every", "resume"}
+                "save_checkpoint", "save_every", "keep_checkpoints", "resume"}
 # Validation is off the training path (no gradients, no training data, not timed), so val_every changes how many
 # points a curve has, not the training or the final loss; compare marks every validation point, so unequal
 # resolutions are visible in the figure rather than reported as a confound. val_tokens does change the measured
@@ -365,10 +366,19 @@ def _progress(run):
     return (run.status == "ok", run.num_steps)
 
 
+def never_trained(parent, child):
+    """Whether child, a segment resumed from parent's checkpoint, ended without training a step: not ok, and no step
+    line past the step it resumed at (a resume that died on loading: a shape mismatch, a missing shard)."""
+    cut = _cut_step(parent, child)
+    return child.status != "ok" and not any(s["step"] > cut for s in child.steps)
+
+
 def join_resumed(runs):
     """Join resumed segments into whole runs. A parent missing from runs is read from disk (beside its checkpoint)
     and so are children in sibling folders; a segment whose parent cannot be found counts as a run of its own, with
-    a warning. When several segments continued the same parent, the branch that got furthest is kept."""
+    a warning. When several segments continued the same parent, the branch that got furthest is kept. A segment
+    that never trained (never_trained: a resume that died while loading) is ignored with a warning, and a run that
+    finished ok is never replaced by a continuation that got less far, so neither can demote a finished run."""
     known = {r.path.resolve(): r for r in runs}
     pending, cache = list(runs), {}
     while pending:  # pull in missing parents and children until nothing new turns up (chains of resumes)
@@ -399,8 +409,18 @@ def join_resumed(runs):
             children.setdefault(parent.path, []).append(r)
 
     def best_chain(run):
-        chains = [best_chain(c) for c in children.get(run.path, [])]
-        if not chains:
+        chains = []
+        for chain in (best_chain(c) for c in children.get(run.path, [])):
+            if all(never_trained(p, c) for p, c in zip([run] + chain, chain)):
+                print(f"warning: {chain[0].path} resumed from {chain[0].resumed_from} but never trained a step "
+                      f"(status {chain[-1].status}{': ' + chain[-1].reason if chain[-1].reason else ''}); ignored, "
+                      f"{run.path} counts as it stands", file=sys.stderr)
+            elif run.status == "ok" and _progress(chain[-1]) < _progress(run):
+                print(f"warning: {chain[0].path} continues {run.path}, which finished ok, but got less far "
+                      f"(status {chain[-1].status} at step {chain[-1].num_steps}); not counted", file=sys.stderr)
+            else:
+                chains.append(chain)
+        if not chains:  # a finished parent is never demoted by a continuation that did not get as far
             return [run]
         chains.sort(key=lambda c: _progress(c[-1]), reverse=True)
         for dropped in chains[1:]:
@@ -616,28 +636,74 @@ def warn_duplicate_seeds(groups):
               "of the group", file=sys.stderr)
 
 
-def cmd_table(args):
-    records_dir = Path(args.records_dir)
-    skip = NON_RUN_DIRS + (() if args.include_local else (LOCAL_DIR,))
-    runs = load_runs([records_dir], skip) if records_dir.is_dir() else []
-    warn_duplicate_seeds({f"{track}/{folder}": group for (track, folder), group in group_runs(runs).items()})
-    table = format_table(table_rows(runs, args.target), args.target)
-    print(table)
-    if not args.write:  # printing never dirties the tree (a later run would record git_commit ...-dirty)
-        return 0
-    readme = Path(args.readme) if args.readme else records_dir / "README.md"
+LOCAL_README_HEAD = """# Local runs
+
+Runs on a CPU (smoke runs, debugging) write their records under `records/local/`, which git ignores; their table
+is kept here, never in the tracked `records/README.md`. `python tools/records.py table --write --include_local`
+rewrites it (and the tracked table, without these rows).
+
+"""
+
+
+def _under(path, folder):
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def write_table(readme, table, n_runs, create=False):
+    """Put table between the markers of readme (bytes in and out, so that line endings outside the markers survive
+    unchanged). create: a missing readme is created with LOCAL_README_HEAD and the markers. Returns 0, or 1 after
+    printing one error line."""
     if not readme.exists():
-        print(f"error: {readme} does not exist; create it with the lines {TABLE_START} and {TABLE_END}",
-              file=sys.stderr)
-        return 1
-    try:  # bytes in and out, so that line endings outside the markers survive unchanged
+        if not create:
+            print(f"error: {readme} does not exist; create it with the lines {TABLE_START} and {TABLE_END}",
+                  file=sys.stderr)
+            return 1
+        readme.write_text(f"{LOCAL_README_HEAD}{TABLE_START}\n{TABLE_END}\n", encoding="utf-8")
+    try:
         new = replace_between_markers(readme.read_bytes().decode("utf-8"), table)
+        readme.write_bytes(new.encode("utf-8"))
     except ValueError as e:
         print(f"error: {readme}: {e}", file=sys.stderr)
         return 1
-    readme.write_bytes(new.encode("utf-8"))
-    print(f"wrote the table ({len(runs)} runs) to {readme}")
+    except OSError as e:
+        print(f"error: cannot rewrite {readme} ({e.strerror}); check its permissions", file=sys.stderr)
+        return 1
+    print(f"wrote the table ({n_runs} runs) to {readme}")
     return 0
+
+
+def cmd_table(args):
+    """Print the table (with --include_local also the runs under records/local/). --write rewrites the tracked
+    README's table with the tracked runs only, whatever --include_local says: local (CPU) runs never land in the
+    tracked tree. With --include_local, --write also rewrites records/local/README.md (git-ignored, created if
+    missing) with the local runs."""
+    records_dir = Path(args.records_dir)
+    if not records_dir.is_dir():
+        print(f"error: --records_dir {records_dir} is not a directory; run from the repository root or pass "
+              "--records_dir <the folder train_gpt.py writes records into>", file=sys.stderr)
+        return 1
+    local_dir = records_dir / LOCAL_DIR
+    skip = NON_RUN_DIRS + (() if args.include_local else (LOCAL_DIR,))
+    runs = load_runs([records_dir], skip)
+    warn_duplicate_seeds({f"{track}/{folder}": group for (track, folder), group in group_runs(runs).items()})
+    print(format_table(table_rows(runs, args.target), args.target))
+    if not args.write:  # printing never dirties the tree (a later run would record git_commit ...-dirty)
+        return 0
+    local = [r for r in runs if _under(r.path, local_dir)]
+    tracked = [r for r in runs if not _under(r.path, local_dir)]
+    readme = Path(args.readme) if args.readme else records_dir / "README.md"
+    rc = write_table(readme, format_table(table_rows(tracked, args.target), args.target), len(tracked))
+    if rc or not args.include_local:
+        return rc
+    if not local_dir.is_dir():
+        print(f"no local runs ({local_dir} does not exist); no local table written")
+        return 0
+    return write_table(local_dir / "README.md", format_table(table_rows(local, args.target), args.target),
+                       len(local), create=True)
 
 # -----------------------------------------------------------------------------
 # stats
@@ -651,8 +717,28 @@ def _ok_losses(runs, label):
     return ok
 
 
+def _load_group(paths, flag=""):
+    """load_runs(paths), or None after one error line (a missing path, or no record file at all)."""
+    try:
+        runs = load_runs(paths)
+    except FileNotFoundError as e:
+        print(f"error: {flag}{e} (give record files, run folders or quoted globs such as "
+              "'records/track_1_short/*_baseline')", file=sys.stderr)
+        return None
+    if not runs:
+        print(f"error: {flag}no record files in {' '.join(map(str, paths))} (a run folder holds <uuid>.txt "
+              "records)", file=sys.stderr)
+        return None
+    return runs
+
+
 def cmd_stats(args):
-    groups = [("A", load_runs(args.files))] + ([("B", load_runs(args.vs))] if args.vs else [])
+    groups = []
+    for label, paths, flag in (("A", args.files, ""), ("B", args.vs, "--vs: ")):
+        if paths:
+            if (runs := _load_group(paths, flag)) is None:
+                return 1
+            groups.append((label, runs))
     warn_duplicate_seeds({f"group {label}": runs for label, runs in groups})
     samples = []
     for label, runs in groups:
@@ -910,6 +996,31 @@ def plot_compare(curves_by_axis, labels, out, zoom, band, target, n_runs):
     return drawn
 
 
+def unwritable_figure(out, flag="--out"):
+    """Why matplotlib could not save a figure at out (an unknown format, a missing directory, a path that cannot be
+    created), or None; checked by creating the file (removed again if it was not there before)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    out = Path(out)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix and out.suffix[1:].lower() not in formats:
+        return (f"{flag} {out}: matplotlib cannot write {out.suffix} files; end the name in one of "
+                f"{', '.join('.' + f for f in sorted(formats))}")
+    if out.is_dir():
+        return f"{flag} {out} is a directory; give a file name such as {out / 'cmp.png'}"
+    if not out.parent.is_dir():
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        return f"{flag} {out}: {out.parent} {what}; create the directory or choose another path"
+    existed = out.exists()
+    try:
+        with open(out, "ab"):
+            pass
+    except OSError as e:
+        return f"{flag} {out} cannot be written ({e.strerror}); choose another path"
+    if not existed:
+        out.unlink(missing_ok=True)
+    return None
+
+
 def cmd_compare(args):
     try:
         labels = _labels(args.groups, args.labels)
@@ -919,6 +1030,9 @@ def cmd_compare(args):
     if not 0 < args.zoom <= 1:
         print(f"error: --zoom {args.zoom:g} must be in (0, 1]: the fraction of the x range the zoomed panels show",
               file=sys.stderr)
+        return 1
+    if (why := unwritable_figure(args.out)) is not None:  # before any work: the plot is the point of the command
+        print(f"error: {why}", file=sys.stderr)
         return 1
     try:
         groups = [load_runs([g]) for g in args.groups]
@@ -955,8 +1069,13 @@ def cmd_compare(args):
         if c.interpolated:
             print(f"note: the runs of {label} validated at different steps; its mean line is interpolated "
                   "between their points (drawn without circles)", file=sys.stderr)
-    drawn = plot_compare(curves, labels, args.out, args.zoom, args.band, args.target,
-                         [len(runs) for runs in selected])
+    try:
+        drawn = plot_compare(curves, labels, args.out, args.zoom, args.band, args.target,
+                             [len(runs) for runs in selected])
+    except OSError as e:  # written to moments ago, so only a full disk or a race gets here
+        print(f"error: could not write --out {args.out} ({e.strerror or e}); free space or choose another path",
+              file=sys.stderr)
+        return 1
     for w in drawn["warnings"]:
         print(f"WARNING: {w}", file=sys.stderr)
     print(f"wrote {args.out}")
@@ -1093,6 +1212,7 @@ def probe_step_time(cmd, steps, log_path, timeout_s):
     ends or times out before it logs a timed step."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     best = None  # the latest step line: (step, total, train_time_ms); the validation at `steps` ends the probe
+    said = []  # the run's first "error: ..." line, else its last non-blank line: why it ended early
     with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                       text=True, bufsize=1, start_new_session=True) as proc:
         watchdog = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, 9))
@@ -1101,6 +1221,8 @@ def probe_step_time(cmd, steps, log_path, timeout_s):
             stopping = False
             for line in proc.stdout:  # read to the end even after SIGTERM, so a full pipe never blocks the run
                 log.write(line)
+                if line.strip() and not (said and said[0].startswith("error:")):
+                    said[:] = [line.strip()]
                 entry = _parse_step(line.strip())
                 if entry is None or stopping or entry["step"] == 0:
                     continue
@@ -1109,10 +1231,18 @@ def probe_step_time(cmd, steps, log_path, timeout_s):
                     stopping = True
                     proc.terminate()
             proc.wait()
+        except BaseException:  # Ctrl-C: the probe is no run of the sweep; it must not train on unwatched
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            raise
         finally:
             watchdog.cancel()
     if best is None:
-        raise RuntimeError(f"the probe run logged no timed step (exit {proc.returncode}; see {log_path})")
+        why = said[0].removeprefix("error:").strip() if said else "no output"
+        raise RuntimeError(f"the probe run logged no timed step (exit {proc.returncode}): {why} (its log: "
+                           f"{log_path})")
     step, total, train_ms = best
     return train_ms / step, total
 
@@ -1147,11 +1277,11 @@ def estimate_sweep(todo, args, extra, name, records_dir, state, slots):
         if ms is None and args.budget_hours is not None and not args.dry_run:
             try:
                 probes[label] = _probe_cell(runs[0], args, extra, name, records_dir)
-            except RuntimeError as e:
-                print(f"probe {label}: {e}", file=sys.stderr)
-            else:
-                ms, source = probes[label]["ms_per_step"], f"a {args.probe_steps}-step probe run"
-                _save_state(records_dir / "sweeps" / f"{name}.json", state)
+            except RuntimeError as e:  # the sweep cannot start without this estimate: say why, once, now
+                raise ValueError(f"refusing to start: {label}: {e}; fix that, or pass --ms_per_step and "
+                                 "--num_iterations to skip the probe") from None
+            ms, source = probes[label]["ms_per_step"], f"a {args.probe_steps}-step probe run"
+            _save_state(records_dir / "sweeps" / f"{name}.json", state)
         if iters is None and label in probes:
             iters = probes[label]["total_steps"]  # the step lines' total: what the run would do
         if iters is None or ms is None:
@@ -1210,7 +1340,8 @@ def sweep_results(state, runs, baseline):
     return rows
 
 
-SWEEP_STATUS_NAMES = {"error": "crashed (rerun retries)", "failed": "diverged"}
+SWEEP_STATUS_NAMES = {"error": "crashed (rerun retries)", "interrupted": "interrupted (rerun retries)",
+                      "failed": "diverged"}
 
 
 def print_sweep_results(rows, baseline):
@@ -1248,12 +1379,15 @@ def _save_state(path, state):
     os.replace(tmp, path)
 
 
-def _run_one(cmd, env, log_path, prefix, print_lock):
-    """Run one cell, teeing its output to log_path and stdout. Returns (exit code, parsed summary or None)."""
+def _run_one(cmd, env, log_path, prefix, print_lock, launch=subprocess.Popen):
+    """Run one cell, teeing its output to log_path and stdout. Returns (exit code, parsed summary or None), or
+    (None, None) when launch declined to start it (the sweep is stopping)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     summary = None
-    with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                                      stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    proc = launch(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    if proc is None:
+        return None, None
+    with open(log_path, "w") as log, proc:
         for line in proc.stdout:
             log.write(line)
             with print_lock:
@@ -1300,14 +1434,13 @@ def run_sweep(args, extra):
             print(f"time estimate: {hours:.2f} h on {len(slots)} parallel slot(s) (timed steps only; compile "
                   "warm-up and validation come on top)")
         if args.budget_hours is not None and unknown and not args.dry_run:
-            print(f"refusing to start: cannot check --budget_hours {args.budget_hours:g} without an estimate for "
-                  f"{', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}; pass --ms_per_step (and "
-                  "--num_iterations in the grid or after --), or fix the probe run (its log is above)",
-                  file=sys.stderr)
+            print(f"error: refusing to start: cannot check --budget_hours {args.budget_hours:g} without an estimate "
+                  f"for {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}; pass --ms_per_step (and "
+                  "--num_iterations in the grid or after --)", file=sys.stderr)
             return 2
         if args.budget_hours is not None and hours is not None and hours > args.budget_hours:
-            print(f"refusing to start: estimated {hours:.2f} h exceeds --budget_hours {args.budget_hours:g}",
-                  file=sys.stderr)
+            print(f"error: refusing to start: estimated {hours:.2f} h exceeds --budget_hours {args.budget_hours:g}; "
+                  "raise it, or drop cells or seeds", file=sys.stderr)
             return 2
 
     commands = [(r, build_command(args.train_cmd, r, extra, args.nproc, args.records_dir)) for r in todo]
@@ -1317,7 +1450,14 @@ def run_sweep(args, extra):
         return 0
     if todo:
         _save_state(state_path, state)
-        _execute(commands, slots, state, state_path, records_dir / LOCAL_DIR / "sweeps" / name)
+        try:
+            _execute(commands, slots, state, state_path, records_dir / LOCAL_DIR / "sweeps" / name)
+        except SweepInterrupted as e:
+            ended, stopped, never = e.args
+            print(f"sweep {name} stopped by a signal: {len(ended)} run(s) ended, {len(stopped)} interrupted "
+                  f"({', '.join(stopped) or 'none'}), {never} not started; rerun the same command to retry the "
+                  f"interrupted and run the rest (state: {state_path})", file=sys.stderr)
+            return 130
     print_sweep_results(sweep_results(state, runs, baseline), baseline)
     if args.fit:
         fit_sweep(state, name, Path(args.fit_out) if args.fit_out else records_dir / "sweeps" / f"{name}_fit.png")
@@ -1325,47 +1465,100 @@ def run_sweep(args, extra):
     if failed:
         print(f"{len(failed)} runs did not finish ok: {', '.join(failed)}; rerun the same command to retry "
               "crashed ones" + ("" if args.retry_failed else " (--retry_failed also reruns diverged ones)"))
-    return 1 if any(state["runs"].get(r["key"], {}).get("status") == "error" for r in todo) else 0
+    return 1 if any(state["runs"].get(r["key"], {}).get("status") in RETRIED for r in todo) else 0
 
 
 def _sweep_status(summary):
-    """"ok", "failed" (finished but diverged: a full summary, final_val_loss null) or "error" (crashed, killed or
-    interrupted: no summary, or a short one without final_val_loss). Only "error" runs are retried by default; a
-    summary means the run finished even if the process then exited nonzero."""
+    """"ok", "failed" (finished but diverged: a full summary, final_val_loss null), "interrupted" (stopped by a
+    signal) or "error" (crashed or killed: no summary, or a short one without final_val_loss). "error" and
+    "interrupted" runs are retried by default; a summary means the run finished even if the process then exited
+    nonzero."""
     if not summary:
         return "error"
     status = summary.get("status", "ok")
+    if status == "interrupted":
+        return status
     return "error" if status != "ok" and "final_val_loss" not in summary else status
 
 
+RETRIED = ("error", "interrupted")  # statuses a rerun runs again without --retry_failed
+
+
+class SweepInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the sweep; args: (keys of the runs that ended, keys interrupted, runs not started)."""
+
+
 def _execute(commands, slots, state, state_path, log_dir):
-    """Run the commands, one per slot at a time; each slot is a list of GPU ids (or None: sequential, env as is)."""
+    """Run the commands, one per slot at a time; each slot is a list of GPU ids (or None: sequential, env as is).
+
+    Each run starts in its own session, so a Ctrl-C at the terminal reaches the sweep alone; the sweep passes each
+    SIGINT / SIGTERM on to the running runs (train_gpt.py stops at the next step boundary, or at once on a second
+    signal), starts no further run, and raises SweepInterrupted once the running ones have ended. Interrupted runs
+    are recorded as such, so a rerun of the same command retries them and then runs the rest."""
     free, lock = queue.Queue(), threading.Lock()
     for s in slots:
         free.put(s)
+    stop, procs, procs_lock = threading.Event(), [], threading.Lock()
+    ended, interrupted = [], []
+
+    def launch(*a, **kw):
+        with procs_lock:  # a signal is either seen before the start (no start) or passed on to the started run
+            if stop.is_set():
+                return None
+            proc = subprocess.Popen(*a, start_new_session=True, **kw)
+            procs.append(proc)
+            return proc
+
+    def on_signal(signum, frame):
+        if not stop.is_set():
+            print(f"\nsweep: {signal.Signals(signum).name}: stopping the running run(s) at their next step (send it "
+                  "again to stop them at once); no further run starts", file=sys.stderr, flush=True)
+        stop.set()
+        with procs_lock:
+            for proc in procs:
+                try:
+                    proc.send_signal(signum)  # a no-op for a run that has ended
+                except ProcessLookupError:
+                    pass
 
     def work(i, run, cmd):
         slot = free.get()
         try:
+            if stop.is_set():
+                return
             env = dict(os.environ)
             if slot is not None:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
             with lock:
                 print(f"[{i + 1}/{len(commands)}] {' '.join(shlex.quote(c) for c in cmd)}"
                       + (f"  (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})" if slot else ""), flush=True)
-            rc, summary = _run_one(cmd, env, log_dir / f"{run['key']}.log", f"[{run['key']}] ", lock)
+            rc, summary = _run_one(cmd, env, log_dir / f"{run['key']}.log", f"[{run['key']}] ", lock, launch)
         finally:
             free.put(slot)
+        if rc is None:
+            return
         status = _sweep_status(summary)
+        if stop.is_set() and status == "error":  # e.g. stopped at once by a second signal, before its summary
+            status = "interrupted"
         entry = dict(run, status=status, returncode=rc, summary=summary, record=(summary or {}).get("record"))
         with lock:
             state["runs"][run["key"]] = entry
             _save_state(state_path, state)
+            (interrupted if status == "interrupted" else ended).append(run["key"])
             print(f"[{run['key']}] {status} (exit {rc})" + (f", record {entry['record']}" if entry["record"] else ""))
 
-    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-        for f in [pool.submit(work, i, r, c) for i, (r, c) in enumerate(commands)]:
-            f.result()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+            for f in [pool.submit(work, i, r, c) for i, (r, c) in enumerate(commands)]:
+                f.result()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stop.is_set():
+        raise SweepInterrupted(ended, interrupted, len(commands) - len(ended) - len(interrupted))
 
 # -----------------------------------------------------------------------------
 # Scaling-law fit
@@ -1468,11 +1661,15 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("table", help="print the records table (--write: also rewrite it in records/README.md)")
-    t.add_argument("--write", action="store_true", help="rewrite the table between the markers of the README")
+    t.add_argument("--write", action="store_true",
+                   help="rewrite the table between the markers of the README (tracked runs only; with "
+                        "--include_local the local runs go to <records_dir>/local/README.md)")
     t.add_argument("--records_dir", default="records")
     t.add_argument("--readme", default=None, help="default: <records_dir>/README.md")
     t.add_argument("--target", type=float, default=DEFAULT_TARGET)
-    t.add_argument("--include_local", action="store_true", help="also list the smoke runs in records/local/")
+    t.add_argument("--include_local", action="store_true",
+                   help="also list the smoke / CPU runs in records/local/ (written to records/local/README.md, "
+                        "never to the tracked table)")
 
     s = sub.add_parser("stats", help="t-test of final val losses against the target, or between two groups")
     s.add_argument("files", nargs="+", help="record files or directories (searched recursively)")
@@ -1526,17 +1723,22 @@ def main(argv=None):
     if extra and args.command != "sweep":
         print("error: arguments after -- are only used by sweep", file=sys.stderr)
         return 2
-    if args.command == "table":
-        return cmd_table(args)
-    if args.command == "stats":
-        return cmd_stats(args)
-    if args.command == "compare":
-        return cmd_compare(args)
     try:
-        return run_sweep(args, extra)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if args.command == "table":
+            return cmd_table(args)
+        if args.command == "stats":
+            return cmd_stats(args)
+        if args.command == "compare":
+            return cmd_compare(args)
+        try:
+            return run_sweep(args, extra)
+        except ValueError as e:  # the sweep's bad arguments and refusals
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:  # a sweep's runs are stopped by _execute's handler; this is any other moment
+        print(f"{args.command}: interrupted" + ("; no run of the sweep was going, rerun the same command to go on"
+                                                if args.command == "sweep" else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ search) is divided by p if positive and multiplied by p if negative. p > 1 disco
 """
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -319,6 +320,37 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def flag_problem(a) -> str | None:
+    """What is wrong with the parsed flags (one line naming the flag), or None."""
+    finite = math.isfinite
+    if not (finite(a.temperature) and a.temperature >= 0):
+        return f"--temperature must be >= 0 (0 = greedy) and finite, got {a.temperature}"
+    if not (finite(a.top_p) and 0 < a.top_p <= 1):
+        return f"--top_p must be in (0, 1] (1 = off), got {a.top_p}"
+    if a.top_k < 0:
+        return f"--top_k must be >= 0 (0 = off), got {a.top_k}"
+    if not (finite(a.repetition_penalty) and a.repetition_penalty > 0):
+        return (f"--repetition_penalty must be > 0 (1 = off, > 1 discourages repeats) and finite, got "
+                f"{a.repetition_penalty}")
+    if a.max_new_tokens < 1:
+        return f"--max_new_tokens must be >= 1, got {a.max_new_tokens}"
+    if a.beams < 0:
+        return f"--beams must be >= 0 (0 = sampling, N = beam search with N beams), got {a.beams}"
+    if not finite(a.length_penalty):
+        return f"--length_penalty must be finite (scores are divided by length ** it), got {a.length_penalty}"
+    if a.batch_size < 1:
+        return f"--batch_size must be >= 1, got {a.batch_size}"
+    if a.window_blocks is not None and a.window_blocks < 1:
+        return f"--window_blocks must be >= 1 (128-token blocks), got {a.window_blocks}"
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        return f"--device must be cpu or cuda (cuda:N), got {a.device!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {a.device}: this machine has no CUDA device; use --device cpu"
+    return None
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
@@ -339,17 +371,19 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    if a.repetition_penalty <= 0:
-        p.error(f"--repetition_penalty must be > 0 (1 = off, > 1 discourages repeats), got {a.repetition_penalty}")
-    if a.batch_size < 1:
-        p.error(f"--batch_size must be >= 1, got {a.batch_size}")
+    # Every flag is checked before the tokenizer and the checkpoint load: a bad value costs no wait, and NaN (which
+    # passes any < or > test) is caught by the isfinite checks.
+    if problem := flag_problem(a):
+        p.error(problem)
     try:
         texts = read_prompts(a.prompts_file) if a.prompts_file else [a.prompt]
     except ValueError as e:
         p.error(str(e))
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
-    model = load_model(a.checkpoint, a.device)
+    if not Path(a.checkpoint).is_file():
+        p.error(f"--checkpoint {a.checkpoint}: no such file (runs write <record>_final.pt and <record>_stepN.pt "
+                "beside their record)")
+    enc = tg.gpt2_encoding()  # "error: ..." in one line when it cannot load (offline without a cache)
+    model = load_model(a.checkpoint, a.device)  # "error: ..." in one line for an unreadable checkpoint
     prompts = [[tg.EOT_TOKEN] + enc.encode_ordinary(text) for text in texts]
     temperature = 0.0 if a.greedy else a.temperature
     gen = torch.Generator().manual_seed(a.seed)
