@@ -76,7 +76,8 @@ def test_resume_equals_uninterrupted_and_init_from_restarts(shakespeare_shards, 
     train, val = shakespeare_shards
     common = ["--preset=smoke", f"--train_files={train}", f"--val_files={val}", "--num_iterations=6",
               "--val_every=0", "--val_tokens=1024"]
-    assert tg.main(common + [f"--records_dir={tmp_path / 'a'}", "--save_every=3", "--save_checkpoint=true"]) == 0
+    assert tg.main(common + [f"--records_dir={tmp_path / 'a'}", "--save_every=3", "--keep_checkpoints=0",
+                             "--save_checkpoint=true"]) == 0
     full = summary_of(capsys.readouterr().out)
     mid = Path(full["record"]).with_name(Path(full["record"]).stem + "_step3.pt")
     assert tg.load_checkpoint(str(mid))["step"] == 3

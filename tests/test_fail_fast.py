@@ -74,7 +74,9 @@ def test_run_sh_refuses_more_processes_than_gpus():
     import torch
     if torch.cuda.device_count() >= 8:
         pytest.skip("this machine has 8 GPUs")
-    out = subprocess.run(["bash", "run.sh"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # this interpreter's python (it has torch) first
+    out = subprocess.run(["bash", "run.sh"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env=dict(os.environ, PATH=path))
     assert out.returncode == 1 and "GPU(s) visible" in out.stderr
 
 

@@ -354,7 +354,8 @@ SHORT = ["--preset=frontier_smoke", "--num_iterations=6", "--extension_steps=2",
 def test_frontier_resume_across_a_stage_boundary_is_exact(shakespeare_documents, tmp_path, capsys):
     train, val = shakespeare_documents
     common = SHORT + [f"--train_files={train}", f"--val_files={val}"]
-    assert tg.main(common + [f"--records_dir={tmp_path / 'a'}", "--save_every=2", "--save_checkpoint=full"]) == 0
+    assert tg.main(common + [f"--records_dir={tmp_path / 'a'}", "--save_every=2", "--keep_checkpoints=0",
+                             "--save_checkpoint=full"]) == 0
     full = summary_of(capsys.readouterr().out)
     mid = Path(full["record"]).with_name(Path(full["record"]).stem + "_step2.pt")  # stage 2 starts at step 2
     assert tg.load_checkpoint(str(mid))["data"]["tokens"] == 2 * 2 * 256

@@ -65,7 +65,8 @@ def test_resume_across_a_swap_is_exact(shakespeare_shards, tmp_path, capsys):
     train, val = shakespeare_shards
     common = ["--preset=smoke", f"--train_files={train}", f"--val_files={val}", "--val_every=0",
               "--val_tokens=1024", *FLAGS, "--kron_progressive_distill_steps=5"]
-    assert tg.main(common + [f"--records_dir={tmp_path / 'a'}", "--save_every=1", "--save_checkpoint=full"]) == 0
+    assert tg.main(common + [f"--records_dir={tmp_path / 'a'}", "--save_every=1", "--keep_checkpoints=0",
+                             "--save_checkpoint=full"]) == 0
     full = summary_of(capsys.readouterr().out)
     assert full["status"] == "ok" and full["final_val_loss"] < 10.8
     a = tg.load_checkpoint(full["checkpoint"])

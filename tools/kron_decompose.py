@@ -26,7 +26,8 @@ from kernels import choose_kron_factors, kron_dense_weight, kron_param_count, va
 MLP_WEIGHTS = ("mlp.c_fc.weight", "mlp.c_proj.weight")
 # Flags of the source run that say where its outputs went or how it started, not what it trains: a run from the
 # decomposed weights gets its own name and its own checkpoint choices.
-NOT_CARRIED = ("run_name", "records_dir", "resume", "init_from", "init_partial", "save_every", "save_checkpoint")
+NOT_CARRIED = ("run_name", "records_dir", "resume", "init_from", "init_partial", "save_every", "keep_checkpoints",
+               "save_checkpoint")
 
 
 def factors_for(shape, rank, factors=None):

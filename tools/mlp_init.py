@@ -101,7 +101,7 @@ def runnable_on(args: tg.Hyperparameters, device: torch.device) -> tg.Hyperparam
 
 
 # The teacher run's bookkeeping: a fresh run from the student starts with the defaults unless --student_flags set them
-FRESH_RUN_DEFAULTS = ("save_every", "save_checkpoint")
+FRESH_RUN_DEFAULTS = ("save_every", "keep_checkpoints", "save_checkpoint")
 # Left out of the derived run_name: bookkeeping, not what makes the student a different model
 NOT_IN_RUN_NAME = ("run_name", "init_from", "resume", *FRESH_RUN_DEFAULTS)
 
