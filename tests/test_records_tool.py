@@ -2,9 +2,10 @@ import importlib.util
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tools import records
@@ -374,178 +375,26 @@ def test_bookkeeping_is_not_a_confound(fake, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# sweep
+# sweep: moved to tools/sweep.py (tests/test_sweep.py); the old command line forwards there
 
 
-def calls(tmp_path):
-    path = tmp_path / "calls.log"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def test_sweep_resumes_after_a_crash(fake, tmp_path, monkeypatch, capsys):
+def test_records_py_sweep_forwards_to_tools_sweep(tmp_path, monkeypatch, capsys):
+    """`records.py sweep ...`, the sweep's old command line, names tools/sweep.py on stderr and runs it there
+    (tests/test_sweep.py tests the sweep itself)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setenv("FAKE_CRASH_ONCE", "lr=0.02,cooldown_frac=0.5")
-    monkeypatch.setenv("FAKE_DIVERGE", "lr=0.02,cooldown_frac=0.4")
-    argv = ["sweep", "--grid", "lr=0.01,0.02", "--grid", "cooldown_frac=0.4,0.5", "--seeds", "0",
-            "--train_cmd", f"python {fake.path}", "--records_dir", "records", "--sweep_name", "t", "--gpus", "0"]
-    assert records.main(argv) == 1  # one cell crashed
-    first = calls(tmp_path)
-    assert len(first) == 4 and {(c["lr"], c["cooldown_frac"]) for c in first} == {
-        ("0.01", "0.4"), ("0.01", "0.5"), ("0.02", "0.4"), ("0.02", "0.5")}
-    assert {c["run_name"] for c in first} == {"t.lr=0.01,cooldown_frac=0.4", "t.lr=0.01,cooldown_frac=0.5",
-                                              "t.lr=0.02,cooldown_frac=0.4", "t.lr=0.02,cooldown_frac=0.5"}
-    assert all(c["seed"] == "0" and c["records_dir"] == "records" for c in first)
-    state = json.loads((tmp_path / "records" / "sweeps" / "t.json").read_text())
-    status = {(v["flags"]["lr"], v["flags"]["cooldown_frac"]): v["status"] for v in state["runs"].values()}
-    assert status == {("0.01", "0.4"): "ok", ("0.01", "0.5"): "ok", ("0.02", "0.4"): "failed",
-                      ("0.02", "0.5"): "error"}
-    assert all(Path(v["record"]).exists() for v in state["runs"].values() if v["status"] == "ok")
-
-    assert records.main(argv) == 0  # reruns the crashed cell only; the diverged one is finished
-    rerun = calls(tmp_path)[4:]
-    assert len(rerun) == 1 and (rerun[0]["lr"], rerun[0]["cooldown_frac"]) == ("0.02", "0.5")
-    assert records.main(argv) == 0 and len(calls(tmp_path)) == 5  # everything finished: nothing runs
-    assert records.main(argv + ["--retry_failed"]) == 0
-    assert [(c["lr"], c["cooldown_frac"]) for c in calls(tmp_path)[5:]] == [("0.02", "0.4")]
-
-    # the table lists the crashed attempt and both diverged attempts next to the good runs
-    capsys.readouterr()
-    rows = records.table_rows(records.load_runs([tmp_path / "records"]))
-    assert sorted(r["runs"] for r in rows) == ["0/2 (2 failed)", "1/1", "1/1", "1/2 (1 failed)"]
-
-    # a new seed is estimated from the finished runs' step_avg: 4 runs x 20 steps x 50 ms = 4 s > 3.6 s
-    assert records.main(argv[:-6] + ["--seeds", "1", "--budget_hours", "0.001"] + argv[-4:]) == 2
-    assert "exceeds --budget_hours" in capsys.readouterr().err and len(calls(tmp_path)) == 6
-
-
-def test_sweep_budget_refusal(fake, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    base = ["sweep", "--grid", "num_iterations=1000,2000", "--seeds", "0,1", "--train_cmd", f"python {fake.path}",
-            "--gpus", "0"]
-    # 2 seeds x (1000 + 2000) steps x 100 ms = 600 s = 0.167 h
-    assert records.main(base + ["--ms_per_step", "100", "--budget_hours", "0.1"]) == 2
+    argv = ["--grid", "lr=0.01,0.02", "--ms_per_step", "100", "--gpus", "0", "--dry_run", "--",
+            "--num_iterations=10"]
+    assert records.main(["sweep", *argv]) == 0
     captured = capsys.readouterr()
-    assert "refusing to start" in captured.err and "0.17 h" in captured.err
-    assert "step time num_iterations=1000: 100.0 ms/step from --ms_per_step; 1000 steps x 2 run(s)" in captured.out
-    assert records.main(base + ["--ms_per_step", "100", "--budget_hours", "0.2", "--dry_run"]) == 0
-    out = capsys.readouterr().out
-    assert "0.17 h" in out and out.count("--num_iterations=") == 4 and "--seed=1" in out
-    assert records.main(base + ["--nproc", "2", "--dry_run", "--", "--lr=0.02"]) == 0
-    line = capsys.readouterr().out.splitlines()[-1]
-    assert re.search(r"-m torch\.distributed\.run --standalone --nproc_per_node=2 \S*fake_train\.py "
-                     r"--num_iterations=2000 --lr=0\.02 --records_dir=records --run_name=num_iterations=2000 "
-                     r"--seed=1$", line), line
-    assert not calls(tmp_path) and not (tmp_path / "records" / "sweeps").exists()
-
-
-def test_sweep_probes_the_step_time_without_records(fake, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    # the README's command: --budget_hours alone, no records, no --ms_per_step
-    base = ["sweep", "--grid", "num_iterations=1000,2000", "--seeds", "0,1", "--train_cmd", f"python {fake.path}",
-            "--gpus", "0", "--sweep_name", "b"]
-    # each cell is probed: the fake logs 50 ms/step; 2 seeds x (1000 + 2000) steps x 50 ms = 300 s = 0.083 h
-    assert records.main(base + ["--budget_hours", "0.05"]) == 2
-    captured = capsys.readouterr()
-    assert "step time num_iterations=1000: 50.0 ms/step from a 20-step probe run; 1000 steps x 2 run(s)" \
-        in captured.out
-    assert "estimated 0.08 h exceeds --budget_hours 0.05" in captured.err
-    probes = calls(tmp_path)
-    assert len(probes) == 2 and all(c["val_every"] == "20" and c["save_every"] == "0" for c in probes)
-    assert all(Path(c["records_dir"]).parts[:4] == ("records", "local", "sweeps", "b") for c in probes)
-    assert records.load_runs([tmp_path / "records"], records.NON_RUN_DIRS + ("local",)) == []  # not runs
-    # a rerun reuses the probes; a cell without num_iterations takes the probe's step count
-    assert records.main(base + ["--budget_hours", "0.05"]) == 2
-    assert "from an earlier 20-step probe run" in capsys.readouterr().out and len(calls(tmp_path)) == 2
-    assert records.main(["sweep", "--grid", "lr=0.01", "--train_cmd", f"python {fake.path}", "--gpus", "0",
-                         "--budget_hours", "1", "--sweep_name", "c"]) == 0
-    out = capsys.readouterr().out
-    assert "step time lr=0.01: 50.0 ms/step from a 20-step probe run; 20 steps x 1 run(s)" in out
-    assert len(calls(tmp_path)) == 4  # the probe, then the run
-
-    # a probe that logs no step: a clear refusal
-    broken = tmp_path / "broken.py"
-    broken.write_text("import sys; print('error: unknown flag --val_every'); sys.exit(2)\n")
-    assert records.main(["sweep", "--grid", "lr=0.02", "--train_cmd", f"python {broken}", "--gpus", "0",
-                         "--budget_hours", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "the probe run logged no timed step (exit 2" in err and "refusing to start" in err
-
-
-def test_sweep_results_table_and_rerun(fake, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    argv = ["sweep", "--grid", "lr=0.01,0.02,0.03", "--seeds", "0,1", "--train_cmd", f"python {fake.path}",
-            "--gpus", "0"]
-    assert records.main(argv) == 0
-    assert sorted({c["run_name"] for c in calls(tmp_path)}) == ["lr=0.01", "lr=0.02", "lr=0.03"]
-    folders = sorted(p.name for p in (tmp_path / "records" / "track_test").iterdir())
-    assert folders == ["2026-11-23_lr=0.01", "2026-11-23_lr=0.02", "2026-11-23_lr=0.03"]
-    out = capsys.readouterr().out
-    table = out[out.index("results:"):]
-    # the fake's loss: law + 0.5 |lr - 0.01| + 1e-4 seed: each cell's std is 1e-4 / sqrt(2)
-    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:] if line.startswith("  lr=")}
-    assert rows["lr=0.01"][1] == "2/2" and rows["lr=0.01"][5] == "baseline"
-    assert rows["lr=0.02"][3:6] == ["+-", "0.0001", "+0.0050"] and float(rows["lr=0.02"][6]) < 1e-3
-    assert rows["lr=0.03"][5] == "+0.0100"
-
-    # a rerun trains nothing and prints the same table; --baseline picks the reference cell
-    assert records.main(argv + ["--baseline", "lr=0.02"]) == 0
-    out = capsys.readouterr().out
-    assert len(calls(tmp_path)) == 6 and "0 to run" in out
-    rows = {line.split()[0]: line.split() for line in out[out.index("results:"):].splitlines() if "lr=0" in line}
-    assert rows["lr=0.01"][5] == "-0.0050" and rows["lr=0.02"][5] == "baseline"
-    assert records.main(argv + ["--baseline", "lr=0.5"]) == 2
-    assert "matches 0 cells; name one of: lr=0.01, lr=0.02, lr=0.03" in capsys.readouterr().err
-
-
-def test_cell_labels_are_safe_folder_names():
-    assert records.cell_label({"muon_lr": "0.04", "seq_len": "2048"}) == "muon_lr=0.04,seq_len=2048"
-    assert records.cell_label({}) == "defaults"
-    assert records.cell_label({"stages": "256:256:1-1:1.0", "x": "a/b c"}) == "stages=256-256-1-1-1.0,x=a-b-c"
-    betas = "head=0.5/0.95,embed=0.75/0.95,value_embeds=0.75/0.95,scalars=0.9/0.99"
-    long_a = records.cell_label({"adam_group_betas": betas, "seq_len": "1024"})
-    long_b = records.cell_label({"adam_group_betas": betas, "seq_len": "2048"})
-    assert len(long_a) == records.MAX_RUN_NAME and long_a != long_b and long_a[:60] == long_b[:60]
-
-
-def test_sweep_spreads_runs_over_gpus(fake, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert records.main(["sweep", "--grid", "lr=0.01,0.02", "--seeds", "0,1", "--gpus", "2",
-                         "--train_cmd", f"python {fake.path}", "--", "--cooldown_frac=0.5"]) == 0
-    runs = records.load_runs([tmp_path / "records"])
-    assert len(runs) == 4 and all(r.hparams["cooldown_frac"] == 0.5 for r in runs)
-    devices = {re.search(r"CUDA_VISIBLE_DEVICES=(\S+)", r.environment).group(1) for r in runs}
-    assert devices == {"0", "1"}
-    assert len({r.folder for r in runs}) == 2  # seeds of one cell share its run name
-
-
-def test_fit_scaling_law_recovers_exponents():
-    E, A, a, B, b = 1.69, 406.4, 0.34, 410.7, 0.28
-    N, D = np.meshgrid(np.geomspace(1e7, 1e9, 5), np.geomspace(1e8, 1e10, 5))
-    N, D = N.ravel(), D.ravel()
-    L = E + A / N ** a + B / D ** b
-    fit = records.fit_scaling_law(N, D, L)
-    for key, true in (("E", E), ("a", a), ("b", b), ("A", A), ("B", B)):
-        assert fit[key] == pytest.approx(true, rel=0.01), key
-    noisy = L + np.random.default_rng(0).normal(0, 2e-3, L.shape)
-    fit = records.fit_scaling_law(N, D, noisy)
-    assert fit["a"] == pytest.approx(a, rel=0.1) and fit["b"] == pytest.approx(b, rel=0.1)
-    assert fit["E"] == pytest.approx(E, rel=0.1) and fit["n"] == 25
-
-
-def test_sweep_fit_end_to_end(fake, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert records.main(["sweep", "--grid", "model_dim=32,128,512", "--grid", "num_iterations=10,40,160",
-                         "--train_cmd", f"python {fake.path}", "--gpus", "0", "--fit",
-                         "--sweep_name", "scaling"]) == 0
-    out = capsys.readouterr().out
-    m = re.search(r"fit over 9 runs: L\(N, D\) = (\S+) \+ \S+ / N\^(\S+) \+ \S+ / D\^(\S+)", out)
-    assert m, out[-2000:]
-    E, a, b = map(float, m.groups())
-    assert a == pytest.approx(fake.LAW["a"], rel=0.1) and b == pytest.approx(fake.LAW["b"], rel=0.1)
-    assert E == pytest.approx(fake.LAW["E"], rel=0.1)
-    assert (tmp_path / "records" / "sweeps" / "scaling_fit.png").stat().st_size > 0
+    assert captured.err == f"records.py sweep moved to tools/sweep.py: python tools/sweep.py {' '.join(argv)}\n"
+    assert "time estimate: 0.00 h" in captured.out and captured.out.count("--num_iterations=10 ") == 2
+    # as a script, with the sweep's own refusal and exit code
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "records.py"), "sweep", "--grid", "lr=0.01",
+                        "--probe_steps", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "records.py sweep moved to tools/sweep.py: python tools/sweep.py --grid lr=0.01 --probe_steps 0",
+        "error: --probe_steps 0 must be >= 1"], r.stderr
+    assert not (tmp_path / "records").exists()
 
 
 # -----------------------------------------------------------------------------

@@ -4,11 +4,8 @@ after printing the line, or raising SystemExit / argparse's exit, which Python p
 run in a subprocess to check what a user sees."""
 import gzip
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -90,77 +87,6 @@ def test_records_errors_in_a_subprocess(tmp_path):
     r = run_tool("tools/records.py", "compare", tmp_path, "--out", tmp_path / "no" / "cmp.png")
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
     assert_one_error_line(r.stderr, "does not exist")
-
-
-# A stand-in for train_gpt.py in sweeps: logs its flags to calls.log, prints a step line, then (while the file
-# `block` exists) waits for a signal; SIGINT ends it as train_gpt.py does (an interrupted summary, exit 130).
-SLOW_TRAIN = r'''
-import json, signal, sys, time
-from pathlib import Path
-flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
-stop = []
-signal.signal(signal.SIGINT, lambda *a: stop.append(a[0]))
-with open("calls.log", "a") as f:
-    f.write(json.dumps(flags) + "\n")
-print("step:1/2 train_time:10ms step_avg:10.00ms", flush=True)
-deadline = time.time() + 60
-while Path("block").exists() and not stop and time.time() < deadline:
-    time.sleep(0.02)
-if stop:
-    print("status: interrupted at step 1")
-    print("summary: " + json.dumps({"status": "interrupted", "steps": 1}), flush=True)
-    sys.exit(130)
-print("step:2/2 val_loss:3.5000 train_time:20ms step_avg:10.00ms")
-print("summary: " + json.dumps({"status": "ok", "final_val_loss": 3.5, "tokens": 1024, "steps": 2}), flush=True)
-'''
-
-
-def test_one_ctrl_c_stops_the_whole_sweep_and_a_rerun_resumes(tmp_path):
-    script = tmp_path / "slow_train.py"
-    script.write_text(SLOW_TRAIN)
-    (tmp_path / "block").touch()
-    argv = [str(ROOT / "tools" / "records.py"), "sweep", "--grid", "lr=0.01,0.02,0.03", "--train_cmd",
-            f"{sys.executable} {script}", "--records_dir", "records", "--sweep_name", "s", "--gpus", "0"]
-    # its own process group, signalled as a whole, as a terminal's Ctrl-C is
-    sweep = subprocess.Popen([sys.executable, *argv], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
-    calls = tmp_path / "calls.log"
-    deadline = time.time() + 60
-    while not (calls.exists() and calls.read_text().count("\n") == 1) and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(sweep.pid, signal.SIGINT)  # the run set its handler before logging its call
-    out, err = sweep.communicate(timeout=60)
-    assert sweep.returncode == 130, (out, err)
-    assert "Traceback" not in err, err
-    assert calls.read_text().count("\n") == 1  # the next cells never started
-    state = json.loads((tmp_path / "records" / "sweeps" / "s.json").read_text())
-    assert {k: v["status"] for k, v in state["runs"].items()} == {"s.lr=0.01_seed0": "interrupted"}
-    assert "1 interrupted (s.lr=0.01_seed0), 2 not started; rerun the same command" in err
-
-    (tmp_path / "block").unlink()  # the rerun retries the interrupted cell, then runs the rest
-    r = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert [json.loads(line)["lr"] for line in calls.read_text().splitlines()] == ["0.01", "0.01", "0.02", "0.03"]
-    state = json.loads((tmp_path / "records" / "sweeps" / "s.json").read_text())
-    assert {v["status"] for v in state["runs"].values()} == {"ok"} and len(state["runs"]) == 3
-
-
-def test_a_failed_probe_says_why(tmp_path, monkeypatch, capsys):
-    """The README's sweep line without train shards: the probe's own error line is the reason given, and the
-    other cells are not probed."""
-    monkeypatch.chdir(tmp_path)
-    broken = tmp_path / "no_shards.py"
-    broken.write_text("import sys\nwith open('calls.log', 'a') as f: f.write('x\\n')\n"
-                      "print(\"error: no train shards match 'data/fineweb10B/fineweb_train_*.bin'.\")\n"
-                      "print('  FineWeb:    python data/cached_fineweb10B.py 9')\nsys.exit(1)\n")
-    rc = records.main(["sweep", "--grid", "muon_lr=0.04,0.05", "--seeds", "0,1", "--budget_hours", "2",
-                       "--train_cmd", f"python {broken}", "--gpus", "0"])
-    assert rc == 2
-    err = capsys.readouterr().err
-    line = assert_one_error_line(err, "refusing to start", "muon_lr=0.04", "no train shards match",
-                                 "probes/muon_lr=0.04.log")
-    assert "no step count" not in err and "set --num_iterations" not in line
-    assert (tmp_path / "calls.log").read_text() == "x\n"  # one probe, not one per cell
 
 
 # -----------------------------------------------------------------------------------------------------------------
