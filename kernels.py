@@ -12,8 +12,11 @@ with a fake-tensor function and registered autograd, so torch.compile sees one o
 graph-breaking on the kernel launch. Importing this file registers those ops (its only side effect) and works
 without triton (then HAS_TRITON is False and only the torch paths are available).
 """
+import functools
+import json
 import math
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -73,7 +76,8 @@ def _pad(n):
     return max(16, 1 << (n - 1).bit_length())
 
 
-# Per-program register budget in elements of the largest fp32 tile; sets BLOCK_T. Not yet tuned on GPU.
+# Per-program register budget in elements of the largest fp32 tile; sets the default BLOCK_T (2 tokens per program
+# at GPT-2's MLP shapes), the first entry of each Kronecker launcher's config space (_kron_space).
 _TILE_ELEMS = 8192
 
 
@@ -85,21 +89,199 @@ def _launch_opts(tile_elems):
     return {"num_warps": 8 if tile_elems > 4096 else 4}
 
 
+class KernelConfig(NamedTuple):
+    """One point of a launcher's config space."""
+    block: int  # tokens per program: BLOCK_T of the Kronecker kernels, BLOCK_N of the KS kernels
+    num_warps: int
+    num_stages: int | None = None  # None: Triton's default (3 on CUDA)
+
+    def label(self):
+        return f"block={self.block} warps={self.num_warps} stages={self.num_stages or 'default'}"
+
+
 class KernelLaunch(NamedTuple):
     """One Triton launch exactly as its launcher computes it; calling it launches. tools/preflight.py --aot compiles
-    the same launch for a named GPU without one (its tensors on the meta device)."""
+    the same launch for a named GPU without one (its tensors on the meta device), for every config of its space."""
     kernel: object
     args: tuple  # positional runtime arguments (tensors and ints), in the kernel's order
     constexprs: dict
     grid: tuple
     num_warps: int
     num_stages: int | None = None  # None: Triton's default (3 on CUDA)
+    key: str = ""  # the problem as config tables name it: kernel, shape, layout, dtype (set by the plan function)
+    config: KernelConfig | None = None  # the config this launch uses, one of space
+    space: tuple = ()  # every KernelConfig the launcher may use for this problem, its default first
 
     def __call__(self):
         opts = {"num_warps": self.num_warps}
         if self.num_stages is not None:
             opts["num_stages"] = self.num_stages
         self.kernel[self.grid](*self.args, **self.constexprs, **opts)
+
+
+# -----------------------------------------------------------------------------
+# Launch configs
+#
+# Each launcher has a small config space of (tokens per program, num_warps, num_stages), its first entry the
+# untuned default. A JSON table written on a GPU by tools/bench_kernels.py --tune (every entry of the space timed
+# per problem) picks one entry per (GPU arch, problem); with no table, or no entry, a launch takes the default.
+# A table rather than triton.autotune: a launch stays a pure function of its shapes and one file, so runs are
+# deterministic (the weight-grad kernels' tokens per program set their fp32 summation order) and repeatable, the
+# choice can be recorded with a run, and tools/preflight.py --aot compiles and checks every entry a table could
+# pick without a GPU; autotune would time configs inside the first training steps and pick by a noisy race.
+# Table format: {"format": 1, "archs": {"sm_90": {"device": ..., "configs": {key: {"block", "num_warps",
+# "num_stages", ...}}}}} ("interpreter": tuned under TRITON_INTERPRET=1 on a CPU, for tests only).
+
+CONFIG_TABLE_ENV = "KERNEL_CONFIGS"  # a table's path; none, off or empty: no table
+CONFIG_TABLE_PATH = Path(__file__).resolve().with_name("kernel_configs.json")  # read when the variable is unset
+CONFIG_TABLE_FORMAT = 1
+_FIX = (f"rerun `python tools/bench_kernels.py --tune` on this GPU to rewrite it, delete the entry, or set "
+        f"{CONFIG_TABLE_ENV}=none for the default configs")
+
+
+_PATHS, _TABLES = {}, {}  # ${KERNEL_CONFIGS} -> config_table_path(); path -> load_config_table(path)
+
+
+class KernelConfigError(ValueError):
+    """A config table that cannot be used; the message is one `error: ...` line naming the fix."""
+
+
+def config_table_path():
+    """The table the launchers read: ${KERNEL_CONFIGS}, else kernel_configs.json beside this file where it exists
+    (looked for once per process and value of the variable: every launch asks)."""
+    env = os.environ.get(CONFIG_TABLE_ENV)
+    if env not in _PATHS:
+        if env is None:
+            _PATHS[env] = CONFIG_TABLE_PATH if CONFIG_TABLE_PATH.exists() else None
+        else:
+            _PATHS[env] = None if env.strip().lower() in ("", "none", "off") else Path(env)
+    return _PATHS[env]
+
+
+def _parse_config(entry, where):
+    try:
+        block, warps, stages = entry["block"], entry["num_warps"], entry.get("num_stages")
+    except (TypeError, KeyError) as e:
+        raise KernelConfigError(f"error: {where} is not a config {{block, num_warps, num_stages}} ({e!r}); "
+                                f"fix: {_FIX}") from None
+    ok = all(type(v) is int and v >= 1 for v in (block, warps)) and (stages is None or type(stages) is int)
+    if not ok:
+        raise KernelConfigError(f"error: {where} has block={block!r} num_warps={warps!r} num_stages={stages!r}; "
+                                f"expected positive ints (num_stages null for the default); fix: {_FIX}")
+    return KernelConfig(block, warps, stages)
+
+
+def load_config_table(path):
+    """{arch: {key: KernelConfig}} of a table file, checked in form (each entry's membership in its launch's space
+    is checked when a launch reads it: pick_config); KernelConfigError for an unusable file."""
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise KernelConfigError(f"error: kernel config table {path} is unreadable ({e}); fix: {_FIX}") from None
+    if not isinstance(table, dict) or table.get("format") != CONFIG_TABLE_FORMAT or not isinstance(
+            table.get("archs"), dict):
+        raise KernelConfigError(f"error: {path} is not a kernel config table (format {CONFIG_TABLE_FORMAT} with "
+                                f"an 'archs' object); fix: {_FIX}")
+    out = {}
+    for arch, section in table["archs"].items():
+        configs = section.get("configs") if isinstance(section, dict) else None
+        if not isinstance(configs, dict):
+            raise KernelConfigError(f"error: {path}: arch {arch!r} has no 'configs' object; fix: {_FIX}")
+        out[arch] = {key: _parse_config(entry, f"{path}: {arch} entry {key!r}") for key, entry in configs.items()}
+    return out
+
+
+def config_table():
+    """The launchers' table ({} when there is none), read on first use; reset_config_table() forgets it."""
+    path = config_table_path()
+    if path is None:
+        return {}
+    if path not in _TABLES:
+        if not path.exists():
+            raise KernelConfigError(f"error: {CONFIG_TABLE_ENV}={path} does not exist; fix: point it at a table "
+                                    f"written by `python tools/bench_kernels.py --tune`, or set "
+                                    f"{CONFIG_TABLE_ENV}=none")
+        _TABLES[path] = load_config_table(path)
+    return _TABLES[path]
+
+
+def config_table_info():
+    """None without a table, else {"path", "sha256", "entries": {arch: count}}: what a run's log should record."""
+    import hashlib
+    path = config_table_path()
+    if path is None:
+        return None
+    entries = {arch: len(v) for arch, v in config_table().items()}
+    return dict(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(), entries=entries)
+
+
+def reset_config_table():
+    """Forget the table read so far (a test or tool that rewrites the file or the variable calls this)."""
+    _PATHS.clear()
+    _TABLES.clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index):
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def device_arch(device):
+    """The table section launches on this device read: "sm_90" etc. on a GPU, "interpreter" for CPU tensors under
+    TRITON_INTERPRET=1, None elsewhere (meta tensors: tools/preflight.py --aot names the arch itself)."""
+    if device.type == "cuda":
+        return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+    return "interpreter" if device.type == "cpu" and TRITON_INTERPRET else None
+
+
+def pick_config(key, space, arch):
+    """The table's config for (arch, key), checked to be one of space; space[0] (the default) without one."""
+    chosen = config_table().get(arch, {}).get(key) if arch is not None else None
+    if chosen is None:
+        return space[0]
+    if chosen not in space:
+        raise KernelConfigError(f"error: kernel config table {config_table_path()}: {arch} entry {key!r} selects "
+                                f"{chosen.label()}, not in that launch's space ({'; '.join(c.label() for c in space)}"
+                                f"); fix: {_FIX}")
+    return chosen
+
+
+def _config_for(config, key, space, device):
+    """config (None: the table's choice for device; "default": space[0], no table read) checked against space."""
+    if config is None:
+        return pick_config(key, space, device_arch(device))
+    if config == "default":
+        return space[0]
+    config = KernelConfig(*config)
+    if config not in space:
+        raise ValueError(f"{key}: {config.label()} is not in the config space "
+                         f"({'; '.join(c.label() for c in space)})")
+    return config
+
+
+def _kron_space(per_token, token_loop):
+    """The default (the _TILE_ELEMS budget; 8 warps above 4096 tile elements, else 4; Triton's stages), then one step
+    along each axis: 2x the tokens per program (and 4x for the apply kernel), each with the warps the same rule
+    gives its tile, at most 64 tokens; the other warp count; 2 stages for the weight grad (token_loop), the only
+    kernel with a loop for Triton to pipeline (the apply kernel loops over rank alone, 1 in every run so far).
+    Not the full product, whose every entry preflight --aot would compile per arch and bench_kernels.py --tune
+    time: its corners fail at GPT-2's shapes (the apply kernel at 8 tokens and 4 warps: 255 registers on sm_90;
+    the weight grad at 8 tokens: 255 registers, 0.1-1.4 KB stack, and at 3 stages 255 KB shared on sm_90, over its
+    227 KB). 8 tokens at 8 warps stays, for sm_90 (110-209 registers, no stack), though the B-first order spills
+    7-8 KB per thread there on sm_80/sm_89 (preflight --aot marks it; the tuner times it like any other)."""
+    def step(t, **kw):
+        t = min(64, t)
+        return KernelConfig(t, _launch_opts(t * per_token)["num_warps"], **kw)
+    default = step(_block_tokens(per_token))
+    tokens = [2] if token_loop else [2, 4]
+    space = [default] + [step(default.block * f) for f in tokens] + [default._replace(num_warps=12 - default.num_warps)]
+    return tuple(dict.fromkeys(space + ([default._replace(num_stages=2)] if token_loop else [])))
+
+
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
 
 
 if HAS_TRITON:
@@ -226,8 +408,9 @@ def _kron_apply_triton(x, A, B, a_first=None):
     return y
 
 
-def _kron_apply_plan(x, A, B, a_first=None):
-    """(y, KernelLaunch or None for no tokens) of _kron_apply_triton, y allocated, nothing launched."""
+def _kron_apply_plan(x, A, B, a_first=None, config=None):
+    """(y, KernelLaunch or None for no tokens) of _kron_apply_triton, y allocated, nothing launched. config: one
+    of the launch's space (None: the config table's choice for x's device, else the default)."""
     n = x.shape[0]
     r, m1, k1 = A.shape
     _, m2, k2 = B.shape
@@ -247,13 +430,15 @@ def _kron_apply_plan(x, A, B, a_first=None):
         sx, sy = (s, k2 * s), (1, m2)
     PP, QP, MP, NP = _pad(dp), _pad(dq), _pad(dm), _pad(dn)
     per_token = max(PP * QP, MP * QP, MP * NP)
-    block_t = _block_tokens(per_token)
-    grid = (triton.cdiv(n, block_t),)
+    key = f"kron_apply {'A' if a_first else 'B'}-first p{dp} q{dq} m{dm} n{dn} r{r} {_dtype_name(x.dtype)}"
+    space = _kron_space(per_token, token_loop=False)
+    cfg = _config_for(config, key, space, x.device)
+    grid = (triton.cdiv(n, cfg.block),)
     return y, KernelLaunch(
         _kron_apply_kernel, (x, P, Q, y, n, r, dp, dq, dm, dn,
                              x.stride(0), *sx, *P.stride(), *Q.stride(), y.stride(0), *sy),
-        dict(BLOCK_T=block_t, PP=PP, QP=QP, MP=MP, NP=NP, PRECISION=_precision(x.dtype)), grid,
-        **_launch_opts(block_t * per_token),
+        dict(BLOCK_T=cfg.block, PP=PP, QP=QP, MP=MP, NP=NP, PRECISION=_precision(x.dtype)), grid,
+        cfg.num_warps, cfg.num_stages, key, cfg, space,
     )
 
 
@@ -264,15 +449,18 @@ def _kron_weight_grad_triton(x, dy, A, B, num_programs=None):
     return da.sum(0), db.sum(0)
 
 
-def _kron_weight_grad_plan(x, dy, A, B, num_programs=None, sms=None):
+def _kron_weight_grad_plan(x, dy, A, B, num_programs=None, sms=None, config=None):
     """((dA partials, dB partials), KernelLaunch) of _kron_weight_grad_triton, nothing launched; sms (streaming
-    multiprocessors, for the default split) defaults to x's GPU's count (4 off a GPU)."""
+    multiprocessors, for the default split) defaults to x's GPU's count (4 off a GPU); config as _kron_apply_plan."""
     n = x.shape[0]
     r, m1, k1 = A.shape
     _, m2, k2 = B.shape
     M1P, K1P, M2P, K2P = _pad(m1), _pad(k1), _pad(m2), _pad(k2)
     per_token = max(K1P * K2P, M1P * M2P, M1P * K2P)
-    block_t = _block_tokens(per_token)
+    key = f"kron_weight_grad m1={m1} k1={k1} m2={m2} k2={k2} r{r} {_dtype_name(x.dtype)}"
+    space = _kron_space(per_token, token_loop=True)
+    cfg = _config_for(config, key, space, x.device)
+    block_t = cfg.block
     n_blocks = triton.cdiv(n, block_t)
     if num_programs is None:
         # a few programs per SM keep the GPU busy while the partial buffers stay small
@@ -286,7 +474,7 @@ def _kron_weight_grad_plan(x, dy, A, B, num_programs=None, sms=None):
         _kron_weight_grad_kernel,
         (x, dy, A, B, da, db, n, m1, k1, m2, k2, *x.stride(), *dy.stride(), *A.stride(), *B.stride()),
         dict(BLOCK_T=block_t, M1P=M1P, K1P=K1P, M2P=M2P, K2P=K2P, PRECISION=_precision(x.dtype)),
-        (num_programs, r), **_launch_opts(block_t * per_token),
+        (num_programs, r), cfg.num_warps, cfg.num_stages, key, cfg, space,
     )
 
 
@@ -341,17 +529,28 @@ def _kron_apply_backward(ctx, dy):
 kron_apply.register_autograd(_kron_apply_backward, setup_context=_kron_apply_setup_context)
 
 
-def kron_apply_launches(x, A, B, sms=None):
+def kron_apply_launches(x, A, B, sms=None, configs=None):
     """(y, {"forward", "dx", "weight_grad": KernelLaunch}) of one kron_apply forward and backward on x (N, K), as
     kron_apply and _kron_apply_backward launch them (dy taken contiguous), nothing run: tensors may be on the meta
-    device (tools/preflight.py --aot). sms: as _kron_weight_grad_plan. No tokens: no launches."""
-    y, forward = _kron_apply_plan(x, A, B)
+    device (tools/preflight.py --aot). sms: as _kron_weight_grad_plan. configs: {kind: KernelConfig} for kinds
+    that take that entry of their launch's .space instead of the launchers' choice (every_config enumerates them).
+    No tokens: no launches."""
+    configs = configs or {}
+    y, forward = _kron_apply_plan(x, A, B, config=configs.get("forward"))
     if forward is None:
         return y, {}
     dy = torch.empty_like(y)
-    _, dx = _kron_apply_plan(dy, A.transpose(1, 2), B.transpose(1, 2))
-    _, weight_grad = _kron_weight_grad_plan(x, dy, A, B, sms=sms)
+    _, dx = _kron_apply_plan(dy, A.transpose(1, 2), B.transpose(1, 2), config=configs.get("dx"))
+    _, weight_grad = _kron_weight_grad_plan(x, dy, A, B, sms=sms, config=configs.get("weight_grad"))
     return y, {"forward": forward, "dx": dx, "weight_grad": weight_grad}
+
+
+def every_config(launches_fn, *args, **kwargs):
+    """{kind: [KernelLaunch for each config of that launch's space, the default first]} of kron_apply_launches or
+    ks_apply_launches called with these arguments (tools/preflight.py --aot compiles them all)."""
+    _, chosen = launches_fn(*args, **kwargs)
+    return {kind: [launches_fn(*args, **kwargs, configs={kind: c})[1][kind] for c in launch.space]
+            for kind, launch in chosen.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -582,6 +781,21 @@ def _ks_block_tokens(n):
     return min(64, max(16, _next_pow2(n)))
 
 
+def _ks_space(n, token_loop):
+    """The default (_ks_block_tokens: 64 tokens per program from 33 tokens on, 16 or 32 below; 4 warps; Triton's
+    stages), then one step along each axis from 64 tokens and 4 warps: 32 tokens, 128 tokens with 8 warps (4 would
+    hold 238-251 registers at GPT-2's Monarch shapes on sm_90), 8 warps; 2 stages for the weight grad (token_loop),
+    the only kernel with a loop for Triton to pipeline (the apply kernel's loop over c is 1-2 steps long). The steps
+    do not depend on n, so a table tuned at a training micro-batch stays valid at any token count."""
+    steps = [KernelConfig(64, 4), KernelConfig(32, 4), KernelConfig(128, 8), KernelConfig(64, 8)]
+    steps += [KernelConfig(64, 4, 2)] if token_loop else []
+    return tuple(dict.fromkeys([KernelConfig(_ks_block_tokens(n), 4)] + steps))
+
+
+def _ks_key(kind, pattern, bs_last, dtype):
+    return f"{kind} ({','.join(map(str, pattern))}) {'bs_last' if bs_last else 'bs_first'} {_dtype_name(dtype)}"
+
+
 if HAS_TRITON:
 
     # y[n, (i, j, l)] = sum_k w[i*d + l, j, k] x[n, (i, k, l)]; per token 2*a*b*c*d FLOPs (BLOCK_D x that
@@ -686,8 +900,9 @@ def _ks_apply_triton(x, weight, pattern, bs_last=False):
     return y
 
 
-def _ks_apply_plan(x, weight, pattern, bs_last=False):
-    """(y, KernelLaunch or None for no tokens) of _ks_apply_triton, y allocated, nothing launched."""
+def _ks_apply_plan(x, weight, pattern, bs_last=False, config=None):
+    """(y, KernelLaunch or None for no tokens) of _ks_apply_triton, y allocated, nothing launched; config as
+    _kron_apply_plan."""
     a, b, c, d = pattern
     n = x.shape[1] if bs_last else x.shape[0]
     out = a * b * d
@@ -695,12 +910,16 @@ def _ks_apply_plan(x, weight, pattern, bs_last=False):
     if n == 0:
         return y, None
     bb, bc, bd = _ks_blocks(b, c, d)
-    bn = _ks_block_tokens(n)
+    key = _ks_key("ks_apply", pattern, bs_last, x.dtype)
+    space = _ks_space(n, token_loop=False)
+    cfg = _config_for(config, key, space, x.device)
+    bn = cfg.block
     grid = (triton.cdiv(n, bn), a * triton.cdiv(d, bd), triton.cdiv(b, bb))
     return y, KernelLaunch(
         _ks_apply_kernel,
         (x, weight, y, n, b, c, d, *_ks_strides(x, bs_last), *weight.stride(), *_ks_strides(y, bs_last)),
-        dict(BLOCK_N=bn, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_precision(x.dtype)), grid, num_warps=4,
+        dict(BLOCK_N=bn, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_precision(x.dtype)), grid,
+        cfg.num_warps, cfg.num_stages, key, cfg, space,
     )
 
 
@@ -711,12 +930,16 @@ def _ks_weight_grad_triton(x, dy, pattern, bs_last=False, num_programs=None):
     return part.sum(0)
 
 
-def _ks_weight_grad_plan(x, dy, pattern, bs_last=False, num_programs=None, sms=None):
-    """(dw partials, KernelLaunch) of _ks_weight_grad_triton, nothing launched; sms as _kron_weight_grad_plan."""
+def _ks_weight_grad_plan(x, dy, pattern, bs_last=False, num_programs=None, sms=None, config=None):
+    """(dw partials, KernelLaunch) of _ks_weight_grad_triton, nothing launched; sms as _kron_weight_grad_plan,
+    config as _kron_apply_plan."""
     a, b, c, d = pattern
     n = x.shape[1] if bs_last else x.shape[0]
     bb, bc, bd = _ks_blocks(b, c, d)
-    bn = _ks_block_tokens(n)
+    key = _ks_key("ks_weight_grad", pattern, bs_last, x.dtype)
+    space = _ks_space(n, token_loop=True)
+    cfg = _config_for(config, key, space, x.device)
+    bn = cfg.block
     tiles = (a * triton.cdiv(d, bd), triton.cdiv(b, bb) * triton.cdiv(c, bc))
     n_blocks = triton.cdiv(n, bn)
     if num_programs is None:
@@ -730,7 +953,7 @@ def _ks_weight_grad_plan(x, dy, pattern, bs_last=False, num_programs=None, sms=N
         _ks_weight_grad_kernel,
         (x, dy, part, n, b, c, d, a * b * c * d, *_ks_strides(x, bs_last), *_ks_strides(dy, bs_last)),
         dict(BLOCK_N=bn, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_precision(x.dtype)),
-        (num_programs, *tiles), num_warps=4,
+        (num_programs, *tiles), cfg.num_warps, cfg.num_stages, key, cfg, space,
     )
 
 
@@ -785,16 +1008,17 @@ def _ks_apply_backward(ctx, dy):
 ks_apply.register_autograd(_ks_apply_backward, setup_context=_ks_apply_setup_context)
 
 
-def ks_apply_launches(x, weight, pattern, bs_last=False, sms=None):
+def ks_apply_launches(x, weight, pattern, bs_last=False, sms=None, configs=None):
     """(y, {"forward", "dx", "weight_grad": KernelLaunch}) of one ks_apply forward and backward, as ks_apply and
-    _ks_apply_backward launch them (dy taken contiguous), nothing run; see kron_apply_launches."""
+    _ks_apply_backward launch them (dy taken contiguous), nothing run; sms, configs: see kron_apply_launches."""
     a, b, c, d = pattern
-    y, forward = _ks_apply_plan(x, weight, tuple(pattern), bs_last)
+    configs = configs or {}
+    y, forward = _ks_apply_plan(x, weight, tuple(pattern), bs_last, config=configs.get("forward"))
     if forward is None:
         return y, {}
     dy = torch.empty_like(y)
-    _, dx = _ks_apply_plan(dy, weight.transpose(1, 2), (a, c, b, d), bs_last)
-    _, weight_grad = _ks_weight_grad_plan(x, dy, tuple(pattern), bs_last, sms=sms)
+    _, dx = _ks_apply_plan(dy, weight.transpose(1, 2), (a, c, b, d), bs_last, config=configs.get("dx"))
+    _, weight_grad = _ks_weight_grad_plan(x, dy, tuple(pattern), bs_last, sms=sms, config=configs.get("weight_grad"))
     return y, {"forward": forward, "dx": dx, "weight_grad": weight_grad}
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+import kernels  # its launch-config table: kernels.config_table
 from kernels import IMPLS as KRON_IMPLS, KS_IMPLS, KronLinear, KSLinear, butterfly_patterns, monarch_patterns
 from kernels import _a_first as kron_contracts_k1_first, choose_kron_factors, kron_factor_init_, kron_macs_per_token
 from kernels import van_loan_decompose
@@ -4226,6 +4227,9 @@ class RunRecord:
             for name in ("train_gpt.py", "kernels.py"):
                 source = HERE / name
                 self.section(name, source.read_text() if source.exists() else "(missing)")
+            table = kernels.config_table_path()  # a tuned launch-config table, where one is in use
+            if table is not None:
+                self.section(f"kernel configs: {table}", table.read_text())
             self.section("environment", environment_report(env.device))
             self.section("hyperparameters", f"hparams: {json.dumps(dataclasses.asdict(args))}\n"
                                             f"flags: {json.dumps(changed_flags(args))}")
@@ -4886,6 +4890,10 @@ def checked_args(argv: list[str], rank: int) -> tuple[Hyperparameters, dict | No
             print(warning, file=sys.stderr)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         check_gpus()
+        try:  # a tuned launch-config table (tools/bench_kernels.py --tune) must parse, whatever the flags
+            kernels.config_table()
+        except kernels.KernelConfigError as e:
+            raise SystemExit(str(e)) from None
         check_config(args, world_size)
         check_memory(args)
         check_inputs(args, world_size)

@@ -6,6 +6,9 @@ from pathlib import Path
 # Set KERNEL_TESTS_ON_GPU=1 to run the kernel tests on a real GPU instead.
 if os.environ.get("KERNEL_TESTS_ON_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every launch takes its default config (kernels.KernelConfig) unless a test names a table: a tuned
+# kernel_configs.json beside kernels.py, or one in the environment, changes no test.
+os.environ["KERNEL_CONFIGS"] = "none"
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -293,3 +293,25 @@ def test_optimizer_states_that_do_not_fit_are_refused_before_any_record(shards, 
         tg.main([f"--resume={path}", "--kron_optimizer=muon", f"--records_dir={tmp_path / 'records'}"])
     assert_one_error_line(e.value, "its optimizer states do not fit")
     assert not (tmp_path / "records").exists()
+
+
+def test_a_broken_kernel_config_table_is_one_line_and_a_used_one_is_recorded(shards, tmp_path, monkeypatch):
+    import kernels
+    (tmp_path / "bad.json").write_text("{bad")
+    monkeypatch.setenv("KERNEL_CONFIGS", str(tmp_path / "bad.json"))
+    kernels.reset_config_table()
+    try:
+        with pytest.raises(SystemExit) as e:
+            tg.main([*TINY, *data_flags(shards, tmp_path / "records")])
+    finally:
+        monkeypatch.setenv("KERNEL_CONFIGS", "none")
+        kernels.reset_config_table()
+    assert_one_error_line(e.value, "kernel config table", "KERNEL_CONFIGS=none")
+    assert not (tmp_path / "records").exists()
+
+    table = tmp_path / "kernel_configs.json"
+    table.write_text('{"format": "a tuned table"}\n')
+    monkeypatch.setattr(tg.kernels, "config_table_path", lambda: table)
+    record = tg.RunRecord(tg.apply_overrides(tg.Hyperparameters(), [f"--records_dir={tmp_path}"]),
+                          tg.DistEnv(0, 1, 0, torch.device("cpu")))
+    assert f"{'=' * 20} kernel configs: {table} {'=' * 20}\n{table.read_text()}" in record.path.read_text()

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -48,15 +50,22 @@ def test_quick_run_on_cpu_passes_and_writes_its_report(tmp_path):
     assert report["ok"] and report["checks_ok"] and report["measurements_ok"]
     assert report["device_type"] == "cpu" and report["world_size"] == 1 and report["quick"]
     checks = {c["name"]: c for c in report["checks"]}
-    assert {"env", "flex_attention", "fp8_head", "kron_ks_kernels", "moe", "compiled_training"} <= set(checks)
+    assert {"env", "flex_attention", "fp8_head", "fp8_mlp", "kron_ks_kernels", "moe",
+            "compiled_training"} <= set(checks)
     for entry in report["checks"] + report["measurements"]:
         assert set(entry) >= {"name", "ok", "detail", "seconds"} and entry["ok"]
         assert f"] {entry['name']} (" in out.stdout  # one line per entry, as it goes
-    for name in ("env", "flex_attention", "fp8_head", "moe", "compiled_training"):
+    for name in ("env", "flex_attention", "fp8_head", "fp8_mlp", "moe", "compiled_training"):
         assert checks[name]["status"] == "pass", checks[name]
+    # fewer attention cases under --quick, but every kind still runs: both windows, MHA, GQA, MLA, the byte stream
+    cases = " | ".join(report["timings"]["flex_attention_case_s"])
+    for kind in ("long window", "short window", "MHA", "GQA", "MLA", "byte stream"):
+        assert kind in cases, cases
+    assert "delayed scales out" in checks["fp8_mlp"]["detail"]  # both passes of the FP8 MLP compared
     # under conftest's TRITON_INTERPRET=1 the Triton kernels run in the interpreter
     assert checks["kron_ks_kernels"]["status"] == ("pass" if os.environ.get("TRITON_INTERPRET") == "1" else "skip")
     assert checks["model_flex_forward"]["detail"] == "skipped: not in --quick"
+    assert {"name": "model_flex_forward", "why": "not in --quick"} in report["skipped"]
     training = report["timings"]["compiled_training"]
     assert training["recompiles"] == 0 and training["graph_breaks"] == 0 and training["graphs"] == 1
     assert training["losses"] == training["eager_losses"] and training["losses"][-1] < training["losses"][0] - 0.5
@@ -125,11 +134,142 @@ def test_measurements_past_the_budget_are_skipped_not_run(tmp_path, capsys):
     assert headline["status"] == "pass"
 
 
+def recording(ran, name):
+    return lambda ctx: ran.append(name) or f"{name} done"
+
+
+# registry order deliberately unlike --gpu_budget_s's order of value
+BUDGET_REGISTRY = [("overhead_gqa", "measure"), ("step_time", "measure"), ("flex_attention", "check"),
+                   ("env", "check"), ("fp8_head", "check"), ("step_time_frontier", "measure"),
+                   ("compiled_training", "check"), ("allreduce_bandwidth", "measure")]
+
+
+def budget_run(tmp_path, capsys, monkeypatch, budget_s, startup_s):
+    """main() under --gpu_budget_s with instant stand-ins for real entry names (so the real order and cost table
+    apply), the process's startup fixed at startup_s; returns (entries run, the printed report, stdout)."""
+    monkeypatch.setattr(pf, "process_age_s", lambda: startup_s)
+    ran = []
+    registry = [pf.Entry(name, recording(ran, name), kind, fix="-") for name, kind in BUDGET_REGISTRY]
+    assert pf.main(["--out", str(tmp_path), f"--gpu_budget_s={budget_s}"], registry=registry) == 0
+    out = capsys.readouterr().out
+    return ran, printed_report(out), out
+
+
+def test_gpu_budget_runs_gpu_only_checks_first_and_skips_what_would_not_fit(tmp_path, capsys, monkeypatch):
+    cost, reserve = pf.GPU_BUDGET_COST_S, pf.GPU_BUDGET_RESERVE_S
+    # room for the flex_attention check (the costliest that fits) with 10 s to spare for the stand-ins' own time;
+    # not for step_time with its own compile, compiled_training, the frontier timing or an overhead variant
+    budget = reserve + cost["flex_attention"] + 10
+    assert cost["step_time"] + pf.STEP_TIME_COMPILE_S > budget - reserve
+    assert min(cost["compiled_training"], cost["step_time_frontier"], pf.GPU_BUDGET_OTHER_S) > budget - reserve
+    assert max(cost["env"], cost["fp8_head"], cost["allreduce_bandwidth"]) <= cost["flex_attention"]
+    ran, report, out = budget_run(tmp_path, capsys, monkeypatch, budget, startup_s=0.0)
+    order = ["env", "flex_attention", "fp8_head", "compiled_training", "step_time", "step_time_frontier",
+             "overhead_gqa", "allreduce_bandwidth"]  # GPU_BUDGET_FIRST's, then the rest in registry order
+    assert report["gpu_budget"]["order"] == order
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("[")] == order  # printed as they go
+    assert ran == ["env", "flex_attention", "fp8_head", "allreduce_bandwidth"]  # a cheap one after the skips runs
+    assert report["ok"] and report["quick"]  # skipped for time is not a failure; --quick sizes
+    skipped = {s["name"]: s["why"] for s in report["skipped"]}
+    assert list(skipped) == ["compiled_training", "step_time", "step_time_frontier", "overhead_gqa"]
+    for name, why in skipped.items():
+        assert why.startswith("time budget") and f"--only={name}" in why and "--gpu_budget_s" in why
+    assert f"~{cost['step_time'] + pf.STEP_TIME_COMPILE_S}s expected" in skipped["step_time"]  # compiles itself
+    estimates = {r["name"]: r["estimate_s"] for r in report["checks"] + report["measurements"]}
+    assert estimates["flex_attention"] == cost["flex_attention"] and estimates["overhead_gqa"] == pf.GPU_BUDGET_OTHER_S
+    assert report["gpu_budget"]["scale"] == 1.0 and report["gpu_budget"]["startup_s"] == 0.0
+    assert "skipped for time: compiled_training, step_time, step_time_frontier, overhead_gqa" in \
+        sorted(tmp_path.glob("*.md"))[0].read_text()
+
+
+def test_gpu_budget_counts_the_process_startup(tmp_path, capsys, monkeypatch):
+    cost, reserve = pf.GPU_BUDGET_COST_S, pf.GPU_BUDGET_RESERVE_S
+    budget = reserve + cost["flex_attention"] + 10
+    ran, report, _ = budget_run(tmp_path, capsys, monkeypatch, budget, startup_s=15.0)
+    assert ran == ["env", "fp8_head", "allreduce_bandwidth"]  # flex_attention fits the budget, not what is left
+    why = next(s["why"] for s in report["skipped"] if s["name"] == "flex_attention")
+    assert "15s of them process startup" in why
+    assert report["gpu_budget"]["startup_s"] == 15.0
+
+
+def test_process_age_counts_from_the_process_start():
+    # the process started before this module imported preflight (0.1 s: /proc's clock ticks are 10 ms)
+    assert time.perf_counter() - pf.IMPORTED_AT - 0.1 <= pf.process_age_s() < 7 * 24 * 3600
+
+
+def test_budget_estimates_grow_when_entries_overrun_theirs(monkeypatch):
+    assert pf.budget_scale([]) == 1.0
+    assert pf.budget_scale([(10.0, 2.0), (20.0, 5.0)]) == 1.0  # faster than the table: never trusted below it
+    assert pf.budget_scale([(10.0, 30.0), (20.0, 30.0)]) == 2.0
+    monkeypatch.setitem(pf.GPU_BUDGET_COST_S, "kron_ks_kernels", 20)
+    entry = pf.Entry("kron_ks_kernels", None, "check", fix="-")
+    ctx = SimpleNamespace(budget_runs=[(10.0, 30.0), (20.0, 30.0)], stash={}, budget_estimates={}, spent_s=20.0,
+                          startup_s=5.0, gpu_budget_s=20.0 + pf.GPU_BUDGET_RESERVE_S + 50)  # 50 s left
+    assert pf.over_gpu_budget(ctx, entry) is None and ctx.budget_estimates["kron_ks_kernels"] == 40  # 20 s x 2
+    ctx.budget_runs.append((10.0, 50.0))  # one more overrun: x 2.75
+    why = pf.over_gpu_budget(ctx, entry)
+    assert why is not None and "~55s expected (GPU_BUDGET_COST_S x 2.75" in why and "50s left" in why
+
+
+def test_list_shows_the_gpu_budget_order(capsys):
+    assert pf.main(["--list", "--gpu_budget_s=480"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names[:len(pf.GPU_BUDGET_FIRST)] == list(pf.GPU_BUDGET_FIRST)
+    assert sorted(names) == sorted(e.name for e in pf.REGISTRY)
+
+
+def test_gpu_budget_on_cpu_times_the_frontier_first_stage(tmp_path):
+    """The real entries under --gpu_budget_s (a budget nothing exceeds): the frontier preset (frontier_smoke on
+    CPU) timed at its first stage only, peak memory skipped off a GPU, the process startup counted."""
+    out, report = run_preflight("--gpu_budget_s=100000", "--only=peak_memory,step_time_frontier,env",
+                                "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert report["gpu_budget"]["order"] == ["env", "step_time_frontier", "peak_memory"]
+    assert report["gpu_budget"]["startup_s"] > 0  # at least torch's import
+    frontier = report["timings"]["step_time_frontier"]
+    assert "--preset=frontier_smoke" in frontier["flags"] and frontier["stages_timed"] == "1 of 4"
+    assert [(st["stage"], st["steps"], st["tokens_per_step"]) for st in frontier["stages"]] == [("stage 1", 10, 512)]
+    assert report["skipped"] == [dict(name="peak_memory", why="GPU only (a CPU timing records the process's max RSS)")]
+    estimates = {r["name"]: r["estimate_s"] for r in report["checks"] + report["measurements"]}
+    assert estimates["env"] == pf.GPU_BUDGET_COST_S["env"]
+    assert estimates["step_time_frontier"] == pf.GPU_BUDGET_COST_S["step_time_frontier"]
+
+
+def test_peak_memory_against_the_plan():
+    plan = dict(peak=2 * 2 ** 30, compiled_estimate=1.5 * 2 ** 30)
+    line, within = pf.peak_vs_plan(1.25, plan)
+    assert within and line == "1.25 GiB vs the plan's 2.00 GiB bound (compiled estimate 1.50 GiB)"
+    line, within = pf.peak_vs_plan(2.5, plan)
+    assert not within and line.endswith("ABOVE the bound")
+    assert pf.peak_vs_plan(1.25, None)[1]
+
+
+def test_memory_plan_hook():
+    """peak_memory's plan comes from tools/memory_plan.py where it has plan_memory (and none where it has not)."""
+    plan = pf.memory_plan_for(["--preset=smoke"], "NVIDIA H100 80GB HBM3", 80 * 2 ** 30, (9, 0), 1)
+    module = load_script("tools/memory_plan.py") if (ROOT / "tools" / "memory_plan.py").exists() else None
+    if not hasattr(module, "plan_memory"):
+        assert plan is None
+        return
+    assert plan["peak"] > plan["params"] > 0 and plan["compiled_estimate"] > 0
+
+
+def test_the_fp8_mlp_check_catches_saturation(tmp_path, capsys, monkeypatch):
+    """A delayed scale with too little margin clips p = relu(h W1^T)^2 in e4m3: the check must fail on it."""
+    monkeypatch.setattr(tg, "FP8_MLP_P_MARGIN", 0.3)
+    fp8_mlp = next(e for e in pf.REGISTRY if e.name == "fp8_mlp")
+    assert pf.main(["--quick", "--out", str(tmp_path)], registry=[fp8_mlp]) == 1
+    (result,) = printed_report(capsys.readouterr().out)["checks"]
+    assert result["status"] == "fail" and "saturates e4m3 at its delayed scale" in result["detail"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--flags=--bogus=1"], "unknown flag --bogus"),
     (["--flags", "--bogus=1"], "unknown flag --bogus"),  # the value may follow as its own argument
     (["--flags=--num_layers=3"], "num_layers=3 must be even"),
     (["--only=env,nope"], "unknown entries ['nope']"),
+    (["--gpu_budget_s=0"], "--gpu_budget_s=0 must be > 0"),
+    (["--gpu_budget_s=480", "--budget_s=100"], "--budget_s and --gpu_budget_s both given"),
 ])
 def test_bad_arguments_stop_with_a_clear_error(argv, message, tmp_path, capsys):
     assert pf.main(argv + ["--out", str(tmp_path)]) == 2

@@ -9,7 +9,7 @@ import kernels
 from conftest import load_script
 
 pf = load_script("tools/preflight.py")
-FAST_ARCHS = "sm_80,sm_89,sm_90"
+FAST_ARCHS = "sm_80"  # the most register pressure; every config on sm_80/89/90: test_full_set_every_arch (slow)
 
 
 def run_aot(capsys, *argv):
@@ -37,7 +37,7 @@ def test_no_triton_kernel_passes(capsys, flags):
     assert "launch no Triton kernel" in out
 
 
-def test_kron_both_every_kernel_every_arch(capsys):
+def test_kron_both_every_kernel_on_sm_80(capsys):
     code, out, report = run_aot(capsys, f"--arch={FAST_ARCHS}", "--flags=--kron_mlp=both")
     assert code == 0 and report["ok"], out
     rows = by_label(report)
@@ -46,7 +46,7 @@ def test_kron_both_every_kernel_every_arch(capsys):
             for kind, kernel in (("forward", "_kron_apply_kernel"), ("dx", "_kron_apply_kernel"),
                                  ("weight_grad", "_kron_weight_grad_kernel")):
                 assert rows[(arch, f"kron {label} {kind}")]["kernel"] == kernel
-    assert len(report["kernels"]) == 6 * 3
+    assert len(report["kernels"]) == 6 * len(FAST_ARCHS.split(","))
     assert_plausible(report, FAST_ARCHS.split(","))
 
 

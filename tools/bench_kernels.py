@@ -3,6 +3,7 @@
     python tools/bench_kernels.py                           # GPU: bf16, all impls, 49152 and 393216 tokens
     python tools/bench_kernels.py --device cpu              # CPU smoke run: fp32, 256 tokens, seconds
     python tools/bench_kernels.py --ks --rank 4             # KS factors and chains instead, 25088 tokens
+    python tools/bench_kernels.py --tune && python tools/bench_kernels.py --tune --ks   # GPU: kernel_configs.json
 
 For every (in, out) shape, token count, impl and pass (fwd, fwd_bwd) it prints one row: the median time (ms),
 the time over the dense matmul's (x dense), the achieved bandwidth (GB/s) and FLOP rate (TFLOP/s), on a GPU the
@@ -20,6 +21,17 @@ triton): the interpreter's time means nothing.
 --rank, each distinct factor alone and the whole chain, with the Triton kernel and the bmm reference in both
 layouts (bs_first: x (N, in); bs_last: x (in, N), timed without the transposes), against a dense matmul of
 the same (out, in). Same columns and JSONL, with "bench": "ks" and the chain, item, pattern and layout.
+
+--tune times every config of each Triton launch's config space (kernels.KernelConfig: tokens per program, warps,
+stages) instead: forward, dX and weight grad of KronLinear at each --shape (with --ks: of each distinct factor of
+the --ks_chains, default monarch, in the --layouts, default bs_first), at one token count (default 49152, a
+training micro-batch), 10 launches back to back per timing, each config first checked against the default's
+result (one that computes something else is never chosen, and the tune exits 1 naming it: a kernel bug). It
+writes the fastest config per launch (the default unless another is more than 3% faster) and every config's time
+into the launchers' table (--table, default kernel_configs.json beside kernels.py; on a CPU --table is required)
+under this GPU's arch, merging with what the file holds for other archs and launches; the launchers read it back
+(kernels.config_table; KERNEL_CONFIGS=path picks another file, =none none). On a CPU it runs under
+TRITON_INTERPRET=1 (section "interpreter"): a test of the round trip whose timings mean nothing.
 """
 import argparse
 import datetime
@@ -140,14 +152,21 @@ def main(argv=None):
                         help="GPU memory bandwidth for the roofline column (H100 SXM: 3350); unused on CPU")
     parser.add_argument("--out_dir", default=str(ROOT / "records" / "kernels"))
     parser.add_argument("--ks", action="store_true", help="benchmark KS factors and chains instead")
-    parser.add_argument("--ks_chains", nargs="+", choices=KS_CHAINS, default=list(KS_CHAINS))
+    parser.add_argument("--ks_chains", nargs="+", choices=KS_CHAINS,
+                        help="default: both (--tune: monarch, the training default)")
     parser.add_argument("--ks_impls", nargs="+", choices=KS_IMPLS, help="default: all usable on the device")
-    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS,
+                        help="default: both (--tune: bs_first, what training launches)")
     parser.add_argument("--ks_items", choices=("all", "chains"),
                         help="time each distinct factor alone too (all) or the whole chains only; default: all on "
                              "GPU, chains on CPU")
+    parser.add_argument("--tune", action="store_true",
+                        help="time every config of each launch's config space and write the table (see above)")
+    parser.add_argument("--table", help="--tune's output (default: kernel_configs.json beside kernels.py, GPU only)")
     args = parser.parse_args(argv)
     args.shape = [tuple(s) for s in args.shape] if args.shape else list(SHAPES)
+    args.ks_chains = args.ks_chains or (["monarch"] if args.tune else list(KS_CHAINS))
+    args.layouts = args.layouts or (["bs_first"] if args.tune else list(LAYOUTS))
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -155,6 +174,14 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
     repeats = args.repeats if args.repeats is not None else (20 if on_gpu else 3)
     triton_ok = kernels.HAS_TRITON and (on_gpu or kernels.TRITON_INTERPRET)
+    if args.tune:
+        if not triton_ok:
+            parser.error("--tune needs triton and a CUDA device (or TRITON_INTERPRET=1 on a CPU)")
+        if not on_gpu and not args.table:
+            parser.error("--tune on a CPU needs --table: interpreter timings do not belong in the GPU table")
+        if args.tokens and len(args.tokens) != 1:
+            parser.error("--tune takes one --tokens value (the table's keys do not include the token count)")
+        return tune(args, device, dtype, warmup, repeats)
     out_path = Path(args.out_dir) / f"{datetime.date.today()}_{device_name(device)}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if args.ks:
@@ -305,6 +332,177 @@ def bench_ks(args, names, device, dtype, warmup, repeats, out_path):
                             f.write(json.dumps(rec) + "\n")
     if not on_gpu:
         print(CPU_NOTE)
+
+
+# -----------------------------------------------------------------------------
+# --tune
+
+TUNE_MARGIN = 0.03  # another config replaces the default only when it is this much faster (timing noise)
+
+
+def kron_problems(layer, x, dy):
+    """[(kind, plan)] of one KronLinear's launches: plan(config) -> (KernelLaunch, outputs) where outputs() reads
+    the launch's results (the weight grad's partials summed); config "default" takes the space's first entry."""
+    A, B = layer.A.detach(), layer.B.detach()
+    At, Bt = A.transpose(1, 2), B.transpose(1, 2)
+
+    def forward(c):
+        y, launch = kernels._kron_apply_plan(x, A, B, config=c)
+        return launch, lambda: (y,)
+
+    def dx(c):
+        y, launch = kernels._kron_apply_plan(dy, At, Bt, config=c)
+        return launch, lambda: (y,)
+
+    def weight_grad(c):
+        (da, db), launch = kernels._kron_weight_grad_plan(x, dy, A, B, config=c)
+        return launch, lambda: (da.sum(0), db.sum(0))
+
+    return [("forward", forward), ("dx", dx), ("weight_grad", weight_grad)]
+
+
+def ks_problems(w, pattern, x, dy, bs_last):
+    """kron_problems for one KS factor (x, dy in the layout's 2-D form)."""
+    a, b, c, d = pattern
+    wt = w.transpose(1, 2)
+
+    def forward(cfg):
+        y, launch = kernels._ks_apply_plan(x, w, pattern, bs_last, config=cfg)
+        return launch, lambda: (y,)
+
+    def dx(cfg):
+        y, launch = kernels._ks_apply_plan(dy, wt, (a, c, b, d), bs_last, config=cfg)
+        return launch, lambda: (y,)
+
+    def weight_grad(cfg):
+        part, launch = kernels._ks_weight_grad_plan(x, dy, pattern, bs_last, config=cfg)
+        return launch, lambda: (part.sum(0),)
+
+    return [("forward", forward), ("dx", dx), ("weight_grad", weight_grad)]
+
+
+def time_launch(launch, warmup, repeats, device, inner):
+    """Median ms of one launch, timed `inner` launches back to back (so the GPU never waits on the host)."""
+    def batch():
+        for _ in range(inner):
+            launch()
+    return time_ms(batch, warmup, repeats, device) / inner
+
+
+def tune_one(plan, warmup, repeats, device, tol):
+    """(key, [{config, ms, status, rel_err}] per config of the launch's space): each config launched once and its
+    result checked against the default's (relative Frobenius error <= tol), then timed; a config the GPU cannot
+    launch (shared memory, registers) is recorded as such."""
+    from triton.runtime.errors import OutOfResources
+    default, outputs = plan("default")
+    default()
+    ref = [t.detach().float().clone() for t in outputs()]
+    rows = []
+    for cfg in default.space:
+        launch, outputs = plan(cfg)
+        try:
+            launch()
+        except OutOfResources as e:
+            rows.append(dict(config=list(cfg), ms=None, status=f"cannot launch: {e}", rel_err=None))
+            continue
+        err = max(((o.float() - r).norm() / r.norm().clamp_min(1e-30)).item() for o, r in zip(outputs(), ref))
+        if not err <= tol:
+            rows.append(dict(config=list(cfg), ms=None, status=f"wrong result (rel err {err:.1e} > {tol})",
+                             rel_err=err))
+            continue
+        ms = time_launch(launch, warmup, repeats, device, inner=10 if device.type == "cuda" else 1)
+        rows.append(dict(config=list(cfg), ms=ms, status="ok", rel_err=err))
+    return default.key, rows
+
+
+def pick(rows):
+    """The fastest ok row, or the default's (rows[0]) when that is within TUNE_MARGIN of it."""
+    ok = [r for r in rows if r["ms"] is not None]
+    best = min(ok, key=lambda r: r["ms"])
+    return rows[0] if rows[0]["ms"] is not None and rows[0]["ms"] <= best["ms"] * (1 + TUNE_MARGIN) else best
+
+
+def write_table(path, arch, section, entries):
+    """Merge entries into path's table under arch (other archs and keys kept); returns the table."""
+    path = Path(path)
+    if path.exists():
+        table = json.loads(path.read_text())
+        kernels.load_config_table(path)  # an unusable file stops here instead of being overwritten
+    else:
+        table = {"format": kernels.CONFIG_TABLE_FORMAT, "archs": {}}
+    old = table["archs"].get(arch, {}).get("configs", {})
+    table["archs"][arch] = dict(section, configs={**old, **entries})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return table
+
+
+def tune(args, device, dtype, warmup, repeats):
+    on_gpu = device.type == "cuda"
+    n = args.tokens[0] if args.tokens else (GPU_TOKENS[0] if on_gpu else 64)
+    arch = kernels.device_arch(device)
+    path = Path(args.table) if args.table else kernels.CONFIG_TABLE_PATH
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    gen = torch.Generator(device=device).manual_seed(0)
+    problems = []  # (what, kind, plan)
+    for in_f, out_f in args.shape:
+        if not args.ks:
+            torch.manual_seed(0)
+            layer = kernels.KronLinear(in_f, out_f, rank=args.rank).to(device)  # fp32 factors, as training's
+            x = torch.randn(n, in_f, device=device, dtype=dtype, generator=gen)
+            dy = torch.randn(n, out_f, device=device, dtype=dtype, generator=gen)
+            problems += [(f"kron {in_f}->{out_f} {layer.factors}", kind, plan)
+                         for kind, plan in kron_problems(layer, x, dy)]
+            continue
+        for chain, item, patterns in ks_items(in_f, out_f, args.rank, args.ks_chains):
+            if item == "chain":
+                continue
+            pattern = patterns[0]
+            torch.manual_seed(0)
+            w = kernels.KSLinear([pattern]).factors[0].detach().to(device)  # fp32, as training's
+            for layout in args.layouts:
+                bs_last = layout == "bs_last"
+                x = torch.randn(n, kernels.ks_in_features(pattern), device=device, dtype=dtype, generator=gen)
+                dy = torch.randn(n, kernels.ks_out_features(pattern), device=device, dtype=dtype, generator=gen)
+                if bs_last:
+                    x, dy = x.t().contiguous(), dy.t().contiguous()
+                problems += [(f"ks {chain} {pattern} {layout}", kind, plan)
+                             for kind, plan in ks_problems(w, pattern, x, dy, bs_last)]
+    print(f"tune device={device_name(device)} arch={arch} dtype={dtype} tokens={n} -> {path}")
+    table = Table([("launch", 44), ("kind", 11), ("config", 32), ("ms", 9), ("x default", 9), ("", 8)])
+    entries, failures, start = {}, [], time.perf_counter()
+    for what, kind, plan in problems:
+        key = plan("default")[0].key
+        if key in entries:
+            continue  # the same launch (shape, layout, dtype) met again, e.g. a repeated factor
+        key, rows = tune_one(plan, warmup, repeats, device, tol)
+        best = pick(rows)
+        default_ms = rows[0]["ms"]
+        for r in rows:
+            ratio = f"{r['ms'] / default_ms:.2f}" if r["ms"] is not None and default_ms else "-"
+            mark = "chosen" if r is best else "" if r["status"] == "ok" else r["status"][:40]
+            table.row(what, kind, kernels.KernelConfig(*r["config"]).label(),
+                      f"{r['ms']:.4f}" if r["ms"] is not None else "-", ratio, mark)
+            if r["status"].startswith("wrong"):
+                failures.append(f"{key} {kernels.KernelConfig(*r['config']).label()}: {r['status']}")
+        block, warps, stages = best["config"]
+        entries[key] = dict(block=block, num_warps=warps, num_stages=stages, ms=best["ms"], default_ms=default_ms,
+                            tokens=n, timings=rows)
+    section = dict(device=device_name(device), date=str(datetime.date.today()), torch=torch.__version__,
+                   triton=kernels.triton.__version__, dtype=str(dtype), tokens=n,
+                   seconds=round(time.perf_counter() - start, 1))
+    write_table(path, arch, section, entries)
+    kernels.load_config_table(path)  # what the launchers will read
+    changed = sum([e["block"], e["num_warps"], e["num_stages"]] != e["timings"][0]["config"]
+                  for e in entries.values())
+    print(f"tune: {len(entries)} launches, {changed} take a config other than the default; {path} [{arch}]")
+    if not on_gpu:
+        print(CPU_NOTE)
+    for line in failures:
+        print(f"error: tune: {line}: a config that computes something else is a kernel bug; fix the kernel")
+    if failures:
+        raise SystemExit(1)
+    return path
 
 
 if __name__ == "__main__":

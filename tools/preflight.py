@@ -1,10 +1,12 @@
 """Preflight: prove a node in minutes before a paid run (issue 11).
 
     python tools/preflight.py                      # every check and measurement (GPU: under 10 minutes on one H100)
-    python tools/preflight.py --quick              # under 3 minutes: fewer attention cases, steps and variants
+    python tools/preflight.py --quick              # under 3 minutes (a 2-core CPU: about 1): fewer cases and steps
+    python tools/preflight.py --gpu_budget_s=480   # one 8-minute GPU call: most valuable first, stops in time
     torchrun --standalone --nproc_per_node=8 tools/preflight.py   # every GPU, plus NCCL all-reduce/all-gather
     python tools/preflight.py --flags="--mot=cross --seq_len=16384"  # the configuration you are about to run
     python tools/preflight.py --list               # what runs; --only=NAME,... runs a subset
+    python tools/preflight.py --plan --gpu=h100 --nproc 8 --flags="--preset=frontier"   # memory plan, no GPU needed
 
 It runs on whatever device is there: CUDA in the training dtype (bf16) at training sizes, else the CPU in fp32 at
 smoke sizes (the smoke preset; every CPU timing is labeled as such and says nothing about a GPU).
@@ -17,7 +19,10 @@ Correctness checks, each against an independent reference on the device:
                         documents with boundaries mid-block, long/short windows (in --window_unit), MHA/GQA/MLA
                         head shapes, and the --mot=cross+self byte stream
   fp8_head              the lm_head's FP8 matmul (train_gpt.fp8_mm with FP8_HEAD_SCALES) forward and backward vs
-                        fp32, at the real head shape: error bounded, all finite, no e4m3/e5m2 saturation
+                        fp32, at the real head shape (CPU --quick: 1024 of its rows): error bounded, all finite, no
+                        e4m3/e5m2 saturation
+  fp8_mlp               train_gpt.FP8MLP (--fp8_mlp) vs the fp32 relu^2 MLP, output and gradients, at current and
+                        then delayed scales: error bounded, p not saturating at its delayed scale
   kron_ks_kernels       kernels.KronLinear (triton vs dense) and KSLinear (triton vs bmm) at the MLP shapes
   moe                   train_gpt.MoE output, aux loss and gradients vs a per-expert loop
   compiled_training     N steps of train_step on a learnable synthetic stream along the real schedule (windows
@@ -31,8 +36,14 @@ Measurements (median of repeats after warm-up; a variant that runs out of memory
   allreduce_bandwidth   NCCL bus bandwidth (world size > 1)
   kernel_bench          Kronecker and KS kernels vs the dense cuBLAS matmul (GPU)
   overhead_*            step-time overhead vs the default at equal tokens: --mot, --kron_mlp, --ks_mlp, GQA, MLA, MoE
+  step_time_frontier    (not --quick) ms/step of --preset=frontier (CPU: frontier_smoke) with --flags, first stage
+  peak_memory           (GPU) the timings' peak memory vs tools/memory_plan.py's plan of the same run
 Measurements after step_time stop starting once --budget_s would be exceeded (they say so; --only=NAME runs
-one on its own).
+one on its own). --gpu_budget_s=S instead fits everything into one GPU call of S seconds counted from the
+process's start: --quick sizes, every entry in the order of GPU_BUDGET_FIRST (GPU-only checks, ms/step of the
+default and of the frontier's first stage, peak memory) and then the rest, each estimated before it starts
+(GPU_BUDGET_COST_S, scaled up when the entries so far overran theirs) and skipped if it would not end in time; the
+JSON's "skipped" and "gpu_budget" say what was left out and why.
 
 Prints one line per check as it goes, then `preflight: {json}`; the same JSON and a Markdown table go to
 records/preflight/<date>_<device>.json/.md (--out DIR; existing files are never overwritten). `ok` is true when
@@ -63,6 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+IMPORTED_AT = time.perf_counter()  # before torch's import: process_age_s's fallback where /proc is missing
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 _SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken_cache"  # our machines' offline GPT-2 BPE files (--mot)
@@ -96,6 +108,23 @@ TOLERANCE = {
 # the output, 6.5-6.7% for dx and dw at training-size gradients (e5m2 flushes ~20% of them to zero at init).
 FP8_TOLERANCE = 0.15
 OTHER_PROCESS_GIB = 4.0  # GPU memory in use before we allocate anything above this fails env (a stale process)
+# --gpu_budget_s (one short GPU call) runs these first, in this order: what only a GPU can get wrong (its
+# FlexAttention, FP8 and Triton kernels, the grouped-mm MoE, inductor's training step), then ms/step of the default
+# and of the frontier preset's first stage, then peak memory against the plan; the rest follows in registry order.
+GPU_BUDGET_FIRST = ("env", "flex_attention", "fp8_head", "fp8_mlp", "kron_ks_kernels", "moe", "compiled_training",
+                    "step_time", "step_time_frontier", "peak_memory")
+# Expected seconds of each entry on one H100 at --quick sizes, compiles included. GUESSES: nothing here has run on a
+# GPU yet. Every result under --gpu_budget_s records its `estimate_s` next to its `seconds`: replace these from the
+# first real run. Not listed (the overhead_* timings, each compiling its own model): GPU_BUDGET_OTHER_S.
+GPU_BUDGET_COST_S = {
+    "env": 5, "flex_attention": 60, "fp8_head": 5, "fp8_mlp": 20, "kron_ks_kernels": 20, "moe": 5,
+    "compiled_training": 100,  # eager reference steps, then the compile that step_time reuses
+    "step_time": 20,  # the timed steps alone, on compiled_training's model (STEP_TIME_COMPILE_S more without it)
+    "step_time_frontier": 150, "peak_memory": 20,  # the plan: a meta-device model on the CPU, no GPU work
+    "fp8_off": 90, "allreduce_bandwidth": 10, "kernel_bench": 30, "model_flex_forward": 5,
+}
+GPU_BUDGET_OTHER_S, STEP_TIME_COMPILE_S = 100, 60
+GPU_BUDGET_RESERVE_S = 10  # kept free at the end: the report's files, the final line, leaving the process group
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -149,6 +178,15 @@ class Context:
     timings: dict = field(default_factory=dict)
     stash: dict = field(default_factory=dict)  # the compiled default model, handed from compiled_training to step_time
     estimate_s: float = 0.0  # expected cost of the next measurement (the costliest so far)
+    gpu_budget_s: float | None = None  # --gpu_budget_s: each entry estimated before it starts, skipped if too long
+    startup_s: float = 0.0  # the process's age when this Context was made (counted against --gpu_budget_s)
+    budget_runs: list = field(default_factory=list)  # (table seconds, seconds taken) of each entry that ran
+    budget_estimates: dict = field(default_factory=dict)  # entry name -> the estimate it was given
+
+    @property
+    def spent_s(self) -> float:
+        """Seconds of the GPU call spent so far: the process's startup, then everything since."""
+        return self.startup_s + time.perf_counter() - self.start
 
     @property
     def device(self) -> torch.device:
@@ -181,6 +219,7 @@ class Context:
 def run_entry(ctx: Context, entry: Entry) -> dict:
     """Run one entry; a failure is caught and recorded (message + traceback tail), never propagated."""
     t0 = time.perf_counter()
+    cost = entry_cost_s(ctx, entry)  # before the entry runs: step_time's depends on the stash it takes
     try:
         over = over_budget(ctx, entry)
         if over:
@@ -201,25 +240,76 @@ def run_entry(ctx: Context, entry: Entry) -> dict:
     result = dict(name=entry.name, ok=status != "fail", status=status, detail=detail, seconds=round(seconds, 2))
     if status == "fail":
         result["fix"] = entry.fix
+    if ctx.gpu_budget_s is not None:
+        result["estimate_s"] = ctx.budget_estimates.get(entry.name)
+        if status != "skip":  # a skip takes no time: it says nothing about how fast this machine is
+            ctx.budget_runs.append((cost, seconds))
     ctx.say(result_line(result))
     return result
 
 
 def over_budget(ctx: Context, entry: Entry) -> str | None:
-    """Why this measurement would overrun --budget_s, or None. Rank 0 decides for all: a rank that skipped a
-    measurement while the others ran it would leave them waiting in its collectives."""
-    if entry.kind != "measure" or not entry.budgeted:
+    """Why this entry would overrun the time budget, or None: under --gpu_budget_s any entry (over_gpu_budget),
+    else a measurement past --budget_s. Rank 0 decides for all: a rank that skipped an entry while the others ran
+    it would leave them waiting in its collectives."""
+    if ctx.gpu_budget_s is not None:
+        reason = over_gpu_budget(ctx, entry)
+    elif entry.kind != "measure" or not entry.budgeted:
         return None
-    elapsed = time.perf_counter() - ctx.start
-    reason = None
-    if elapsed + ctx.estimate_s > ctx.budget_s:
-        reason = (f"time budget: {elapsed:.0f}s elapsed of --budget_s={ctx.budget_s:.0f} and a measurement takes "
-                  f"~{ctx.estimate_s:.0f}s here; raise --budget_s or run --only={entry.name}")
+    else:
+        elapsed = time.perf_counter() - ctx.start
+        reason = None
+        if elapsed + ctx.estimate_s > ctx.budget_s:
+            reason = (f"time budget: {elapsed:.0f}s elapsed of --budget_s={ctx.budget_s:.0f} and a measurement "
+                      f"takes ~{ctx.estimate_s:.0f}s here; raise --budget_s or run --only={entry.name}")
     if ctx.env.world_size > 1:
         box = [reason]
         dist.broadcast_object_list(box, src=0)
         reason = box[0]
     return reason
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: /proc), else since this module was imported."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # fields 3.. of proc(5)
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: start, in clock ticks
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - IMPORTED_AT
+
+
+def entry_cost_s(ctx: Context, entry: Entry) -> float:
+    """The entry's expected seconds from GPU_BUDGET_COST_S; step_time's include its own compile when
+    compiled_training left no compiled model to reuse."""
+    cost = GPU_BUDGET_COST_S.get(entry.name, GPU_BUDGET_OTHER_S)
+    if entry.name == "step_time" and "model" not in ctx.stash:
+        cost += STEP_TIME_COMPILE_S
+    return cost
+
+
+def budget_scale(runs: list[tuple[float, float]]) -> float:
+    """How much slower than their GPU_BUDGET_COST_S the entries run so far took (seconds taken / expected, summed),
+    never below 1: an entry that overruns a call's hard limit costs the whole report, one skipped only itself."""
+    expected = sum(cost for cost, _ in runs)
+    return max(1.0, sum(seconds for _, seconds in runs) / expected) if expected else 1.0
+
+
+def over_gpu_budget(ctx: Context, entry: Entry) -> str | None:
+    """--gpu_budget_s: why this entry would not end in time, or None. Its estimate (recorded for the report) is its
+    table cost times budget_scale; it must end GPU_BUDGET_RESERVE_S before the budget, which counts from the
+    process's start."""
+    scale = budget_scale(ctx.budget_runs)
+    estimate = entry_cost_s(ctx, entry) * scale
+    ctx.budget_estimates[entry.name] = round(estimate, 1)
+    spent = ctx.spent_s
+    left = ctx.gpu_budget_s - GPU_BUDGET_RESERVE_S - spent
+    if estimate <= left:
+        return None
+    slower = f" x {scale:.2f}, the overrun of the entries so far" if scale > 1 else ""
+    return (f"time budget: ~{estimate:.0f}s expected (GPU_BUDGET_COST_S{slower}), {max(left, 0.0):.0f}s left of "
+            f"--gpu_budget_s={ctx.gpu_budget_s:.0f} ({spent:.0f}s spent, {ctx.startup_s:.0f}s of them process startup; "
+            f"{GPU_BUDGET_RESERVE_S}s kept for the report); raise --gpu_budget_s or run --only={entry.name}")
 
 
 def describe_failure(e: BaseException) -> str:
@@ -552,13 +642,13 @@ def attention_cases(args: tg.Hyperparameters, quick: bool) -> list[AttnCase]:
     char_window = tg.CharSelfAttention(mot).window_blocks
     char_heads, char_hd = mot.mot_heads, mot.char_dim // mot.mot_heads
     unit, windows = args.window_unit, f" ({args.window_unit} window)" if args.window_unit != "block" else ""
-    cases = [AttnCase(f"MHA {H}x{hd} long window{windows}", H, H, hd, hd, final, unit=unit),
-             AttnCase(f"MHA {H}x{hd} short window{windows}", H, H, hd, hd, final, halvings=1, unit=unit)]
-    if quick:
-        cases.append(AttnCase(f"GQA {H}/{kv} heads + MLA dims qk {hd + rope} v {hd}", H, kv, hd + rope, hd, final,
-                              unit=unit))
+    cases = [AttnCase(f"MHA {H}x{hd} long window{windows}", H, H, hd, hd, final, unit=unit)]
+    if quick:  # each case is its own compile (most of the check's time): GQA and MLA ride on the short window
+        cases.append(AttnCase(f"GQA {H}/{kv} heads + MLA dims qk {hd + rope} v {hd}, short window{windows}", H, kv,
+                              hd + rope, hd, final, halvings=1, unit=unit))
     else:
-        cases += [AttnCase(f"MHA {H}x{hd} step-0 window (1 block, halved){windows}", H, H, hd, hd, 1, halvings=1,
+        cases += [AttnCase(f"MHA {H}x{hd} short window{windows}", H, H, hd, hd, final, halvings=1, unit=unit),
+                  AttnCase(f"MHA {H}x{hd} step-0 window (1 block, halved){windows}", H, H, hd, hd, 1, halvings=1,
                            unit=unit),
                   AttnCase(f"GQA {H} q / {kv} kv heads", H, kv, hd, hd, final, unit=unit),
                   AttnCase(f"MLA qk {hd + rope} v {hd}", H, H, hd + rope, hd, final, unit=unit)]
@@ -671,13 +761,17 @@ def check_fp8_head(ctx: Context) -> str:
             raise Skip("--fp8_head=false: this run does not use the FP8 head")
     real = args if ctx.on_gpu else tg.Hyperparameters()  # CPU: the recipe's width and gradient size, fewer tokens
     N, D, V = (16384 if ctx.on_gpu else 128), real.model_dim, tg.next_multiple(real.vocab_size, 128)
+    rows = ""
+    if ctx.quick and not ctx.on_gpu:  # where oneDNN has no FP8 kernel (Intel Xeon: ~25 MFLOP/s) the full head takes
+        N, V = 16, 1024  # minutes; a slice of its rows runs the same ops, scales and saturation bookkeeping
+        rows = f" ({V} of the head's {tg.next_multiple(real.vocab_size, 128)} rows: CPU --quick)"
     step_tokens = real.micro_batches * real.seq_len
     scales = tg.FP8_HEAD_SCALES
     g = torch.Generator(device=ctx.device).manual_seed(0)
     head = tg.CastedLinear(D, V).to(ctx.device)  # fp32 master weight with the head's init scale
     head.use_fp8 = True
     x = tg.norm(torch.randn(N, D, device=ctx.device, generator=g)).bfloat16().requires_grad_()  # normed hidden
-    targets = torch.randint(0, real.vocab_size, (N,), device=ctx.device, generator=g)
+    targets = torch.randint(0, min(real.vocab_size, V), (N,), device=ctx.device, generator=g)
     seen = {}
     z = head(x)  # CastedLinear's training path: fp8_mm
     z.register_hook(lambda grad: seen.setdefault("grad", grad.detach()))
@@ -703,8 +797,56 @@ def check_fp8_head(ctx: Context) -> str:
     underflow = ((grad.abs() * scales["grad_scale"] < E5M2_TINY) & nonzero).sum().item() / max(nonzero.sum().item(), 1)
     ctx.timings["fp8_head"] = dict(tokens=N, scale_use=headroom, grad_underflow_frac=underflow, bf16_head_err=bf16_err)
     use = ", ".join(f"{k} {v:.2g}" for k, v in headroom.items())
-    return cmp.verdict(f"x ({N}, {D}) @ w ({V}, {D}): ") + (f"; bf16 head {bf16_err:.1e}; max / format max: {use}; grads "
-                                                           f"flushed to zero {underflow:.1%}")
+    return cmp.verdict(f"x ({N}, {D}) @ w ({V}, {D}){rows}: ") + (
+        f"; bf16 head {bf16_err:.1e}; max / format max: {use}; grads flushed to zero {underflow:.1%}")
+
+
+@check("fp8_mlp", fix="the FP8 MLP (--fp8_mlp, on in --preset=frontier) is inaccurate or saturates here: run with "
+                      "--fp8_mlp=false (bf16 MLP), and check that torch._scaled_mm works on this GPU/torch")
+def check_fp8_mlp(ctx: Context) -> str:
+    """train_gpt.FP8MLP's training path (both matmuls e4m3) vs the fp32 relu^2 MLP on the same weights, output and
+    the straight-through gradients, in two passes: the first at current scales, the second at the delayed ones a
+    training step leaves (p at the first pass's amax x FP8_MLP_P_MARGIN, W2 at its refreshed amax x margin)."""
+    if ctx.on_gpu:
+        cc = torch.cuda.get_device_capability(ctx.device)
+        if cc < (8, 9):
+            raise Skip(f"no FP8 on compute capability {cc[0]}.{cc[1]} (--fp8_mlp runs the bf16 MLP there)")
+    # GPU: the run's width; CPU: the recipe's, the smoke width under --quick (reference-only FP8 matmuls are slow)
+    dims = ctx.args if ctx.on_gpu or ctx.quick else tg.Hyperparameters()
+    args = dataclasses.replace(dims, fp8_mlp=True, mlp_act="relu2", kron_mlp="off", ks_mlp="off", moe_experts=0)
+    tokens = (4096 if ctx.quick else 16384) if ctx.on_gpu else (64 if ctx.quick else 16)
+    torch.manual_seed(0)
+    mlp = tg.FP8MLP(args).to(ctx.device).train()
+    with torch.no_grad():  # live weights: the zero-initialized c_proj would carry no signal
+        mlp.c_proj.weight.normal_(0, 0.02)
+    mlp.use_fp8 = True
+    dense = tg.MLP(dataclasses.replace(args, fp8_mlp=False)).to(ctx.device)
+    dense.load_state_dict(mlp.state_dict())  # the same weights; the FP8 scaling state is dropped
+    g = torch.Generator(device=ctx.device).manual_seed(3)
+    cmp, amax, tol = Comparison(ctx.dtype), [], (FP8_TOLERANCE, 2.0)
+    for n, label in enumerate(("current scales", "delayed scales")):
+        x = tg.norm(torch.randn(tokens, args.model_dim, device=ctx.device, generator=g)).to(ctx.dtype)
+        x.requires_grad_()
+        dy = torch.randn(tokens, args.model_dim, device=ctx.device, generator=g).to(ctx.dtype)
+        out = mlp(x)  # one training forward per pass: each updates the scaling state
+        grads = torch.autograd.grad(out, [x, mlp.c_fc.weight, mlp.c_proj.weight], dy)
+        amax.append(mlp.p_amax.item())
+        x_ref = x.detach().float().requires_grad_()
+        ref = dense(x_ref)
+        ref_grads = torch.autograd.grad(ref, [x_ref, dense.c_fc.weight, dense.c_proj.weight], dy.float())
+        cmp.add(f"{label} out", out, ref, tolerance=tol)
+        for name, got, want in zip(("dx", "d fc", "d proj"), grads, ref_grads):
+            cmp.add(name, got, want, tolerance=tol)
+        if n == 0:  # as a training step does before its optimizer step (Muon's pre-hook), then past the steps
+            mlp.refresh()  # that scale W2 exactly: the second pass takes both delayed scales
+            mlp.refreshes.fill_(tg.FP8_MLP_W2_EXACT_STEPS)
+    p_use = amax[1] / (amax[0] * tg.FP8_MLP_P_MARGIN)  # > 1: p saturated e4m3 at the delayed scale
+    if not p_use < 1:
+        cmp.fail(f"p = relu(h W1^T)^2 saturates e4m3 at its delayed scale: amax {amax[1]:.3g} is {p_use:.2f}x the "
+                 f"previous amax x {tg.FP8_MLP_P_MARGIN}")
+    used = "" if ctx.args.fp8_mlp else " (--fp8_mlp is off in these flags; --preset=frontier turns it on)"
+    return cmp.verdict(f"{tokens} tokens, {args.model_dim} <-> {args.mlp_ratio * args.model_dim}, {ctx.dtype}"
+                       f"{used}: ") + f"; p's delayed scale used at {p_use:.0%}"
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -896,7 +1038,9 @@ def run_steps(model, optimizers: list, args: tg.Hyperparameters, stream: torch.T
                                 "breaks cost time every step")
 def check_compiled_training(ctx: Context) -> str:
     base = ctx.args
-    n_steps = (4 if ctx.quick else 8) if ctx.on_gpu else (4 if ctx.quick else 6)
+    # CPU --quick: first, middle and last step of the schedule, so the window still grows (and three stages still
+    # come in turn) at three quarters of the steps
+    n_steps = (4 if ctx.quick else 8) if ctx.on_gpu else (3 if ctx.quick else 6)
     micro = min(base.micro_batches // ctx.env.world_size, 2 if ctx.on_gpu else 1)  # the run's per-sequence graph
     args = dataclasses.replace(base, micro_batches=micro)
     # windows grow (and with --stages, sequences too: one graph per distinct length, as in main())
@@ -1005,11 +1149,13 @@ def timed_steps(args: tg.Hyperparameters) -> list[tuple[str, int, int]]:
             for k, st in enumerate(stages)]
 
 
-def time_config(ctx: Context, name: str, extra_flags: list[str]) -> dict:
+def time_config(ctx: Context, name: str, extra_flags: list[str], first_stage_only: bool = False) -> dict:
     """ms/step of train_step at this config as main() runs it (compiled on GPU, eager on CPU; micro_batches /
     world_size sequences per rank; the final, widest window; with --stages each stage at its own length and
     windows, then the step-weighted mean), median of repeats after warm-up, and the training time it implies
-    (est_train_s: ms/step x steps, validation and compile excluded). An OOM is a result, not an exception."""
+    (est_train_s: ms/step x steps, validation and compile excluded). first_stage_only: with --stages only the
+    first stage (one compile instead of one per sequence length; its figures then cover those steps alone, and
+    "stages_timed" says so). An OOM is a result, not an exception."""
     flags = ctx.flags + extra_flags
     try:
         args = config_args(flags, ctx.on_gpu)
@@ -1019,7 +1165,8 @@ def time_config(ctx: Context, name: str, extra_flags: list[str]) -> dict:
             raise Skip(f"{' '.join(extra_flags)} does not combine with --flags: {e}") from None
         raise
     ws, accum = ctx.env.world_size, args.micro_batches // ctx.env.world_size
-    warmup, repeats = (3, 5 if ctx.quick else 10) if ctx.on_gpu else (1, 2 if ctx.quick else 3)
+    # CPU --quick: one timed step after the warm-up (eager CPU timings prove the path, they measure no GPU)
+    warmup, repeats = (3, 5 if ctx.quick else 10) if ctx.on_gpu else (1, 1 if ctx.quick else 3)
     stash = ctx.stash if not extra_flags else {}
     model = stash.pop("model", None)
     try:
@@ -1034,14 +1181,18 @@ def time_config(ctx: Context, name: str, extra_flags: list[str]) -> dict:
         if orthogonalize is not None:
             optimizers[1].orthogonalize = orthogonalize
         setup, stages, peak = StepSetup(model, args, ctx.device), [], 0
-        for label, step, count in timed_steps(args):
+        points = timed_steps(args)
+        for n, (label, step, count) in enumerate(points[:1] if first_stage_only else points):
+            # CPU (eager): only the model's first step has one-time costs (optimizer state); a later stage's new
+            # sequence length compiles nothing there, so it needs no warm-up of its own
+            warmup_here = warmup if ctx.on_gpu or n == 0 else 0
             window, seq_len = setup(step)
             if not args.stages:  # #21: the final, widest window (step num_iterations) at the last step's LR
                 window = window_tensor(tg.long_window_blocks(args.num_iterations, args), ctx.device)
             batch = document_micro_batches(args, accum, ctx.device, seed=ctx.env.rank, seq_len=seq_len)
             times, loss = [], None
-            for i in range(warmup + repeats):
-                if i == warmup and ctx.on_gpu:
+            for i in range(warmup_here + repeats):
+                if i == warmup_here and ctx.on_gpu:
                     torch.cuda.reset_peak_memory_stats(ctx.device)
                 synchronize(ctx.device)
                 t0 = time.perf_counter()
@@ -1055,7 +1206,7 @@ def time_config(ctx: Context, name: str, extra_flags: list[str]) -> dict:
             if not math.isfinite(loss):
                 raise CheckFailed(f"non-finite loss {loss} at {' '.join(flags) or 'the defaults'}"
                                   f"{', ' + label if label else ''}")
-            ms = 1000 * statistics.median(times[warmup:])
+            ms = 1000 * statistics.median(times[warmup_here:])
             tokens = args.micro_batches * seq_len
             stage = dict(stage=label, step=step, steps=count, ms_per_step=round(ms, 2), tokens_per_step=tokens,
                          tokens_per_s=round(tokens / ms * 1000), first_step_s=round(times[0], 1))
@@ -1075,6 +1226,8 @@ def time_config(ctx: Context, name: str, extra_flags: list[str]) -> dict:
                       est_train_s=round(ms * total_steps / 1000, 1), steps=total_steps)
         if args.stages:
             result["stages"] = stages
+        if len(stages) < len(points):
+            result["stages_timed"] = f"{len(stages)} of {len(points)}"
         if ctx.on_gpu:
             result["peak_mem_gib"] = peak
             tflops = 3 * fwd * tokens / (ms / 1000) / ws / 1e12  # training ~ 3x the forward
@@ -1103,7 +1256,9 @@ def timing_line(r: dict) -> str:
     stages = "".join(f"; {st['stage']} {st['ms_per_step']:.1f} ms/step x {st['steps']} ({st['tokens_per_step']:,} "
                      f"tokens{', peak ' + str(st['peak_mem_gib']) + ' GiB' if 'peak_mem_gib' in st else ''})"
                      for st in r.get("stages", []))
-    return (f"{r['ms_per_step']:.1f} ms/step{' (mean over the stages)' if stages else ''}, {r['tokens_per_s']:,} "
+    scope = (f" ({r['stages_timed']} stages timed: those steps only)" if "stages_timed" in r
+             else " (mean over the stages)" if stages else "")
+    return (f"{r['ms_per_step']:.1f} ms/step{scope}, {r['tokens_per_s']:,} "
             f"tokens/s ({r['tokens_per_step']:,} tokens/step, {r['grad_accum']}-way accumulation x "
             f"{r['world_size']} ranks), {mem}{mfu}, first step {r['first_step_s']}s, {r['steps']} steps = "
             f"{r['est_train_s']} s of training{stages}")
@@ -1118,7 +1273,9 @@ def record_timing(ctx: Context, key: str, result: dict) -> str:
 @measurement("step_time", budgeted=False,
              fix="the recipe does not train here (see the detail); fix the checks above first")
 def measure_step_time(ctx: Context) -> str:
-    return record_timing(ctx, "step_time", time_config(ctx, "step_time", []))
+    # --gpu_budget_s: a staged config's first stage only (each later one is one more compile)
+    return record_timing(ctx, "step_time", time_config(ctx, "step_time", [],
+                                                       first_stage_only=ctx.gpu_budget_s is not None))
 
 
 @measurement("fp8_off", fix="the bf16 head does not train here (see the detail)")
@@ -1230,6 +1387,80 @@ for _name, _flags, _quick, _fix in (
     register_overhead(_name, _flags, _quick, _fix)
 
 
+@measurement("step_time_frontier", quick=False,
+             fix="the frontier preset does not train here (see the detail); runs without it are unaffected")
+def measure_step_time_frontier(ctx: Context) -> str:
+    """ms/step of --preset=frontier (CPU: frontier_smoke) with --flags at its first stage: one compile, where all of
+    its stages would take one per sequence length (--flags="--preset=frontier" times them all)."""
+    if ctx.args.preset in ("frontier", "frontier_smoke"):
+        raise Skip(f"--flags already use --preset={ctx.args.preset}: step_time times it")
+    preset = "frontier" if ctx.on_gpu else "frontier_smoke"
+    return record_timing(ctx, "step_time_frontier", time_config(ctx, "step_time_frontier", [f"--preset={preset}"],
+                                                                first_stage_only=True))
+
+
+def memory_plan_for(flags: list[str], gpu_name: str, total_bytes: int, capability: tuple[int, int],
+                    world_size: int) -> dict | None:
+    """tools/memory_plan.py's plan (plan_memory) of the run the flags describe (recipe defaults + flags) on
+    world_size GPUs like this one, or None where that module, its plan_memory or its Gpu is missing: peak_memory then
+    records the measured peaks without a comparison."""
+    path = ROOT / "tools" / "memory_plan.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("memory_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not (hasattr(module, "plan_memory") and hasattr(module, "Gpu")):
+        return None
+    args = config_args(flags, on_gpu=True)
+    tg.check_config(args, world_size)
+    gpu = module.Gpu(gpu_name, round(total_bytes / 2 ** 30), tuple(capability))
+    return module.plan_memory(args, gpu, world_size)
+
+
+def peak_vs_plan(measured_gib: float, plan: dict | None) -> tuple[str, bool]:
+    """(line, within) for a peak train_step allocated (torch.cuda.max_memory_allocated) against the plan's peak of
+    the whole run: eager memory at its largest phase plus the CUDA context and NCCL, which the allocator does not
+    see, so an upper bound at any stage; within: measured <= that bound. No plan: the measured peak alone."""
+    if plan is None:
+        return f"{measured_gib:.2f} GiB (no plan to compare: tools/memory_plan.py has no plan_memory here)", True
+    bound, compiled = plan["peak"] / 2 ** 30, plan["compiled_estimate"] / 2 ** 30
+    within = measured_gib <= bound
+    return (f"{measured_gib:.2f} GiB vs the plan's {bound:.2f} GiB bound (compiled estimate {compiled:.2f} GiB)"
+            f"{'' if within else ': ABOVE the bound'}"), within
+
+
+@measurement("peak_memory", fix="a measured peak is above tools/memory_plan.py's bound for the same run: the plan "
+                                "undercounts, so --plan's verdicts cannot be trusted until it is fixed (report the "
+                                "detail)")
+def measure_peak_memory(ctx: Context) -> str:
+    """The peak memory step_time and step_time_frontier measured, each against the memory plan of its flags."""
+    if not ctx.on_gpu:
+        raise Skip("GPU only (a CPU timing records the process's max RSS)")
+    measured = {key: ctx.timings[key] for key in ("step_time", "step_time_frontier")
+                if "peak_mem_gib" in ctx.timings.get(key, {})}
+    if not measured:
+        raise Skip("no timing measured a peak (step_time and step_time_frontier did not run)")
+    props = torch.cuda.get_device_properties(ctx.device)
+    rows, lines, above = {}, [], []
+    for key, r in measured.items():
+        plan = memory_plan_for(r["flags"], props.name, props.total_memory, (props.major, props.minor),
+                               ctx.env.world_size)
+        line, within = peak_vs_plan(r["peak_mem_gib"], plan)
+        stage = f", {r['stages_timed']} stages" if "stages_timed" in r else ""
+        lines.append(f"{key} ({' '.join(r['flags']) or 'defaults'}{stage}): {line}")
+        rows[key] = dict(measured_gib=r["peak_mem_gib"], within=within)
+        if plan is not None:
+            rows[key].update(plan_peak_gib=round(plan["peak"] / 2 ** 30, 2),
+                             plan_compiled_gib=round(plan["compiled_estimate"] / 2 ** 30, 2))
+        if not within:
+            above.append(lines[-1])
+    ctx.timings["peak_memory"] = rows
+    if above:
+        raise CheckFailed("; ".join(above))
+    return "; ".join(lines)
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Report: the preflight line, JSON and Markdown under records/preflight/
 
@@ -1257,6 +1488,11 @@ def markdown(report: dict) -> str:
              f"`{' '.join(report['flags']) or '(defaults)'}`, {report['seconds']:.0f}s",
              f"- torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, driver "
              f"{env.get('driver')}, commit {env.get('git_commit')}", ""]
+    if report.get("gpu_budget"):
+        b = report["gpu_budget"]
+        timed_out = [r["name"] for r in report["skipped"] if r["why"].startswith("time budget")]
+        lines[-1:-1] = [f"- --gpu_budget_s={b['budget_s']:g}: {b['spent_s']:.0f}s spent ({b['startup_s']:.0f}s of "
+                        f"it startup), estimates x {b['scale']}; skipped for time: {', '.join(timed_out) or 'none'}"]
     if report["device_type"] == "cpu":
         lines += ["CPU run at smoke sizes (fp32, eager timings): proves the code paths, says nothing about GPU speed.",
                   ""]
@@ -1264,7 +1500,8 @@ def markdown(report: dict) -> str:
         lines += [f"## {title}", "", "| name | result | seconds | detail |", "|---|---|---|---|"]
         lines += [f"| {r['name']} | {r['status']} | {r['seconds']:.1f} | {cell(r['detail'])} |" for r in report[key]]
         lines.append("")
-    configs = [("default", report["timings"].get("step_time")), ("--fp8_head=false", report["timings"].get("fp8_off"))]
+    configs = [("default", report["timings"].get("step_time")), ("--fp8_head=false", report["timings"].get("fp8_off")),
+               ("frontier preset, first stage", report["timings"].get("step_time_frontier"))]
     configs += list(report["timings"].get("overhead", {}).items())
     configs = [(n, r) for n, r in configs if r]
     if configs:
@@ -1347,10 +1584,13 @@ AOT_ARCHS = {
 REGS_PER_SM, MAX_REGS_PER_THREAD, MAX_THREADS_PER_BLOCK = 64 * 1024, 255, 1024
 
 
-def aot_launches(args: tg.Hyperparameters, sms: int) -> list[tuple[str, kernels.KernelLaunch]]:
+def aot_launches(args: tg.Hyperparameters, sms: int, arch: str | None = None,
+                 every_config: bool = False) -> list[tuple[str, kernels.KernelLaunch]]:
     """(label, launch) for every Triton launch of one training micro-step (forward + backward at each stage's
     seq_len) and one validation forward (val_seq_len) of the model the flags build on a GPU, computed by the
-    launchers' own plan functions on meta tensors (bf16 activations, the model's fp32 factors); duplicates kept."""
+    launchers' own plan functions on meta tensors (bf16 activations, the model's fp32 factors); duplicates kept.
+    Each launch takes the config the launchers' table (kernels.config_table) picks for arch (None: the defaults);
+    every_config: each launch once per config of its space instead (launch.config says which)."""
     with torch.device("meta"):
         model = tg.build_model(args)
     train_tokens = sorted({st.seq_len for st in tg.training_stages(args)} if args.stages else {args.seq_len})
@@ -1359,10 +1599,12 @@ def aot_launches(args: tg.Hyperparameters, sms: int) -> list[tuple[str, kernels.
         short = name.rsplit(".", 1)[-1]
         if isinstance(m, kernels.KronLinear) and m.impl in ("auto", "triton"):
             layers = [(f"kron {short} {m.in_features}->{m.out_features}", m.in_features, m.A.dtype,
-                       lambda x, m=m: kernels.kron_apply_launches(x, m.A, m.B, sms=sms))]
+                       lambda x, configs=None, m=m: kernels.kron_apply_launches(x, m.A, m.B, sms=sms,
+                                                                                 configs=configs))]
         elif isinstance(m, kernels.KSLinear) and m.impl in ("auto", "triton"):
             layers = [(f"ks {short}[{i}] {m.patterns[i]}", kernels.ks_in_features(m.patterns[i]), w.dtype,
-                       lambda x, w=w, p=m.patterns[i], bl=m.bs_last: kernels.ks_apply_launches(x, w, p, bl, sms=sms))
+                       lambda x, configs=None, w=w, p=m.patterns[i], bl=m.bs_last:
+                       kernels.ks_apply_launches(x, w, p, bl, sms=sms, configs=configs))
                       for i, w in enumerate(m.factors)]
         else:
             continue
@@ -1371,10 +1613,14 @@ def aot_launches(args: tg.Hyperparameters, sms: int) -> list[tuple[str, kernels.
             x = torch.empty((layers[0][1], tokens) if bs_last else (tokens, layers[0][1]), device="meta",
                             dtype=torch.bfloat16)
             for label, _, _, plan in layers:
-                x, launches = plan(x)
+                y, launches = plan(x)
                 for kind, launch in launches.items():
                     if backward or kind == "forward":
-                        out.append((f"{label} {kind}", launch))
+                        configs = launch.space if every_config else [kernels.pick_config(launch.key, launch.space,
+                                                                                         arch)]
+                        out += [(f"{label} {kind}", launch if c == launch.config else plan(x, {kind: c})[1][kind])
+                                for c in configs]
+                x = y
     return out
 
 
@@ -1413,25 +1659,35 @@ def cubin_usage(cubin: bytes) -> dict:
     return dict(zip(("regs", "stack", "static_shared", "local"), map(int, found.groups())))
 
 
-def compile_usage(flags: list[str], archs: list[str]) -> list[dict]:
-    """One row per distinct compiled kernel and arch: what the kernel needs (registers, stack, shared memory) as
-    Triton's ptxas builds it for that GPU. Needs real (not interpreted) Triton kernels: see aot_usage."""
+def compile_usage(flags: list[str], archs: list[str], part: int = 0, parts: int = 1) -> list[dict]:
+    """One row per distinct kernel and arch over every config of each launch's space the flags make (aot_launches
+    with every_config): what it needs (registers, stack, shared memory) as Triton's ptxas builds it for that GPU,
+    its "config" [block, num_warps, num_stages], "default" (the space's first entry) and "uses": [label, table key,
+    space, grid, position] of each launch site compiling to it (aot_views sorts out which of them run). Each
+    distinct kernel compiles once; part of parts: only every parts-th of them from the part-th (aot_usage splits the
+    work so). Needs real (not interpreted) Triton kernels: see aot_usage."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     args = config_args(flags, on_gpu=True)
-    rows = []
+    out = []
     for arch in archs:
         lim = AOT_ARCHS[arch]
         target = GPUTarget("cuda", lim.cc, 32)
         backend = make_backend(target)
-        seen = {}
-        for label, launch in aot_launches(args, lim.sms):
+        rows = {}
+        for pos, (label, launch) in enumerate(aot_launches(args, lim.sms, every_config=True)):
             signature, constexprs, attrs = launch_spec(launch, backend)
             key = (launch.kernel.fn.__name__, repr(signature), repr(sorted(constexprs.items())),
                    repr(sorted(attrs.items())), launch.num_warps, launch.num_stages)
-            if key in seen:
-                seen[key]["sites"].append(label)
+            use = [label, launch.key, [list(c) for c in launch.space], list(launch.grid), pos]
+            if key in rows:
+                rows[key][1]["uses"].append(use)
+                continue
+            rows[key] = (launch, dict(arch=arch, config=list(launch.config), default=launch.config == launch.space[0],
+                                      constexprs=launch.constexprs, uses=[use]), signature, constexprs, attrs)
+        for n, (launch, row, signature, constexprs, attrs) in enumerate(rows.values()):
+            if n % parts != part:
                 continue
             options = {"num_warps": launch.num_warps}
             if launch.num_stages is not None:
@@ -1439,30 +1695,69 @@ def compile_usage(flags: list[str], archs: list[str]) -> list[dict]:
             compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
                                       options=options)
             usage = cubin_usage(compiled.asm["cubin"])
-            seen[key] = dict(kernel=compiled.metadata.name, label=label, sites=[label], arch=arch,
-                             regs=usage["regs"], stack=usage["stack"] + usage["local"],
-                             shared=compiled.metadata.shared + usage["static_shared"],
-                             num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
-                             grid=list(launch.grid), constexprs=launch.constexprs)
-            rows.append(seen[key])
-    return rows
+            out.append(dict(row, kernel=compiled.metadata.name, regs=usage["regs"],
+                            stack=usage["stack"] + usage["local"],
+                            shared=compiled.metadata.shared + usage["static_shared"],
+                            num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages))
+    return out
+
+
+_AOT_USAGE = {}  # (flags, archs) -> aot_usage's rows: compiled once per process (tests ask several times)
 
 
 def aot_usage(flags: list[str], archs: list[str]) -> list[dict]:
-    """compile_usage, here if this process's kernels are compiled ones, else (imported under TRITON_INTERPRET=1,
-    as in the tests: interpreted kernels cannot be compiled) in a child process without the variable."""
+    """compile_usage, split over child processes run side by side (one per 24 kernels, at most one per CPU and 8),
+    each without TRITON_INTERPRET (imported under it, as in the tests, this process's kernels are interpreted ones,
+    which cannot be compiled); here when one process does and this one's kernels are compiled. Rows sorted by
+    arch, then first use."""
     import triton
-    if isinstance(kernels._kron_apply_kernel, triton.runtime.jit.JITFunction):
-        return compile_usage(flags, archs)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import preflight; "
-            "print('aot_rows: ' + json.dumps(preflight.compile_usage(json.loads(sys.argv[2]), sys.argv[3].split(','))))")
-    done = subprocess.run([sys.executable, "-c", code, str(ROOT / "tools"), json.dumps(flags), ",".join(archs)],
-                          env=env, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("aot_rows: ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"AOT compile in a child process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("aot_rows: "):])
+    memo = (tuple(flags), tuple(archs))
+    if memo in _AOT_USAGE:
+        return _AOT_USAGE[memo]
+    args = config_args(flags, on_gpu=True)
+    n_kernels = len(archs) * len({(l.key, l.config) for _, l in aot_launches(args, 1, every_config=True)})
+    workers = max(1, min(8, os.cpu_count() or 1, -(-n_kernels // 24)))
+    if workers == 1 and isinstance(kernels._kron_apply_kernel, triton.runtime.jit.JITFunction):
+        rows = compile_usage(flags, archs)
+    else:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import preflight; print('aot_rows: ' + "
+                "json.dumps(preflight.compile_usage(json.loads(sys.argv[2]), sys.argv[3].split(','), "
+                "int(sys.argv[4]), int(sys.argv[5]))))")
+        children = [subprocess.Popen([sys.executable, "-c", code, str(ROOT / "tools"), json.dumps(flags),
+                                      ",".join(archs), str(part), str(workers)],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for part in range(workers)]
+        rows = []
+        for child in children:
+            stdout, stderr = child.communicate()
+            lines = [line for line in stdout.splitlines() if line.startswith("aot_rows: ")]
+            if child.returncode or not lines:
+                raise RuntimeError(f"AOT compile in a child process failed (exit {child.returncode}):\n"
+                                   f"{stderr[-4000:]}")
+            rows += json.loads(lines[-1][len("aot_rows: "):])
+    _AOT_USAGE[memo] = sorted(rows, key=lambda r: (archs.index(r["arch"]), r["uses"][0][4]))
+    return _AOT_USAGE[memo]
+
+
+def aot_views(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kernels, configs) of aot_usage's rows: "kernels" one row per distinct kernel and arch the flags launch
+    (each launch's config the one the table picks for that arch, else its default), with its "sites"; "configs"
+    every row, "chosen" when some site launches it. Label and grid: those of the first (launching) site."""
+    kernels_rows, configs = [], []
+    for row in rows:
+        uses = [(u, kernels.pick_config(u[1], [kernels.KernelConfig(*c) for c in u[2]], row["arch"])
+                 == kernels.KernelConfig(*row["config"])) for u in row["uses"]]
+        launched = [u for u, chosen in uses if chosen]
+        base = {k: v for k, v in row.items() if k != "uses"}
+        configs.append(dict(base, label=row["uses"][0][0], sites=[u[0] for u in row["uses"]],
+                            grid=row["uses"][0][3], chosen=bool(launched)))
+        if launched:
+            kernels_rows.append(dict(base, label=launched[0][0], sites=[u[0] for u in launched], grid=launched[0][3],
+                                     chosen=True, pos=launched[0][4]))
+    arch_order = {arch: i for i, arch in enumerate(dict.fromkeys(r["arch"] for r in rows))}
+    kernels_rows.sort(key=lambda r: (arch_order[r["arch"]], r.pop("pos")))
+    return kernels_rows, configs
 
 
 def blocks_per_sm(row: dict, lim: ArchLimits) -> int:
@@ -1495,15 +1790,27 @@ def aot_verdict(row: dict) -> tuple[list[str], list[str]]:
     return fails, warns
 
 
+def config_label(config: list) -> str:
+    return kernels.KernelConfig(*config).label()
+
+
 def run_aot(flags: list[str], archs: list[str]) -> int:
-    """--aot: print one line per (kernel, arch), then `preflight: {json}`; 1 when a kernel is over a limit."""
+    """--aot: print one line per (kernel, arch) the flags launch, then every config of each launch's space, then
+    `preflight: {json}`; 1 when a launched kernel is over a limit (a config over one that is not launched is left out
+    of that arch's space, with its reason, and fails only if a table picks it)."""
     args = config_args(flags, on_gpu=True)
     tg.check_config(args, 1)
-    print(f"preflight --aot for {', '.join(archs)} (triton ptxas, no GPU needed); flags: {' '.join(flags) or 'defaults'}",
-          flush=True)
+    print(f"preflight --aot for {', '.join(archs)} (triton ptxas, no GPU needed); flags: {' '.join(flags) or 'defaults'}"
+          f"; config table: {kernels.config_table_path() or 'none (every launch its default)'}", flush=True)
     start = time.perf_counter()
-    rows = aot_usage(flags, archs) if aot_launches(args, 1) else []
-    fails, warns = [], []
+    try:
+        for arch in archs:  # a table entry outside its launch's space stops here, before any compile
+            aot_launches(args, AOT_ARCHS[arch].sms, arch)
+    except kernels.KernelConfigError as e:
+        print(f"preflight: {e}", file=sys.stderr)
+        return 2
+    rows, configs = aot_views(aot_usage(flags, archs)) if aot_launches(args, 1) else ([], [])
+    fails, warns, excluded = [], [], []
     if not rows:
         print("[PASS] aot: these flags launch no Triton kernel (dense MLP, or --kron_impl=torch/dense, "
               "--ks_impl=bmm)", flush=True)
@@ -1518,12 +1825,31 @@ def run_aot(flags: list[str], archs: list[str]) -> int:
         print(f"[{status}] {row['arch']} {row['kernel']:26s} {row['label']}{more}: {row['regs']} regs, "
               f"{row['stack']} B stack, {row['shared']} B shared, {row['num_warps']} warps, "
               f"{row['num_stages']} stages, {row['blocks_per_sm']} blocks/SM, grid {tuple(row['grid'])} "
-              f"({lim.part}, {lim.sms} SMs)", flush=True)
+              f"({lim.part}, {lim.sms} SMs; {config_label(row['config'])}"
+              f"{', the default' if row['default'] else ', from the config table'})", flush=True)
+    if configs:
+        print(f"every config of each launch's space ({len(configs)} kernels compiled; * = launched, "
+              f"the default unless a table picks another; spills = stack bytes per thread):", flush=True)
+    for row in configs:
+        lim = AOT_ARCHS[row["arch"]]
+        row_fails, _ = aot_verdict(row)
+        row["blocks_per_sm"] = blocks_per_sm(row, lim)
+        row["status"] = "excluded" if row_fails else "spills" if row["stack"] else "ok"
+        print(f"  {'*' if row['chosen'] else ' '} {row['arch']} {row['label']:40s} {config_label(row['config']):32s} "
+              f"{row['regs']:3d} regs {row['stack']:5d} B stack {row['shared']:6d} B shared "
+              f"{row['blocks_per_sm']:2d} blocks/SM  {row['status']}", flush=True)
+        if row_fails and not row["chosen"]:
+            excluded += [f"{line}; {config_label(row['config'])} is left out of the {row['arch']} space"
+                         for line in row_fails]
     for line in warns:
         print(f"WARN aot: {line}", flush=True)
+    for line in excluded:
+        print(f"EXCLUDED aot: {line}", flush=True)
     for line in fails:
         print(f"FAIL aot: {line}", flush=True)
-    report = dict(mode="aot", ok=not fails, archs=archs, flags=flags, kernels=rows, failures=fails, warnings=warns,
+    table = kernels.config_table_path()
+    report = dict(mode="aot", ok=not fails, archs=archs, flags=flags, kernels=rows, configs=configs,
+                  failures=fails, warnings=warns, excluded=excluded, config_table=str(table) if table else None,
                   seconds=round(time.perf_counter() - start, 1))
     print(f"preflight: {json.dumps(json_safe(report))}", flush=True)
     return 0 if report["ok"] else 1
@@ -1541,11 +1867,21 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--only", default="", help="comma-separated entries to run (see --list)")
     parser.add_argument("--budget_s", type=float, help="start no measurement past this many seconds "
                                                        "(default 570, --quick 170)")
+    parser.add_argument("--gpu_budget_s", type=float,
+                        help="one GPU call of this many seconds (counted from the process's start): --quick sizes, "
+                             "every entry in order of value (GPU-only checks, then ms/step of the default and the "
+                             "frontier's first stage, then peak memory, then the rest), each estimated first and "
+                             "skipped if it would not end in time")
     parser.add_argument("--list", action="store_true", help="list the checks and measurements, then exit")
     parser.add_argument("--aot", action="store_true", help="no GPU needed: compile every Triton kernel the --flags "
                                                        "launch for --arch and check registers, spills, shared "
                                                        "memory and blocks/SM against each GPU's limits")
     parser.add_argument("--arch", default=",".join(AOT_ARCHS), help=f"--aot targets, of {', '.join(AOT_ARCHS)}")
+    parser.add_argument("--plan", action="store_true", help="no GPU needed: the per-GPU memory of the --flags run "
+                                                        "on --nproc x --gpu, whether it fits, the torchrun line "
+                                                        "(tools/memory_plan.py)")
+    parser.add_argument("--gpu", help="--plan: h100, h200, a100-40, a100-80, l40s or 4090")
+    parser.add_argument("--nproc", type=int, default=1, help="--plan: GPUs of the run (one process each)")
     argv = list(argv)
     for i, item in enumerate(argv[:-1]):  # `--flags "--mot=cross"`: argparse would take the value for an option
         if item == "--flags":
@@ -1555,28 +1891,50 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
 
 
 def select_entries(cli: argparse.Namespace, registry: list[Entry]) -> list[tuple[Entry, bool]]:
-    """(entry, runs) pairs; --only picks entries by name (even those --quick leaves out)."""
+    """(entry, runs) pairs; --only picks entries by name (even those --quick leaves out); --gpu_budget_s offers
+    every entry, in budget_order (the budget, not --quick, decides what runs)."""
     names = [n.strip() for n in cli.only.split(",") if n.strip()]
     unknown = sorted(set(names) - {e.name for e in registry})
     if unknown:
         raise SystemExit(f"error: unknown entries {unknown}; valid: {', '.join(e.name for e in registry)}")
+    if cli.gpu_budget_s is not None:
+        return budget_order([(e, True) for e in registry if e.name in names or not names])
     if names:
         return [(e, True) for e in registry if e.name in names]
     return [(e, e.quick or not cli.quick) for e in registry]
 
 
+def budget_order(pairs: list[tuple[Entry, bool]]) -> list[tuple[Entry, bool]]:
+    """GPU_BUDGET_FIRST's entries in its order, then the others in their own (registry) order."""
+    first = {name: i for i, name in enumerate(GPU_BUDGET_FIRST)}
+    return sorted(pairs, key=lambda pair: first.get(pair[0].name, len(first)))  # a stable sort
+
+
 def main(argv: list[str] | None = None, registry: list[Entry] | None = None) -> int:
     cli = parse_cli(sys.argv[1:] if argv is None else argv)
     registry = REGISTRY if registry is None else registry
-    if cli.list:
-        for e in registry:
-            print(f"{e.name:22s} {e.kind:8s} {'quick' if e.quick else 'full only'}")
+    if cli.list:  # with --gpu_budget_s: in its order, with each entry's expected seconds
+        budget = cli.gpu_budget_s is not None
+        for e, _ in budget_order([(e, True) for e in registry]) if budget else [(e, True) for e in registry]:
+            cost = f" ~{GPU_BUDGET_COST_S.get(e.name, GPU_BUDGET_OTHER_S)}s on one H100 (a guess)" if budget else ""
+            print(f"{e.name:22s} {e.kind:8s} {'quick' if e.quick else 'full only'}{cost}")
         return 0
+    if cli.plan:  # a CPU-only plan (tools/memory_plan.py): no device, no process group
+        spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "tools" / "memory_plan.py")
+        memory_plan = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(memory_plan)
+        return memory_plan.cli(cli.flags, cli.gpu, cli.nproc, prog="preflight")
     try:
         flags = shlex.split(cli.flags)
         on_gpu = torch.cuda.is_available()
         config_args(flags, on_gpu)  # a bad flag stops here, before any process group exists
         entries = select_entries(cli, registry)
+        if cli.gpu_budget_s is not None and cli.budget_s is not None:
+            raise SystemExit("error: --budget_s and --gpu_budget_s both given: --gpu_budget_s budgets every entry "
+                             "itself; pass one of them")
+        if cli.gpu_budget_s is not None and not cli.gpu_budget_s > 0:
+            raise SystemExit(f"error: --gpu_budget_s={cli.gpu_budget_s:g} must be > 0: the seconds of the GPU call "
+                             f"(e.g. --gpu_budget_s=480)")
     except SystemExit as e:
         print(f"preflight: {e}" if str(e).startswith("error") else f"preflight: error: {e}", file=sys.stderr)
         return 2
@@ -1602,8 +1960,12 @@ def main(argv: list[str] | None = None, registry: list[Entry] | None = None) -> 
             dist.destroy_process_group()
         return 2
     budget = cli.budget_s if cli.budget_s is not None else (170.0 if cli.quick else 570.0)
-    ctx = Context(env=env, args=args, flags=flags, quick=cli.quick, budget_s=budget)
-    ctx.say(f"preflight on {tg.device_name(env.device)} x{env.world_size} ({'quick' if cli.quick else 'full'}; "
+    quick = cli.quick or cli.gpu_budget_s is not None
+    ctx = Context(env=env, args=args, flags=flags, quick=quick, budget_s=budget, gpu_budget_s=cli.gpu_budget_s,
+                  startup_s=process_age_s())
+    mode = (f"--gpu_budget_s={cli.gpu_budget_s:g}: quick sizes, most valuable first, {ctx.startup_s:.0f}s of startup "
+            f"spent" if cli.gpu_budget_s is not None else "quick" if quick else "full")
+    ctx.say(f"preflight on {tg.device_name(env.device)} x{env.world_size} ({mode}; "
             f"torch {torch.__version__}; flags: {' '.join(flags) or 'defaults'}"
             f"{'' if env.device.type == 'cuda' else '; CPU: smoke preset sizes'})")
     results = {"check": [], "measure": []}
@@ -1618,11 +1980,17 @@ def main(argv: list[str] | None = None, registry: list[Entry] | None = None) -> 
     measurements_ok = all(r["ok"] for r in results["measure"])
     report = dict(ok=checks_ok and measurements_ok, checks_ok=checks_ok, measurements_ok=measurements_ok,
                   device=tg.device_name(env.device), device_type=env.device.type, world_size=env.world_size,
-                  quick=cli.quick, flags=flags, date=datetime.date.today().isoformat(),
+                  quick=quick, flags=flags, date=datetime.date.today().isoformat(),
                   seconds=round(time.perf_counter() - ctx.start, 1), environment=ctx.info,
                   checks=results["check"], measurements=results["measure"],
+                  skipped=[dict(name=r["name"], why=r["detail"].removeprefix("skipped: "))
+                           for r in results["check"] + results["measure"] if r["status"] == "skip"],
                   timings=dict(ctx.timings, label="GPU, bf16" if ctx.on_gpu else
                                "CPU smoke sizes, fp32, eager: not representative of any GPU"))
+    if cli.gpu_budget_s is not None:  # the run order and what the estimates were made of
+        report["gpu_budget"] = dict(budget_s=cli.gpu_budget_s, startup_s=round(ctx.startup_s, 1),
+                                    spent_s=round(ctx.spent_s, 1), reserve_s=GPU_BUDGET_RESERVE_S,
+                                    scale=round(budget_scale(ctx.budget_runs), 2), order=[e.name for e, _ in entries])
     if env.master:
         write_report(report, Path(cli.out) if cli.out else ROOT / "records" / "preflight")
         print(f"preflight: {json.dumps(json_safe(report))}", flush=True)
