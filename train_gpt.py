@@ -2926,10 +2926,12 @@ def byte_table(bytes_per_token: int) -> Tensor:
     if path.exists():
         return torch.load(path)
     enc = gpt2_encoding()  # only --mot needs it
-    table = torch.full((GPT2_VOCAB, bytes_per_token), BYTE_PAD, dtype=torch.int16)
+    # on the CPU whatever the default device: a model built on the meta device (check_memory) must not cache an
+    # empty table for the real one
+    table = torch.full((GPT2_VOCAB, bytes_per_token), BYTE_PAD, dtype=torch.int16, device="cpu")
     for t in range(GPT2_VOCAB):
         piece = [BYTE_EOT] if t == EOT_TOKEN else list(enc.decode_single_token_bytes(t))[-bytes_per_token:]
-        table[t, bytes_per_token - len(piece):] = torch.tensor(piece, dtype=torch.int16)
+        table[t, bytes_per_token - len(piece):] = torch.tensor(piece, dtype=torch.int16, device="cpu")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(table, tmp)
@@ -3398,19 +3400,22 @@ def place_model(model: GPT, args: Hyperparameters, device: torch.device) -> GPT:
     on a GPU bf16 embeddings (every activation is then bf16; CastedLinear casts its weights to match), and with
     --param_dtype=record the record's other bf16 parameters (record_bf16_params); the FP8 head (--fp8_head) and FP8
     MLPs (--fp8_mlp) where the GPU has FP8 matmuls (compute capability >= 8.9)."""
-    model = model.to(device)
     on_gpu = device.type == "cuda"
+    return set_gpu_dtypes(model.to(device), args, on_gpu, on_gpu and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def set_gpu_dtypes(model: GPT, args: Hyperparameters, on_gpu: bool, fp8_matmuls: bool) -> GPT:
+    """place_model's dtypes on a model of any device (tools/memory_plan.py plans a GPU's on the meta device)."""
     if on_gpu:
         for m in model.modules():
             if isinstance(m, nn.Embedding):
                 m.bfloat16()
         for p in record_bf16_params(model) if args.param_dtype == "record" else []:
             p.data = p.data.bfloat16()
-    fp8_gpu = on_gpu and torch.cuda.get_device_capability(device) >= (8, 9)
-    model.lm_head.use_fp8 = args.fp8_head and fp8_gpu
+    model.lm_head.use_fp8 = args.fp8_head and fp8_matmuls
     for m in model.modules():
         if isinstance(m, FP8MLP):
-            m.use_fp8 = args.fp8_mlp and fp8_gpu
+            m.use_fp8 = args.fp8_mlp and fp8_matmuls
     return model
 
 

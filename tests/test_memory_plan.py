@@ -17,7 +17,7 @@ NO_FP8 = mp.GPUS["a100-80"]  # no FP8 matmuls: the CPU runs the same (bf16) path
 def cpu_model(args):
     """The model built for real on the CPU, in the dtypes it has on a GPU (bf16 embeddings, ...)."""
     torch.manual_seed(0)
-    return mp.place_as_on_gpu(tg.build_model(args), args, NO_FP8)
+    return tg.set_gpu_dtypes(tg.build_model(args), args, on_gpu=True, fp8_matmuls=mp.has_fp8(NO_FP8))
 
 
 SMALL_VOCAB = "--vocab_size=1024"  # the CPU runs' cost is mostly the head; the counts hold at any vocabulary

@@ -23,6 +23,17 @@ def table(enc):
     return tg.byte_table(S)
 
 
+def test_a_table_built_under_the_meta_device_is_real_and_cached_real(enc):
+    """check_memory builds the model on the meta device before the real one: the cached table must hold bytes."""
+    path = tg.HERE / "data" / "local" / "byte_table_gpt2_3.pt"
+    path.unlink(missing_ok=True)
+    with torch.device("meta"):
+        built = tg.byte_table(3)
+    cached = torch.load(path)
+    assert not built.is_meta and not cached.is_meta and torch.equal(built, cached)
+    assert row_bytes(cached[enc.encode(" hello")[0]]) == list(b"llo")
+
+
 def row_bytes(row) -> list[int]:
     return [int(b) for b in row if b != tg.BYTE_PAD]
 

@@ -119,29 +119,13 @@ def unique_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def place_as_on_gpu(model: tg.GPT, args: tg.Hyperparameters, gpu: Gpu) -> tg.GPT:
-    """tg.place_model's GPU branch on a model of any device (place_model asks torch.cuda, which a CPU has not):
-    bf16 embeddings, --param_dtype=record's bf16 tensors, the FP8 head (--fp8_head) and FP8 MLPs (--fp8_mlp) where
-    the GPU has FP8 matmuls."""
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
-            m.bfloat16()
-    for p in tg.record_bf16_params(model) if args.param_dtype == "record" else []:
-        p.data = p.data.bfloat16()
-    model.lm_head.use_fp8 = args.fp8_head and has_fp8(gpu)
-    for m in model.modules():
-        if isinstance(m, tg.FP8MLP):
-            m.use_fp8 = args.fp8_mlp and has_fp8(gpu)
-    return model
-
-
 def meta_model(args: tg.Hyperparameters, gpu: Gpu) -> tg.GPT:
     """The model main() trains (at step 0: --kron_progressive_every swaps blocks later), on the meta device."""
     shape_args = dataclasses.replace(tg.args_at_step(args, 0), weight_init="uniform")  # the draw needs values
     with torch.device("meta"):
         model = tg.build_model(shape_args)
     # .to: tables a module loads from disk (the --mot byte table) arrive on the CPU whatever the default device
-    return place_as_on_gpu(model.to("meta"), args, gpu)
+    return tg.set_gpu_dtypes(model.to("meta"), args, on_gpu=True, fp8_matmuls=has_fp8(gpu))
 
 
 def window_tensors(window, device) -> torch.Tensor | tuple:
