@@ -261,6 +261,7 @@ def _config_for(config, key, space, device):
     return config
 
 
+@functools.lru_cache(maxsize=None)  # asked at every launch; a pure function of its arguments
 def _kron_space(per_token, token_loop):
     """The default (the _TILE_ELEMS budget; 8 warps above 4096 tile elements, else 4; Triton's stages), then one step
     along each axis: 2x the tokens per program (and 4x for the apply kernel), each with the warps the same rule
@@ -781,6 +782,7 @@ def _ks_block_tokens(n):
     return min(64, max(16, _next_pow2(n)))
 
 
+@functools.lru_cache(maxsize=None)  # asked at every launch; a pure function of its arguments
 def _ks_space(n, token_loop):
     """The default (_ks_block_tokens: 64 tokens per program from 33 tokens on, 16 or 32 below; 4 warps; Triton's
     stages), then one step along each axis from 64 tokens and 4 warps: 32 tokens, 128 tokens with 8 warps (4 would

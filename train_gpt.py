@@ -2926,7 +2926,7 @@ def byte_table(bytes_per_token: int) -> Tensor:
     if path.exists():
         return torch.load(path)
     enc = gpt2_encoding()  # only --mot needs it
-    # on the CPU whatever the default device: a model built on the meta device (check_memory) must not cache an
+    # on the CPU whatever the default device: a model built on the meta device (meta_model) must not cache an
     # empty table for the real one
     table = torch.full((GPT2_VOCAB, bytes_per_token), BYTE_PAD, dtype=torch.int16, device="cpu")
     for t in range(GPT2_VOCAB):
@@ -4370,8 +4370,7 @@ def load_weights(model: nn.Module, state: dict, partial: bool = False) -> str:
     """Load matching tensors; a shape mismatch stops the run unless partial. Returns a report of what was not
     loaded (missing keys keep their fresh initialization)."""
     own = model.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-                  if k in own and v.shape != own[k].shape]
+    mismatched = shape_mismatches(own, state)
     if mismatched and not partial:
         raise SystemExit("error: checkpoint tensors do not fit this model's shapes:\n  " + "\n  ".join(mismatched)
                          + "\nbuild the same architecture, or pass --init_partial=true to skip these tensors")
@@ -4381,6 +4380,12 @@ def load_weights(model: nn.Module, state: dict, partial: bool = False) -> str:
     unexpected = [k for k in state if k not in own]
     return (f"loaded {len(loadable)}/{len(own)} tensors; missing (fresh init): {missing or 'none'}; "
             f"unexpected (ignored): {unexpected or 'none'}; shape-mismatched (skipped): {mismatched or 'none'}")
+
+
+def shape_mismatches(own: dict, state: dict) -> list[str]:
+    """The tensors of a checkpoint's state whose shapes differ from the model's (own) of the same name."""
+    return [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+            if k in own and v.shape != own[k].shape]
 
 
 class Distiller(nn.Module):
@@ -4734,10 +4739,10 @@ def check_gpus():
                          f"./run.sh); micro_batches stays the same, gradient accumulation makes up the difference")
 
 
-def check_inputs(args: Hyperparameters, world_size: int):
+def check_inputs(args: Hyperparameters, world_size: int, own: dict):
     """Everything a run reads, checked before a model or a record exists: shards present with valid headers and
     enough tokens (documents with --bos_align), the record tree writable, checkpoint files readable (memory-mapped,
-    not loaded) and, for --init_from, shaped like this model."""
+    not loaded) and, for --init_from, shaped like this model (own: its state_dict on the meta device)."""
     try:
         require_train_steps(find_shards(args.train_files, "train"), args)
         require_val_tokens(find_shards(args.val_files, "val"), args, world_size)
@@ -4749,34 +4754,34 @@ def check_inputs(args: Hyperparameters, world_size: int):
     if args.teacher:
         load_checkpoint(args.teacher, mmap=True)
     if args.init_from:
-        problems = checkpoint_misfits(args, load_checkpoint(args.init_from, mmap=True)["model"], strict=False)
+        problems = shape_mismatches(own, load_checkpoint(args.init_from, mmap=True)["model"])
         if problems and not args.init_partial:
             raise SystemExit(f"error: --init_from={args.init_from} does not fit this model: "
                              f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}; build the same "
                              f"architecture, or pass --init_partial=true to skip these tensors")
 
 
-def checkpoint_misfits(args: Hyperparameters, state: dict, strict: bool = True, step: int = 0) -> list[str]:
-    """What keeps `state` from loading into the model `args` build at `step` (built on the meta device: no memory,
-    no random draw): shape mismatches, and with strict the missing and unexpected tensors."""
-    with torch.device("meta"):
-        own = build_model(args_at_step(args, step)).state_dict()
-    problems = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-                if k in own and v.shape != own[k].shape]
-    if strict:
-        problems += [f"{k} missing from the checkpoint" for k in own if k not in state]
-        problems += [f"{k} not in this model" for k in state if k not in own]
-    return problems
+def meta_model(args: Hyperparameters, step: int) -> GPT:
+    """The model main() builds at `step` (a resumed progressive run has swapped blocks), on the meta device: every
+    shape, no memory, no random draw. Sizes past int64 overflow even there: one line."""
+    try:
+        with torch.device("meta"):
+            return build_model(args_at_step(args, step))
+    except RuntimeError as e:
+        raise SystemExit(f"error: the model's tensor sizes overflow ({str(e).splitlines()[0][:120]}); lower "
+                         f"--model_dim (now {args.model_dim}) or --mlp_ratio / --vocab_size") from None
 
 
-def check_resume(args: Hyperparameters, ckpt: dict):
+def check_resume(args: Hyperparameters, ckpt: dict, own: dict):
     """A resume that cannot continue stops before any record: nothing left to train, or flags that build another
-    model than the checkpoint's (a resume takes the checkpoint's flags; the explicit ones override them)."""
-    step, steps = ckpt["step"], total_steps(args)
+    model (own: its state_dict on the meta device) than the checkpoint's (a resume takes the checkpoint's flags; the
+    explicit ones override them)."""
+    step, steps, state = ckpt["step"], total_steps(args), ckpt["model"]
     if step >= steps:
         raise SystemExit(f"error: {args.resume} is at step {step} and the run has {steps} steps: nothing left to "
                          f"train; to train on, pass a larger --num_iterations (or --extension_steps)")
-    problems = checkpoint_misfits(args, ckpt["model"], step=step)
+    problems = (shape_mismatches(own, state) + [f"{k} missing from the checkpoint" for k in own if k not in state]
+                + [f"{k} not in this model" for k in state if k not in own])
     if problems:
         raise SystemExit(f"error: --resume={args.resume}: the flags build another model than the checkpoint's: "
                          f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}; drop the architecture "
@@ -4795,16 +4800,11 @@ def device_memory_bytes() -> tuple[str, int]:
     return "this machine's RAM", pages
 
 
-def check_memory(args: Hyperparameters):
+def check_memory(args: Hyperparameters, model: GPT):
     """A model whose weights and gradients alone cannot fit the device stops here with its size, not in the
-    allocator. Counted on the meta device (no memory, no random draw). A lower bound (2 bytes a value on a GPU, 4 on
-    a CPU; optimizer states and activations come on top), so it never refuses a run that would fit."""
-    try:
-        with torch.device("meta"):
-            params = count_params(build_model(args))
-    except RuntimeError as e:  # past int64 even on the meta device
-        raise SystemExit(f"error: the model's tensor sizes overflow ({str(e).splitlines()[0][:120]}); lower "
-                         f"--model_dim (now {args.model_dim}) or --mlp_ratio / --vocab_size") from None
+    allocator. Counted on the meta device (meta_model). A lower bound (2 bytes a value on a GPU, 4 on a CPU;
+    optimizer states and activations come on top), so it never refuses a run that would fit."""
+    params = count_params(model)
     device, available = device_memory_bytes()
     needed = params * (2 if torch.cuda.is_available() else 4) * 2
     if available and needed > available:
@@ -4900,10 +4900,11 @@ def checked_args(argv: list[str], rank: int) -> tuple[Hyperparameters, dict | No
         except kernels.KernelConfigError as e:
             raise SystemExit(str(e)) from None
         check_config(args, world_size)
-        check_memory(args)
-        check_inputs(args, world_size)
+        model = meta_model(args, resume["step"] if resume is not None else 0)  # built once for the three checks
+        check_memory(args, model)
+        check_inputs(args, world_size, model.state_dict())
         if resume is not None:
-            check_resume(args, resume)
+            check_resume(args, resume, model.state_dict())
     except SystemExit as e:
         if e.code in (0, None):
             raise

@@ -218,3 +218,14 @@ def cpu_fp8_matmul_is_reference_only() -> bool:
         torch._scaled_mm(x, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
         _FP8_REFERENCE_ONLY = time.perf_counter() - t > 0.02
     return _FP8_REFERENCE_ONLY
+
+
+def assert_one_error_line(text, *needles, prefix="error:"):
+    """text (a tool's stderr) has exactly one line with "error:", no traceback; the line starts with prefix and
+    contains every needle. Returns the line."""
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith(prefix), text
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

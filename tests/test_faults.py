@@ -46,7 +46,7 @@ def run_script(flags: list[str], fsize_limit: int | None = None, timeout: int = 
                           capture_output=True, timeout=timeout, preexec_fn=limit)
 
 
-def assert_one_error_line(error: SystemExit, *fragments: str):
+def assert_error_exit(error: SystemExit, *fragments: str):
     message = error.code
     assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
     for fragment in fragments:
@@ -178,7 +178,7 @@ def finished_checkpoint(shards, tmp_path_factory):
 def test_resuming_a_finished_checkpoint_is_refused_with_the_reason(finished_checkpoint, tmp_path):
     with pytest.raises(SystemExit) as e:
         tg.main([f"--resume={finished_checkpoint}", f"--records_dir={tmp_path}"])
-    assert_one_error_line(e.value, "is at step 3 and the run has 3 steps", "--num_iterations")
+    assert_error_exit(e.value, "is at step 3 and the run has 3 steps", "--num_iterations")
     assert files_under(tmp_path) == []
 
 
@@ -189,7 +189,7 @@ def test_a_checkpoint_of_another_shape_is_refused_before_any_record(finished_che
     extra = ["--num_iterations=10"] if flag == "--resume" else [*TINY, *data_flags(shards, tmp_path)]
     with pytest.raises(SystemExit) as e:
         tg.main([*extra, f"{flag}={finished_checkpoint}", "--model_dim=64", f"--records_dir={tmp_path}"])
-    assert_one_error_line(e.value, fragment, "embed.weight: checkpoint (50257, 32) vs model (50257, 64)")
+    assert_error_exit(e.value, fragment, "embed.weight: checkpoint (50257, 32) vs model (50257, 64)")
     assert files_under(tmp_path) == []
 
 
@@ -222,7 +222,7 @@ BAD_FLAGS = [
 def test_bad_flags_are_one_line_before_anything_is_built(flags, fragment, shards, tmp_path):
     with pytest.raises(SystemExit) as e:
         tg.main([*TINY, *data_flags(shards, tmp_path), *flags])
-    assert_one_error_line(e.value, fragment)
+    assert_error_exit(e.value, fragment)
     assert files_under(tmp_path) == []
 
 
@@ -234,7 +234,7 @@ def test_bad_shards_are_one_line(kind, fragment, split, shards, tmp_path):
     flags[split == "val"] = f"--{split}_files={bad_shard(tmp_path, kind)}"
     with pytest.raises(SystemExit) as e:
         tg.main([*TINY, *flags])
-    assert_one_error_line(e.value, fragment, "bad_")
+    assert_error_exit(e.value, fragment, "bad_")
     assert not (tmp_path / "records").exists()
 
 
@@ -242,7 +242,7 @@ def test_a_records_dir_that_is_a_file_is_one_line(shards, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as e:
         tg.main([*TINY, *data_flags(shards, tmp_path / "file" / "records")])
-    assert_one_error_line(e.value, "is a file, not a directory")
+    assert_error_exit(e.value, "is a file, not a directory")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
@@ -250,7 +250,7 @@ def test_a_records_dir_that_is_not_writable_is_one_line(shards, tmp_path):
     (tmp_path / "ro").mkdir(mode=0o500)
     with pytest.raises(SystemExit) as e:
         tg.main([*TINY, *data_flags(shards, tmp_path / "ro" / "records")])
-    assert_one_error_line(e.value, "is not writable")
+    assert_error_exit(e.value, "is not writable")
 
 
 def test_bos_align_counts_the_documents_it_needs_up_front(tmp_path):
@@ -261,7 +261,7 @@ def test_bos_align_counts_the_documents_it_needs_up_front(tmp_path):
     with pytest.raises(SystemExit) as e:
         tg.main(["--preset=frontier_smoke", f"--train_files={tmp_path}/one_train_*.bin",
                  f"--val_files={tmp_path}/one_val_*.bin", f"--records_dir={tmp_path}/records"])
-    assert_one_error_line(e.value, "holds 0 documents", "--bos_align=false")
+    assert_error_exit(e.value, "holds 0 documents", "--bos_align=false")
     assert not (tmp_path / "records").exists()
 
 
@@ -291,7 +291,7 @@ def test_optimizer_states_that_do_not_fit_are_refused_before_any_record(shards, 
     path = tg.save_checkpoint(folder / "run_step1.pt", model, tg.build_optimizers(model, args), args, 1, 1.0)
     with pytest.raises(SystemExit) as e:
         tg.main([f"--resume={path}", "--kron_optimizer=muon", f"--records_dir={tmp_path / 'records'}"])
-    assert_one_error_line(e.value, "its optimizer states do not fit")
+    assert_error_exit(e.value, "its optimizer states do not fit")
     assert not (tmp_path / "records").exists()
 
 
@@ -306,7 +306,7 @@ def test_a_broken_kernel_config_table_is_one_line_and_a_used_one_is_recorded(sha
     finally:
         monkeypatch.setenv("KERNEL_CONFIGS", "none")
         kernels.reset_config_table()
-    assert_one_error_line(e.value, "kernel config table", "KERNEL_CONFIGS=none")
+    assert_error_exit(e.value, "kernel config table", "KERNEL_CONFIGS=none")
     assert not (tmp_path / "records").exists()
 
     table = tmp_path / "kernel_configs.json"

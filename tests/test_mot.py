@@ -24,7 +24,7 @@ def table(enc):
 
 
 def test_a_table_built_under_the_meta_device_is_real_and_cached_real(enc):
-    """check_memory builds the model on the meta device before the real one: the cached table must hold bytes."""
+    """meta_model builds the model on the meta device before the real one: the cached table must hold bytes."""
     path = tg.HERE / "data" / "local" / "byte_table_gpt2_3.pt"
     path.unlink(missing_ok=True)
     with torch.device("meta"):

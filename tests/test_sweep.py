@@ -13,21 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_script
+from conftest import ROOT, assert_one_error_line, load_script
 from test_records_tool import fake  # noqa: F401  (a fixture: the stand-in train_gpt.py)
 from tools import records
 
 sweep = load_script("tools/sweep.py")
-
-
-def assert_one_error_line(text, *needles):
-    """text (stderr) has exactly one line with "error:", it starts with it and contains every needle."""
-    assert "Traceback" not in text, text
-    lines = [line for line in text.splitlines() if "error:" in line]
-    assert len(lines) == 1 and lines[0].startswith("error:"), text
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def calls(tmp_path):

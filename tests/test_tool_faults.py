@@ -10,26 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_script, write_shard
+from conftest import ROOT, assert_one_error_line, load_script, write_shard
 from tools import records
-
-
-def error_lines(text):
-    return [line for line in text.splitlines() if "error:" in line]
 
 
 # argparse's "<prog>: error:" (prog: the script's name; in-process, pytest's own)
 ARGPARSE = f"{Path(sys.argv[0]).name}: error:"
-
-
-def assert_one_error_line(text, *needles, prefix="error:"):
-    """text (a tool's stderr) has exactly one error line, it starts with prefix and contains every needle."""
-    assert "Traceback" not in text, text
-    lines = error_lines(text)
-    assert len(lines) == 1 and lines[0].startswith(prefix), text
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def run_tool(*argv, env=None, timeout=120):

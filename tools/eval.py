@@ -52,8 +52,7 @@ def check_flags(opts) -> None:
 
 
 def eval_config(ckpt: dict, opts, device: torch.device) -> tg.Hyperparameters:
-    args = tg.checkpoint_model_args(ckpt)
-    check_flags(opts)
+    args = tg.checkpoint_model_args(ckpt)  # opts passed check_flags before the checkpoint was read
     ckpt_seq_len = args.val_seq_len
     args.val_files = opts.val_files or args.val_files
     args.val_tokens = opts.val_tokens if opts.val_tokens is not None else args.val_tokens

@@ -121,9 +121,7 @@ def unique_bytes(tensors) -> int:
 
 def meta_model(args: tg.Hyperparameters, gpu: Gpu) -> tg.GPT:
     """The model main() trains (at step 0: --kron_progressive_every swaps blocks later), on the meta device."""
-    shape_args = dataclasses.replace(tg.args_at_step(args, 0), weight_init="uniform")  # the draw needs values
-    with torch.device("meta"):
-        model = tg.build_model(shape_args)
+    model = tg.meta_model(dataclasses.replace(args, weight_init="uniform"), step=0)  # the draw needs values
     # .to: tables a module loads from disk (the --mot byte table) arrive on the CPU whatever the default device
     return tg.set_gpu_dtypes(model.to("meta"), args, on_gpu=True, fp8_matmuls=has_fp8(gpu))
 

@@ -1312,8 +1312,9 @@ def measure_allreduce(ctx: Context) -> str:
     return f"{4 * n / 2 ** 20:.0f} MiB all_reduce in {sec * 1000:.2f} ms: bus bandwidth {busbw:.1f} GB/s"
 
 
-def load_bench_kernels():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "tools" / "bench_kernels.py")
+def load_tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -1323,7 +1324,7 @@ def kernel_bench_rows(args: tg.Hyperparameters, device: torch.device, dtype, tok
                       repeats: int) -> list[dict]:
     """fwd+bwd time of the Kronecker (triton) and Monarch KS (triton) kernels and of the dense matmul of the same
     (out, in) at both MLP shapes, with tools/bench_kernels.py's impls and timer."""
-    bench = load_bench_kernels()
+    bench = load_tool("bench_kernels")
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
     for in_f, out_f in ((args.model_dim, args.mlp_ratio * args.model_dim),
@@ -1400,18 +1401,10 @@ def measure_step_time_frontier(ctx: Context) -> str:
 
 
 def memory_plan_for(flags: list[str], gpu_name: str, total_bytes: int, capability: tuple[int, int],
-                    world_size: int) -> dict | None:
+                    world_size: int) -> dict:
     """tools/memory_plan.py's plan (plan_memory) of the run the flags describe (recipe defaults + flags) on
-    world_size GPUs like this one, or None where that module, its plan_memory or its Gpu is missing: peak_memory then
-    records the measured peaks without a comparison."""
-    path = ROOT / "tools" / "memory_plan.py"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("memory_plan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not (hasattr(module, "plan_memory") and hasattr(module, "Gpu")):
-        return None
+    world_size GPUs like this one."""
+    module = load_tool("memory_plan")
     args = config_args(flags, on_gpu=True)
     tg.check_config(args, world_size)
     gpu = module.Gpu(gpu_name, round(total_bytes / 2 ** 30), tuple(capability))
@@ -1423,7 +1416,7 @@ def peak_vs_plan(measured_gib: float, plan: dict | None) -> tuple[str, bool]:
     the whole run: eager memory at its largest phase plus the CUDA context and NCCL, which the allocator does not
     see, so an upper bound at any stage; within: measured <= that bound. No plan: the measured peak alone."""
     if plan is None:
-        return f"{measured_gib:.2f} GiB (no plan to compare: tools/memory_plan.py has no plan_memory here)", True
+        return f"{measured_gib:.2f} GiB (no plan to compare)", True
     bound, compiled = plan["peak"] / 2 ** 30, plan["compiled_estimate"] / 2 ** 30
     within = measured_gib <= bound
     return (f"{measured_gib:.2f} GiB vs the plan's {bound:.2f} GiB bound (compiled estimate {compiled:.2f} GiB)"
@@ -1920,10 +1913,7 @@ def main(argv: list[str] | None = None, registry: list[Entry] | None = None) -> 
             print(f"{e.name:22s} {e.kind:8s} {'quick' if e.quick else 'full only'}{cost}")
         return 0
     if cli.plan:  # a CPU-only plan (tools/memory_plan.py): no device, no process group
-        spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "tools" / "memory_plan.py")
-        memory_plan = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(memory_plan)
-        return memory_plan.cli(cli.flags, cli.gpu, cli.nproc, prog="preflight")
+        return load_tool("memory_plan").cli(cli.flags, cli.gpu, cli.nproc, prog="preflight")
     try:
         flags = shlex.split(cli.flags)
         on_gpu = torch.cuda.is_available()
