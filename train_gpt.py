@@ -13,6 +13,8 @@ import dataclasses
 import difflib
 import functools
 import glob
+import importlib
+import inspect
 import json
 import math
 import os
@@ -41,6 +43,8 @@ from kernels import _a_first as kron_contracts_k1_first, choose_kron_factors, kr
 from kernels import van_loan_decompose
 
 HERE = Path(__file__).resolve().parent
+# Run as a script this module is __main__; features/*.py import it as train_gpt, which must be this same module
+sys.modules.setdefault("train_gpt", sys.modules[__name__])
 
 # -----------------------------------------------------------------------------------------------------------------
 # Flags
@@ -84,14 +88,6 @@ class Hyperparameters:
     ks_rank: int = 1  # widens the chain's inner blocks (parameters grow ~linearly in it)
     ks_impl: str = "bmm"  # bmm (reshape + batched matmul) | triton | auto (triton on CUDA)
     ks_layers: str = ""  # comma-separated blocks whose MLPs --ks_mlp factorizes ("" = all); the others stay dense
-    # mixture of tokenizers: each token also attends over its own UTF-8 bytes (CharCrossAttention)
-    mot: str = "off"  # off | cross (per-token cross-attention over its bytes) | cross+self (bytes self-attend first)
-    bytes_per_token: int = 16  # byte slots per token: the token's last bytes, right-aligned, PAD on the left
-    char_dim: int = 128  # width of the byte embeddings and of the per-token cross-attention (0 = model_dim, no q/proj)
-    mot_heads: int = 4  # cross-attention heads (head dim = char_dim / mot_heads)
-    mot_pull_left: bool = False  # fill a token's PAD slots with the trailing bytes of earlier tokens of its document
-    mot_self_window: int = 64  # cross+self: causal byte self-attention window in tokens (x bytes_per_token, to 128s)
-    mot_self_pool: int = 1  # cross+self: K bytes summed (per-slot learned scales) per self-attention position
     # architecture ablations (issue 6), each off by default; describe_model() prints their params and FLOPs/token
     n_kv_heads: int = 0  # grouped-query attention: K/V heads shared by num_heads/n_kv_heads queries (0 = num_heads)
     mla_kv_rank: int = 0  # multi-head latent attention when > 0: rank of the cached K/V latent (768-dim model: 256)
@@ -196,11 +192,6 @@ class Hyperparameters:
     resume: str = ""  # checkpoint path: continue that run exactly (its flags; flags given here still win)
     init_from: str = ""  # checkpoint path: take only the weights; fresh optimizers and schedule from step 0
     init_partial: bool = False  # with init_from: skip tensors whose shape differs instead of stopping
-    # knowledge distillation from a frozen teacher checkpoint (any config this script can build)
-    teacher: str = ""  # teacher checkpoint path ("" = no distillation)
-    kd_alpha: float = 0.5  # loss = (1 - kd_alpha) * CE + kd_alpha * kd_temp^2 * KL(teacher_T || student_T)
-    kd_temp: float = 2.0  # distillation temperature T
-    kd_cosine: float = 0.0  # weight of 1 - cos(final hidden states), learned projection if widths differ
     # records
     records_dir: str = "records"  # root of the record tree; a relative path is taken beside train_gpt.py
     track: str = "track_1_short"  # records/<track>/...; compare runs only within a track
@@ -353,11 +344,12 @@ def flag_help() -> str:
     lines = ["usage: torchrun --standalone --nproc_per_node=N train_gpt.py [--name=value ...]   (or ./run.sh)",
              f"presets: {', '.join(PRESETS)} (--preset=NAME applies its values first; explicit flags win)", ""]
     source = Path(__file__).read_text().split("class Hyperparameters:", 1)[1].split("\n\n\n", 1)[0]
-    for line in source.splitlines():
+    sources = [source] + [inspect.getsource(flags) for flags in feature_hooks("Flags")]
+    for line in "\n".join(sources).splitlines():
         stripped = line.strip()
         if stripped.startswith("# "):  # a section heading
             lines.append(f"[{stripped[2:]}]")
-        elif ":" in stripped and "=" in stripped:
+        elif ":" in stripped and "=" in stripped and not stripped.startswith(("class ", "@", '"')):
             name = stripped.split(":", 1)[0]
             comment = stripped.split("#", 1)[1].strip() if "#" in stripped else ""
             lines.append(f"  --{name}={getattr(Hyperparameters(), name)!r}  {comment}")
@@ -414,7 +406,8 @@ def check_config(args: Hyperparameters, world_size: int):
         if last >= total_steps(args):
             fail(f"--kron_progressive_every={args.kron_progressive_every}: the last swap would come at step {last}, "
                  f"after the run's {total_steps(args)} steps; lower it or list fewer --kron_layers")
-    check_mot(args, fail)
+    for check in feature_hooks("check"):
+        check(args, fail)
     check_frontier_model(args, fail)
     check_model_shape(args, fail)
     check_objective(args, fail)
@@ -444,15 +437,14 @@ def check_config(args: Hyperparameters, world_size: int):
 MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=1,
                   vocab_size=1, model_dim=4, num_heads=1, mlp_ratio=1, num_value_embeds=0, kron_rank=1, ks_rank=1,
                   val_tokens=1, window_schedule_tokens=1, ns_steps=1, muon_momentum_warmup_steps=0, val_every=0,
-                  warmup_steps=0, save_every=0, keep_checkpoints=0, bytes_per_token=1, char_dim=0, mot_heads=1,
-                  mot_self_window=1,
+                  warmup_steps=0, save_every=0, keep_checkpoints=0,
                   muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, kron_adam_lr=0.0, adam_eps=0.0,
-                  attn_scale=0.0, kd_temp=1e-6, kd_cosine=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
+                  attn_scale=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
                   muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_wd=0.0, adam_every=1, extension_steps=0,
-                  mot_self_pool=1, kron_progressive_every=0, kron_progressive_distill_steps=0, mudd_lr=0.0,
+                  kron_progressive_every=0, kron_progressive_distill_steps=0, mudd_lr=0.0,
                   mudd_gate_lr=0.0, dc_window=1)
 UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_momentum_end", "adam_beta1",
-                 "adam_beta2", "kd_alpha")
+                 "adam_beta2")
 # flag -> (what makes it meaningful, a predicate on args): setting the flag without that draws a warning
 NEEDS = dict(
     keep_checkpoints=("--save_every", lambda a: a.save_every > 0),
@@ -467,12 +459,6 @@ NEEDS = dict(
     ks_rank=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
     ks_impl=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
     ks_layers=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
-    bytes_per_token=("--mot other than off", lambda a: a.mot != "off"),
-    char_dim=("--mot other than off", lambda a: a.mot != "off"),
-    mot_heads=("--mot other than off", lambda a: a.mot != "off"),
-    mot_pull_left=("--mot other than off", lambda a: a.mot != "off"),
-    mot_self_window=("--mot=cross+self", lambda a: a.mot == "cross+self"),
-    mot_self_pool=("--mot=cross+self", lambda a: a.mot == "cross+self"),
     mla_q_rank=("--mla_kv_rank > 0", lambda a: a.mla_kv_rank > 0),
     mla_rope_dim=("--mla_kv_rank > 0", lambda a: a.mla_kv_rank > 0),
     moe_shared=("--moe_experts > 0", lambda a: a.moe_experts > 0),
@@ -483,9 +469,6 @@ NEEDS = dict(
                   a.moe_balance == "aux"),
     moe_bias_rate=("--moe_experts > 0 and --moe_balance=bias", lambda a: a.moe_experts > 0 and
                    a.moe_balance == "bias"),
-    kd_alpha=("--teacher", lambda a: bool(a.teacher)),
-    kd_temp=("--teacher", lambda a: bool(a.teacher)),
-    kd_cosine=("--teacher", lambda a: bool(a.teacher)),
     init_partial=("--init_from", lambda a: bool(a.init_from)),
     adam_group_wd=("--adam_wd > 0", lambda a: a.adam_wd > 0),
     kron_progressive_distill_steps=("--kron_progressive_every > 0", lambda a: a.kron_progressive_every > 0),
@@ -506,19 +489,26 @@ def check_ranges(args: Hyperparameters, fail):
         value = getattr(args, field.name)
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{field.name}={value} must be a finite number")
-    for name, low in MIN_VALUES.items():
+    for name, low in feature_table("MIN_VALUES", MIN_VALUES).items():
         if getattr(args, name) < low:
             fail(f"--{name}={getattr(args, name)} must be >= {low}")
-    for name in UNIT_INTERVAL:
+    for name in feature_table("UNIT_INTERVAL", UNIT_INTERVAL):
         if not 0 <= getattr(args, name) <= 1:
             fail(f"--{name}={getattr(args, name)} must be in [0, 1]")
+
+
+def feature_table(name: str, core):
+    """A core table (a dict, or a tuple of names) with every feature's table of that name added."""
+    if isinstance(core, dict):
+        return functools.reduce(lambda merged, table: {**merged, **table}, feature_hooks(name), core)
+    return core + sum(map(tuple, feature_hooks(name)), ())
 
 
 def meaningless_flags(args: Hyperparameters) -> list[str]:
     """Warnings for flags that differ from their default while the flags that would use them are off."""
     changed = changed_flags(args)
     return [f"warning: --{name}={changed[name]!r} has no effect without {what}"
-            for name, (what, used) in NEEDS.items() if name in changed and not used(args)]
+            for name, (what, used) in feature_table("NEEDS", NEEDS).items() if name in changed and not used(args)]
 
 
 def check_schedule(args: Hyperparameters, fail):
@@ -561,31 +551,6 @@ def check_schedule(args: Hyperparameters, fail):
     for flag in ("extension_window", "val_window"):
         if getattr(args, flag):
             parse_windows(getattr(args, flag), flag)
-
-
-def check_mot(args: Hyperparameters, fail):
-    if args.mot not in ("off", "cross", "cross+self"):
-        fail(f"--mot={args.mot!r}; valid values: off, cross, cross+self")
-    if args.mot == "off":
-        return
-    if args.bytes_per_token < 1:
-        fail(f"--bytes_per_token={args.bytes_per_token} must be >= 1")
-    if args.mot_heads < 1 or char_width(args) % args.mot_heads:
-        fail(f"--char_dim={args.char_dim} (byte width {char_width(args)}; 0 = model_dim) must be a positive "
-             f"multiple of --mot_heads={args.mot_heads}")
-    if args.vocab_size > GPT2_VOCAB:
-        fail(f"--mot needs GPT-2 token ids (the byte table has {GPT2_VOCAB} rows); vocab_size={args.vocab_size}")
-    if args.mot == "cross+self":
-        if args.mot_self_window < 1:
-            fail(f"--mot_self_window={args.mot_self_window} must be >= 1 token")
-        S, K = args.bytes_per_token, args.mot_self_pool
-        if K < 1 or S % K:
-            fail(f"--mot_self_pool={K} must divide --bytes_per_token={S} (a token's bytes pool in whole groups); "
-                 f"valid values: {', '.join(str(k) for k in range(1, S + 1) if S % k == 0)}")
-        longest = max(args.seq_len, args.val_seq_len) * args.bytes_per_token
-        if longest >= 2 ** 31:
-            fail(f"--mot=cross+self: byte stream of {longest:,} positions (seq_len x bytes_per_token) overflows "
-                 f"int32 mask indices; lower seq_len/val_seq_len or bytes_per_token")
 
 
 def check_architecture(args: Hyperparameters, fail):
@@ -879,8 +844,6 @@ def check_objective(args: Hyperparameters, fail):
             fail(f"--{flag}={text!r} has {len(entries)} ';'-separated entries; the run has {n_stages} "
                  f"{'stages (--stages)' if args.stages else 'stage (no --stages)'}"
                  f"{' and the prefix loss takes one weight per stage' if flag == 'prefix_weights' else ''}")
-    if (args.mtp_weights or args.prefix_weights) and args.teacher:
-        fail("--mtp_weights/--prefix_weights with --teacher: distillation has its own loss (drop one of them)")
 
 
 def parse_skip_pairs(text: str) -> list[tuple[int, int]]:
@@ -939,6 +902,54 @@ def kron_factors(args: Hyperparameters) -> dict:
             raise SystemExit(f"error: --kron_factors for {name} need m1*m2={out_f} and k1*k2={in_f}, "
                              f"got {m1 * m2} and {k1 * k2}")
     return {"fc": fc, "proj": proj}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Features: each optional research idea is one file in features/ (README: How the code is laid out). This script
+# touches a feature only through the names below, each optional in its file, and calls them in FEATURE_NAMES order:
+#   Flags                         dataclass of its flags, joined into Hyperparameters (the flat names users type)
+#   MIN_VALUES, UNIT_INTERVAL, NEEDS   joined into the core's tables of the same names (check_ranges, warnings)
+#   check(args, fail)             rejects its bad values and combinations (check_config)
+#   check_inputs(args)            checks the files it reads before anything is built (check_inputs)
+#   on(args) -> bool              the run uses it: its file is written into the record and the checkpoints
+#   attention(args, max_seq_len, layer), mlp(args, layer), linear(args, which, in_features, out_features,
+#   zero_init), block(args, layer, max_seq_len) -> a module, or None for the core's (the first one built wins)
+#   install(model, args)          after GPT.__init__ built the core model (so the core's random draw is unchanged)
+#   param_groups(model, args) -> {group: [parameters]}   where its parameters go (the rest follow the core's rule)
+#   model_parts(model, args) -> [ModelPart]   its lines in describe_model's parameter and FLOP sums
+#   trainee(model, optimizers, args, env) -> the module the loss is computed on, or None (the model itself)
+#   log_header(log, run, args, env), log_after_training(log, run, args, env, val_data)   its lines in the record
+# A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
+# REQUIRES (a tuple of feature names, checked by tests/test_layout.py).
+FEATURE_NAMES = ("mot", "distill")
+FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
+
+
+def feature_hooks(name: str) -> list:
+    """Every feature's function (or table) of one socket, in FEATURE_NAMES order."""
+    return [getattr(f, name) for f in FEATURES if hasattr(f, name)]
+
+
+def built_by_feature(socket: str, *args):
+    """The module the first feature that builds one at this socket returns (None: the core builds its own)."""
+    for build in feature_hooks(socket):
+        module = build(*args)
+        if module is not None:
+            return module
+    return None
+
+
+def features_on(args: Hyperparameters) -> list:
+    """The features this run uses (their on(args)): their files go into the record and the checkpoints."""
+    return [f for f in FEATURES if hasattr(f, "on") and f.on(args)]
+
+
+def feature_file(feature) -> str:
+    return f"features/{feature.__name__.rsplit('.', 1)[-1]}.py"
+
+
+def load_features() -> list:
+    return [importlib.import_module(f"features.{name}") for name in FEATURE_NAMES]
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1393,8 +1404,7 @@ class GradientSync:
 
 BLOCK_SIZE = 128  # FlexAttention tile and the unit of sliding windows
 EOT_TOKEN = 50256  # GPT-2 end of text; it precedes every document
-GPT2_VOCAB = 50257  # rows of the --mot byte table
-BYTE_PAD, BYTE_EOT, BYTE_VOCAB = 256, 257, 258  # --mot byte ids: 0..255 are the bytes themselves
+GPT2_VOCAB = 50257  # GPT-2 token ids (the --mot byte table has a row for each)
 
 
 def norm(x: Tensor) -> Tensor:
@@ -2917,192 +2927,6 @@ def gpt2_encoding():
                          f"them (e.g. ../shared/tiktoken_cache)") from None
 
 
-def byte_table(bytes_per_token: int) -> Tensor:
-    """(GPT2_VOCAB, bytes_per_token) int16: row t holds token t's last bytes_per_token UTF-8 bytes right-aligned
-    (the token's final byte in the last slot), BYTE_PAD before them; EOT_TOKEN is [PAD, ..., PAD, BYTE_EOT].
-    Built from tiktoken once and cached under data/local/ (git-ignored). Integer on purpose: ids up to 257 do not
-    survive a cast to bf16."""
-    path = Path(__file__).resolve().parent / "data" / "local" / f"byte_table_gpt2_{bytes_per_token}.pt"
-    if path.exists():
-        return torch.load(path)
-    enc = gpt2_encoding()  # only --mot needs it
-    # on the CPU whatever the default device: a model built on the meta device (meta_model) must not cache an
-    # empty table for the real one
-    table = torch.full((GPT2_VOCAB, bytes_per_token), BYTE_PAD, dtype=torch.int16, device="cpu")
-    for t in range(GPT2_VOCAB):
-        piece = [BYTE_EOT] if t == EOT_TOKEN else list(enc.decode_single_token_bytes(t))[-bytes_per_token:]
-        table[t, bytes_per_token - len(piece):] = torch.tensor(piece, dtype=torch.int16, device="cpu")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(table, tmp)
-    os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written table
-    return table
-
-
-def char_width(args: Hyperparameters) -> int:
-    """Width of the --mot byte states: --char_dim, or model_dim at --char_dim=0."""
-    return args.char_dim or args.model_dim
-
-
-def token_bytes(inputs: Tensor, table: Tensor, pull_left: bool) -> Tensor:
-    """(T, S) int64 byte ids seen by each token of one packed sequence: table[inputs], and with pull_left the PAD
-    slots filled with the trailing bytes of tokens t-1, t-2, ... (up to S-1 back) of the same document, so row t
-    is the last S bytes of its document up to and including token t. Never reads a later token or an earlier
-    document (documents start at EOT, whose own byte belongs to the new document)."""
-    own = table[inputs.long()].long()  # (T, S)
-    if not pull_left:
-        return own
-    T, S = own.shape
-    back = torch.arange(S - 1, -1, -1, device=inputs.device)  # lookback k for window column j (oldest first)
-    src = torch.arange(T, device=inputs.device)[:, None] - back  # (T, S) source token index, k = S-1 .. 0
-    docs = document_ids(inputs)
-    ok = (src >= 0) & (docs[src.clamp_min(0)] == docs[:, None])  # same document, not before the sequence
-    window = own[src.clamp_min(0)]  # (T, S tokens, S bytes): each lookback token's bytes, oldest token first
-    valid = ok[:, :, None] & (window != BYTE_PAD)
-    window, valid = window.flatten(1), valid.flatten(1)  # (T, S*S) bytes in stream order
-    from_end = valid.flip(1).cumsum(1).flip(1)  # valid bytes at or after each position
-    keep = valid & (from_end <= S)
-    slot = torch.where(keep, S - from_end, S)  # column S is a discard column
-    out = torch.full((T, S + 1), BYTE_PAD, dtype=torch.long, device=inputs.device)
-    return out.scatter_(1, slot, torch.where(keep, window, BYTE_PAD))[:, :S]
-
-
-class CharSelfAttention(nn.Module):
-    """--mot=cross+self: one pre-norm self-attention layer over the byte stream of the sequence (T * S positions:
-    token order, then slot order, PAD slots included as learned inputs), causal, documents split at EOT, sliding
-    window of mot_self_window tokens in 128-position blocks: the same doc_causal_window_mask as the blocks (dense on
-    CPU, BlockMask on GPU), built once per sequence. Output projection zero-initialized (starts as identity)."""
-
-    def __init__(self, args: Hyperparameters, positions_per_token: int | None = None):
-        super().__init__()
-        C, S = char_width(args), positions_per_token or args.bytes_per_token
-        self.heads, self.positions_per_token = args.mot_heads, S
-        self.window_blocks = max(1, -(-args.mot_self_window * S // BLOCK_SIZE))
-        self.qkv = CastedLinear(C, 3 * C)
-        self.proj = CastedLinear(C, C, zero_init=True)
-
-    def forward(self, chars: Tensor, inputs: Tensor) -> Tensor:  # chars (T, S, C), inputs (T,)
-        return chars + self.attention(chars, inputs)
-
-    def attention(self, chars: Tensor, inputs: Tensor) -> Tensor:  # chars (T, S, C) -> the residual branch (T, S, C)
-        T, S, C = chars.shape
-        if T * S >= 2 ** 31:
-            raise ValueError(f"--mot=cross+self: {T} tokens x {S} byte positions = {T * S:,} overflow int32 masks")
-        # (T * S,) = document_ids(inputs).repeat_interleave(S), computed as a scan over the byte stream (an EOT counts
-        # at its first slot): inductor's CPU FlexAttention cannot lower a mask capturing a view of the token-level ids
-        first_slot = torch.arange(T * S, device=inputs.device) % S == 0
-        docs = ((inputs == EOT_TOKEN).repeat_interleave(S) & first_slot).cumsum(0)
-        mask = mask_builder(chars)(docs, self.window_blocks, docs=docs)
-        q, k, v = self.qkv(norm(chars.flatten(0, 1))).view(T * S, 3, self.heads, -1).permute(1, 2, 0, 3)[:, None]
-        # v contiguous: inductor's CPU FlexAttention reads an in-graph view at storage offset 0 (v is qkv's third third)
-        y = attend(norm(q), norm(k), v.contiguous(), mask, q.size(-1) ** -0.5)  # (1, heads, T * S, hd)
-        return self.proj(y[0].transpose(0, 1).reshape(T, S, C))
-
-    def flops_per_token(self, seq_len: int) -> int:
-        """Matrices and scores of the positions_per_token positions of a token, each seeing every key of its
-        window (documents only shorten it)."""
-        S, C = self.positions_per_token, self.qkv.in_features
-        context = min(seq_len * S, self.window_blocks * BLOCK_SIZE - BLOCK_SIZE // 2)
-        return S * (2 * (self.qkv.weight.numel() + self.proj.weight.numel()) + 4 * context * C)
-
-
-class PooledCharSelfAttention(CharSelfAttention):
-    """--mot=cross+self --mot_self_pool=K > 1: the byte self-attention runs over T * S / K positions. A token's S
-    byte states are taken K at a time in slot order, each scaled channel-wise by its slot's learned order vector,
-    and summed: an added per-slot vector would cancel out of the sum (a + b = b + a), a per-slot scale keeps the
-    byte order. The attention's output for a group is added back to each of its K bytes, so the cross-attention
-    still sees every slot. Groups never span tokens (K divides S), so causality is the token's, as before; per
-    token the score FLOPs fall K^2-fold (K x fewer positions, each over a K x shorter window), the matrices K-fold."""
-
-    def __init__(self, args: Hyperparameters):
-        K, C = args.mot_self_pool, char_width(args)
-        super().__init__(args, positions_per_token=args.bytes_per_token // K)
-        self.pool = K
-        # (K * C,) flat so it trains with the per-channel scalars (Adam at scalar_lr); near 1, distinct per slot
-        self.order = nn.Parameter(torch.empty(K * C).uniform_(0.5, 1.5))
-
-    def forward(self, chars: Tensor, inputs: Tensor) -> Tensor:  # chars (T, S, C), inputs (T,)
-        T, S, C = chars.shape
-        K = self.pool
-        pooled = (chars.view(T, S // K, K, C) * self.order.view(K, C).type_as(chars)).sum(2)  # (T, S / K, C)
-        return chars + self.attention(pooled, inputs).repeat_interleave(K, dim=1)
-
-
-class NoCharMixing(nn.Module):
-    """--mot=cross: the byte embeddings go to the cross-attention unchanged."""
-
-    def forward(self, chars: Tensor, inputs: Tensor) -> Tensor:
-        return chars
-
-    def flops_per_token(self, seq_len: int) -> int:
-        return 0
-
-
-def build_char_mixing(args: Hyperparameters) -> nn.Module:
-    """What the byte states go through before the cross-attention: nothing (--mot=cross) or a causal self-attention
-    over the byte stream (cross+self), on every byte or on pooled groups of --mot_self_pool bytes."""
-    if args.mot != "cross+self":
-        return NoCharMixing()
-    return PooledCharSelfAttention(args) if args.mot_self_pool > 1 else CharSelfAttention(args)
-
-
-class CharCrossAttention(nn.Module):
-    """--mot=cross (and cross+self): each token attends over its own byte slots (token_bytes). Query: the RMS-normed
-    token embedding projected to char_dim; keys/values: byte embedding + slot-position embedding (cross+self: after
-    CharSelfAttention); QK RMS-norm; PAD slots masked (every row has at least one real byte). The output projection
-    to model_dim is zero-initialized, so the model starts as the baseline; returns a * tok + b * chars with learned
-    scalars a = b = 1 at init, which GPT.hidden then RMS-norms into x0. Per token: one (heads, 1, S) attention, a
-    batched matmul over tokens. --char_dim=0: the bytes live in model_dim, the normed token embedding is the query
-    and the attention output is added as is (no q, no proj); b starts at 0 instead, so step 0 is still the
-    baseline (b's gradient is not zero, so it moves at once)."""
-
-    def __init__(self, args: Hyperparameters):
-        super().__init__()
-        S, C, dim = args.bytes_per_token, char_width(args), args.model_dim
-        model_width = args.char_dim == 0
-        self.heads, self.pull_left = args.mot_heads, args.mot_pull_left
-        self.register_buffer("byte_table", byte_table(S), persistent=False)  # moves with the model, not saved
-        self.char_embed = nn.Embedding(BYTE_VOCAB, C)
-        self.slot_embed = nn.Embedding(S, C)
-        self.q = nn.Identity() if model_width else CastedLinear(dim, C)
-        self.kv = CastedLinear(C, 2 * C)
-        self.proj = nn.Identity() if model_width else CastedLinear(C, dim, zero_init=True)
-        self.mix = nn.Parameter(torch.tensor([1.0, 0.0 if model_width else 1.0]))  # a (token), b (chars)
-        self.char_mixing = build_char_mixing(args)
-
-    def forward(self, tok: Tensor, inputs: Tensor) -> Tensor:  # tok (1, T, dim), inputs (T,)
-        ids = token_bytes(inputs, self.byte_table, self.pull_left)  # (T, S)
-        T, S = ids.shape
-        chars = self.char_mixing(self.char_embed(ids) + self.slot_embed.weight, inputs)  # (T, S, C)
-        q = self.q(norm(tok[0])).view(T, self.heads, 1, -1)
-        k, v = self.kv(chars.type_as(q)).view(T, S, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (T, heads, S, hd)
-        q, k = norm(q), norm(k)
-        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5  # (T, heads, 1, S)
-        scores = scores.float().masked_fill((ids == BYTE_PAD)[:, None, None, :], float("-inf"))
-        out = (scores.softmax(-1).type_as(v) @ v).view(T, -1)  # (T, C)
-        return self.mix[0] * tok + self.mix[1] * self.proj(out)[None]
-
-    def flops_per_token(self, seq_len: int) -> int:
-        """q and proj (none at --char_dim=0), keys/values of the S slots, the (1 x S) attention, the byte mixing."""
-        S, C = self.slot_embed.num_embeddings, self.kv.in_features
-        qproj = sum(2 * p.numel() for m in (self.q, self.proj) for p in m.parameters())
-        return qproj + 2 * S * self.kv.weight.numel() + 4 * S * C + self.char_mixing.flops_per_token(seq_len)
-
-
-class NoChars(nn.Module):
-    """--mot=off: the token embedding alone (no parameters, no buffers)."""
-
-    def forward(self, tok: Tensor, inputs: Tensor) -> Tensor:
-        return tok
-
-    def flops_per_token(self, seq_len: int) -> int:
-        return 0
-
-
-def build_mot(args: Hyperparameters) -> nn.Module:
-    return NoChars() if args.mot == "off" else CharCrossAttention(args)
-
-
 def softcap_r21(z: Tensor) -> Tensor:
     return 30 * torch.sigmoid(z / 7.5)
 
@@ -3203,7 +3027,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(padded_vocab if args.tie_embeddings else args.vocab_size, dim)
         self.smear = Smear() if args.smear else nn.Identity()  # on the raw embeddings (--smear)
         self.embed_noise = NEFTune(args.neftune_alpha) if args.neftune_alpha > 0 else nn.Identity()
-        self.mot = build_mot(args)  # mixes byte-level information into x0 (--mot)
+        self.mot = PassThrough()  # x0's socket for byte-level information (--mot: features/mot.py installs it)
         # x = x0 + g * bigram embedding (--bigram_rows); the blocks' x0 stays the token embedding alone
         gated = args.mudd_gate_block >= 0  # --mudd_gate_block: per-token gate values replace static scalars
         self.bigram = BigramHashEmbedding(args.bigram_rows, dim, GatedAdd("gate.bigram0") if gated else None) \
@@ -3273,6 +3097,8 @@ class GPT(nn.Module):
             self.blocks[args.mudd_gate_block].entry_gate = gate = MuddGate(dim, after)
             if before:  # the record has one scale s for both gates: the second gate shares the first's parameter
                 gate.scale = self.pre_gate.scale
+        for install in feature_hooks("install"):  # last: the core model's random draw is the one without them
+            install(self, args)
 
     def attention_masks(self, inputs: Tensor, window_blocks) -> dict:
         """Build the long and the short mask once per sequence; every block reuses one of them. window_blocks: the
@@ -3435,23 +3261,33 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
                  smear_gate=[m.gate for m in model.modules() if isinstance(m, Smear)],
                  resid_lambdas=[b.resid_lambdas for b in model.blocks if isinstance(b, SublayerBlock)],
                  post_lambdas=[b.post_lambdas for b in model.blocks if isinstance(b, SublayerBlock)])
-    own_ids = mudd_ids | {id(p) for params in small.values() for p in params}
+    routed = routed_params(model, args)  # the features' parameters, by group
+    own_ids = mudd_ids | {id(p) for params in [*small.values(), *routed.values()] for p in params}
     matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids | own_ids]
     scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in own_ids]
-    mot_embeds = [m.weight for m in model.mot.modules() if isinstance(m, nn.Embedding)]
     # --bigram_rows: its table is an embedding (Adam "value_embeds" group: the recipe trains it like those)
     bigram = [m.weight for m in model.bigram.modules() if isinstance(m, nn.Embedding)]
-    embeds = [model.embed.weight] + [e.weight for e in model.value_embeds] + mot_embeds + bigram
+    embeds = [model.embed.weight] + [e.weight for e in model.value_embeds] + routed.pop("embeds", []) + bigram
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied: embeds own it
-    # --mot matrices live outside the blocks: Adam at head_lr (the byte/slot embeddings are embeds, a and b scalars)
-    head += [p for p in model.mot.parameters() if p.ndim >= 2 and all(p is not e for e in mot_embeds)]
+    head += routed.pop("head", [])
     groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, kron=kron if kron_to_adam else [],
                   mudd=[p for m in mudd for p in (m.w1, m.w2)], mudd_bias=[m.b for m in mudd],
                   mudd_gate=[p for m in gates for p in (m.w1, m.w2)],
                   mudd_gate_bias=[m.b for m in gates] + list({id(m.scale): m.scale for m in gates}.values()),
                   **small)
+    for name, params in routed.items():  # groups of a feature's own, or core groups it adds to
+        groups[name] = groups.get(name, []) + params
     assert sum(map(len, groups.values())) == len(list(model.parameters()))
     return groups
+
+
+def routed_params(model: GPT, args: Hyperparameters | None) -> dict:
+    """{group: [parameters]} of every feature's param_groups(model, args), merged in FEATURE_NAMES order."""
+    routed = {}
+    for route in feature_hooks("param_groups"):
+        for name, params in route(model, args).items():
+            routed.setdefault(name, []).extend(params)
+    return routed
 
 
 SMALL_ADAM_GROUPS = ("ve_gate", "smear_gate", "resid_lambdas", "post_lambdas")  # LR: --adam_group_lr or scalar_lr
@@ -3839,6 +3675,16 @@ def dense_flops_per_token(module: nn.Module) -> int:
             + sum(2 * p.numel() for p in module.parameters() if p.ndim >= 2 and id(p) not in kron_ids))
 
 
+@dataclass
+class ModelPart:
+    """A feature's line in describe_model's sums (its model_parts socket): " + {name} {params}" among the parameters,
+    " + {flops_name} {flops / 1e6}M" among the forward FLOPs per token (each left out at 0)."""
+    name: str
+    params: int
+    flops_name: str
+    flops: float
+
+
 def describe_model(model: GPT, args: Hyperparameters) -> str:
     """Parameters per component and an estimate of the forward FLOPs per token: matrices (MoE: router plus the
     active experts), attention scores with every key of the final long/short window visible (documents only
@@ -3866,7 +3712,7 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
     mlp_flops = sum(m.flops_per_token() if isinstance(m, MoE) else dense_flops_per_token(m) for m in mlps)
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied
     head_flops = 2 * model.lm_head.weight.numel()
-    mot_params, mot_flops = count_params(model.mot), model.mot.flops_per_token(model.eval_chunk_tokens)
+    parts = [part for describe in feature_hooks("model_parts") for part in describe(model, args)]
     embeds = model.embed.weight.numel() + sum(e.weight.numel() for e in model.value_embeds)
     attn_params, mlp_params = sum(map(count_params, attns)), sum(map(count_params, mlps))
     bigram_params = count_params(model.bigram)  # --bigram_rows: table + gain (a gather: no matrix FLOPs)
@@ -3874,8 +3720,8 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
     # dim-wide sources, 2 n dim each, are elementwise: not counted)
     mudds = [m for m in model.modules() if isinstance(m, MuddWeights)]
     mudd_params, mudd_flops = sum(map(count_params, mudds)), sum(map(dense_flops_per_token, mudds))
-    other = (count_params(model) - embeds - sum(p.numel() for p in head) - attn_params - mlp_params - mot_params
-             - bigram_params - mudd_params)
+    other = (count_params(model) - embeds - sum(p.numel() for p in head) - attn_params - mlp_params
+             - bigram_params - mudd_params - sum(part.params for part in parts))
     kind = lambda ms: ", ".join(sorted({type(m).__name__ + (f"({args.mlp_act})" if isinstance(m, MLP) else "")
                                         for m in ms}))
     head_kind = ("tied to the embedding" if not head else
@@ -3890,13 +3736,13 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
             f"mlp {mlp_params:,} + block/skip scalars {other:,}"
             f"{f' + bigram hash {bigram_params:,}' if bigram_params else ''}"
             f"{f' + mudd {mudd_params:,}' if mudd_params else ''}"
-            f"{f' + mot {type(model.mot).__name__} {mot_params:,}' if mot_params else ''} = {count_params(model):,}\n"
+            f"{''.join(f' + {part.name} {part.params:,}' for part in parts if part.params)} = {count_params(model):,}\n"
             f"forward FLOPs/token: attention {attn_flops / 1e6:.1f}M (of which scores {score_flops / 1e6:.1f}M "
             f"at windows {context['L']}/{context['S']}{f', DC {dc_flops / 1e6:.1f}M' if dc_flops else ''}) + mlp "
             f"{mlp_flops / 1e6:.1f}M (active) + head "
-            f"{head_flops / 1e6:.1f}M{f' + mot {mot_flops / 1e6:.1f}M' if mot_flops else ''}"
+            f"{head_flops / 1e6:.1f}M{''.join(f' + {part.flops_name} {part.flops / 1e6:.1f}M' for part in parts if part.flops)}"
             f"{f' + mudd {mudd_flops / 1e6:.2f}M' if mudd_flops else ''} = "
-            f"{(attn_flops + mlp_flops + head_flops + mot_flops + mudd_flops) / 1e6:.1f}M"
+            f"{(attn_flops + mlp_flops + head_flops + sum(part.flops for part in parts) + mudd_flops) / 1e6:.1f}M"
             + (f"\n{stage_table(args)}" if args.stages else ""))
 
 
@@ -4185,6 +4031,11 @@ def check_records_dir(args: Hyperparameters):
                          f"writable directory")
 
 
+def run_code_files(args: Hyperparameters) -> list[str]:
+    """The files a record and a checkpoint keep: the script, the kernels, and every feature file the run uses."""
+    return ["train_gpt.py", "kernels.py"] + [feature_file(f) for f in features_on(args)]
+
+
 def record_folder(args: Hyperparameters, device: torch.device) -> Path:
     """records/<track>; CPU runs (smoke tests, ports, debugging) go to the git-ignored records/local/<track>, so
     they never land next to GPU records in the tracked tree."""
@@ -4229,7 +4080,7 @@ class RunRecord:
         self.path = folder / f"{uuid.uuid4()}.txt"
         self.file = open(self.path, "x")
         try:
-            for name in ("train_gpt.py", "kernels.py"):
+            for name in run_code_files(args):
                 source = HERE / name
                 self.section(name, source.read_text() if source.exists() else "(missing)")
             table = kernels.config_table_path()  # a tuned launch-config table, where one is in use
@@ -4276,7 +4127,7 @@ def save_checkpoint(path: Path, model: GPT, optimizers: list, args: Hyperparamet
     state = dict(
         format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers],
         step=step, train_time_ms=train_time_ms, args=dataclasses.asdict(args),
-        code={name: (HERE / name).read_text() for name in ("train_gpt.py", "kernels.py")},
+        code={name: (HERE / name).read_text() for name in run_code_files(args)},
         data=dict(step=step, tokens=tokens_after(step, args), train_files=args.train_files),
         rng=torch.get_rng_state(), pending_grads=pending_grads)
     if weights_only:  # for --init_from, eval, sample and teachers: the optimizer states are most of the bytes
@@ -4386,56 +4237,6 @@ def shape_mismatches(own: dict, state: dict) -> list[str]:
     """The tensors of a checkpoint's state whose shapes differ from the model's (own) of the same name."""
     return [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
             if k in own and v.shape != own[k].shape]
-
-
-class Distiller(nn.Module):
-    """Knowledge distillation: the student's training loss blends CE with KL(teacher_T || student_T) from a frozen
-    teacher, plus optionally a cosine loss between final hidden states. Validation sees the student alone."""
-
-    def __init__(self, student: GPT, teacher: GPT, args: Hyperparameters):
-        super().__init__()
-        self.student, self.teacher = student, teacher
-        self.alpha, self.temp, self.cosine = args.kd_alpha, args.kd_temp, args.kd_cosine
-        s_dim, t_dim = student.embed.weight.shape[1], teacher.embed.weight.shape[1]
-        self.proj = CastedLinear(s_dim, t_dim) if self.cosine > 0 and s_dim != t_dim else None
-        teacher.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()  # the teacher never trains (and never uses train-only noise such as dropout)
-        return self
-
-    def forward(self, inputs: Tensor, targets: Tensor | None = None, window_blocks=None) -> Tensor:
-        if not self.training or targets is None:
-            return self.student(inputs, targets, window_blocks)
-        hidden = self.student.hidden(inputs, window_blocks)
-        logits = self.student.logits(hidden)
-        with torch.no_grad():
-            t_hidden = self.teacher.hidden(inputs)  # the teacher's own (trained-for) full window
-            t_logits = self.teacher.logits(t_hidden)
-        loss = (1 - self.alpha) * F.cross_entropy(logits, targets) + self.student.moe_aux_loss()
-        if self.alpha:
-            kl = F.kl_div(F.log_softmax(logits / self.temp, -1), F.log_softmax(t_logits / self.temp, -1),
-                          log_target=True, reduction="batchmean")
-            loss = loss + self.alpha * self.temp ** 2 * kl
-        if self.cosine:
-            h = self.proj(hidden) if self.proj is not None else hidden
-            loss = loss + self.cosine * (1 - F.cosine_similarity(h.float(), t_hidden.float(), dim=-1)).mean()
-        return loss
-
-
-def build_teacher(path: str, student: GPT, device: torch.device) -> GPT:
-    ckpt = load_checkpoint(path)
-    teacher = build_model(checkpoint_args(ckpt))
-    teacher.load_state_dict(ckpt["model"])
-    if teacher.lm_head.weight.shape[0] != student.lm_head.weight.shape[0]:
-        raise SystemExit(f"error: teacher vocabulary {teacher.lm_head.weight.shape[0]} and student vocabulary "
-                         f"{student.lm_head.weight.shape[0]} differ; distillation needs the same one")
-    teacher.to(device)
-    if device.type == "cuda":
-        for p in teacher.parameters():
-            p.data = p.data.bfloat16()  # halves its memory; activations are bf16 on GPU anyway
-    return teacher.eval()
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -4707,17 +4508,6 @@ def compile_warmup(model, raw_model, optimizers, args, env, val_window):
     raw_model.zero_grad(set_to_none=True)  # gradients kept for a later Adam step (--adam_every) are warm-up's
 
 
-@torch.no_grad()
-def teacher_cost_ms(teacher: GPT, inputs: Tensor, device: torch.device, repeats: int = 3) -> float:
-    teacher(inputs)  # warm
-    synchronize(device)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        teacher(inputs)
-    synchronize(device)
-    return 1000 * (time.perf_counter() - t) / repeats
-
-
 def parse_args(argv: list[str]) -> tuple[Hyperparameters, dict | None]:
     """Flags, or with --resume the checkpoint's flags with the explicit flags applied on top."""
     args = apply_overrides(Hyperparameters(), list(argv))
@@ -4751,8 +4541,8 @@ def check_inputs(args: Hyperparameters, world_size: int, own: dict):
     except OSError as e:
         raise SystemExit(f"error: cannot read {e.filename}: {e.strerror}") from None
     check_records_dir(args)
-    if args.teacher:
-        load_checkpoint(args.teacher, mmap=True)
+    for check in feature_hooks("check_inputs"):
+        check(args)
     if args.init_from:
         problems = shape_mismatches(own, load_checkpoint(args.init_from, mmap=True)["model"])
         if problems and not args.init_partial:
@@ -4931,14 +4721,8 @@ def build_run(args: Hyperparameters, resume: dict | None, env: DistEnv) -> Train
                         env.device)
     init_report = load_weights(model, load_checkpoint(args.init_from)["model"], args.init_partial) \
         if args.init_from else None
-    trainee = Distiller(model, build_teacher(args.teacher, model, env.device), args).to(env.device) \
-        if args.teacher else model
     optimizers = build_optimizers(model, args, env.rank, env.world_size)
-    if isinstance(trainee, Distiller) and trainee.proj is not None:
-        optimizers[0].add_param_group(dict(params=list(trainee.proj.parameters()), lr=args.head_lr,
-                                           initial_lr=args.head_lr))
-        if optimizers[1].grad_sync is not None:
-            optimizers[1].grad_sync.add(list(trainee.proj.parameters()))
+    trainee = built_by_feature("trainee", model, optimizers, args, env) or model  # --teacher: features/distill.py
     run = TrainingRun(model, trainee, optimizers, init_report=init_report)
     if resume is not None:
         model.load_state_dict(resume["model"])  # check_resume compared the shapes
@@ -4981,9 +4765,8 @@ def log_run_header(log, run: TrainingRun, args: Hyperparameters, env: DistEnv, c
         log(f"init_from {args.init_from}: {run.init_report}")
     if args.resume:
         log(f"resumed from {args.resume} at step {run.start_step} (train_time {run.train_time_ms:.0f}ms so far)")
-    if isinstance(trainee, Distiller):
-        log(f"distillation: teacher {args.teacher} ({count_params(trainee.teacher):,} parameters), "
-            f"kd_alpha {args.kd_alpha}, kd_temp {args.kd_temp}, kd_cosine {args.kd_cosine}")
+    for log_feature in feature_hooks("log_header"):
+        log_feature(log, run, args, env)
 
 
 def remove_stale_temporaries(record: RunRecord, args: Hyperparameters):
@@ -5087,10 +4870,8 @@ def train(run: TrainingRun, train_model: nn.Module, args: Hyperparameters, env: 
         log(f"status: failed reason: {type(e).__name__}: {e}")
         log(f"summary: {json.dumps(dict(status='failed', reason=repr(e), record=str(record.path)))}")
         raise
-    if isinstance(run.trainee, Distiller):
-        log(f"teacher forward: {teacher_cost_ms(run.trainee.teacher, val_data[0][0][:args.seq_len], env.device):.1f}"
-            f"ms per {args.seq_len}-token micro-batch, {args.micro_batches // env.world_size} per step per rank "
-            f"(measured after training; included in train_time)")
+    for log_feature in feature_hooks("log_after_training"):
+        log_feature(log, run, args, env, val_data)
     return Outcome(status, reason, val_loss, step)
 
 
@@ -5167,6 +4948,18 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return dict(ok=0, failed=1, interrupted=130)[outcome.status]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Feature registration: the modules of FEATURE_NAMES import the definitions above, so they load last. Hyperparameters
+# becomes every flag: the core's (the class at the top) and each feature's Flags, in that order.
+
+FEATURES[:] = load_features()
+
+
+@dataclass
+class Hyperparameters(*reversed(feature_hooks("Flags")), Hyperparameters):
+    pass
 
 
 if __name__ == "__main__":

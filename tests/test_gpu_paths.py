@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+import features.mot as mot_feature
 import train_gpt as tg
 from conftest import cpu_fp8_matmul_is_reference_only, randomize_zero_matrices, smoke_args, smoke_model
 
@@ -92,7 +93,7 @@ def test_compiled_char_self_attention_equals_dense(monkeypatch):
     the window of mot_self_window tokens) against its eager dense-mask forward."""
     pytest.importorskip("tiktoken")
     torch.manual_seed(0)
-    attn = randomize_zero_matrices(tg.CharSelfAttention(smoke_args("--mot=cross+self", "--bytes_per_token=8",
+    attn = randomize_zero_matrices(mot_feature.CharSelfAttention(smoke_args("--mot=cross+self", "--bytes_per_token=8",
                                                                    "--mot_self_window=32"))).eval()
     assert attn.window_blocks == 2
     inputs = tokens(256, [0, 19, 20, 77, 200])

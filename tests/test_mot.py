@@ -3,6 +3,7 @@ CharCrossAttention, optimizer routing, the default model unchanged, and the smok
 import pytest
 import torch
 
+import features.mot as mot_feature
 import train_gpt as tg
 from conftest import randomize_zero_matrices, smoke_model, val_losses
 
@@ -20,7 +21,7 @@ def enc():
 
 @pytest.fixture(scope="module")
 def table(enc):
-    return tg.byte_table(S)
+    return mot_feature.byte_table(S)
 
 
 def test_a_table_built_under_the_meta_device_is_real_and_cached_real(enc):
@@ -28,14 +29,14 @@ def test_a_table_built_under_the_meta_device_is_real_and_cached_real(enc):
     path = tg.HERE / "data" / "local" / "byte_table_gpt2_3.pt"
     path.unlink(missing_ok=True)
     with torch.device("meta"):
-        built = tg.byte_table(3)
+        built = mot_feature.byte_table(3)
     cached = torch.load(path)
     assert not built.is_meta and not cached.is_meta and torch.equal(built, cached)
     assert row_bytes(cached[enc.encode(" hello")[0]]) == list(b"llo")
 
 
 def row_bytes(row) -> list[int]:
-    return [int(b) for b in row if b != tg.BYTE_PAD]
+    return [int(b) for b in row if b != mot_feature.BYTE_PAD]
 
 
 def mot_args(*extra):
@@ -44,14 +45,14 @@ def mot_args(*extra):
 
 def test_table_is_integer_with_exact_right_aligned_bytes(enc, table):
     assert table.dtype in (torch.int16, torch.int32) and table.shape == (tg.GPT2_VOCAB, S)
-    assert table.min() >= 0 and table.max() <= tg.BYTE_EOT
+    assert table.min() >= 0 and table.max() <= mot_feature.BYTE_EOT
     samples = [enc.encode(" hello")[0], enc.encode("!")[0], 0, 255, 50255]
     samples += [t for t in range(50256) if len(enc.decode_single_token_bytes(t)) > 1
                 and any(b >= 0x80 for b in enc.decode_single_token_bytes(t))][:5]  # multi-byte UTF-8 pieces
     for t in samples:
         piece = list(enc.decode_single_token_bytes(t))
-        assert table[t].tolist() == [tg.BYTE_PAD] * (S - len(piece)) + piece, t
-    assert table[tg.EOT_TOKEN].tolist() == [tg.BYTE_PAD] * (S - 1) + [tg.BYTE_EOT]
+        assert table[t].tolist() == [mot_feature.BYTE_PAD] * (S - len(piece)) + piece, t
+    assert table[tg.EOT_TOKEN].tolist() == [mot_feature.BYTE_PAD] * (S - 1) + [mot_feature.BYTE_EOT]
 
 
 def test_truncation_keeps_the_last_bytes(enc, table):
@@ -66,7 +67,7 @@ def test_round_trip_for_every_token_that_fits(enc, table):
     for t, row in enumerate(table.tolist()[:tg.EOT_TOKEN]):
         piece = enc.decode_single_token_bytes(t)
         if len(piece) <= S:
-            real = tuple(b for b in row if b != tg.BYTE_PAD)
+            real = tuple(b for b in row if b != mot_feature.BYTE_PAD)
             assert bytes(real) == piece, t
             assert lookup.setdefault(real, t) == t  # bytes -> token is one-to-one
 
@@ -75,8 +76,8 @@ def test_layout_without_and_with_pull_left(table):
     torch.manual_seed(0)
     inputs = torch.randint(0, 50256, (300,))
     inputs[[0, 40, 41, 200]] = tg.EOT_TOKEN
-    assert torch.equal(tg.token_bytes(inputs, table, False), table[inputs].long())
-    pulled = tg.token_bytes(inputs, table, True)
+    assert torch.equal(mot_feature.token_bytes(inputs, table, False), table[inputs].long())
+    pulled = mot_feature.token_bytes(inputs, table, True)
     docs = tg.document_ids(inputs)
     for t in range(len(inputs)):
         stream = []  # the document's bytes up to and including token t
@@ -84,16 +85,16 @@ def test_layout_without_and_with_pull_left(table):
             if docs[j] == docs[t]:
                 stream += row_bytes(table[inputs[j]])
         want = stream[-S:]
-        assert pulled[t].tolist() == [tg.BYTE_PAD] * (S - len(want)) + want, t
+        assert pulled[t].tolist() == [mot_feature.BYTE_PAD] * (S - len(want)) + want, t
         assert pulled[t, -len(row_bytes(table[inputs[t]])):].tolist() == row_bytes(table[inputs[t]])
 
 
 def test_pull_left_never_crosses_eot(table):
     inputs = torch.tensor([tg.EOT_TOKEN, 1000, 2000, tg.EOT_TOKEN, 3000] * 8)
-    pulled = tg.token_bytes(inputs, table, True)
+    pulled = mot_feature.token_bytes(inputs, table, True)
     for t in (3, 8):  # an EOT sees only its own byte, the next token only the EOT and itself
-        assert row_bytes(pulled[t]) == [tg.BYTE_EOT]
-        assert row_bytes(pulled[t + 1]) == [tg.BYTE_EOT] + row_bytes(table[3000])
+        assert row_bytes(pulled[t]) == [mot_feature.BYTE_EOT]
+        assert row_bytes(pulled[t + 1]) == [mot_feature.BYTE_EOT] + row_bytes(table[3000])
 
 
 @pytest.mark.parametrize("mode", ["cross", "cross+self"])
@@ -142,7 +143,7 @@ def test_default_is_unchanged_and_mot_params_are_owned_once():
     args = mot_args("--char_dim=64", "--mot_heads=2")
     model = tg.build_model(args)
     C, D = 64, 128
-    added = tg.BYTE_VOCAB * C + S * C + D * C + C * 2 * C + C * D + 2
+    added = mot_feature.BYTE_VOCAB * C + S * C + D * C + C * 2 * C + C * D + 2
     assert tg.count_params(model) - tg.count_params(base) == added
     assert not any("byte_table" in k for k in model.state_dict())
     groups = tg.param_groups(model, args)
@@ -170,7 +171,7 @@ def test_byte_stream_masks_agree():
 
 def test_byte_stream_document_ids(monkeypatch):
     """CharSelfAttention's per-byte document ids are the token's, repeated over its slots."""
-    attn = tg.CharSelfAttention(mot_args("--mot=cross+self", "--bytes_per_token=4"))
+    attn = mot_feature.CharSelfAttention(mot_args("--mot=cross+self", "--bytes_per_token=4"))
     inputs = torch.randint(0, 50256, (128,))
     inputs[[0, 50, 51, 127]] = tg.EOT_TOKEN
     seen = []
@@ -202,8 +203,8 @@ def test_char_dim_zero_is_model_width_without_q_and_proj():
     model = tg.build_model(args)
     mot = model.mot
     assert isinstance(mot.q, torch.nn.Identity) and isinstance(mot.proj, torch.nn.Identity)
-    assert mot.char_embed.weight.shape == (tg.BYTE_VOCAB, D) and mot.kv.weight.shape == (2 * D, D)
-    assert tg.count_params(model) - tg.count_params(base) == tg.BYTE_VOCAB * D + S * D + 2 * D * D + 2
+    assert mot.char_embed.weight.shape == (mot_feature.BYTE_VOCAB, D) and mot.kv.weight.shape == (2 * D, D)
+    assert tg.count_params(model) - tg.count_params(base) == mot_feature.BYTE_VOCAB * D + S * D + 2 * D * D + 2
     assert mot.flops_per_token(512) == 2 * S * 2 * D * D + 4 * S * D  # keys/values and the attention only
     inputs = torch.randint(0, 50256, (128,), generator=torch.Generator().manual_seed(0))
     tok = model.embed(inputs)[None]
@@ -212,16 +213,16 @@ def test_char_dim_zero_is_model_width_without_q_and_proj():
     b_grad, kv_grad = torch.autograd.grad((out * torch.randn_like(out)).sum(), (mot.mix, mot.kv.weight))
     assert b_grad[1] != 0 and kv_grad.abs().sum() == 0  # b moves first, then the byte path trains
     self_args = mot_args("--mot=cross+self", "--char_dim=0")
-    assert tg.build_char_mixing(self_args).qkv.weight.shape == (3 * D, D)  # the self-attention keeps its matrices
+    assert mot_feature.build_char_mixing(self_args).qkv.weight.shape == (3 * D, D)  # the self-attention keeps its matrices
 
 
 def test_self_pool_one_is_todays_byte_self_attention():
-    assert type(tg.build_char_mixing(mot_args("--mot=cross+self", "--mot_self_pool=1"))) is tg.CharSelfAttention
+    assert type(mot_feature.build_char_mixing(mot_args("--mot=cross+self", "--mot_self_pool=1"))) is mot_feature.CharSelfAttention
     # the pooled module's math at K = 1 with unit order scales is today's module, bit for bit
     args = mot_args("--mot=cross+self", "--bytes_per_token=4", "--mot_self_pool=1")
     torch.manual_seed(0)
-    plain = randomize_zero_matrices(tg.CharSelfAttention(args))
-    pooled = tg.PooledCharSelfAttention(args)
+    plain = randomize_zero_matrices(mot_feature.CharSelfAttention(args))
+    pooled = mot_feature.PooledCharSelfAttention(args)
     pooled.load_state_dict({**plain.state_dict(), "order": torch.ones(128)})
     inputs = torch.randint(0, 50256, (128,), generator=torch.Generator().manual_seed(0))
     inputs[[0, 60]] = tg.EOT_TOKEN
@@ -235,7 +236,7 @@ def test_self_pool_shortens_the_stream_and_keeps_byte_order(monkeypatch):
     args = mot_args("--mot=cross+self", "--bytes_per_token=8", "--mot_self_pool=4")
     tg.check_config(args, 1)
     torch.manual_seed(0)
-    attn = randomize_zero_matrices(tg.PooledCharSelfAttention(args))
+    attn = randomize_zero_matrices(mot_feature.PooledCharSelfAttention(args))
     assert attn.positions_per_token == 2 and attn.order.shape == (4 * 128,)
     inputs = torch.randint(0, 50256, (128,), generator=torch.Generator().manual_seed(0))
     inputs[[0, 50, 51, 127]] = tg.EOT_TOKEN
@@ -268,7 +269,7 @@ def test_self_pool_flops_per_token():
         P = S // K
         window_blocks = -(-64 * P // 128)
         context = min(seq_len * P, window_blocks * 128 - 64)
-        flops[K] = tg.build_char_mixing(args).flops_per_token(seq_len)
+        flops[K] = mot_feature.build_char_mixing(args).flops_per_token(seq_len)
         assert flops[K] == P * (2 * 4 * C * C + 4 * context * C)
     assert flops[1] > 3 * flops[2] > 9 * flops[4]
     pooled_args = mot_args("--mot=cross+self", "--mot_self_pool=2")

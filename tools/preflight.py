@@ -91,6 +91,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa:
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import kernels  # noqa: E402
+import features.mot as mot_feature  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by GPU name, first match wins; MFU is "unknown" elsewhere.
@@ -639,7 +640,7 @@ def attention_cases(args: tg.Hyperparameters, quick: bool) -> list[AttnCase]:
     H, hd = args.num_heads, args.model_dim // args.num_heads
     final, kv, rope = tg.long_window_blocks(args.num_iterations, args), gqa_heads(args.num_heads), args.mla_rope_dim
     mot = dataclasses.replace(args, mot="cross+self")
-    char_window = tg.CharSelfAttention(mot).window_blocks
+    char_window = mot_feature.CharSelfAttention(mot).window_blocks
     char_heads, char_hd = mot.mot_heads, mot.char_dim // mot.mot_heads
     unit, windows = args.window_unit, f" ({args.window_unit} window)" if args.window_unit != "block" else ""
     cases = [AttnCase(f"MHA {H}x{hd} long window{windows}", H, H, hd, hd, final, unit=unit)]

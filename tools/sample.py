@@ -273,7 +273,7 @@ def generate_batch(model: tg.GPT, prompts: list[list[int]], max_new_tokens: int,
     sees only itself) until all rows end. Sampling draws the rows in order from one generator."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_batch needs at least one prompt, each with at least one token")
-    if not isinstance(model.mot, tg.NoChars):
+    if not isinstance(model.mot, tg.PassThrough):  # --mot installed its byte cross-attention
         raise ValueError("--mot models mix the bytes of neighbouring tokens of one call, which in a batch step "
                          "belong to different prompts; decode them one prompt at a time (--prompt)")
     device = model.embed.weight.device

@@ -1,0 +1,69 @@
+"""The layout of train_gpt.py and features/ (issue 21): the script reaches a feature only through its sockets, every
+feature file is registered, a feature imports another only when it declares it (REQUIRES), and a run's record keeps
+exactly the files it used."""
+import ast
+from pathlib import Path
+
+import train_gpt as tg
+
+ROOT = Path(tg.__file__).resolve().parent
+FEATURE_FILES = sorted(p for p in (ROOT / "features").glob("*.py") if p.name != "__init__.py")
+SOCKETS = {"Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check", "on", "attention", "mlp", "linear",
+           "block", "install", "param_groups", "model_parts", "check_inputs", "trainee", "log_header",
+           "log_after_training"}
+
+
+def top_level_names(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def feature_imports(tree: ast.Module) -> set[str]:
+    """The features a file imports (import features.x, from features import x, from features.x import ...)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("features.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "features":
+            found |= {node.module.split(".")[1]} if "." in node.module else {a.name for a in node.names}
+    return found
+
+
+def test_every_feature_file_is_registered_in_order_of_its_requirements():
+    assert [p.stem for p in FEATURE_FILES] == sorted(tg.FEATURE_NAMES)
+    assert [f.__name__ for f in tg.FEATURES] == [f"features.{name}" for name in tg.FEATURE_NAMES]
+    for feature in tg.FEATURES:
+        name = feature.__name__.split(".")[1]
+        for required in getattr(feature, "REQUIRES", ()):
+            assert tg.FEATURE_NAMES.index(required) < tg.FEATURE_NAMES.index(name), (name, required)
+
+
+def test_the_script_names_nothing_a_feature_defines():
+    script = ast.parse((ROOT / "train_gpt.py").read_text())
+    own = top_level_names(script)
+    used = {n.id for n in ast.walk(script) if isinstance(n, ast.Name)} | \
+        {n.attr for n in ast.walk(script) if isinstance(n, ast.Attribute)}
+    for path in FEATURE_FILES:
+        theirs = top_level_names(ast.parse(path.read_text())) - own - SOCKETS
+        assert not theirs & used, f"train_gpt.py names {sorted(theirs & used)} of {path.name}: use a socket"
+    assert not feature_imports(script), "train_gpt.py imports a feature; it loads them by FEATURE_NAMES"
+
+
+def test_a_feature_imports_only_the_core_and_the_features_it_declares():
+    for path in FEATURE_FILES:
+        module = next(f for f in tg.FEATURES if f.__name__ == f"features.{path.stem}")
+        imported = feature_imports(ast.parse(path.read_text()))
+        assert imported <= set(getattr(module, "REQUIRES", ())), f"{path.name} imports {sorted(imported)} undeclared"
+
+
+def test_a_record_keeps_the_script_the_kernels_and_the_features_the_run_uses():
+    default = tg.Hyperparameters()
+    assert tg.run_code_files(default) == ["train_gpt.py", "kernels.py"]
+    mot = tg.apply_overrides(tg.Hyperparameters(), ["--mot=cross"])
+    assert tg.run_code_files(mot) == ["train_gpt.py", "kernels.py", "features/mot.py"]
+    assert all((ROOT / name).exists() for name in tg.run_code_files(mot))
