@@ -637,6 +637,8 @@ class KronLinear(nn.Module):
     is then non-zero, so B learns first; zeroing both would make every factor gradient zero forever.
     """
 
+    draws_own_init = True  # train_gpt's --weight_init leaves the factors alone (their own fan-in rule)
+
     def __init__(self, in_features, out_features, rank=1, factors=None, impl="auto", zero_init=False):
         super().__init__()
         if impl not in IMPLS:
@@ -1206,6 +1208,8 @@ class KSLinear(nn.Module):
     whole chain batch-size-last and transposes back. The state dict ({"factors.0", ...}) is the same for
     every impl and layout. Parameters may be fp32 with bf16 inputs: each impl casts them to x.dtype.
     """
+
+    draws_own_init = True  # train_gpt's --weight_init leaves the factors alone (their own fan-in rule)
 
     def __init__(self, patterns, impl="bmm", bs_last=False, zero_init_last=False):
         super().__init__()

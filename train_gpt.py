@@ -38,9 +38,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import kernels  # its launch-config table: kernels.config_table
-from kernels import IMPLS as KRON_IMPLS, KS_IMPLS, KronLinear, KSLinear, butterfly_patterns, monarch_patterns
-from kernels import _a_first as kron_contracts_k1_first, choose_kron_factors, kron_factor_init_, kron_macs_per_token
-from kernels import van_loan_decompose
+from kernels import KronLinear, kron_macs_per_token
 
 HERE = Path(__file__).resolve().parent
 # Run as a script this module is __main__; features/*.py import it as train_gpt, which must be this same module
@@ -72,34 +70,8 @@ class Hyperparameters:
     window_pattern: str = "LSSSLS"  # Long/Short window per block for the first half, mirrored (or every block)
     window_schedule_tokens: int = 1728  # long window at step s of S: this * s / S rounded up to a multiple of 128
     window_unit: str = "block"  # window W: block = the last W key blocks of 128 (#21) | token = keys <= 128 W back
-    # Kronecker-factorized MLP (kernels.KronLinear): W = sum_{i<r} A_i (x) B_i, never materialized
-    kron_mlp: str = "off"  # off | fc | proj | both: which MLP matrices become Kronecker sums
-    kron_rank: int = 1  # r, the number of Kronecker terms
-    kron_factors: str = ""  # "m1,k1,m2,k2;m1,k1,m2,k2" for c_fc;c_proj ("" = balanced shapes, cheapest order)
-    kron_impl: str = "auto"  # auto (triton on CUDA, torch elsewhere) | triton | torch | dense (debugging)
-    kron_optimizer: str = "adam"  # adam | muon: which optimizer trains the factors (devlog 2026-11-23)
-    kron_adam_lr: float = 0.008  # Adam LR for the factors when kron_optimizer=adam
-    kron_progressive_every: int = 0  # start dense; every N steps the next --kron_layers block becomes Kronecker
-    kron_progressive_distill_steps: int = 0  # Adam steps fitting each new student to its dense MLP on live inputs
-    kron_layers: str = ""  # comma-separated blocks whose MLPs --kron_mlp factorizes ("" = all); the others stay dense
-    # Kronecker-sparse MLP (kernels.KSLinear): a chain of block-sparse factors (Monarch or butterfly)
-    ks_mlp: str = "off"  # off | fc | proj | both: which MLP matrices become KS chains
-    ks_chain: str = "monarch"  # monarch (2 factors) | butterfly (log-depth chain)
-    ks_rank: int = 1  # widens the chain's inner blocks (parameters grow ~linearly in it)
-    ks_impl: str = "bmm"  # bmm (reshape + batched matmul) | triton | auto (triton on CUDA)
-    ks_layers: str = ""  # comma-separated blocks whose MLPs --ks_mlp factorizes ("" = all); the others stay dense
     # architecture ablations (issue 6), each off by default; describe_model() prints their params and FLOPs/token
     n_kv_heads: int = 0  # grouped-query attention: K/V heads shared by num_heads/n_kv_heads queries (0 = num_heads)
-    mla_kv_rank: int = 0  # multi-head latent attention when > 0: rank of the cached K/V latent (768-dim model: 256)
-    mla_q_rank: int = 0  # MLA query latent rank (0 = queries straight from x; 768-dim model: 384)
-    mla_rope_dim: int = 64  # MLA rotary dims per head, carried by one key part shared across heads
-    moe_experts: int = 0  # mixture-of-experts MLP when > 0: routed experts per block
-    moe_shared: int = 0  # always-on shared experts (no routing)
-    moe_topk: int = 2  # routed experts per token
-    moe_hidden: int = 0  # expert width (0 = mlp_ratio * model_dim / (moe_topk + moe_shared) [x 2/3 swiglu], to 64)
-    moe_balance: str = "aux"  # aux (load-balancing loss) | bias (aux-loss-free routing bias)
-    moe_aux_coef: float = 0.01  # aux: loss += coef * experts * sum_e load_e * mean_prob_e (1 * coef at balance)
-    moe_bias_rate: float = 0.001  # bias: per optimizer step, bias_e += rate * sign(mean load - load_e)
     mlp_act: str = "relu2"  # relu2 | gelu | swiglu (hidden 2/3 * mlp_ratio * dim, rounded to 128) | learned_gelu
     neftune_alpha: float = 0.0  # NEFTune: train-time uniform noise * alpha / sqrt(seq_len * dim) on token embeddings
     dropout: float = 0.0  # dropout on the attention and MLP outputs (train only)
@@ -392,86 +364,34 @@ def check_config(args: Hyperparameters, world_size: int):
     if bad:
         fail(f"no_attn_layers names blocks {bad} outside 0..{args.num_layers - 1}")
     check_architecture(args, fail)
-    choices = dict(kron_mlp=("off", "fc", "proj", "both"), kron_impl=KRON_IMPLS, kron_optimizer=("adam", "muon"),
-                   save_checkpoint=("off", "full", "weights"))
-    for name, valid in choices.items():
-        if getattr(args, name) not in valid:
-            fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
-    kron_factors(args)  # fails on a malformed --kron_factors
-    if args.kron_progressive_every:
-        if args.kron_mlp == "off" or args.moe_experts or args.teacher:
-            fail("--kron_progressive_every needs --kron_mlp (fc, proj or both) on dense MLPs, without --moe_experts "
-                 "or --teacher")
-        last = progressive_swaps(args)[-1][0]
-        if last >= total_steps(args):
-            fail(f"--kron_progressive_every={args.kron_progressive_every}: the last swap would come at step {last}, "
-                 f"after the run's {total_steps(args)} steps; lower it or list fewer --kron_layers")
+    if args.save_checkpoint not in ("off", "full", "weights"):
+        fail(f"--save_checkpoint={args.save_checkpoint!r}; valid values: off, full, weights")
     for check in feature_hooks("check"):
         check(args, fail)
     check_frontier_model(args, fail)
     check_model_shape(args, fail)
     check_objective(args, fail)
     check_schedule(args, fail)
-    for name, valid in dict(ks_mlp=("off", "fc", "proj", "both"), ks_chain=("monarch", "butterfly"),
-                            ks_impl=KS_IMPLS).items():
-        if getattr(args, name) not in valid:
-            fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
-    def claimed(mode):
-        return {"fc", "proj"} if mode == "both" else {mode} - {"off"}
-    both = factorized_blocks(args.kron_layers, args.num_layers) & factorized_blocks(args.ks_layers, args.num_layers)
-    if claimed(args.kron_mlp) & claimed(args.ks_mlp) and both:
-        fail(f"--kron_mlp={args.kron_mlp} and --ks_mlp={args.ks_mlp} claim the same MLP matrix in blocks "
-             f"{sorted(both)}; give each of fc/proj to at most one of them per block (--kron_layers/--ks_layers)")
-    if args.ks_mlp != "off":
-        hidden = args.mlp_ratio * args.model_dim
-        for which, out_f, in_f in (("fc", hidden, args.model_dim), ("proj", args.model_dim, hidden)):
-            if args.ks_mlp in (which, "both"):
-                try:
-                    ks_patterns(args, out_f, in_f)
-                except ValueError as e:
-                    fail(f"--ks_mlp {which} ({in_f}->{out_f}): {e}")
 
 
 # Numeric flags and the smallest value each accepts; upper bounds where they exist. Flags with richer rules (heads,
 # windows, MoE, ...) are checked by the functions below.
 MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=1,
-                  vocab_size=1, model_dim=4, num_heads=1, mlp_ratio=1, num_value_embeds=0, kron_rank=1, ks_rank=1,
+                  vocab_size=1, model_dim=4, num_heads=1, mlp_ratio=1, num_value_embeds=0,
                   val_tokens=1, window_schedule_tokens=1, ns_steps=1, muon_momentum_warmup_steps=0, val_every=0,
                   warmup_steps=0, save_every=0, keep_checkpoints=0,
-                  muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, kron_adam_lr=0.0, adam_eps=0.0,
+                  muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, adam_eps=0.0,
                   attn_scale=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
                   muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_wd=0.0, adam_every=1, extension_steps=0,
-                  kron_progressive_every=0, kron_progressive_distill_steps=0, mudd_lr=0.0,
+                  mudd_lr=0.0,
                   mudd_gate_lr=0.0, dc_window=1)
 UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_momentum_end", "adam_beta1",
                  "adam_beta2")
 # flag -> (what makes it meaningful, a predicate on args): setting the flag without that draws a warning
 NEEDS = dict(
     keep_checkpoints=("--save_every", lambda a: a.save_every > 0),
-    kron_rank=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
-    kron_factors=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
-    kron_impl=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
-    kron_optimizer=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
-    kron_adam_lr=("--kron_mlp and --kron_optimizer=adam", lambda a: a.kron_mlp != "off" and
-                  a.kron_optimizer == "adam"),
-    kron_layers=("--kron_mlp other than off", lambda a: a.kron_mlp != "off"),
-    ks_chain=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
-    ks_rank=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
-    ks_impl=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
-    ks_layers=("--ks_mlp other than off", lambda a: a.ks_mlp != "off"),
-    mla_q_rank=("--mla_kv_rank > 0", lambda a: a.mla_kv_rank > 0),
-    mla_rope_dim=("--mla_kv_rank > 0", lambda a: a.mla_kv_rank > 0),
-    moe_shared=("--moe_experts > 0", lambda a: a.moe_experts > 0),
-    moe_topk=("--moe_experts > 0", lambda a: a.moe_experts > 0),
-    moe_hidden=("--moe_experts > 0", lambda a: a.moe_experts > 0),
-    moe_balance=("--moe_experts > 0", lambda a: a.moe_experts > 0),
-    moe_aux_coef=("--moe_experts > 0 and --moe_balance=aux", lambda a: a.moe_experts > 0 and
-                  a.moe_balance == "aux"),
-    moe_bias_rate=("--moe_experts > 0 and --moe_balance=bias", lambda a: a.moe_experts > 0 and
-                   a.moe_balance == "bias"),
     init_partial=("--init_from", lambda a: bool(a.init_from)),
     adam_group_wd=("--adam_wd > 0", lambda a: a.adam_wd > 0),
-    kron_progressive_distill_steps=("--kron_progressive_every > 0", lambda a: a.kron_progressive_every > 0),
     extension_window=("--extension_steps > 0", lambda a: a.extension_steps > 0),
     val_window=("--stages", lambda a: bool(a.stages)),
     yarn=("--stages (YaRN follows the stages' window changes)", lambda a: bool(a.stages)),
@@ -555,81 +475,23 @@ def check_schedule(args: Hyperparameters, fail):
 
 def check_architecture(args: Hyperparameters, fail):
     """The architecture-ablation flags (GQA, MLA, MoE, mlp_act, NEFTune, dropout): values and combinations."""
-    for name, valid in dict(mlp_act=MLP_ACTS, moe_balance=("aux", "bias"), weight_init=WEIGHT_INITS).items():
+    for name, valid in dict(mlp_act=MLP_ACTS, weight_init=WEIGHT_INITS).items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
-    for name in ("kron_layers", "ks_layers"):
-        try:
-            bad = sorted(factorized_blocks(getattr(args, name), args.num_layers) - set(range(args.num_layers)))
-        except ValueError:
-            fail(f"--{name}={getattr(args, name)!r}: expected comma-separated block indices such as '0,5,11'")
-        if bad:
-            fail(f"--{name} names blocks {bad} outside 0..{args.num_layers - 1}")
     H = args.num_heads
     divisors = [d for d in range(1, H + 1) if H % d == 0]
     if args.n_kv_heads < 0 or (args.n_kv_heads and H % args.n_kv_heads):
         fail(f"--n_kv_heads={args.n_kv_heads} must divide num_heads={H}; valid values: 0 (= num_heads), "
              f"{', '.join(map(str, divisors))}")
-    if min(args.mla_kv_rank, args.mla_q_rank) < 0:
-        fail("--mla_kv_rank and --mla_q_rank must be >= 0 (0 = off)")
-    if args.mla_kv_rank > 0:
-        if kv_heads(args) != H:
-            fail(f"--mla_kv_rank and --n_kv_heads={args.n_kv_heads} are alternatives (MLA already shares one latent "
-                 f"across heads); keep n_kv_heads=0")
-        if args.mla_rope_dim < 2 or args.mla_rope_dim % 2:
-            fail(f"--mla_rope_dim={args.mla_rope_dim} must be even and >= 2 (rotary dims come in pairs)")
-    elif args.mla_q_rank:
-        fail(f"--mla_q_rank={args.mla_q_rank} needs --mla_kv_rank > 0 (MLA on)")
-    mlp_factorized = args.kron_mlp != "off" or args.ks_mlp != "off"
-    if args.moe_experts < 0:
-        fail(f"--moe_experts={args.moe_experts} must be >= 0 (0 = dense MLP)")
-    if args.moe_experts > 0:
-        if not 1 <= args.moe_topk <= args.moe_experts:
-            fail(f"--moe_topk={args.moe_topk}; valid values: 1..moe_experts={args.moe_experts}")
-        if args.moe_shared < 0 or args.moe_hidden < 0:
-            fail("--moe_shared and --moe_hidden must be >= 0")
-        if moe_expert_hidden(args) % 8 or args.model_dim % 8:
-            fail(f"--moe_hidden={args.moe_hidden} and model_dim={args.model_dim} must be multiples of 8 (16-byte "
-                 f"strides for torch._grouped_mm)")
-        if args.mlp_act not in ("relu2", "gelu", "swiglu"):
-            fail(f"--moe_experts: experts support --mlp_act relu2, gelu or swiglu, not {args.mlp_act!r}")
-        if args.ks_mlp != "off" or args.kron_mlp not in ("off", "both"):
-            fail(f"--moe_experts with --kron_mlp={args.kron_mlp} --ks_mlp={args.ks_mlp}: experts factorize only as "
-                 f"--kron_mlp=both (each expert a pair of Kronecker sums); use that or turn the factorization off")
-        if args.kron_mlp == "both":
-            check_kron_experts(args, fail)
-        if args.moe_aux_coef < 0 or args.moe_bias_rate < 0:
-            fail("--moe_aux_coef and --moe_bias_rate must be >= 0")
-        if not hasattr(torch, "_grouped_mm"):
-            fail(f"--moe_experts needs torch._grouped_mm (torch >= 2.8); this is torch {torch.__version__}")
-    if args.mlp_act == "swiglu" and mlp_factorized:
-        fail("--mlp_act=swiglu and --kron_mlp/--ks_mlp are alternatives (SwiGLU has its own merged weights)")
     if args.fp8_mlp:
-        other = [f"--{k}={v}" for k, v in (("mlp_act", args.mlp_act), ("kron_mlp", args.kron_mlp),
-                                             ("ks_mlp", args.ks_mlp), ("moe_experts", args.moe_experts))
-                 if v != dict(mlp_act="relu2", kron_mlp="off", ks_mlp="off", moe_experts=0)[k]]
-        if other:
-            fail(f"--fp8_mlp runs the dense relu^2 MLP in FP8, not {' '.join(other)}; drop those flags or pass "
-                 f"--fp8_mlp=false")
+        if args.mlp_act != "relu2":
+            refuse_fp8_mlp(args, f"--mlp_act={args.mlp_act}", fail)
         if args.model_dim % 16:
             fail(f"--fp8_mlp needs model_dim a multiple of 16 (torch._scaled_mm); model_dim={args.model_dim}")
     if args.neftune_alpha < 0:
         fail(f"--neftune_alpha={args.neftune_alpha} must be >= 0 (0 = off)")
     if not 0 <= args.dropout < 1:
         fail(f"--dropout={args.dropout} must be in [0, 1)")
-
-
-def check_kron_experts(args: Hyperparameters, fail):
-    """--moe_experts with --kron_mlp=both: the widths of GroupedKronLinear's grouped matmuls (grouped_kron_strides)
-    must be multiples of 8 elements (16 bytes in bf16), for c_fc and c_proj of the experts."""
-    dim, hidden = args.model_dim, moe_expert_hidden(args)
-    for which, in_f, out_f in (("fc", dim, hidden), ("proj", hidden, dim)):
-        factors = kron_factors(args)[which] or choose_kron_factors(in_f, out_f, args.kron_rank)
-        odd = {k: v for k, v in grouped_kron_strides(factors, args.kron_rank).items() if v % 8}
-        if odd:
-            fail(f"--moe_experts with --kron_mlp=both: expert c_{which} factors (m1, k1, m2, k2)={factors} give "
-                 f"torch._grouped_mm strides {odd}, not multiples of 8 (16 bytes); pick --moe_hidden (e.g. a "
-                 f"multiple of 64) or --kron_factors so that they are")
 
 
 def check_frontier_model(args: Hyperparameters, fail):
@@ -884,24 +746,21 @@ def factorized_blocks(layers: str, num_layers: int) -> set[int]:
     return set(parse_layer_list(layers)) if layers.strip() else set(range(num_layers))
 
 
-def kron_factors(args: Hyperparameters) -> dict:
-    """{"fc": (m1, k1, m2, k2) or None, "proj": ...} from --kron_factors (None = KronLinear picks)."""
-    if not args.kron_factors:
-        return {"fc": None, "proj": None}
-    parts = args.kron_factors.split(";")
-    hidden = moe_expert_hidden(args) if args.moe_experts > 0 else args.mlp_ratio * args.model_dim
-    dim = args.model_dim
+def refuse_fp8_mlp(args: Hyperparameters, what: str, fail):
+    """--fp8_mlp runs the dense relu^2 MLP only: a flag (or feature) that replaces that MLP or its matrices refuses
+    it."""
+    if args.fp8_mlp:
+        fail(f"--fp8_mlp runs the dense relu^2 MLP in FP8, not {what}; drop those flags or pass --fp8_mlp=false")
+
+
+def check_block_list(args: Hyperparameters, flag: str, fail):
+    """A flag listing blocks ("" = every block) names blocks that exist."""
     try:
-        fc, proj = (tuple(int(v) for v in p.split(",")) for p in parts)
-        assert len(fc) == len(proj) == 4
-    except (ValueError, AssertionError):
-        raise SystemExit(f"error: --kron_factors={args.kron_factors!r}: expected 'm1,k1,m2,k2;m1,k1,m2,k2' "
-                         f"(c_fc then c_proj)") from None
-    for name, (m1, k1, m2, k2), out_f, in_f in (("c_fc", fc, hidden, dim), ("c_proj", proj, dim, hidden)):
-        if m1 * m2 != out_f or k1 * k2 != in_f:
-            raise SystemExit(f"error: --kron_factors for {name} need m1*m2={out_f} and k1*k2={in_f}, "
-                             f"got {m1 * m2} and {k1 * k2}")
-    return {"fc": fc, "proj": proj}
+        bad = sorted(factorized_blocks(getattr(args, flag), args.num_layers) - set(range(args.num_layers)))
+    except ValueError:
+        fail(f"--{flag}={getattr(args, flag)!r}: expected comma-separated block indices such as '0,5,11'")
+    if bad:
+        fail(f"--{flag} names blocks {bad} outside 0..{args.num_layers - 1}")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -921,7 +780,7 @@ def kron_factors(args: Hyperparameters) -> dict:
 #   log_header(log, run, args, env), log_after_training(log, run, args, env, val_data)   its lines in the record
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/test_layout.py).
-FEATURE_NAMES = ("mot", "distill")
+FEATURE_NAMES = ("mot", "distill", "moe", "kronecker", "ks", "mla")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1443,8 +1302,7 @@ def recipe_matrices(model: nn.Module) -> list[nn.Parameter]:
     parameter of >= 2 dims except embeddings (N(0, 1)), Kronecker/KS factors (their own fan-in rule) and the
     zero-initialized ones (output projections, the untied head)."""
     own_init = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    own_init |= {id(p) for m in model.modules() if isinstance(m, (KronLinear, GroupedKronLinear, KSLinear,
-                                                                   MuddWeights)) for p in m.parameters()}
+    own_init |= {id(p) for m in model.modules() if getattr(m, "draws_own_init", False) for p in m.parameters()}
     head = getattr(model, "lm_head", None)
     if isinstance(head, CastedLinear):  # zeros, or its own normal draw (--head_init_std)
         own_init.add(id(head.weight))
@@ -2052,64 +1910,6 @@ class PairedGroupedQueryAttention(PairedHeads, GroupedQueryAttention):
     """GroupedQueryAttention with paired query heads and paired K/V heads (PairedHeads)."""
 
 
-class LowRankLinear(nn.Module):
-    """x -> up(rms_norm(down(x))): a rank-`rank` bottleneck with a normed latent (MLA's query path)."""
-
-    def __init__(self, in_features: int, rank: int, out_features: int):
-        super().__init__()
-        self.down = CastedLinear(in_features, rank)
-        self.up = CastedLinear(rank, out_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(norm(self.down(x)))
-
-
-class LatentAttention(nn.Module):
-    """Multi-head latent attention (--mla_kv_rank > 0, DeepSeek-V2 style).
-
-    Keys and values come from one RMS-normed kv_rank latent per token, plus one rope_dim rotary key part computed
-    from x and shared by all heads, so a KV cache holds kv_rank + rope_dim floats per token and layer. Queries come
-    from their own normed q_rank latent (or straight from x when mla_q_rank=0). Per head, q and k are
-    [content (head_dim) | rotary (rope_dim)], RMS-normed together as in the baseline, then only the rotary part is
-    rotated (all of its dims); values are head_dim wide and take the full-width value embedding as in the baseline.
-    """
-
-    def __init__(self, args: Hyperparameters, max_seq_len: int):
-        super().__init__()
-        dim, H, r, rank = args.model_dim, args.num_heads, args.mla_rope_dim, args.mla_kv_rank
-        self.num_heads, self.head_dim, self.rope_dim, self.kv_rank = H, dim // H, r, rank
-        self.attn_scale, self.qk_dim, self.v_dim = args.attn_scale, self.head_dim + r, self.head_dim
-        q_out = H * self.qk_dim
-        self.q_proj = LowRankLinear(dim, args.mla_q_rank, q_out) if args.mla_q_rank else CastedLinear(dim, q_out)
-        self.kv_down = CastedLinear(dim, rank)  # x -> the cached latent
-        self.k_rope = CastedLinear(dim, r)  # x -> the cached rotary key part, shared by all heads
-        bound = 3 ** 0.5 * 0.5 * rank ** -0.5
-        self.kv_up = nn.Parameter(torch.empty(2, dim, rank).uniform_(-bound, bound))  # latent -> k content, v
-        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = l0 * v + l1 * value_embedding
-        self.rotary = Rotary(r, max_seq_len, rotated=r)
-        self.c_proj = CastedLinear(dim, dim, zero_init=args.attn_proj_init == "zero")
-
-    def forward(self, x: Tensor, ve: Tensor | None, mask, sources: dict | None = None) -> Tensor:
-        B, T = x.shape[:2]  # sources: unused (MLA has no per-head hooks)
-        H, hd, r = self.num_heads, self.head_dim, self.rope_dim
-        q = self.q_proj(x).view(B, T, H, hd + r)
-        latent = norm(self.kv_down(x))  # (B, T, kv_rank)
-        kv = F.linear(latent, self.kv_up.flatten(end_dim=1).type_as(latent)).view(B, T, 2 * H, hd)
-        k_content, v = kv.chunk(2, dim=-2)
-        k = torch.cat([k_content, self.k_rope(x).view(B, T, 1, r).expand(B, T, H, r)], dim=-1)
-        q, k = self.rope(norm(q), rotary_offset(mask)), self.rope(norm(k), rotary_offset(mask))
-        v = value_lambdas_r21(self.lambdas, v, None if ve is None else ve.view_as(v))
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-    def rope(self, x: Tensor, offset: int = 0) -> Tensor:  # (B, T, H, head_dim + rope_dim): rotate the rope part
-        content, pos = x.split([self.head_dim, self.rope_dim], dim=-1)
-        return torch.cat([content, self.rotary(pos, offset)], dim=-1)
-
-    def kv_cache_floats_per_token(self) -> int:
-        return self.kv_rank + self.rope_dim
-
-
 def kv_heads(args: Hyperparameters) -> int:
     return args.n_kv_heads or args.num_heads
 
@@ -2163,17 +1963,17 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
 
 
 def build_attention(args: Hyperparameters, max_seq_len: int, layer: int | None = None) -> nn.Module:
-    """A block's attention: latent (--mla_kv_rank > 0), grouped-query (--n_kv_heads < num_heads) or the baseline.
+    """A block's attention: a feature's (--mla_kv_rank > 0: features/mla.py), grouped-query (--n_kv_heads <
+    num_heads) or the baseline.
     layer: the block's index, for the per-block hooks of install_head_hooks (None: no hooks). A block of
     --paired_head_layers gets the paired variant, whose rotary table covers the doubled sequence."""
     paired = layer is not None and layer in parse_layer_list(args.paired_head_layers)
-    if args.mla_kv_rank > 0:
-        attn = LatentAttention(args, max_seq_len)
-    elif kv_heads(args) != args.num_heads:
+    attn = built_by_feature("attention", args, max_seq_len, layer)
+    if attn is None and kv_heads(args) != args.num_heads:
         attn = (PairedGroupedQueryAttention if paired else GroupedQueryAttention)(
             args.model_dim, args.num_heads, args.n_kv_heads, args.attn_scale, max_seq_len * (1 + paired),
             zero_proj=args.attn_proj_init == "zero")
-    else:
+    elif attn is None:
         attn = (PairedSelfAttention if paired else CausalSelfAttention)(
             args.model_dim, args.num_heads, args.attn_scale, max_seq_len * (1 + paired),
             zero_proj=args.attn_proj_init == "zero")
@@ -2187,19 +1987,10 @@ def build_attention(args: Hyperparameters, max_seq_len: int, layer: int | None =
 
 
 def mlp_linear(args: Hyperparameters, which: str, in_features: int, out_features: int, zero_init: bool):
-    """c_fc / c_proj: dense CastedLinear, or a KronLinear where --kron_mlp asks for it. A zero-initialized
-    KronLinear zeroes one factor only (B): with both zero, no factor would ever get a gradient."""
-    if args.kron_mlp in (which, "both"):
-        return KronLinear(in_features, out_features, rank=args.kron_rank, factors=kron_factors(args)[which],
-                          impl=args.kron_impl, zero_init=zero_init)
-    if args.ks_mlp in (which, "both"):  # zero_init zeroes the last factor only, so the chain still learns
-        return KSLinear(ks_patterns(args, out_features, in_features), impl=args.ks_impl, zero_init_last=zero_init)
-    return CastedLinear(in_features, out_features, zero_init=zero_init)
-
-
-def ks_patterns(args: Hyperparameters, out_features: int, in_features: int) -> list:
-    build = monarch_patterns if args.ks_chain == "monarch" else butterfly_patterns
-    return build(out_features, in_features, rank=args.ks_rank)
+    """c_fc / c_proj ("fc" / "proj"): a dense CastedLinear, or the factorized layer a feature builds there
+    (--kron_mlp: features/kronecker.py, --ks_mlp: features/ks.py)."""
+    built = built_by_feature("linear", args, which, in_features, out_features, zero_init)
+    return CastedLinear(in_features, out_features, zero_init=zero_init) if built is None else built
 
 
 class ReLU2(nn.Module):
@@ -2327,182 +2118,12 @@ class SwiGLUMLP(nn.Module):
         return self.c_proj(F.silu(gate) * up)
 
 
-def moe_expert_hidden(args: Hyperparameters) -> int:
-    """--moe_hidden, or the dense MLP width split over the experts a token uses (active FLOPs = dense; swiglu experts
-    take 2/3 of it, their c_fc being twice as wide), rounded to a multiple of 64 (torch._grouped_mm wants 16-byte
-    strides)."""
-    dense = args.mlp_ratio * args.model_dim / (args.moe_topk + args.moe_shared)
-    if args.mlp_act == "swiglu":
-        dense *= 2 / 3
-    return args.moe_hidden or max(64, round(dense / 64) * 64)
-
-
-class MoE(nn.Module):
-    """Mixture-of-experts MLP (--moe_experts > 0): `experts` routed experts, each token picks `topk` of them, plus
-    `shared` experts every token uses; each expert is a relu^2, gelu or SwiGLU (GatedSiLU) MLP of width `hidden`
-    (KronMoE: its two matrices are Kronecker sums).
-
-    Routing: probs = softmax(router(x)) in fp32; a token takes the top-k experts by probs + bias and weights their
-    outputs by probs (not renormalized, so the router gets gradients even at top-1). Shared experts are simply
-    experts that every token picks with weight 1, so one code path computes all of them. Dropless and fixed-shape:
-    the N * (topk + shared) (token, expert) pairs are sorted by expert and run through torch._grouped_mm over the
-    contiguous per-expert segments (offsets from the counts): no token is dropped, no capacity padding, no
-    data-dependent shapes, so torch.compile sees one static graph. Outputs return to (token, slot) order by the
-    inverse permutation (a gather, deterministic), then are summed with their gates.
-
-    Balancing (--moe_balance): `aux` adds aux_coef * experts * sum_e f_e * P_e to the training loss (f_e: share of
-    the routed assignments that went to e, P_e: mean router prob of e; 1 * aux_coef when both are uniform, larger
-    otherwise); `bias` (aux-loss-free) leaves the loss alone and, after every optimizer step, moves the selection bias
-    by bias_rate * sign(mean load - load_e) using the step's loads summed over micro-batches and ranks
-    (update_moe_biases, an optimizer hook): under-used experts become more likely to be picked. The bias only
-    selects; it never scales outputs.
-    """
-
-    def __init__(self, args: Hyperparameters):
-        super().__init__()
-        dim, E, S = args.model_dim, args.moe_experts, args.moe_shared
-        self.num_experts, self.num_shared, self.topk, self.hidden = E, S, args.moe_topk, moe_expert_hidden(args)
-        self.router = CastedLinear(dim, E)
-        self.make_experts(args)
-        self.act = activation(args.mlp_act, self.hidden)
-        self.aux_coef = args.moe_aux_coef if args.moe_balance == "aux" else 0.0
-        self.bias_rate = args.moe_bias_rate if args.moe_balance == "bias" else 0.0
-        self.register_buffer("shared_ids", torch.arange(E, E + S), persistent=False)
-        self.register_buffer("bias", torch.zeros(E))  # selection bias (moves only with --moe_balance=bias)
-        self.register_buffer("load", torch.zeros(E))  # training assignments since the last optimizer step
-        self.register_buffer("eval_load", torch.zeros(E))  # validation assignments since moe_utilization()
-        self.aux_loss = None  # set by forward, read (and cleared) by GPT.moe_aux_loss
-
-    def make_experts(self, args: Hyperparameters):
-        """fc_w (experts, hidden, dim) (swiglu: 2 * hidden rows, [gate | up]) and the zero-initialized proj_w."""
-        dim, n = args.model_dim, self.num_experts + self.num_shared
-        width = 2 * self.hidden if args.mlp_act == "swiglu" else self.hidden
-        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
-        self.fc_w = nn.Parameter(torch.empty(n, width, dim).uniform_(-bound, bound))  # (experts, out, in)
-        self.proj_w = nn.Parameter(torch.zeros(n, dim, self.hidden))  # zero-initialized like c_proj
-
-    def expert_mlps(self, x: Tensor, offsets: Tensor) -> Tensor:
-        """x (pairs, dim) sorted by expert (expert e's rows end at offsets[e]) -> each row through its expert."""
-        h = self.act(torch._grouped_mm(x, self.fc_w.type_as(x).mT, offs=offsets))
-        return torch._grouped_mm(h, self.proj_w.type_as(x).mT, offs=offsets)
-
-    def expert_macs(self) -> int:
-        """Multiply-accumulates of one (token, expert) pair."""
-        return self.fc_w[0].numel() + self.proj_w[0].numel()
-
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (N, dim) -> experts (N, topk + shared), gates (N, topk + shared), router probs (N, experts)."""
-        probs = self.router(x).float().softmax(-1)
-        top = torch.topk(probs + self.bias, self.topk, dim=-1).indices
-        N = x.size(0)
-        experts = torch.cat([top, self.shared_ids.expand(N, -1)], dim=-1)
-        gates = torch.cat([probs.gather(-1, top), probs.new_ones(N, self.num_shared)], dim=-1)
-        return experts, gates, probs
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape, x = x.shape, x.flatten(0, -2)
-        N, slots = x.size(0), self.topk + self.num_shared
-        experts, gates, probs = self.route(x)
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)  # pairs grouped by expert
-        counts = flat.new_zeros(self.num_experts + self.num_shared, dtype=torch.int32).scatter_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))  # pairs per expert (static shape, unlike bincount)
-        offsets = counts.cumsum(0, dtype=torch.int32)
-        y = self.expert_mlps(x[order // slots], offsets)[order.argsort()].view(N, slots, -1)
-        self.observe(counts[:self.num_experts].float(), probs)
-        return (y * gates.type_as(y)[..., None]).sum(1).view(shape)
-
-    def observe(self, load: Tensor, probs: Tensor):
-        """Record the routed load (for bias balancing and the utilization log) and the aux loss."""
-        f = load / (len(probs) * self.topk)
-        self.aux_loss = self.aux_coef * self.num_experts * (f * probs.mean(0)).sum()
-        with torch.no_grad():
-            (self.load if self.training else self.eval_load).add_(load)
-
-    @torch.no_grad()
-    def update_bias(self, load: Tensor):
-        self.bias += self.bias_rate * torch.sign(load.mean() - load)
-
-    def flops_per_token(self) -> int:
-        return 2 * self.router.weight.numel() + 2 * (self.topk + self.num_shared) * self.expert_macs()
-
-
-def grouped_kron_strides(factors: tuple, rank: int) -> dict:
-    """The inner and outer widths of GroupedKronLinear's two torch._grouped_mm for factors (m1, k1, m2, k2): they are
-    row strides forward or backward, and each must be a multiple of 8 (16 bytes of bf16; torch checks on GPU and
-    under torch.compile)."""
-    m1, k1, m2, k2 = factors
-    if kron_contracts_k1_first(*factors):
-        return dict(k1=k1, rank_x_m1=rank * m1, rank_x_k2=rank * k2, m2=m2)
-    return dict(k2=k2, rank_x_m2=rank * m2, rank_x_k1=rank * k1, m1=m1)
-
-
-def grouped_kron_transposed(X: Tensor, G: Tensor, H: Tensor, offsets: Tensor) -> Tensor:
-    """(G_e X_n H_e^T)^T summed over rank, (P, mh, mg), for rows X (P, p, q) sorted by expert e (offsets: segment
-    ends), G (experts, rank, mg, p), H (experts, rank, mh, q). Two grouped matmuls: contract q with H over the P * p
-    rows of X (segments scaled by p), then p with G over P * mh rows (segments scaled by mh)."""
-    P, p, q = X.shape
-    E, r, mh, mg = H.size(0), H.size(1), H.size(2), G.size(2)
-    U = torch._grouped_mm(X.reshape(P * p, q), H.permute(0, 3, 1, 2).reshape(E, q, r * mh), offs=offsets * p)
-    V = U.view(P, p, r, mh).permute(0, 3, 2, 1).reshape(P * mh, r * p)  # (n, b) rows, (rank, p) columns
-    return torch._grouped_mm(V, G.permute(0, 1, 3, 2).reshape(E, r * p, mg), offs=offsets * mh).view(P, mh, mg)
-
-
-class GroupedKronLinear(nn.Module):
-    """One Kronecker-factorized matrix per expert, stacked: A (experts, rank, m1, k1), B (experts, rank, m2, k2),
-    W_e = sum_i A_ei (x) B_ei, KronLinear's layout and init per expert. forward(x, offsets) applies to each row of x
-    (sorted by expert, as MoE hands them) its own W_e without building it. The fused path is one batched Kronecker
-    contraction over all experts: two torch._grouped_mm (one per factor) in KronLinear's cheaper contraction order;
-    no per-expert loop, static shapes (tests/test_kron_mlp.py checks it against a loop over experts)."""
-
-    def __init__(self, experts: int, in_features: int, out_features: int, rank: int, factors=None,
-                 zero_init: bool = False):
-        super().__init__()
-        self.factors = tuple(factors or choose_kron_factors(in_features, out_features, rank))
-        m1, k1, m2, k2 = self.factors
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.A = nn.Parameter(torch.empty(experts, rank, m1, k1))
-        self.B = nn.Parameter(torch.empty(experts, rank, m2, k2))
-        kron_factor_init_(self.A, self.B, zero_init)  # zero_init: B only, as KronLinear
-
-    def forward(self, x: Tensor, offsets: Tensor) -> Tensor:  # x (rows, in_features) -> (rows, out_features)
-        m1, k1, m2, k2 = self.factors
-        A, B, X = self.A.type_as(x), self.B.type_as(x), x.view(-1, k1, k2)
-        if kron_contracts_k1_first(*self.factors):  # A X B^T = (B X^T A^T)^T: the same routine, roles swapped
-            return grouped_kron_transposed(X.mT.contiguous(), B, A, offsets).flatten(1)
-        return grouped_kron_transposed(X, A, B, offsets).mT.flatten(1)
-
-    def macs_per_token(self) -> int:
-        return kron_macs_per_token(*self.factors, self.rank)
-
-    def extra_repr(self) -> str:
-        return (f"experts={len(self.A)}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, factors={self.factors}")
-
-
-class KronMoE(MoE):
-    """--moe_experts with --kron_mlp=both (mixture of Kronecker experts): MoE's routing, each expert's c_fc and
-    c_proj a Kronecker sum (GroupedKronLinear; c_proj's B zero-initialized). Factors: --kron_rank, --kron_factors
-    (at the expert width) or balanced; trained by --kron_optimizer like KronLinear's."""
-
-    def make_experts(self, args: Hyperparameters):
-        dim, n, factors = args.model_dim, self.num_experts + self.num_shared, kron_factors(args)
-        self.c_fc = GroupedKronLinear(n, dim, self.hidden, args.kron_rank, factors["fc"])
-        self.c_proj = GroupedKronLinear(n, self.hidden, dim, args.kron_rank, factors["proj"], zero_init=True)
-
-    def expert_mlps(self, x: Tensor, offsets: Tensor) -> Tensor:
-        return self.c_proj(self.act(self.c_fc(x, offsets)), offsets)
-
-    def expert_macs(self) -> int:
-        return self.c_fc.macs_per_token() + self.c_proj.macs_per_token()
-
-
 def block_mlp_args(args: Hyperparameters, layer: int) -> Hyperparameters:
-    """args as block `layer`'s MLP sees them: --kron_mlp / --ks_mlp off in the blocks that --kron_layers /
-    --ks_layers leave out."""
-    off = {flag: "off" for flag, layers in (("kron_mlp", args.kron_layers), ("ks_mlp", args.ks_layers))
-           if layer not in factorized_blocks(layers, args.num_layers)}
-    return dataclasses.replace(args, **off)
+    """args as block `layer`'s MLP sees them (each feature's mlp_args: --kron_mlp off in the blocks --kron_layers
+    leaves out, ...)."""
+    for for_block in feature_hooks("mlp_args"):
+        args = for_block(args, layer)
+    return args
 
 
 def build_mlp(args: Hyperparameters, layer: int | None = None) -> nn.Module:
@@ -2512,8 +2133,9 @@ def build_mlp(args: Hyperparameters, layer: int | None = None) -> nn.Module:
     (None: as if every block were listed)."""
     if layer is not None:
         args = block_mlp_args(args, layer)
-    if args.moe_experts > 0:
-        return KronMoE(args) if args.kron_mlp == "both" else MoE(args)
+    built = built_by_feature("mlp", args, layer)  # --moe_experts: features/moe.py
+    if built is not None:
+        return built
     if args.mlp_act == "swiglu":
         return SwiGLUMLP(args)
     return FP8MLP(args) if args.fp8_mlp else MLP(args)
@@ -2652,6 +2274,8 @@ class MuddWeights(nn.Module):
     kaiming-uniform a=sqrt(5)), W2 (n, 64) zero, b = inits / 0.1, so m starts at the given effective inits for every
     token. m is computed in fp32 and returned in z's dtype. W1, W2 train in Adam's "mudd" group, b in "mudd_bias"
     (no weight decay), at --mudd_lr (param_groups)."""
+
+    draws_own_init = True  # --weight_init leaves W1, W2, b alone (recipe_matrices)
 
     def __init__(self, dim: int, inits: list[float]):
         super().__init__()
@@ -3067,7 +2691,6 @@ class GPT(nn.Module):
         if args.untie_step:  # tied at start: the embedding is the head's rows (EmbeddingTie keeps it so)
             with torch.no_grad():
                 self.embed.weight.copy_(self.lm_head.weight[:args.vocab_size])
-        self.moe_layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
         self.vocab_size = args.vocab_size  # real tokens; the head's padding rows are never targets
         self.softcap = SOFTCAPS[args.softcap]
         self.train_loss = build_train_loss(args)  # next-token CE, or the weighted MTP/prefix terms
@@ -3124,7 +2747,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(x)
         if self.training:
-            return self.train_loss(self.logits(x), targets) + self.moe_aux_loss()
+            return self.train_loss(self.logits(x), targets) + self.aux_loss()
         # Validation sequences are long; chunking the head keeps the fp32 logits small. Same mean, up to fp order.
         total = sum(F.cross_entropy(self.logits(xc), tc, reduction="sum")
                     for xc, tc in zip(x.split(self.eval_chunk_tokens), targets.split(self.eval_chunk_tokens)))
@@ -3170,33 +2793,22 @@ class GPT(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         return self.softcap(self.lm_head(x).float())
 
-    def moe_aux_loss(self):
-        """The MoE load-balancing losses of the last forward, summed and cleared (0 without MoE layers)."""
+    def aux_loss(self):
+        """The auxiliary losses the blocks' MLPs left in the last forward (--moe_experts: load balancing), summed
+        and cleared (0 without them)."""
         total = 0
-        for moe in self.moe_layers:
-            total, moe.aux_loss = total + moe.aux_loss, None
+        for mlp in (block.mlp for block in self.blocks):
+            if getattr(mlp, "aux_loss", None) is not None:
+                total, mlp.aux_loss = total + mlp.aux_loss, None
         return total
 
 
-def progressive_swaps(args: Hyperparameters) -> list[tuple[int, int]]:
-    """--kron_progressive_every=N: (step, block) pairs; the k-th block of --kron_layers (ascending) turns Kronecker
-    at step (k + 1) N. [] without it."""
-    if not args.kron_progressive_every:
-        return []
-    blocks = sorted(factorized_blocks(args.kron_layers, args.num_layers))
-    return [((k + 1) * args.kron_progressive_every, b) for k, b in enumerate(blocks)]
-
-
 def args_at_step(args: Hyperparameters, step: int) -> Hyperparameters:
-    """The configuration of the model a checkpoint written at `step` holds: with --kron_progressive_every only the
-    blocks swapped before that step are factorized, because the loop writes step N's checkpoint before swap N (a
-    resumed run builds this model, loads the checkpoint into it, then makes swap N itself)."""
-    if not args.kron_progressive_every:
-        return args
-    done = [b for s, b in progressive_swaps(args) if s < step]
-    if not done:
-        return dataclasses.replace(args, kron_mlp="off")
-    return dataclasses.replace(args, kron_layers=",".join(map(str, done)))
+    """The configuration of the model a checkpoint written at `step` holds (each feature's args_at_step: with
+    --kron_progressive_every only the blocks swapped before that step are factorized)."""
+    for at_step in feature_hooks("args_at_step"):
+        args = at_step(args, step)
+    return args
 
 
 def build_model(args: Hyperparameters) -> GPT:
@@ -3246,11 +2858,9 @@ def set_gpu_dtypes(model: GPT, args: Hyperparameters, on_gpu: bool, fp8_matmuls:
 
 
 def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
-    """Which optimizer owns which parameter: the recipe's split (Kronecker factors: --kron_optimizer). 3-D expert
-    and merged weights go to Muon as batches of matrices; learned_gelu's per-channel affine is a scalar group."""
-    kron = [p for m in model.blocks.modules() if isinstance(m, (KronLinear, GroupedKronLinear)) for p in (m.A, m.B)]
-    kron_to_adam = args is not None and args.kron_optimizer == "adam"
-    adam_ids = {id(p) for p in kron} if kron_to_adam else set()
+    """Which optimizer owns which parameter: the recipe's split, and each feature's param_groups (Kronecker factors:
+    --kron_optimizer). 3-D expert and merged weights go to Muon as batches of matrices; learned_gelu's per-channel
+    affine is a scalar group."""
     # --mudd_final_sources / --mudd_block: MUDD's W1, W2 ("mudd") and b ("mudd_bias") are Adam's (recipe 2.2)
     mudd = [m for m in model.modules() if type(m) is MuddWeights]
     gates = [m for m in model.modules() if isinstance(m, MuddGate)]  # --mudd_gate_block: "mudd_gate(_bias)"
@@ -3263,14 +2873,14 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
                  post_lambdas=[b.post_lambdas for b in model.blocks if isinstance(b, SublayerBlock)])
     routed = routed_params(model, args)  # the features' parameters, by group
     own_ids = mudd_ids | {id(p) for params in [*small.values(), *routed.values()] for p in params}
-    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in adam_ids | own_ids]
+    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in own_ids]
     scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in own_ids]
     # --bigram_rows: its table is an embedding (Adam "value_embeds" group: the recipe trains it like those)
     bigram = [m.weight for m in model.bigram.modules() if isinstance(m, nn.Embedding)]
     embeds = [model.embed.weight] + [e.weight for e in model.value_embeds] + routed.pop("embeds", []) + bigram
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied: embeds own it
     head += routed.pop("head", [])
-    groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, kron=kron if kron_to_adam else [],
+    groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head,
                   mudd=[p for m in mudd for p in (m.w1, m.w2)], mudd_bias=[m.b for m in mudd],
                   mudd_gate=[p for m in gates for p in (m.w1, m.w2)],
                   mudd_gate_bias=[m.b for m in gates] + list({id(m.scale): m.scale for m in gates}.values()),
@@ -3291,7 +2901,7 @@ def routed_params(model: GPT, args: Hyperparameters | None) -> dict:
 
 
 SMALL_ADAM_GROUPS = ("ve_gate", "smear_gate", "resid_lambdas", "post_lambdas")  # LR: --adam_group_lr or scalar_lr
-ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars", "kron", "mudd", "mudd_bias", "mudd_gate",
+ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars", "mudd", "mudd_bias", "mudd_gate",
                "mudd_gate_bias") + SMALL_ADAM_GROUPS
 
 
@@ -3300,8 +2910,9 @@ def parse_group_values(text: str, flag: str, parse) -> dict:
     values = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        if name not in ADAM_GROUPS:
-            raise SystemExit(f"error: --{flag}: unknown Adam group {name!r}; groups: {', '.join(ADAM_GROUPS)}")
+        if name not in feature_table("ADAM_GROUPS", ADAM_GROUPS):
+            raise SystemExit(f"error: --{flag}: unknown Adam group {name!r}; groups: "
+                             f"{', '.join(feature_table('ADAM_GROUPS', ADAM_GROUPS))}")
         try:
             values[name] = parse(value)
         except ValueError:
@@ -3324,18 +2935,21 @@ def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
         id(m.weight) for m in model.bigram.modules() if isinstance(m, nn.Embedding)}
     params = dict(head=groups["head"], embed=[p for p in groups["embeds"] if id(p) not in value_embeds],
                   value_embeds=[p for p in groups["embeds"] if id(p) in value_embeds], scalars=groups["scalars"],
-                  **{name: groups[name] for name in ADAM_GROUPS[4:]})
+                  **{name: groups.get(name, []) for name in ADAM_GROUPS[4:]})
     small_lrs = parse_group_values(args.adam_group_lr, "adam_group_lr", float)
     lrs = dict(head=args.head_lr, embed=args.embed_lr, value_embeds=args.value_embed_lr or args.embed_lr,
-               scalars=args.scalar_lr, kron=args.kron_adam_lr, mudd=args.mudd_lr, mudd_bias=args.mudd_lr,
+               scalars=args.scalar_lr, mudd=args.mudd_lr, mudd_bias=args.mudd_lr,
                mudd_gate=args.mudd_gate_lr, mudd_gate_bias=args.mudd_gate_lr,
                **{name: small_lrs.get(name, args.scalar_lr) for name in SMALL_ADAM_GROUPS})
+    for feature_lrs in feature_hooks("adam_lrs"):  # the Adam groups of features' own (--kron_mlp: "kron")
+        lrs |= feature_lrs(args)
+    params |= {name: groups.get(name, []) for name in lrs.keys() - params.keys()}
     betas = parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
     wd_mults = parse_group_values(args.adam_group_wd, "adam_group_wd", float)
     return [dict(name=name, params=params[name], lr=lrs[name],
                  betas=betas.get(name, (args.adam_beta1, args.adam_beta2)),
                  weight_decay=args.adam_wd * wd_mults.get(name, 1.0))
-            for name in ADAM_GROUPS if params[name]]
+            for name in lrs if params[name]]
 
 
 class CautiousAdam(torch.optim.Optimizer):
@@ -3456,8 +3070,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
     muon.normalize = NorMuon(args.normuon_beta2) if args.normuon_beta2 > 0 else None
     if world_size > 1:
         muon.grad_sync = grad_sync or GradientSync(list(model.parameters()))
-    if model.moe_layers:
-        muon.register_step_post_hook(lambda *_: update_moe_biases(model, world_size))
+    for add_hooks in feature_hooks("optimizer_hooks"):  # --moe_experts: the routing biases after Muon's step
+        add_hooks(model, adam, muon, args, world_size)
     if args.fp8_mlp:  # W2 (c_proj, a Muon matrix) moves in Muon's step: refresh the delayed scales around it
         fp8_mlps = [m for m in model.modules() if isinstance(m, FP8MLP)]  # found once, not every step
         muon.register_step_pre_hook(lambda *_: refresh_fp8_mlps(fp8_mlps))
@@ -3709,7 +3323,7 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
                    (b.attn.qk_dim + b.attn.v_dim) for i, b in enumerate(model.blocks) if i in model.dc_layers)
     score_flops += dc_flops
     attn_flops = sum(dense_flops_per_token(a) for a in attns) + score_flops
-    mlp_flops = sum(m.flops_per_token() if isinstance(m, MoE) else dense_flops_per_token(m) for m in mlps)
+    mlp_flops = sum(m.flops_per_token() if hasattr(m, "flops_per_token") else dense_flops_per_token(m) for m in mlps)
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied
     head_flops = 2 * model.lm_head.weight.numel()
     parts = [part for describe in feature_hooks("model_parts") for part in describe(model, args)]
@@ -3726,11 +3340,10 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
                                         for m in ms}))
     head_kind = ("tied to the embedding" if not head else
                  f"tied to the embedding until step {args.untie_step}" if args.untie_step else "untied")
-    moe = (f", {mlps[0].num_experts} experts top-{mlps[0].topk} + {mlps[0].num_shared} shared of width "
-           f"{mlps[0].hidden} ({args.moe_balance} balancing)" if model.moe_layers else "")
+    mlp_note = mlps[0].summary() if hasattr(mlps[0], "summary") else ""  # --moe_experts: experts and routing
     return (f"architecture: attention {kind(attns)} x{len(attns)} (KV cache "
             f"{sum(a.kv_cache_floats_per_token() for a in attns):,} floats/token over all layers), mlp {kind(mlps)}"
-            f" x{len(mlps)}{moe}, head {head_kind}, dropout {args.dropout},"
+            f" x{len(mlps)}{mlp_note}, head {head_kind}, dropout {args.dropout},"
             f" neftune_alpha {args.neftune_alpha}\n"
             f"params: embeddings {embeds:,} + head {sum(p.numel() for p in head):,} + attention {attn_params:,} + "
             f"mlp {mlp_params:,} + block/skip scalars {other:,}"
@@ -3744,30 +3357,6 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
             f"{f' + mudd {mudd_flops / 1e6:.2f}M' if mudd_flops else ''} = "
             f"{(attn_flops + mlp_flops + head_flops + sum(part.flops for part in parts) + mudd_flops) / 1e6:.1f}M"
             + (f"\n{stage_table(args)}" if args.stages else ""))
-
-
-@torch.no_grad()
-def update_moe_biases(model: GPT, world_size: int):
-    """After each optimizer step (a Muon hook): sum every MoE layer's training load over ranks, move the selection
-    biases (--moe_balance=bias; aux leaves them at 0) and reset the loads."""
-    loads = all_reduce_sum_(torch.stack([m.load for m in model.moe_layers]), world_size)
-    for moe, load in zip(model.moe_layers, loads):
-        moe.update_bias(load)
-        moe.load.zero_()
-
-
-def moe_utilization(model: GPT) -> str:
-    """' moe_load_min_max:0.91-1.12,...' for the validation log line: per MoE block, the least and the most used
-    expert's share of the routed assignments relative to uniform (1.00-1.00 = perfectly balanced), over this rank's
-    validation tokens since the last call; '' without MoE."""
-    if not model.moe_layers:
-        return ""
-    parts = []
-    for moe in model.moe_layers:
-        share = moe.eval_load * moe.num_experts / moe.eval_load.sum().clamp_min(1)
-        parts.append(f"{share.min().item():.2f}-{share.max().item():.2f}")
-        moe.eval_load.zero_()
-    return " moe_load_min_max:" + ",".join(parts)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -4302,88 +3891,6 @@ class LossSchedule:
             self.buffer.copy_(self.table[min(step, len(self.table) - 1)])
 
 
-class ProgressiveReplacement:
-    """--kron_progressive_every: at each swap step, before that step's update, one dense block MLP becomes its
-    Kronecker student. The student starts at the Van Loan nearest Kronecker sum of each dense matrix it replaces
-    (matrices it keeps are copied), then with --kron_progressive_distill_steps Adam fits it to the dense MLP's output
-    on live inputs: the block's MLP inputs for rank 0's first micro-batch of the step, broadcast so every rank fits
-    the same student. The optimizers are rebuilt for the new parameter set (exactly what a run resumed after the swap
-    builds) and keep the state of every surviving parameter; the new factors start with fresh state."""
-
-    DISTILL_LR = 1e-2  # tools/mlp_init.py's default, decaying linearly to zero
-
-    def __init__(self, model: GPT, args: Hyperparameters, env: DistEnv):
-        self.model, self.args, self.env = model, args, env
-        self.swaps = dict(progressive_swaps(args))
-
-    def at(self, step: int, optimizers: list, micro_batches: list, window):
-        """Swap the block due at `step` (if any); optimizers is updated in place."""
-        block = self.swaps.get(step)
-        if block is None:
-            return
-        dense = self.model.blocks[block].mlp
-        with torch.random.fork_rng(devices=[]):  # the student's init: the same on every rank, global RNG untouched
-            torch.manual_seed(self.args.seed + step)
-            student = build_mlp(self.args, block).to(device=self.env.device)
-        self.initialize(student, dense)
-        if self.args.kron_progressive_distill_steps:
-            self.distill(student, dense, self.live_inputs(block, micro_batches[0], window))
-        self.model.blocks[block].mlp = student
-        old_adam, old_muon = optimizers
-        sync = old_muon.grad_sync
-        if sync is not None:
-            gone = {id(p) for p in dense.parameters()}
-            sync.params = [p for p in sync.params if id(p) not in gone]
-            sync.add(list(student.parameters()))
-        new = build_optimizers(self.model, self.args, self.env.rank, self.env.world_size, grad_sync=sync)
-        for old, fresh in zip((old_adam, old_muon), new):
-            for group in fresh.param_groups:
-                for p in group["params"]:
-                    if p in old.state:
-                        fresh.state[p] = old.state[p]
-        new[1].orthogonalize = old_muon.orthogonalize  # compiled on GPU
-        optimizers[:] = new
-
-    @torch.no_grad()
-    def initialize(self, student: nn.Module, dense: nn.Module):
-        for name in ("c_fc", "c_proj"):
-            target, source = getattr(student, name), getattr(dense, name)
-            if isinstance(target, KronLinear):
-                A, B = van_loan_decompose(source.weight.double(), *target.factors, rank=target.rank)
-                target.A.copy_(A)
-                target.B.copy_(B)
-            else:
-                target.load_state_dict(source.state_dict())
-
-    @torch.no_grad()
-    def live_inputs(self, block: int, micro_batch: tuple, window) -> Tensor:
-        captured = []
-        hook = self.model.blocks[block].mlp.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
-        try:
-            self.model(*micro_batch, window)
-        finally:
-            hook.remove()
-        x = captured[0].reshape(-1, captured[0].size(-1)).float().contiguous()
-        if self.env.world_size > 1:
-            dist.broadcast(x, 0)
-        return x
-
-    def distill(self, student: nn.Module, dense: nn.Module, x: Tensor):
-        with torch.no_grad():
-            target = dense(x).float()
-        factors = [p for m in student.modules() if isinstance(m, KronLinear) for p in (m.A, m.B)]
-        opt = torch.optim.Adam(factors, lr=self.DISTILL_LR)
-        steps = self.args.kron_progressive_distill_steps
-        for i in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = self.DISTILL_LR * (1 - i / steps)
-            loss = F.mse_loss(student(x).float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        student.zero_grad(set_to_none=True)
-
-
 class LossWatch:
     """Non-blocking divergence check: each step's loss is copied into pinned host memory behind a CUDA event, and
     first_nonfinite() reads only the copies whose event has completed, so the training loop never waits for the
@@ -4744,13 +4251,6 @@ def build_run(args: Hyperparameters, resume: dict | None, env: DistEnv) -> Train
 def log_run_header(log, run: TrainingRun, args: Hyperparameters, env: DistEnv, compiled: bool):
     model, trainee = run.model, run.trainee
     groups = param_groups(model, args)
-    kron_layers = [m for m in model.modules() if isinstance(m, KronLinear)]
-    if kron_layers:
-        k = kron_layers[0]
-        log(f"kron_mlp={args.kron_mlp}: {len(kron_layers)} KronLinear layers, e.g. {k.in_features}->"
-            f"{k.out_features} rank {k.rank} factors {k.factors}: {sum(count_params(m) for m in kron_layers):,} "
-            f"parameters "
-            f"(dense: {sum(m.in_features * m.out_features for m in kron_layers):,})")
     fp8, fp8_mlp_on = model.lm_head.use_fp8, any(m.use_fp8 for m in model.modules() if isinstance(m, FP8MLP))
     log(f"model: {count_params(model):,} parameters (block matrices {sum(p.numel() for p in groups['matrices']):,}, "
         f"embeddings {sum(p.numel() for p in groups['embeds']):,}, head {sum(p.numel() for p in groups['head']):,}, "
@@ -4805,7 +4305,7 @@ def train(run: TrainingRun, train_model: nn.Module, args: Hyperparameters, env: 
     windows = WindowTensors(args, env.device)
     rotary_windows = RotaryWindows(model, args)
     loss_schedule = LossSchedule(model, args, env.device)
-    progressive = ProgressiveReplacement(model, args, env)
+    step_hooks = [hook for make in feature_hooks("per_step") if (hook := make(model, args, env)) is not None]
     loss_watch = LossWatch(env.device)
     steps = total_steps(args)
     try:
@@ -4824,7 +4324,7 @@ def train(run: TrainingRun, train_model: nn.Module, args: Hyperparameters, env: 
                 val_loss = evaluate(train_model, val_data, final_window if last else window, env.world_size)
                 log(f"step:{step}/{steps} val_loss:{val_loss:.4f} train_time:{run.train_time_ms:.0f}ms "
                     f"step_avg:{run.train_time_ms / max(step, 1):.2f}ms tokens:{tokens_after(step, args)}"
-                    f"{moe_utilization(model)}")
+                    f"{''.join(note(model) for note in feature_hooks('val_log'))}")
                 if not math.isfinite(val_loss):
                     status, reason = "failed", f"non-finite val loss at step {step}"
                     break
@@ -4840,7 +4340,8 @@ def train(run: TrainingRun, train_model: nn.Module, args: Hyperparameters, env: 
             if last:
                 break
             batch = next(train_loader)
-            progressive.at(step, optimizers, batch, window)
+            for hook in step_hooks:  # --kron_progressive_every: a block's MLP may become Kronecker here
+                hook.at(step, optimizers, batch, window)
             loss = train_step(train_model, optimizers, batch, window, args, step, env.world_size)
             loss_watch.push(step + 1, loss)
             bad_step = loss_watch.first_nonfinite()

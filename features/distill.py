@@ -72,7 +72,7 @@ class Distiller(nn.Module):
         with torch.no_grad():
             t_hidden = self.teacher.hidden(inputs)  # the teacher's own (trained-for) full window
             t_logits = self.teacher.logits(t_hidden)
-        loss = (1 - self.alpha) * F.cross_entropy(logits, targets) + self.student.moe_aux_loss()
+        loss = (1 - self.alpha) * F.cross_entropy(logits, targets) + self.student.aux_loss()
         if self.alpha:
             kl = F.kl_div(F.log_softmax(logits / self.temp, -1), F.log_softmax(t_logits / self.temp, -1),
                           log_target=True, reduction="batchmean")

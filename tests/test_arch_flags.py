@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import features.mla as mla_feature
+import features.moe as moe_feature
 import train_gpt as tg
 from conftest import smoke_args, smoke_model, val_losses
 
@@ -81,7 +83,7 @@ def test_defaults_build_the_baseline_modules():
     assert type(block.attn) is tg.CausalSelfAttention and type(block.mlp) is tg.MLP
     assert isinstance(block.mlp.act, tg.ReLU2) and isinstance(block.dropout, torch.nn.Identity)
     assert isinstance(model.embed_noise, torch.nn.Identity) and isinstance(model.lm_head, tg.CastedLinear)
-    assert not model.moe_layers and model.moe_aux_loss() == 0
+    assert not moe_feature.moe_layers(model) and model.aux_loss() == 0
     assert all(".rotary." in name for name, _ in model.named_buffers())
     assert tg.count_params(model) == BASELINE
 
@@ -124,7 +126,7 @@ def test_gqa_shares_each_kv_head_across_its_query_group():
 def test_mla_cache_holds_the_latent_and_the_shared_rotary_key():
     model = smoke_model(*MLA)
     attn = model.blocks[0].attn
-    assert isinstance(attn, tg.LatentAttention) and isinstance(attn.q_proj, tg.LowRankLinear)
+    assert isinstance(attn, mla_feature.LatentAttention) and isinstance(attn.q_proj, mla_feature.LowRankLinear)
     assert attn.kv_cache_floats_per_token() == 32 + 16
     cached = {}
     attn.kv_down.register_forward_hook(lambda m, i, o: cached.__setitem__("latent", o.shape))
@@ -139,14 +141,14 @@ def test_mla_cache_holds_the_latent_and_the_shared_rotary_key():
 def test_mla_without_query_compression_and_suggested_768_shapes():
     args = tg.apply_overrides(tg.Hyperparameters(), ["--mla_kv_rank=256", "--mla_q_rank=384", "--mla_rope_dim=64"])
     tg.check_config(args, 1)
-    attn = tg.LatentAttention(args, 1024)
+    attn = mla_feature.LatentAttention(args, 1024)
     assert attn.kv_cache_floats_per_token() == 320  # vs 2 * 768 = 1536 for the baseline's MHA
     assert attn.q_proj.up.weight.shape == (6 * (128 + 64), 384) and attn.kv_up.shape == (2, 768, 256)
-    assert isinstance(tg.LatentAttention(smoke_args("--mla_kv_rank=32"), 512).q_proj, tg.CastedLinear)
+    assert isinstance(mla_feature.LatentAttention(smoke_args("--mla_kv_rank=32"), 512).q_proj, tg.CastedLinear)
 
 
 def test_mla_rotates_only_the_rope_dims():
-    attn = tg.LatentAttention(smoke_args(*MLA), 512)
+    attn = mla_feature.LatentAttention(smoke_args(*MLA), 512)
     x = torch.randn(1, 8, H, HD + 16)
     out = attn.rope(x)
     torch.testing.assert_close(out[..., :HD], x[..., :HD])
@@ -162,7 +164,7 @@ def small_moe(*extra, seed=0):
     args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", "--model_dim=32", "--moe_experts=4",
                                                      "--moe_topk=2", "--moe_shared=1", "--moe_hidden=16", *extra])
     tg.check_config(args, 1)
-    moe = tg.MoE(args)
+    moe = moe_feature.MoE(args)
     with torch.no_grad():
         moe.proj_w.normal_(0, 0.2)
         moe.router.weight.normal_(0, 0.5)
@@ -257,7 +259,7 @@ def test_moe_aux_loss_is_added_in_training_only():
     x = tokens()
     loss = model(x[:-128], x[1:-127])
     ce = F.cross_entropy(model(x[:-128]), x[1:-127])  # this forward leaves the aux losses in place
-    aux = sum(m.aux_loss for m in model.moe_layers)
+    aux = sum(m.aux_loss for m in moe_feature.moe_layers(model))
     assert 0.03 < aux.item() < 0.06  # 4 layers, about coef each near uniform routing
     torch.testing.assert_close(loss, ce + aux)
     model.eval()
@@ -297,11 +299,11 @@ def test_moe_bias_updates_once_per_optimizer_step_from_the_loads():
         x = tokens()
         for _ in range(2):  # two micro-batches accumulate into one step's load
             model(x[:-128], x[1:-127]).backward()
-        loads = [m.load.clone() for m in model.moe_layers]
+        loads = [m.load.clone() for m in moe_feature.moe_layers(model)]
         assert all(load.sum() == 2 * 128 * 2 for load in loads)
         for opt in optimizers:
             opt.step()
-        for moe, load in zip(model.moe_layers, loads):
+        for moe, load in zip(moe_feature.moe_layers(model), loads):
             expected = 0.01 * torch.sign(load.mean() - load) if moves else torch.zeros(4)
             torch.testing.assert_close(moe.bias, expected)
             assert moe.load.sum() == 0
@@ -312,16 +314,16 @@ def test_moe_weights_are_3d_muon_batches_and_utilization_is_logged():
     args = smoke_args(*MOE)
     adam, muon = tg.build_optimizers(model, args)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
-    moe = model.moe_layers[0]
+    moe = moe_feature.moe_layers(model)[0]
     assert moe.fc_w.shape == (5, 192, D) and moe.proj_w.shape == (5, D, 192)
     assert {id(moe.fc_w), id(moe.proj_w), id(moe.router.weight)} <= muon_ids
-    assert tg.moe_utilization(tg.build_model(smoke_args())) == ""
+    assert moe_feature.moe_utilization(tg.build_model(smoke_args())) == ""
     model.eval()
     with torch.no_grad():
         model(tokens())
-    text = tg.moe_utilization(model)
+    text = moe_feature.moe_utilization(model)
     assert text.startswith(" moe_load_min_max:") and len(text.split(":")[1].split(",")) == L
-    assert all(m.eval_load.sum() == 0 for m in model.moe_layers)  # reset for the next validation
+    assert all(m.eval_load.sum() == 0 for m in moe_feature.moe_layers(model))  # reset for the next validation
     assert moe.flops_per_token() == 2 * 4 * D + 2 * 3 * 2 * 192 * D
 
 
@@ -330,7 +332,7 @@ def test_swiglu_experts_take_two_thirds_of_the_width():
     stay near the dense MLP's; FLOPs count fc and proj separately."""
     args = tg.apply_overrides(tg.Hyperparameters(), [*MOE_SWIGLU, "--moe_experts=8"])
     tg.check_config(args, 1)
-    assert tg.moe_expert_hidden(args) == 704  # 2/3 * 3072 / 3 = 682.7 -> 704 (relu2 experts: 1024)
+    assert moe_feature.moe_expert_hidden(args) == 704  # 2/3 * 3072 / 3 = 682.7 -> 704 (relu2 experts: 1024)
     moe = small_moe("--mlp_act=swiglu")
     assert isinstance(moe.act, tg.GatedSiLU) and moe.proj_w.shape == (5, 32, 16)
     assert moe.flops_per_token() == 2 * 4 * 32 + 2 * 3 * (32 * 32 + 32 * 16)

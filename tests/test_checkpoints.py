@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import features.distill as distill
+import features.distill as distill_feature
 import train_gpt as tg
 from conftest import randomize_zero_matrices, summary_of
 
@@ -109,13 +109,13 @@ def test_distillation_loss_terms():
     x = torch.randint(0, 50000, (257,))
     inputs, targets = x[:-1], x[1:]
     ce = F.cross_entropy(student(inputs), targets)
-    plain = distill.Distiller(student, other, smoke_args("--kd_alpha=0")).train()
+    plain = distill_feature.Distiller(student, other, smoke_args("--kd_alpha=0")).train()
     torch.testing.assert_close(plain(inputs, targets), ce)
     twin = tg.build_model(args)
     twin.load_state_dict(student.state_dict())
-    self_taught = distill.Distiller(student, twin, smoke_args("--kd_alpha=1")).train()
+    self_taught = distill_feature.Distiller(student, twin, smoke_args("--kd_alpha=1")).train()
     assert self_taught(inputs, targets, window_blocks=student.default_window_blocks).abs() < 1e-5  # KL(p || p) = 0
-    kd = distill.Distiller(student, other, smoke_args("--kd_alpha=0.5", "--kd_cosine=0.1")).train()
+    kd = distill_feature.Distiller(student, other, smoke_args("--kd_alpha=0.5", "--kd_cosine=0.1")).train()
     loss = kd(inputs, targets)
     assert loss > 0.5 * ce
     loss.backward()

@@ -3,6 +3,8 @@ routing, zero-init of c_proj, and the smoke preset training with them."""
 import pytest
 import torch
 
+import features.kronecker as kron_feature
+import features.moe as moe_feature
 import train_gpt as tg
 from conftest import randomize_zero_matrices, val_losses
 from kernels import KronLinear, choose_kron_factors, kron_dense_weight, kron_macs_per_token, kron_param_count
@@ -130,7 +132,7 @@ def test_grouped_kron_linear_equals_a_loop_over_experts(factors):
     """Both contraction orders, rank 2, an empty expert segment; forward and every gradient."""
     torch.manual_seed(0)
     m1, k1, m2, k2 = factors
-    layer = tg.GroupedKronLinear(4, k1 * k2, m1 * m2, rank=2, factors=factors)
+    layer = kron_feature.GroupedKronLinear(4, k1 * k2, m1 * m2, rank=2, factors=factors)
     assert layer.A.shape == (4, 2, m1, k1) and layer.B.shape == (4, 2, m2, k2)
     offsets = torch.tensor([5, 5, 12, 20], dtype=torch.int32)  # expert 1 gets no rows
     x = torch.randn(20, k1 * k2, requires_grad=True)
@@ -142,7 +144,7 @@ def test_grouped_kron_linear_equals_a_loop_over_experts(factors):
     ref_grads = torch.autograd.grad((ref * w).sum(), (x, layer.A, layer.B))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
-    assert tg.kron_contracts_k1_first(*factors) == (factors == (8, 16, 16, 8))  # the two orders
+    assert kron_feature.kron_contracts_k1_first(*factors) == (factors == (8, 16, 16, 8))  # the two orders
     assert layer.macs_per_token() == kron_macs_per_token(*factors, 2)
 
 
@@ -151,11 +153,11 @@ def test_grouped_mm_stride_rule_is_what_torch_checks(factors):
     """check_config's rule (grouped_kron_strides all multiples of 8) is exactly when the compiled forward and backward
     pass torch._grouped_mm's stride checks (its meta function enforces the GPU's 16-byte rule on any device)."""
     m1, k1, m2, k2 = factors
-    layer = tg.GroupedKronLinear(4, k1 * k2, m1 * m2, 1, factors).bfloat16()
+    layer = kron_feature.GroupedKronLinear(4, k1 * k2, m1 * m2, 1, factors).bfloat16()
     x = torch.randn(512, k1 * k2, dtype=torch.bfloat16, requires_grad=True)
     offsets = torch.tensor([100, 100, 300, 512], dtype=torch.int32)
     torch._dynamo.reset()
-    aligned = all(v % 8 == 0 for v in tg.grouped_kron_strides(factors, 1).values())
+    aligned = all(v % 8 == 0 for v in kron_feature.grouped_kron_strides(factors, 1).values())
     try:
         torch.compile(layer, fullgraph=True, dynamic=False)(x, offsets).float().sum().backward()
         compiled = True
@@ -173,8 +175,8 @@ def test_kron_experts_equal_a_token_by_token_loop():
     args = kron_args(*KRON_MOE, "--kron_rank=2")
     tg.check_config(args, 1)
     moe = tg.build_mlp(args)
-    assert type(moe) is tg.KronMoE and not hasattr(moe, "fc_w")
-    assert tg.kron_contracts_k1_first(*moe.c_proj.factors) != tg.kron_contracts_k1_first(*moe.c_fc.factors)
+    assert type(moe) is kron_feature.KronMoE and not hasattr(moe, "fc_w")
+    assert kron_feature.kron_contracts_k1_first(*moe.c_proj.factors) != kron_feature.kron_contracts_k1_first(*moe.c_fc.factors)
     assert moe.c_proj.B.abs().sum() == 0 and moe.c_proj.A.abs().sum() > 0  # zero-init like KronLinear's c_proj
     with torch.no_grad():
         moe.c_proj.B.normal_(0, 0.2)
@@ -200,7 +202,7 @@ def test_kron_experts_in_the_model_count_route_and_stay_causal():
     torch.manual_seed(0)
     model = tg.build_model(args)
     moe = model.blocks[0].mlp
-    assert model.moe_layers == [b.mlp for b in model.blocks] and isinstance(moe, tg.KronMoE)
+    assert moe_feature.moe_layers(model) == [b.mlp for b in model.blocks] and isinstance(moe, kron_feature.KronMoE)
     fc, proj = choose_kron_factors(128, 256), choose_kron_factors(256, 128)
     assert moe.c_fc.factors == fc and moe.c_proj.factors == proj
     per_block = 4 * 128 + 5 * (kron_param_count(*fc) + kron_param_count(*proj))  # router + 5 experts

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import features.kronecker as kron_feature
 import train_gpt as tg
 from conftest import randomize_zero_matrices, smoke_args, summary_of
 
@@ -15,7 +16,7 @@ FLAGS = ["--kron_mlp=both", "--kron_progressive_every=2", "--kron_layers=0,1", "
 
 def test_swap_schedule_and_the_model_at_each_step():
     args = smoke_args(*FLAGS)
-    assert tg.progressive_swaps(args) == [(2, 0), (4, 1)]
+    assert kron_feature.progressive_swaps(args) == [(2, 0), (4, 1)]
     kron_blocks = lambda step: [i for i, b in enumerate(tg.build_model(tg.args_at_step(args, step)).blocks)
                                 if isinstance(b.mlp.c_fc, tg.KronLinear)]
     # a checkpoint at step N is written before swap N: at step 2 the model is still dense
@@ -39,7 +40,7 @@ def test_a_swap_keeps_optimizer_state_and_distillation_helps():
     dense = model.blocks[0].mlp
     survivors = {id(p): optimizers[1].state[p] for p in model.blocks[1].parameters() if p in optimizers[1].state}
     assert survivors and dense.c_fc.weight in optimizers[1].state
-    swap = tg.ProgressiveReplacement(model, args, tg.DistEnv(0, 1, 0, torch.device("cpu")))
+    swap = kron_feature.ProgressiveReplacement(model, args, tg.DistEnv(0, 1, 0, torch.device("cpu")))
     live = swap.live_inputs(0, batch[0], 1)
     vanloan = tg.build_mlp(args, 0)
     swap.initialize(vanloan, dense)

@@ -91,6 +91,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa:
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import kernels  # noqa: E402
+import features.moe as moe_feature  # noqa: E402
 import features.mot as mot_feature  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
@@ -906,7 +907,7 @@ def check_kron_ks_kernels(ctx: Context) -> str:
     return cmp.verdict(f"{', '.join(done)} at {dim}<->{hidden}, {tokens} tokens, {ctx.dtype}: ")
 
 
-def moe_reference(moe: tg.MoE, x: torch.Tensor, act: str):
+def moe_reference(moe: moe_feature.MoE, x: torch.Tensor, act: str):
     """Per-expert loop in fp32 on the module's parameters: each token's top-k experts by router probs + bias (the
     selection computed as the module computes it, so near-ties pick the same experts) and every shared expert,
     each expert's MLP on its tokens, outputs summed with the gates (fp32 router probs; shared experts weight 1).
@@ -942,7 +943,7 @@ def check_moe(ctx: Context) -> str:
     tg.check_config(args, 1)
     tokens = (4096 if ctx.quick else 8192) if ctx.on_gpu else 256
     torch.manual_seed(0)
-    moe = tg.MoE(args).to(ctx.device)
+    moe = moe_feature.MoE(args).to(ctx.device)
     with torch.no_grad():  # live weights: zero-initialized projections carry no signal, a random router spreads load
         moe.proj_w.normal_(0, moe.hidden ** -0.5)
         moe.router.weight.normal_(0, args.model_dim ** -0.5)
