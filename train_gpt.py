@@ -94,15 +94,6 @@ class Hyperparameters:
     value_embed_layers: str = ""  # blocks reading value-embedding tables 0, 1, ... in order ("" = first/last nve)
     skip_pairs: str = ""  # skips "src:dst,...": dst's input += w * src's output ("" = U-net, block i -> L-1-i)
     backout_layer: int = -1  # x += lam * (output of this block) before the final norm, lam init -0.5 (-1 = off)
-    # MUDD (frontier recipe 3.5, r81): per-token mixes m = 0.1 (W2 GELU(W1 z) + b) of earlier residuals, off by default
-    mudd_final_sources: str = ""  # j=1 before the final norm: x += sum_k m_k s_k, s_k in "in,7:-0.5,9,ve0,3" ("" = off)
-    mudd_block: int = -1  # the block running j=0 (14 per-token mixes around its attention and MLP; -1 = off)
-    mudd_block_source: int = -1  # j=0's c: the earlier block whose output it mixes in and its attention reads
-    mudd_lr: float = 0.002  # Adam LR of the MUDD mixes' W1, W2 ("mudd" group) and b ("mudd_bias" group)
-    # MUDD gates (frontier recipe 3.5, r85): per-token G = s (W2 GELU(W1 z) + b) for XSA alphas, x0/bigram/skip weights
-    mudd_gate_block: int = -1  # gates on (-1 = off): x0's gate for the blocks before it, its input's for the rest
-    mudd_gate_attn_layers: str = ""  # blocks whose heads' outputs are scaled by a raw gate value (init 0.25; r85: 3,10)
-    mudd_gate_lr: float = 8e-4  # Adam LR of the gates' W1, W2 ("mudd_gate") and b, s ("mudd_gate_bias")
     # the residual stream's later form (frontier recipe 3.3)
     sublayer_lambdas: bool = False  # x = r_a x + p_a attn + l x0; x = r_m x + p_m mlp (r45; r = sqrt(x-lambda init))
     attn_input_skips: str = ""  # "src:dst,...": block dst's attention reads RMSNorm(block src's output) (r77: 7:8,7:9)
@@ -383,8 +374,7 @@ MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=
                   muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, adam_eps=0.0,
                   attn_scale=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
                   muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_wd=0.0, adam_every=1, extension_steps=0,
-                  mudd_lr=0.0,
-                  mudd_gate_lr=0.0, dc_window=1)
+                  dc_window=1)
 UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_momentum_end", "adam_beta1",
                  "adam_beta2")
 # flag -> (what makes it meaningful, a predicate on args): setting the flag without that draws a warning
@@ -397,9 +387,6 @@ NEEDS = dict(
     yarn=("--stages (YaRN follows the stages' window changes)", lambda a: bool(a.stages)),
     window_schedule_tokens=("#21's schedule (it is replaced by --stages)", lambda a: not a.stages),
     ve_gate=("--num_value_embeds > 0 (it gates the value embeddings)", lambda a: a.num_value_embeds > 0),
-    mudd_block_source=("--mudd_block >= 0", lambda a: a.mudd_block >= 0),
-    mudd_lr=("--mudd_final_sources or --mudd_block", lambda a: bool(a.mudd_final_sources) or a.mudd_block >= 0),
-    mudd_gate_lr=("--mudd_gate_block >= 0", lambda a: a.mudd_gate_block >= 0),
     dc_window=("--dc_layers", lambda a: bool(a.dc_layers)),
 )
 
@@ -596,87 +583,26 @@ def check_model_shape(args: Hyperparameters, fail):
         fail(f"--attn_proj_init={args.attn_proj_init!r}; valid values: zero, uniform")
     if args.value_embed_std <= 0 or args.head_init_std < 0:
         fail(f"--value_embed_std={args.value_embed_std} must be > 0 and --head_init_std={args.head_init_std} >= 0")
-    check_mudd(args, fail)
     check_residual_form(args, fail)
 
 
-def check_mudd(args: Hyperparameters, fail):
-    """--mudd_final_sources (j=1) and --mudd_block / --mudd_block_source (j=0): sources that exist, residual-wide
-    values, and the inputs the j=0 block mixes (its attention, value embedding, bigram embedding)."""
-    L, text = args.num_layers, args.mudd_final_sources
-    try:
-        sources = parse_mudd_sources(text)
-    except ValueError:
-        fail(f"--mudd_final_sources={text!r}: expected comma-separated sources, each 'in' (the residual entering "
-             f"block 0), a block index N (its output) or 'veK' (value-embedding table K), optionally ':init' "
-             f"(default 0), e.g. 'in,7:-0.5,9,ve0,3'")
-    names = [name for name, _ in sources]
-    if text.strip() and not sources:
-        fail(f"--mudd_final_sources={text!r} lists no source (use '' for off)")
-    bad = [n for n in names if isinstance(n, int) and not 0 <= n < L] + \
-        [n for n in names if isinstance(n, str) and n != "in" and int(n[2:]) >= args.num_value_embeds]
-    if bad:
-        fail(f"--mudd_final_sources names {bad}: blocks must be in 0..{L - 1}, value-embedding tables in "
-             f"0..{args.num_value_embeds - 1} (--num_value_embeds={args.num_value_embeds})")
-    if len(set(names)) != len(names):
-        fail(f"--mudd_final_sources={text!r} lists a source twice; give each source once (one weight each)")
-    if not all(math.isfinite(init) for _, init in sources):
-        fail(f"--mudd_final_sources={text!r}: the inits must be finite numbers")
-    if any(isinstance(n, str) and n != "in" for n in names) and value_embed_dim(args) != args.model_dim:
-        fail(f"--mudd_final_sources adds value embeddings to the residual; with --n_kv_heads={args.n_kv_heads} "
-             f"they are {value_embed_dim(args)} wide, not model_dim={args.model_dim} (drop the veK sources)")
-    if sources and args.backout_layer >= 0:
-        fail(f"--mudd_final_sources generalizes --backout_layer={args.backout_layer}: list "
-             f"'{args.backout_layer}:-0.5' among its sources and drop --backout_layer (-1)")
-    k, c = args.mudd_block, args.mudd_block_source
-    if not -1 <= k < L:
-        fail(f"--mudd_block={k} must be a block in 0..{L - 1} (or -1: off)")
-    if k < 0:
-        return
-    if not 0 <= c < k:
-        fail(f"--mudd_block={k} needs --mudd_block_source in 0..{k - 1}: the earlier block whose output its "
-             f"attention reads and its mixes add (recipe: 7 for block 10); got {c}")
-    if k in parse_layer_list(args.no_attn_layers):
-        fail(f"--mudd_block={k} mixes into its attention's values; block {k} has none (--no_attn_layers)")
-    if args.mla_kv_rank > 0 or kv_heads(args) != args.num_heads:
-        fail(f"--mudd_block={k} adds model_dim-wide residuals to the attention's values: it needs multi-head "
-             f"attention (no --n_kv_heads, no --mla_kv_rank)")
-
-
 def check_residual_form(args: Hyperparameters, fail):
-    """--sublayer_lambdas, --attn_input_skips, --mudd_gate_block, --mudd_gate_attn_layers: blocks that exist and
-    have what the flag reads, gates only where the sub-layer form gives their values a place."""
-    L, k = args.num_layers, args.mudd_gate_block
+    """--sublayer_lambdas, --attn_input_skips: blocks that exist and have what the flag reads."""
+    L = args.num_layers
     attention = set(range(L)) - set(parse_layer_list(args.no_attn_layers))
     if args.sublayer_lambdas and args.resid_lambda_init < 0:
         fail(f"--sublayer_lambdas starts each sub-layer's r at sqrt(--resid_lambda_init); "
              f"resid_lambda_init={args.resid_lambda_init} must be >= 0")
     try:
-        inputs, gated_attn = parse_skip_pairs(args.attn_input_skips), parse_layer_list(args.mudd_gate_attn_layers)
+        inputs = parse_skip_pairs(args.attn_input_skips)
     except ValueError:
-        fail(f"--attn_input_skips={args.attn_input_skips!r} / --mudd_gate_attn_layers="
-             f"{args.mudd_gate_attn_layers!r}: expected src:dst pairs such as '7:8,7:9' and block indices such as "
-             f"'3,10'")
+        fail(f"--attn_input_skips={args.attn_input_skips!r}: expected src:dst pairs such as '7:8,7:9'")
     bad = [f"{a}:{b}" for a, b in inputs if not (0 <= a < b < L and b in attention and b != args.mudd_block)]
     if bad:
         fail(f"--attn_input_skips {bad}: each src:dst needs 0 <= src < dst < num_layers={L} with attention in dst "
              f"and dst not the --mudd_block (whose attention reads --mudd_block_source)")
     if len({b for _, b in inputs}) != len(inputs):
         fail(f"--attn_input_skips={args.attn_input_skips!r} gives a block two attention inputs; one each")
-    if k < 0:
-        if gated_attn:
-            fail("--mudd_gate_attn_layers scales heads by MUDD gate values: it needs --mudd_gate_block")
-        return
-    if not 1 <= k < L or k == args.mudd_block:
-        fail(f"--mudd_gate_block={k}: the block whose input feeds the second gate must be in 1..{L - 1} (the first "
-             f"gate, from x0, serves the blocks before it) and not the --mudd_block (recipe: 4)")
-    if not args.sublayer_lambdas:
-        fail("--mudd_gate_block gates the x0 and bigram terms that --sublayer_lambdas adds after each attention: "
-             "add --sublayer_lambdas")
-    bad = sorted(set(gated_attn) - attention)
-    if bad or len(set(gated_attn)) != len(gated_attn):
-        fail(f"--mudd_gate_attn_layers={args.mudd_gate_attn_layers!r} must name different blocks with attention; "
-             f"{bad or 'a block twice'}")
 
 
 def check_objective(args: Hyperparameters, fail):
@@ -724,19 +650,6 @@ def skip_connections(args: Hyperparameters) -> list[tuple[int, int]]:
     return [(L - 1 - i, i) for i in range(L // 2, L)]
 
 
-def parse_mudd_sources(text: str) -> list[tuple[str | int, float]]:
-    """--mudd_final_sources "in,7:-0.5,9,ve0,3" -> [("in", 0.0), (7, -0.5), (9, 0.0), ("ve0", 0.0), (3, 0.0)]:
-    per source its effective init (default 0). "in" = the residual entering block 0 (the recipe's c0), an integer N =
-    block N's output, "veK" = value-embedding table K read at the input tokens (ValueError when malformed)."""
-    sources = []
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        name, _, init = item.partition(":")
-        if name != "in" and not (name.startswith("ve") and name[2:].isdigit()):
-            name = int(name)
-        sources.append((name, float(init) if init else 0.0))
-    return sources
-
-
 def parse_layer_list(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
@@ -778,9 +691,17 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   model_parts(model, args) -> [ModelPart]   its lines in describe_model's parameter and FLOP sums
 #   trainee(model, optimizers, args, env) -> the module the loss is computed on, or None (the model itself)
 #   log_header(log, run, args, env), log_after_training(log, run, args, env, val_data)   its lines in the record
+#   mlp_args(args, layer), args_at_step(args, step) -> args   the flags as one block's MLP / a step's model sees them
+#   gated(role, args, index) -> a module weighing a core term per token (roles: x0, bigram, skip, xsa, dc,
+#                                head_scale), or None for the core's static form
+#   ADAM_GROUPS, adam_lrs(args) -> {group: lr}   Adam groups of its own (their params from its param_groups)
+#   RECORD_BF16_GROUPS, record_fp32_params(model)   what --param_dtype=record stores in bf16, and the exceptions
+#   optimizer_hooks(model, adam, muon, args, world_size)   hooks on the optimizers' steps
+#   per_step(model, args, env) -> an object whose at(step, optimizers, micro_batches, window) runs before each step
+#   val_log(model) -> str        appended to each validation line
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/test_layout.py).
-FEATURE_NAMES = ("mot", "distill", "moe", "kronecker", "ks", "mla")
+FEATURE_NAMES = ("mot", "distill", "moe", "kronecker", "ks", "mla", "mudd")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -796,6 +717,13 @@ def built_by_feature(socket: str, *args):
         if module is not None:
             return module
     return None
+
+
+def gated_or(role: str, args: Hyperparameters, index: int, default) -> nn.Module:
+    """The module a feature builds to weigh `role` of block (or skip) `index` per token (its gated socket;
+    --mudd_gate_block), else default()."""
+    built = built_by_feature("gated", role, args, index)
+    return default() if built is None else built
 
 
 def features_on(args: Hyperparameters) -> list:
@@ -1660,30 +1588,6 @@ def remove_value_component(y: Tensor, v: Tensor, group: int, strength: Tensor) -
     return y - (strength * coef).type_as(y) * v
 
 
-class GatedExclusiveSelfAttention(nn.Module):
-    """XSA with alpha per token and head from a MUDD gate (--mudd_gate_block; frontier recipe 3.4, r85): the same
-    projection as ExclusiveSelfAttention, strength tanh(alpha_h(t)), alpha_h(t) = sources[key] (init 0)."""
-
-    def __init__(self, heads: int, kv_heads: int, key: str):
-        super().__init__()
-        self.group, self.key = heads // kv_heads, key
-
-    def forward(self, y: Tensor, v: Tensor, sources: dict) -> Tensor:
-        return remove_value_component(y, v, self.group, torch.tanh(sources[self.key].float())[..., None])
-
-
-class GatedHeadScale(nn.Module):
-    """The attention gate of the gated recipe (--mudd_gate_attn_layers; frontier recipe 3.4 [H], r85): each head's
-    output times a raw per-token MUDD gate value (no sigmoid), init 0.25."""
-
-    def __init__(self, key: str):
-        super().__init__()
-        self.key = key
-
-    def forward(self, y: Tensor, x: Tensor, sources: dict) -> Tensor:  # y (B, T, heads, head_dim)
-        return sources[self.key][..., None] * y
-
-
 def compose_heads(y: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, mask, w1: Tensor, w2: Tensor) -> Tensor:
     """DC's y_h += w2_h sum_s (sum_h' w1n_h' P_h'(t, s)) v_h(s), w1n = w1 / sqrt(mean_h(w1^2) + 1e-6); y (B, T,
     heads, head_dim), q, k, v (B, heads, T, head_dim) as attend takes them, w1 and w2 broadcasting to (B, T, heads,
@@ -1715,19 +1619,6 @@ class DynamicComposition(nn.Module):
 
     def forward(self, y: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, sources: dict) -> Tensor:
         return compose_heads(y, q, k, v, scale, sources["masks"]["dc"], self.w1[:, None], self.w2[:, None])
-
-
-class GatedDynamicComposition(nn.Module):
-    """DynamicComposition with w1, w2 per token and head from a MUDD gate (--mudd_gate_block; the recipe's r85
-    form: its second gate's last 12 values, w1 init 1, w2 init 0)."""
-
-    def __init__(self, layer: int):
-        super().__init__()
-        self.keys = f"gate.dc_w1_{layer}", f"gate.dc_w2_{layer}"
-
-    def forward(self, y: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, sources: dict) -> Tensor:
-        w1, w2 = (sources[key][..., None] for key in self.keys)  # (B, T, heads, 1)
-        return compose_heads(y, q, k, v, scale, sources["masks"]["dc"], w1, w2)
 
 
 class AttentionGate(nn.Module):
@@ -1944,20 +1835,20 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
     the output gate everywhere or the MUDD-gated head scale on --mudd_gate_attn_layers (frontier recipe 3.4)."""
     if args.key_offset and window_kinds(args)[layer] == "L":
         attn.key_offset = KeyOffset(attn.rotary)
-    if args.ve_gate and value_embed_tables(args)[layer] is not None and layer != args.mudd_block:  # MUDD: m6, m7
+    if args.ve_gate and value_embed_tables(args)[layer] is not None:
         attn.ve_gate = ValueEmbedGate(kv_heads(args))
     if args.attn_lambdas != "ve":
         attn.scale_qk, attn.mix_values, attn.scale_output, l1 = ATTN_LAMBDAS[args.attn_lambdas]
         with torch.no_grad():
             attn.lambdas[1] = l1
-    gated = args.mudd_gate_block >= 0  # --mudd_gate_block: XSA's alphas come per token from the MUDD gates
+    # a feature may serve XSA's alphas, DC's weights or the heads' output scales per token (gated: --mudd_gate_block)
     if layer in parse_layer_list(args.xsa_layers):
-        attn.xsa = GatedExclusiveSelfAttention(args.num_heads, kv_heads(args), f"gate.xsa{layer}") if gated else \
-            ExclusiveSelfAttention(args.num_heads, kv_heads(args))
+        attn.xsa = gated_or("xsa", args, layer, lambda: ExclusiveSelfAttention(args.num_heads, kv_heads(args)))
     if layer in parse_layer_list(args.dc_layers):
-        attn.dc = GatedDynamicComposition(layer) if gated else DynamicComposition(args.num_heads)
-    if layer in parse_layer_list(args.mudd_gate_attn_layers):  # replaces --attn_gate's sigmoid gate there
-        attn.out_gate = GatedHeadScale(f"gate.attn{layer}")
+        attn.dc = gated_or("dc", args, layer, lambda: DynamicComposition(args.num_heads))
+    head_scale = built_by_feature("gated", "head_scale", args, layer)  # replaces --attn_gate's sigmoid gate there
+    if head_scale is not None:
+        attn.out_gate = head_scale
     elif args.attn_gate:
         attn.out_gate = AttentionGate(args.num_heads)
 
@@ -2191,28 +2082,6 @@ class LearnedAdd(nn.Module):
         return x + self.lam[0].type_as(x) * t
 
 
-class GatedAdd(nn.Module):
-    """x + g t, g a per-token MUDD gate value (B, T, 1) that GPT.hidden put in sources[key] (--mudd_gate_block)."""
-
-    def __init__(self, key: str):
-        super().__init__()
-        self.key = key
-
-    def forward(self, x: Tensor, t: Tensor, sources: dict) -> Tensor:
-        return x + sources[self.key] * t
-
-
-class GateScale(nn.Module):
-    """g t, g = sources[key] (B, T, 1): a skip's per-token MUDD gate (--mudd_gate_block)."""
-
-    def __init__(self, key: str):
-        super().__init__()
-        self.key = key
-
-    def forward(self, t: Tensor, sources: dict) -> Tensor:
-        return sources[self.key] * t
-
-
 def lambdas_as_stored(lambdas: Tensor) -> Tensor:
     return lambdas
 
@@ -2244,10 +2113,10 @@ class SublayerBlock(nn.Module):
         r = args.resid_lambda_init ** 0.5
         self.attn = build_attention(args, max_seq_len, layer) if has_attn else None
         self.attn_input = attention_input(args, layer)
-        gated = args.mudd_gate_block >= 0
-        self.add_x0 = (GatedAdd(f"gate.x0_{layer}") if gated else LearnedAdd(0.0)) if has_attn else None
-        self.add_bigram = GatedAdd(f"gate.bigram{layer}") if gated and has_attn and layer > 0 and \
-            args.bigram_rows > 0 else PassThrough()
+        self.add_x0 = gated_or("x0", args, layer, lambda: LearnedAdd(0.0)) if has_attn else None
+        bigram = built_by_feature("gated", "bigram", args, layer) if has_attn and layer > 0 and args.bigram_rows \
+            else None
+        self.add_bigram = PassThrough() if bigram is None else bigram
         self.mlp = build_mlp(args, layer)
         self.resid_lambdas = nn.Parameter(torch.tensor([r, r] if has_attn else [r]))  # r_a, r_m
         self.post_lambdas = nn.Parameter(torch.ones(2 if has_attn else 1))  # p_a, p_m
@@ -2265,136 +2134,11 @@ class SublayerBlock(nn.Module):
         return r[-1] * x + p[-1] * self.dropout(self.mlp(norm(x)))
 
 
-MUDD_HIDDEN, MUDD_SCALE = 64, 0.1  # the recipe's F_j: 64 hidden units, outputs times 0.1
-
-
-class MuddWeights(nn.Module):
-    """MUDD's per-token mixing weights (frontier recipe 3.5, r81; arXiv 2502.12170): m = F(z) = 0.1 (W2 GELU(W1 z)
-    + b), z the un-normalized residual (T, dim) -> m (T, n). W1 (64, dim) ~ U(+-1/sqrt(dim)) (nn.Linear's default,
-    kaiming-uniform a=sqrt(5)), W2 (n, 64) zero, b = inits / 0.1, so m starts at the given effective inits for every
-    token. m is computed in fp32 and returned in z's dtype. W1, W2 train in Adam's "mudd" group, b in "mudd_bias"
-    (no weight decay), at --mudd_lr (param_groups)."""
-
-    draws_own_init = True  # --weight_init leaves W1, W2, b alone (recipe_matrices)
-
-    def __init__(self, dim: int, inits: list[float]):
-        super().__init__()
-        bound = dim ** -0.5
-        self.w1 = nn.Parameter(torch.empty(MUDD_HIDDEN, dim).uniform_(-bound, bound))
-        self.w2 = nn.Parameter(torch.zeros(len(inits), MUDD_HIDDEN))
-        self.b = nn.Parameter(torch.tensor(inits, dtype=torch.float32) / MUDD_SCALE)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return (MUDD_SCALE * self.unscaled(z)).type_as(z)
-
-    def unscaled(self, z: Tensor) -> Tensor:  # W2 GELU(W1 z) + b in fp32
-        h = F.gelu(F.linear(z, self.w1.type_as(z)))
-        return F.linear(h, self.w2.type_as(h)).float() + self.b
-
-
-class MuddGate(MuddWeights):
-    """MUDD gates (--mudd_gate_block; frontier recipe 3.5, r85): G(z) = s (W2 GELU(W1 z) + b), MuddWeights with a
-    learned scale s (init 0.1; the r85 README adds it for stability; one s shared by both gates, as in the record's
-    code) in place of the fixed 0.1, so the values start at their effective inits (b = init / 0.1). Its outputs are
-    named per-token values, (key, width, init) each from mudd_gate_outputs: forward writes sources[key] = (B, T,
-    width) for the modules that read them (GatedAdd, GateScale, GatedExclusiveSelfAttention, GatedHeadScale,
-    GatedDynamicComposition) and returns z. W1, W2 train in Adam's "mudd_gate" group, b and s in "mudd_gate_bias",
-    at --mudd_gate_lr."""
-
-    def __init__(self, dim: int, outputs: list[tuple[str, int, float]]):
-        super().__init__(dim, [init for _, width, init in outputs for _ in range(width)])
-        self.scale = nn.Parameter(torch.tensor([MUDD_SCALE]))
-        self.keys, self.widths = [key for key, _, _ in outputs], [width for _, width, _ in outputs]
-
-    def forward(self, z: Tensor, sources: dict) -> Tensor:
-        g = (self.scale[0] * self.unscaled(z)).type_as(z)
-        sources.update(zip(self.keys, g.split(self.widths, dim=-1)))
-        return z
-
-
-def mudd_gate_outputs(args: Hyperparameters) -> tuple[list, list]:
-    """--mudd_gate_block=k (frontier recipe 3.5, r85): the (key, width, init) outputs of the gate that reads x0 and
-    serves the blocks before k, and of the gate that reads block k's input and serves k and the later blocks: per
-    XSA block its heads' alphas (init 0), per --mudd_gate_attn_layers block its heads' output scales (0.25), per
-    block with attention (not --mudd_block) its x0 weight (0) and with --bigram_rows its bigram weight (0.05;
-    block 0's weighs b at the input), per skip its weight (0.5, times the skip's own sigmoid; a skip into block k
-    is added before k's gate runs, so the x0 gate serves it), per --dc_layers block its heads' w1 (1) and w2 (0).
-    The recipe's layout gives 26 and 41 outputs (12 of the 41 for DC at layer 10)."""
-    k, H = args.mudd_gate_block, args.num_heads
-    if k < 0:
-        return [], []
-    attention = sorted(set(range(args.num_layers)) - set(parse_layer_list(args.no_attn_layers)))
-    outputs = [(i, f"gate.xsa{i}", H, 0.0) for i in parse_layer_list(args.xsa_layers)]
-    outputs += [(i, f"gate.attn{i}", H, 0.25) for i in parse_layer_list(args.mudd_gate_attn_layers)]
-    for i in (i for i in attention if i != args.mudd_block):
-        outputs += [(i, f"gate.x0_{i}", 1, 0.0)] + ([(i, f"gate.bigram{i}", 1, 0.05)] if args.bigram_rows else [])
-    outputs += [(dst - 0.5, f"gate.skip{w}", 1, 0.5) for w, (src, dst) in enumerate(skip_connections(args))]
-    for i in parse_layer_list(args.dc_layers):
-        outputs += [(i, f"gate.dc_w1_{i}", H, 1.0), (i, f"gate.dc_w2_{i}", H, 0.0)]
-    return ([(key, w, init) for i, key, w, init in outputs if i < k],
-            [(key, w, init) for i, key, w, init in outputs if i >= k])
-
-
-class MuddHeadGates(nn.Module):
-    """MuddBlock's value-embedding gate: the first ceil(H/2) heads times m6, the others times m7 (no sigmoid), plus
-    the block's value terms. Without a value embedding in that block MuddBlock has PassThrough instead (values
-    only)."""
-
-    def __init__(self, heads: int):
-        super().__init__()
-        self.register_buffer("first", torch.arange(heads) < (heads + 1) // 2, persistent=False)
-
-    def forward(self, values: Tensor, m6: Tensor, m7: Tensor, ve: Tensor) -> Tensor:  # m6, m7 (B, T, 1)
-        gate = torch.where(self.first[:, None], m6[..., None], m7[..., None])  # (B, T, heads, 1)
-        return (gate * ve.view(*ve.shape[:-1], self.first.numel(), -1)).flatten(-2) + values
-
-
-class ScaledAdd(nn.Module):
-    """x + m b: MuddBlock's bigram term (PassThrough without --bigram_rows: b = 0)."""
-
-    def forward(self, x: Tensor, m: Tensor, b: Tensor) -> Tensor:
-        return x + m * b
-
-
-class MuddBlock(nn.Module):
-    """--mudd_block=k, --mudd_block_source=c (frontier recipe 3.5, MUDD's j=0 at the recipe's layer 10, c = 7):
-    block k with 14 per-token mixes m = MuddWeights(x) of its input x in place of Block's lambdas:
-      V += m0 c0 + m1 c + m2 x   (c0 = the residual entering block 0, c = block c's output; model_dim = all heads)
-      x <- (1 + m5) x + m3 c0 + m4 c
-      value-embedding gate: the first ceil(H/2) heads m6, the others m7 (no sigmoid; replaces ValueEmbedGate)
-      a = Attn(RMSNorm(c))   (the recipe's r77: its attention reads c, not x)
-      x <- m8 x + m9 a + m10 c0 + m11 b   (b = the bigram embedding; the record's m10 term reads c0, not x0)
-      x <- m12 x + m13 MLP(RMSNorm(x))
-    Effective inits m6 = m7 = 2, m8 = m12 = sqrt(1.1), m9 = m13 = 1, m11 = 0.05, the rest 0. The value terms enter
-    the attention the way its value embedding does: v = l0 v + l1 (gated ve + m0 c0 + m1 c + m2 x) with #21's
-    lambdas (l1 init 0.5), or v = l0 v + (gated ve + ...) as the record adds them under --attn_lambdas=o. Without a
-    value embedding in block k, m6 and m7 gate nothing; without --bigram_rows, b = 0 (m11 idle): both chosen at
-    build time. check_mudd asks for attention with model_dim-wide values."""
-    INITS = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 1.1 ** 0.5, 1.0, 0.0, 0.05, 1.1 ** 0.5, 1.0]
-
-    def __init__(self, args: Hyperparameters, layer: int, max_seq_len: int):
-        super().__init__()
-        self.attn = build_attention(args, max_seq_len, layer)  # install_head_hooks leaves its ve_gate alone
-        self.mlp = build_mlp(args, layer)
-        self.mudd = MuddWeights(args.model_dim, self.INITS)
-        self.source = args.mudd_block_source
-        self.ve_gate = MuddHeadGates(args.num_heads) if value_embed_tables(args)[layer] is not None else PassThrough()
-        self.add_bigram = ScaledAdd() if args.bigram_rows > 0 else PassThrough()
-        self.dropout = dropout_layer(args.dropout)
-
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, sources: dict) -> Tensor:
-        c0, c = sources["in"], sources[self.source]
-        m = self.mudd(x).unsqueeze(-1).unbind(-2)  # 14 x (B, T, 1)
-        values = self.ve_gate(m[0] * c0 + m[1] * c + m[2] * x, m[6], m[7], ve)
-        x = (1 + m[5]) * x + m[3] * c0 + m[4] * c
-        x = m[8] * x + m[9] * self.dropout(self.attn(norm(c), values, mask, sources)) + m[10] * c0
-        x = self.add_bigram(x, m[11], sources.get("bigram"))
-        return m[12] * x + m[13] * self.dropout(self.mlp(norm(x)))
-
-
 def build_block(args: Hyperparameters, layer: int, max_seq_len: int) -> nn.Module:
-    kind = MuddBlock if layer == args.mudd_block else SublayerBlock if args.sublayer_lambdas else Block
-    return kind(args, layer, max_seq_len)
+    built = built_by_feature("block", args, layer, max_seq_len)  # --mudd_block: features/mudd.py
+    if built is not None:
+        return built
+    return (SublayerBlock if args.sublayer_lambdas else Block)(args, layer, max_seq_len)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -2491,27 +2235,6 @@ class Backout(nn.Module):
 
     def forward(self, x: Tensor, outputs: dict) -> Tensor:
         return x + self.lam[0].type_as(x) * outputs[self.layer]
-
-
-class MuddFinalMix(nn.Module):
-    """--mudd_final_sources (frontier recipe 3.3/3.5, MUDD's j=1, r81): before the final norm,
-    x <- x + sum_k m_k s_k with m = MuddWeights(x) per token (x the un-normalized final residual) and the sources
-    s_k in the flag's order: "in" = the residual entering block 0 (c0), N = block N's output, "veK" = value-embedding
-    table K at the input tokens; m_k starts at the source's init. The recipe's "in,7:-0.5,9,ve0,3" is
-    x + m0 c0 + m1 c7 + m2 c9 + m3 VE_0(x_t) + m4 c3 (c9 = block 9's output = block 10's input), and at init it is
-    --backout_layer=7 (x - 0.5 c7) bit for bit."""
-
-    def __init__(self, dim: int, sources: list[tuple[str | int, float]]):
-        super().__init__()
-        self.sources = [(name.startswith("ve"), int(name[2:])) if isinstance(name, str) and name != "in" else
-                        (False, name) for name, _ in sources]  # (from the value embeddings?, key)
-        self.mudd = MuddWeights(dim, [init for _, init in sources])
-
-    def forward(self, x: Tensor, outputs: dict, ves: list) -> Tensor:
-        m = self.mudd(x).unsqueeze(-1).unbind(-2)
-        for m_k, (is_ve, key) in zip(m, self.sources):
-            x = x + m_k * (ves[key] if is_ve else outputs[key])
-        return x
 
 
 class SigmoidSkipWeights(nn.Module):
@@ -2653,8 +2376,8 @@ class GPT(nn.Module):
         self.embed_noise = NEFTune(args.neftune_alpha) if args.neftune_alpha > 0 else nn.Identity()
         self.mot = PassThrough()  # x0's socket for byte-level information (--mot: features/mot.py installs it)
         # x = x0 + g * bigram embedding (--bigram_rows); the blocks' x0 stays the token embedding alone
-        gated = args.mudd_gate_block >= 0  # --mudd_gate_block: per-token gate values replace static scalars
-        self.bigram = BigramHashEmbedding(args.bigram_rows, dim, GatedAdd("gate.bigram0") if gated else None) \
+        # a feature may weigh b per token (gated: --mudd_gate_block)
+        self.bigram = BigramHashEmbedding(args.bigram_rows, dim, built_by_feature("gated", "bigram", args, 0)) \
             if args.bigram_rows else PassThrough()
         # modules that read the previous token, which decoding with a KVCache does not hand them (hidden refuses)
         self.looks_back = [flag for flag, on in (("--smear", args.smear), ("--key_offset", args.key_offset),
@@ -2673,16 +2396,13 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.full((len(skips),), SigmoidSkipWeights.init) if args.skip_gate else
                                          torch.ones(len(skips)))
         self.skips_into = [[(w, src) for w, (src, dst) in enumerate(skips) if dst == i] for i in range(L)]
-        # --mudd_gate_block: each skip also times its per-token gate (parameter-free PassThroughs otherwise)
-        self.skip_scales = nn.ModuleList([GateScale(f"gate.skip{w}") for w in range(len(skips))]) if gated else \
-            [PassThrough()] * len(skips)
+        # a feature may weigh each skip per token too (gated: --mudd_gate_block; parameter-free PassThroughs else)
+        scales = [gated_or("skip", args, w, PassThrough) for w in range(len(skips))]
+        self.skip_scales = nn.ModuleList(scales) if any(type(m) is not PassThrough for m in scales) else scales
         # --backout_layer: x += lam * (that block's output) before the final norm (frontier recipe 3.3, r40)
         self.backout = Backout(args.backout_layer) if args.backout_layer >= 0 else PassThrough()
         self.kept_outputs = {src for src, _ in skips} | ({args.backout_layer} if args.backout_layer >= 0 else set())
-        mudd_sources = parse_mudd_sources(args.mudd_final_sources)  # and the MUDD mixes' block outputs
-        self.kept_outputs |= {n for n, _ in mudd_sources if isinstance(n, int)} | (
-            {args.mudd_block_source} if args.mudd_block >= 0 else set()) | {
-            src for src, _ in parse_skip_pairs(args.attn_input_skips)}
+        self.kept_outputs |= {src for src, _ in parse_skip_pairs(args.attn_input_skips)}  # (and features' install)
         self.lm_head = TiedHead(self.embed.weight) if args.tie_embeddings else \
             CastedLinear(dim, padded_vocab, zero_init=True)
         if args.head_init_std > 0 and not args.tie_embeddings:  # frontier recipe 3.2: N(0, 0.005^2)
@@ -2709,17 +2429,10 @@ class GPT(nn.Module):
         # the long window (blocks) when none is given: sampling and evaluation tools
         self.default_window_blocks = window_at(total_steps(args), args, final=True)[0] if args.stages else \
             next_multiple(args.window_schedule_tokens, BLOCK_SIZE) // BLOCK_SIZE
-        # --mudd_final_sources: MUDD's j=1 mix before the final norm; built last, so every other parameter is the
-        # draw it would be without it (the model with --backout_layer=N and the one with "N:-0.5" agree at init)
-        self.mudd_final = MuddFinalMix(dim, mudd_sources) if mudd_sources else PassThrough()
-        # --mudd_gate_block=k: the gate from x0 (before block 0) and the one block k runs on its input, built last
-        # like the mix above (the other parameters stay the draw they would be without them)
-        before, after = mudd_gate_outputs(args)
-        self.pre_gate = MuddGate(dim, before) if before else PassThrough()
-        if after:
-            self.blocks[args.mudd_gate_block].entry_gate = gate = MuddGate(dim, after)
-            if before:  # the record has one scale s for both gates: the second gate shares the first's parameter
-                gate.scale = self.pre_gate.scale
+        # sockets that install (below) may fill: a mix of earlier residuals before the final norm and the per-token
+        # gate values written before block 0 (--mudd_final_sources, --mudd_gate_block: features/mudd.py)
+        self.mudd_final = PassThrough()
+        self.pre_gate = PassThrough()
         for install in feature_hooks("install"):  # last: the core model's random draw is the one without them
             install(self, args)
 
@@ -2828,9 +2541,9 @@ def record_bf16_params(model: GPT) -> list[nn.Parameter]:
     residual / output lambdas and the gate scale; its Muon banks are bf16 plus a 16-bit mantissa, fp32 in effect,
     like our fp32 Muon matrices (their bf16 view is the fp32 value truncated, ours rounded to nearest)."""
     groups = param_groups(model)
-    scales = {id(m.scale) for m in model.modules() if isinstance(m, MuddGate)}
-    names = ("head", "embeds", "ve_gate", "smear_gate", "mudd", "mudd_bias", "mudd_gate", "mudd_gate_bias")
-    return [p for name in names for p in groups[name] if id(p) not in scales]
+    names = ("head", "embeds", "ve_gate", "smear_gate") + feature_table("RECORD_BF16_GROUPS", ())
+    kept = {id(p) for kept_fp32 in feature_hooks("record_fp32_params") for p in kept_fp32(model)}  # MUDD gates' s
+    return [p for name in names for p in groups.get(name, []) if id(p) not in kept]
 
 
 def place_model(model: GPT, args: Hyperparameters, device: torch.device) -> GPT:
@@ -2861,10 +2574,6 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     """Which optimizer owns which parameter: the recipe's split, and each feature's param_groups (Kronecker factors:
     --kron_optimizer). 3-D expert and merged weights go to Muon as batches of matrices; learned_gelu's per-channel
     affine is a scalar group."""
-    # --mudd_final_sources / --mudd_block: MUDD's W1, W2 ("mudd") and b ("mudd_bias") are Adam's (recipe 2.2)
-    mudd = [m for m in model.modules() if type(m) is MuddWeights]
-    gates = [m for m in model.modules() if isinstance(m, MuddGate)]  # --mudd_gate_block: "mudd_gate(_bias)"
-    mudd_ids = {id(p) for m in mudd + gates for p in m.parameters()}
     # the record's own Adam groups for the small parameters (frontier recipe 2.2): value-embedding gates (a matrix
     # per block, yet Adam's), the smear gate, and --sublayer_lambdas' residual (r) and output (p) lambdas
     small = dict(ve_gate=[m.weight for m in model.modules() if isinstance(m, ValueEmbedGate)],
@@ -2872,7 +2581,7 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
                  resid_lambdas=[b.resid_lambdas for b in model.blocks if isinstance(b, SublayerBlock)],
                  post_lambdas=[b.post_lambdas for b in model.blocks if isinstance(b, SublayerBlock)])
     routed = routed_params(model, args)  # the features' parameters, by group
-    own_ids = mudd_ids | {id(p) for params in [*small.values(), *routed.values()] for p in params}
+    own_ids = {id(p) for params in [*small.values(), *routed.values()] for p in params}
     matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in own_ids]
     scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in own_ids]
     # --bigram_rows: its table is an embedding (Adam "value_embeds" group: the recipe trains it like those)
@@ -2880,11 +2589,7 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     embeds = [model.embed.weight] + [e.weight for e in model.value_embeds] + routed.pop("embeds", []) + bigram
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied: embeds own it
     head += routed.pop("head", [])
-    groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head,
-                  mudd=[p for m in mudd for p in (m.w1, m.w2)], mudd_bias=[m.b for m in mudd],
-                  mudd_gate=[p for m in gates for p in (m.w1, m.w2)],
-                  mudd_gate_bias=[m.b for m in gates] + list({id(m.scale): m.scale for m in gates}.values()),
-                  **small)
+    groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, **small)
     for name, params in routed.items():  # groups of a feature's own, or core groups it adds to
         groups[name] = groups.get(name, []) + params
     assert sum(map(len, groups.values())) == len(list(model.parameters()))
@@ -2901,8 +2606,7 @@ def routed_params(model: GPT, args: Hyperparameters | None) -> dict:
 
 
 SMALL_ADAM_GROUPS = ("ve_gate", "smear_gate", "resid_lambdas", "post_lambdas")  # LR: --adam_group_lr or scalar_lr
-ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars", "mudd", "mudd_bias", "mudd_gate",
-               "mudd_gate_bias") + SMALL_ADAM_GROUPS
+ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars") + SMALL_ADAM_GROUPS
 
 
 def parse_group_values(text: str, flag: str, parse) -> dict:
@@ -2938,10 +2642,8 @@ def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
                   **{name: groups.get(name, []) for name in ADAM_GROUPS[4:]})
     small_lrs = parse_group_values(args.adam_group_lr, "adam_group_lr", float)
     lrs = dict(head=args.head_lr, embed=args.embed_lr, value_embeds=args.value_embed_lr or args.embed_lr,
-               scalars=args.scalar_lr, mudd=args.mudd_lr, mudd_bias=args.mudd_lr,
-               mudd_gate=args.mudd_gate_lr, mudd_gate_bias=args.mudd_gate_lr,
-               **{name: small_lrs.get(name, args.scalar_lr) for name in SMALL_ADAM_GROUPS})
-    for feature_lrs in feature_hooks("adam_lrs"):  # the Adam groups of features' own (--kron_mlp: "kron")
+               scalars=args.scalar_lr, **{name: small_lrs.get(name, args.scalar_lr) for name in SMALL_ADAM_GROUPS})
+    for feature_lrs in feature_hooks("adam_lrs"):  # the Adam groups of features' own (--kron_mlp: "kron", MUDD's)
         lrs |= feature_lrs(args)
     params |= {name: groups.get(name, []) for name in lrs.keys() - params.keys()}
     betas = parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
@@ -3297,6 +2999,7 @@ class ModelPart:
     params: int
     flops_name: str
     flops: float
+    flops_digits: int = 1  # decimals of the FLOPs in millions
 
 
 def describe_model(model: GPT, args: Hyperparameters) -> str:
@@ -3330,12 +3033,8 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
     embeds = model.embed.weight.numel() + sum(e.weight.numel() for e in model.value_embeds)
     attn_params, mlp_params = sum(map(count_params, attns)), sum(map(count_params, mlps))
     bigram_params = count_params(model.bigram)  # --bigram_rows: table + gain (a gather: no matrix FLOPs)
-    # --mudd_final_sources / --mudd_block: W1, W2, b per mix; FLOPs = its two matrices (the n weighted adds of
-    # dim-wide sources, 2 n dim each, are elementwise: not counted)
-    mudds = [m for m in model.modules() if isinstance(m, MuddWeights)]
-    mudd_params, mudd_flops = sum(map(count_params, mudds)), sum(map(dense_flops_per_token, mudds))
     other = (count_params(model) - embeds - sum(p.numel() for p in head) - attn_params - mlp_params
-             - bigram_params - mudd_params - sum(part.params for part in parts))
+             - bigram_params - sum(part.params for part in parts))
     kind = lambda ms: ", ".join(sorted({type(m).__name__ + (f"({args.mlp_act})" if isinstance(m, MLP) else "")
                                         for m in ms}))
     head_kind = ("tied to the embedding" if not head else
@@ -3348,14 +3047,13 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
             f"params: embeddings {embeds:,} + head {sum(p.numel() for p in head):,} + attention {attn_params:,} + "
             f"mlp {mlp_params:,} + block/skip scalars {other:,}"
             f"{f' + bigram hash {bigram_params:,}' if bigram_params else ''}"
-            f"{f' + mudd {mudd_params:,}' if mudd_params else ''}"
             f"{''.join(f' + {part.name} {part.params:,}' for part in parts if part.params)} = {count_params(model):,}\n"
             f"forward FLOPs/token: attention {attn_flops / 1e6:.1f}M (of which scores {score_flops / 1e6:.1f}M "
             f"at windows {context['L']}/{context['S']}{f', DC {dc_flops / 1e6:.1f}M' if dc_flops else ''}) + mlp "
             f"{mlp_flops / 1e6:.1f}M (active) + head "
-            f"{head_flops / 1e6:.1f}M{''.join(f' + {part.flops_name} {part.flops / 1e6:.1f}M' for part in parts if part.flops)}"
-            f"{f' + mudd {mudd_flops / 1e6:.2f}M' if mudd_flops else ''} = "
-            f"{(attn_flops + mlp_flops + head_flops + sum(part.flops for part in parts) + mudd_flops) / 1e6:.1f}M"
+            f"{head_flops / 1e6:.1f}M"
+            f"{''.join(f' + {p.flops_name} {p.flops / 1e6:.{p.flops_digits}f}M' for p in parts if p.flops)} = "
+            f"{(attn_flops + mlp_flops + head_flops + sum(part.flops for part in parts)) / 1e6:.1f}M"
             + (f"\n{stage_table(args)}" if args.stages else ""))
 
 
@@ -4249,7 +3947,7 @@ def build_run(args: Hyperparameters, resume: dict | None, env: DistEnv) -> Train
 
 
 def log_run_header(log, run: TrainingRun, args: Hyperparameters, env: DistEnv, compiled: bool):
-    model, trainee = run.model, run.trainee
+    model = run.model
     groups = param_groups(model, args)
     fp8, fp8_mlp_on = model.lm_head.use_fp8, any(m.use_fp8 for m in model.modules() if isinstance(m, FP8MLP))
     log(f"model: {count_params(model):,} parameters (block matrices {sum(p.numel() for p in groups['matrices']):,}, "

@@ -315,7 +315,8 @@ def kron_factor_params(model: nn.Module) -> list:
 
 def param_groups(model: nn.Module, args: Hyperparameters | None) -> dict:
     """--kron_optimizer=adam: the factors are Adam's "kron" group (with muon they stay Muon matrices)."""
-    return dict(kron=kron_factor_params(model)) if args is not None and args.kron_optimizer == "adam" else {}
+    factors = kron_factor_params(model) if args is not None and args.kron_optimizer == "adam" else []
+    return dict(kron=factors) if factors else {}
 
 
 def adam_lrs(args: Hyperparameters) -> dict:

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from train_gpt import (BLOCK_SIZE, EOT_TOKEN, GPT2_VOCAB, HERE, CastedLinear, Hyperparameters, ModelPart, attend, count_params,
-                       document_ids, gpt2_encoding, mask_builder, norm)
+from train_gpt import (BLOCK_SIZE, EOT_TOKEN, GPT2_VOCAB, HERE, CastedLinear, Hyperparameters, ModelPart, attend,
+                       count_params, document_ids, gpt2_encoding, mask_builder, norm)
 
 BYTE_PAD, BYTE_EOT, BYTE_VOCAB = 256, 257, 258  # byte ids: 0..255 are the bytes themselves
 

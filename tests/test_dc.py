@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import features.mudd as mudd_feature
 import train_gpt as tg
 from conftest import assert_traces_as_one_graph_in_bf16, live_model, smoke_args, smoke_model, tokens_with_docs
 
@@ -105,20 +106,20 @@ def test_future_tokens_never_change_past_logits_and_dc_acts():
 
 def test_gated_dc_reads_its_weights_from_the_second_gate():
     args = smoke_args(*GATED)
-    before, after = tg.mudd_gate_outputs(args)
+    before, after = mudd_feature.mudd_gate_outputs(args)
     assert ("gate.dc_w1_1", 2, 1.0) in before and ("gate.dc_w2_1", 2, 0.0) in before
     assert ("gate.dc_w1_3", 2, 1.0) in after and ("gate.dc_w2_3", 2, 0.0) in after
     model = live_model(*GATED)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, tg.MuddGate):
+            if isinstance(m, mudd_feature.MuddGate):
                 m.w2.normal_(0, 0.3)
-    assert type(model.blocks[3].attn.dc) is tg.GatedDynamicComposition
+    assert type(model.blocks[3].attn.dc) is mudd_feature.GatedDynamicComposition
     x = tokens_with_docs(513, [0, 200])
     model(x[:-1], x[1:]).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.any(), name
-    frontier = tg.mudd_gate_outputs(tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier"]))[1]
+    frontier = mudd_feature.mudd_gate_outputs(tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier"]))[1]
     assert sum(w for _, w, _ in frontier) == 41  # the recipe's second gate, DC's 12 included
 
 
@@ -159,4 +160,4 @@ def test_frontier_presets_carry_dc():
     smoke = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke"])
     tg.check_config(smoke, 1)
     model = tg.build_model(smoke)
-    assert type(model.blocks[3].attn.dc) is tg.GatedDynamicComposition and model.dc_window == 112
+    assert type(model.blocks[3].attn.dc) is mudd_feature.GatedDynamicComposition and model.dc_window == 112

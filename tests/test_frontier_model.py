@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import features.mudd as mudd_feature
 import train_gpt as tg
 from conftest import (assert_future_never_changes_past, assert_traces_as_one_graph_in_bf16, cached_logits, live_model,
                       randomize_zero_matrices, smoke_args, tokens_with_docs)
@@ -370,7 +371,8 @@ def test_frontier_presets_carry_the_model_half():
     model = tg.build_model(smoke)
     assert isinstance(model.smear, tg.Smear) and model.bigram.rows == 8192
     assert model.skips_into[2] == [(0, 1)] and model.ve_table == [None, 0, None, 1]
-    assert isinstance(model.mudd_final, tg.MuddFinalMix) and isinstance(model.blocks[3], tg.MuddBlock)  # MUDD j=1, j=0
+    assert isinstance(model.mudd_final, mudd_feature.MuddFinalMix)  # MUDD j=1
+    assert isinstance(model.blocks[3], mudd_feature.MuddBlock)  # MUDD j=0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -395,11 +397,12 @@ def test_frontier_preset_builds_the_recipes_eleven_layers(frontier_model):
     assert model.skip_weights.tolist() == [-1.5] and isinstance(model.skip_gate, tg.SigmoidSkipWeights)
     # MUDD (3.5): the j=1 mix of c0, c7 (init -0.5: the backout of r40), c9, VE_0, c3; block 10 runs j=0 on c7
     assert model.mudd_final.sources == [(False, "in"), (False, 7), (False, 9), (True, 0), (False, 3)]
-    assert isinstance(model.blocks[10], tg.MuddBlock) and model.blocks[10].source == 7
+    assert isinstance(model.blocks[10], mudd_feature.MuddBlock) and model.blocks[10].source == 7
     on = lambda name, cls: [i for i, b in enumerate(model.blocks) if b.attn is not None and
                             isinstance(getattr(b.attn, name), cls)]
-    assert on("key_offset", tg.KeyOffset) == [3, 10] and on("xsa", tg.GatedExclusiveSelfAttention) == [1, 3, 4, 7]
-    assert on("out_gate", tg.GatedHeadScale) == [3, 10] and not on("out_gate", tg.AttentionGate)  # r85's [H]
+    assert on("key_offset", tg.KeyOffset) == [3, 10]
+    assert on("xsa", mudd_feature.GatedExclusiveSelfAttention) == [1, 3, 4, 7]
+    assert on("out_gate", mudd_feature.GatedHeadScale) == [3, 10] and not on("out_gate", tg.AttentionGate)  # r85's [H]
     assert on("ve_gate", tg.ValueEmbedGate) == [1, 2, 8, 9]  # block 10's value embedding: MUDD's m6, m7
     # inits (recipe 3.1-3.2): head N(0, 0.005^2), value embeddings N(0, 0.01^2), attention outputs uniform
     assert model.lm_head.weight.std().item() == pytest.approx(0.005, rel=0.01)

@@ -21,7 +21,8 @@ def test_parameter_count_matches_the_patterns(chain):
     dense = tg.build_model(tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke"]))
     fc, proj = model.blocks[0].mlp.c_fc, model.blocks[0].mlp.c_proj
     assert isinstance(fc, KSLinear) and isinstance(proj, KSLinear)
-    assert fc.patterns == tuple(ks_feature.ks_patterns(args, 512, 128)) and (fc.in_features, fc.out_features) == (128, 512)
+    assert fc.patterns == tuple(ks_feature.ks_patterns(args, 512, 128))
+    assert (fc.in_features, fc.out_features) == (128, 512)
     per_block = ks_param_count(fc.patterns) + ks_param_count(proj.patterns) - 2 * 128 * 512
     assert tg.count_params(model) == tg.count_params(dense) + 4 * per_block
 
@@ -61,7 +62,8 @@ def test_ks_layers_factorize_only_the_listed_blocks():
     args = ks_args("--ks_layers=0,3")
     tg.check_config(args, 1)
     model = tg.build_model(args)
-    chain = ks_param_count(ks_feature.ks_patterns(args, 512, 128)) + ks_param_count(ks_feature.ks_patterns(args, 128, 512))
+    patterns = ks_feature.ks_patterns
+    chain = ks_param_count(patterns(args, 512, 128)) + ks_param_count(patterns(args, 128, 512))
     assert [tg.count_params(b.mlp) for b in model.blocks] == [chain, 2 * 128 * 512, 2 * 128 * 512, chain]
     assert [isinstance(b.mlp.c_fc, KSLinear) for b in model.blocks] == [True, False, False, True]
     with pytest.raises(SystemExit, match="--ks_layers names blocks \\[7\\] outside 0..3"):

@@ -11,7 +11,7 @@ FEATURE_FILES = sorted(p for p in (ROOT / "features").glob("*.py") if p.name != 
 SOCKETS = {"Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check", "on", "attention", "mlp", "linear",
            "block", "install", "param_groups", "model_parts", "check_inputs", "trainee", "log_header",
            "log_after_training", "mlp_args", "args_at_step", "ADAM_GROUPS", "adam_lrs", "optimizer_hooks",
-           "per_step", "val_log"}
+           "per_step", "val_log", "gated", "RECORD_BF16_GROUPS", "record_fp32_params"}
 
 
 def top_level_names(tree: ast.Module) -> set[str]:

@@ -213,11 +213,13 @@ def test_char_dim_zero_is_model_width_without_q_and_proj():
     b_grad, kv_grad = torch.autograd.grad((out * torch.randn_like(out)).sum(), (mot.mix, mot.kv.weight))
     assert b_grad[1] != 0 and kv_grad.abs().sum() == 0  # b moves first, then the byte path trains
     self_args = mot_args("--mot=cross+self", "--char_dim=0")
-    assert mot_feature.build_char_mixing(self_args).qkv.weight.shape == (3 * D, D)  # the self-attention keeps its matrices
+    mixing = mot_feature.build_char_mixing(self_args)
+    assert mixing.qkv.weight.shape == (3 * D, D)  # the self-attention keeps its matrices
 
 
 def test_self_pool_one_is_todays_byte_self_attention():
-    assert type(mot_feature.build_char_mixing(mot_args("--mot=cross+self", "--mot_self_pool=1"))) is mot_feature.CharSelfAttention
+    unpooled = mot_feature.build_char_mixing(mot_args("--mot=cross+self", "--mot_self_pool=1"))
+    assert type(unpooled) is mot_feature.CharSelfAttention
     # the pooled module's math at K = 1 with unit order scales is today's module, bit for bit
     args = mot_args("--mot=cross+self", "--bytes_per_token=4", "--mot_self_pool=1")
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import features.mudd as mudd_feature
 import train_gpt as tg
 from conftest import assert_traces_as_one_graph_in_bf16, cached_logits, randomize_zero_matrices, smoke_args
 
@@ -26,7 +27,7 @@ def live_model(*flags, seed: int = 0, w2_std: float = 0.3):
     model = randomize_zero_matrices(tg.build_model(smoke_args(*flags)))
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, tg.MuddWeights):
+            if isinstance(m, mudd_feature.MuddWeights):
                 m.w2.normal_(0, w2_std)
             if isinstance(m, tg.BigramHashEmbedding):
                 m.table.weight.normal_()
@@ -37,7 +38,7 @@ def tokens(n: int, seed: int = 0, vocab: int = 1024) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def reference_weights(mudd: "tg.MuddWeights", z: torch.Tensor) -> torch.Tensor:
+def reference_weights(mudd: "mudd_feature.MuddWeights", z: torch.Tensor) -> torch.Tensor:
     """F(z) in float64 with GELU written out: 0.1 (W2 (u Phi(u)) + b), u = W1 z."""
     u = z.double() @ mudd.w1.double().T
     h = 0.5 * u * (1 + torch.erf(u / math.sqrt(2)))
@@ -51,7 +52,7 @@ def reference_weights(mudd: "tg.MuddWeights", z: torch.Tensor) -> torch.Tensor:
 def test_mudd_weights_by_hand():
     """Two tokens of a 3-dim residual, two outputs: F computed with Python floats, loop by loop."""
     torch.manual_seed(0)
-    mudd = tg.MuddWeights(3, [0.25, -1.0])
+    mudd = mudd_feature.MuddWeights(3, [0.25, -1.0])
     with torch.no_grad():
         mudd.w2.normal_()
     z = torch.tensor([[0.5, -1.0, 2.0], [3.0, 0.0, -0.25]])
@@ -67,10 +68,10 @@ def test_mudd_weights_by_hand():
 def test_mudd_weights_start_at_the_effective_inits_for_every_token():
     torch.manual_seed(0)
     z = torch.randn(1, 256, 128) * 3
-    final = tg.MuddFinalMix(128, tg.parse_mudd_sources("in,7:-0.5,9,ve0,3"))
+    final = mudd_feature.MuddFinalMix(128, mudd_feature.parse_mudd_sources("in,7:-0.5,9,ve0,3"))
     assert torch.equal(final.mudd(z), torch.tensor([0.0, -0.5, 0.0, 0.0, 0.0]).expand(1, 256, 5))  # exact
     block = live_model(*ALL).blocks[3]
-    assert isinstance(block, tg.MuddBlock)
+    assert isinstance(block, mudd_feature.MuddBlock)
     torch.nn.init.zeros_(block.mudd.w2)
     inits = [0, 0, 0, 0, 0, 0, 2, 2, 1.1 ** 0.5, 1, 0, 0.05, 1.1 ** 0.5, 1]
     torch.testing.assert_close(block.mudd(z), torch.tensor(inits).expand(1, 256, 14), rtol=0, atol=1e-6)
@@ -80,11 +81,12 @@ def test_mudd_weights_start_at_the_effective_inits_for_every_token():
 
 
 def test_parse_mudd_sources():
-    assert tg.parse_mudd_sources("in,7:-0.5,9,ve0,3") == [("in", 0.0), (7, -0.5), (9, 0.0), ("ve0", 0.0), (3, 0.0)]
-    assert tg.parse_mudd_sources(" 2:1e-2 , ve1 ") == [(2, 0.01), ("ve1", 0.0)]
-    assert tg.parse_mudd_sources("") == []
+    assert mudd_feature.parse_mudd_sources("in,7:-0.5,9,ve0,3") == \
+        [("in", 0.0), (7, -0.5), (9, 0.0), ("ve0", 0.0), (3, 0.0)]
+    assert mudd_feature.parse_mudd_sources(" 2:1e-2 , ve1 ") == [(2, 0.01), ("ve1", 0.0)]
+    assert mudd_feature.parse_mudd_sources("") == []
     with pytest.raises(ValueError):
-        tg.parse_mudd_sources("c7")
+        mudd_feature.parse_mudd_sources("c7")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def test_every_new_parameter_learns_and_has_one_optimizer():
     model = live_model(*ALL)
     x = tokens(513)
     model(x[:-1], x[1:]).backward()
-    mudds = [m for m in model.modules() if isinstance(m, tg.MuddWeights)]
+    mudds = [m for m in model.modules() if isinstance(m, mudd_feature.MuddWeights)]
     assert len(mudds) == 2
     for p in (p for m in mudds for p in m.parameters()):
         assert p.grad is not None and p.grad.any()
@@ -261,9 +263,10 @@ def test_meaningless_mudd_flags_warn():
 
 def test_default_model_has_no_mudd():
     model = tg.build_model(smoke_args(V))
-    assert not [m for m in model.modules() if isinstance(m, (tg.MuddWeights, tg.MuddFinalMix, tg.MuddBlock))]
+    kinds = (mudd_feature.MuddWeights, mudd_feature.MuddFinalMix, mudd_feature.MuddBlock)
+    assert not [m for m in model.modules() if isinstance(m, kinds)]
     assert type(model.mudd_final) is tg.PassThrough and all(type(b) is tg.Block for b in model.blocks)
-    assert not tg.param_groups(model)["mudd"] and "mudd" not in tg.describe_model(model, smoke_args(V))
+    assert not tg.param_groups(model).get("mudd") and "mudd" not in tg.describe_model(model, smoke_args(V))
 
 
 def test_describe_model_counts_the_mixes():
@@ -287,9 +290,9 @@ def test_frontier_presets_carry_mudd():
     smoke = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke", V])
     tg.check_config(smoke, 1)
     model = tg.build_model(smoke)
-    assert isinstance(model.blocks[3], tg.MuddBlock) and model.blocks[3].source == 2
-    assert isinstance(model.blocks[3].ve_gate, tg.MuddHeadGates) and isinstance(model.blocks[3].add_bigram,
-                                                                                 tg.ScaledAdd)
+    assert isinstance(model.blocks[3], mudd_feature.MuddBlock) and model.blocks[3].source == 2
+    assert isinstance(model.blocks[3].ve_gate, mudd_feature.MuddHeadGates) and isinstance(model.blocks[3].add_bigram,
+                                                                                 mudd_feature.ScaledAdd)
     assert type(model.blocks[3].attn.ve_gate) is tg.PassThrough  # m6, m7 replace ValueEmbedGate there
     assert isinstance(model.blocks[1].attn.ve_gate, tg.ValueEmbedGate)
     assert model.mudd_final.sources == [(False, "in"), (False, 2), (False, 1), (True, 0)]

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import features.mudd as mudd_feature
 import train_gpt as tg
 from conftest import assert_traces_as_one_graph_in_bf16, cached_logits, frontier_args, live_model, smoke_args, smoke_model
 
@@ -34,14 +35,14 @@ def gated_model(*flags, seed: int = 0):
     model = live_model(*flags, seed=seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, tg.MuddGate):
+            if isinstance(m, mudd_feature.MuddGate):
                 m.w2.normal_(0, 0.3)
             if isinstance(m, tg.BigramHashEmbedding):
                 m.table.weight.normal_()
     return model
 
 
-def reference_gate(gate: "tg.MuddGate", z: torch.Tensor, layout) -> dict:
+def reference_gate(gate: "mudd_feature.MuddGate", z: torch.Tensor, layout) -> dict:
     """s (W2 GELU(W1 z) + b) in float64 with GELU written out, cut into the named pieces of layout."""
     u = z.double() @ gate.w1.double().T
     g = gate.scale.double() * (0.5 * u * (1 + torch.erf(u / math.sqrt(2))) @ gate.w2.double().T + gate.b.double())
@@ -55,7 +56,7 @@ def reference_gate(gate: "tg.MuddGate", z: torch.Tensor, layout) -> dict:
 
 def test_gate_by_hand_and_its_inits():
     torch.manual_seed(0)
-    gate = tg.MuddGate(3, [("a", 2, 0.25), ("b", 1, -1.0)])
+    gate = mudd_feature.MuddGate(3, [("a", 2, 0.25), ("b", 1, -1.0)])
     assert gate.b.tolist() == pytest.approx([2.5, 2.5, -10.0]) and gate.scale.item() == pytest.approx(0.1)
     z = torch.tensor([[[0.5, -1.0, 2.0], [3.0, 0.0, -0.25]]])
     sources = {}
@@ -79,7 +80,7 @@ def test_gated_xsa_is_static_xsa_with_each_tokens_alpha():
     query heads (4 query heads on 2 value heads) use their group's value."""
     torch.manual_seed(0)
     y, v, alpha = torch.randn(1, 5, 4, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 4) * 2
-    gated = tg.GatedExclusiveSelfAttention(4, 2, "gate.xsa3")(y, v, {"gate.xsa3": alpha})
+    gated = mudd_feature.GatedExclusiveSelfAttention(4, 2, "gate.xsa3")(y, v, {"gate.xsa3": alpha})
     static = tg.ExclusiveSelfAttention(4, 2)
     for t in range(5):
         with torch.no_grad():
@@ -93,7 +94,7 @@ def test_gated_xsa_is_static_xsa_with_each_tokens_alpha():
 
 def test_gated_head_scale_multiplies_each_head():
     y, g = torch.randn(1, 3, 2, 4), torch.tensor([[[0.25, -2.0], [1.0, 0.0], [3.0, 0.5]]])
-    out = tg.GatedHeadScale("gate.attn0")(y, None, {"gate.attn0": g})
+    out = mudd_feature.GatedHeadScale("gate.attn0")(y, None, {"gate.attn0": g})
     torch.testing.assert_close(out, y * g[..., None])
 
 
@@ -156,14 +157,14 @@ def test_attention_input_skip_reads_the_earlier_output():
 
 
 def test_gate_layout():
-    before, after = tg.mudd_gate_outputs(smoke_args(*GATED, BIGRAM))
+    before, after = mudd_feature.mudd_gate_outputs(smoke_args(*GATED, BIGRAM))
     inits = dict(xsa=0.0, attn=0.25, x0_=0.0, bigram=0.05, skip=0.5)
     expect = lambda layout: [(f"gate.{n}", w, next(v for k, v in inits.items() if n.startswith(k)))
                              for n, w in layout]
     assert before == expect(PRE) and after == expect(POST)
-    without = tg.mudd_gate_outputs(smoke_args(*GATED))  # no bigram table: no bigram weights
+    without = mudd_feature.mudd_gate_outputs(smoke_args(*GATED))  # no bigram table: no bigram weights
     assert [k for k, _, _ in without[0] + without[1]] == [f"gate.{n}" for n, _ in PRE + POST if "bigram" not in n]
-    assert tg.mudd_gate_outputs(smoke_args(V)) == ([], [])
+    assert mudd_feature.mudd_gate_outputs(smoke_args(V)) == ([], [])
 
 
 def reference_hidden(model, x):
@@ -195,10 +196,11 @@ def reference_hidden(model, x):
 
 def test_gated_model_matches_the_reference():
     model = gated_model(*GATED, BIGRAM)
-    assert [type(model.blocks[i].attn.xsa) for i in (1, 3)] == [tg.GatedExclusiveSelfAttention] * 2
-    assert [type(model.blocks[i].attn.out_gate) for i in (0, 1, 3)] == [tg.GatedHeadScale, tg.PassThrough,
-                                                                        tg.GatedHeadScale]
-    assert isinstance(model.blocks[2].entry_gate, tg.MuddGate) and type(model.blocks[3].entry_gate) is tg.PassThrough
+    assert [type(model.blocks[i].attn.xsa) for i in (1, 3)] == [mudd_feature.GatedExclusiveSelfAttention] * 2
+    assert [type(model.blocks[i].attn.out_gate) for i in (0, 1, 3)] == [mudd_feature.GatedHeadScale, tg.PassThrough,
+                                                                        mudd_feature.GatedHeadScale]
+    assert isinstance(model.blocks[2].entry_gate, mudd_feature.MuddGate)
+    assert type(model.blocks[3].entry_gate) is tg.PassThrough
     x = tokens(256)
     with torch.no_grad():
         torch.testing.assert_close(model.hidden(x), reference_hidden(model, x), rtol=1e-4, atol=1e-4)
@@ -321,8 +323,8 @@ def test_default_model_has_none_of_it():
     model = tg.build_model(smoke_args(V))
     assert all(type(b) is tg.Block and type(b.attn_input) is tg.PassThrough for b in model.blocks)
     assert type(model.pre_gate) is tg.PassThrough and not isinstance(model.skip_scales, torch.nn.Module)
-    assert not [m for m in model.modules() if isinstance(m, (tg.MuddGate, tg.SublayerBlock))]
-    assert not tg.param_groups(model)["mudd_gate"]
+    assert not [m for m in model.modules() if isinstance(m, (mudd_feature.MuddGate, tg.SublayerBlock))]
+    assert not tg.param_groups(model).get("mudd_gate")
 
 
 def test_describe_model_counts_the_gates():
@@ -338,7 +340,7 @@ def test_frontier_presets_carry_the_gated_residual_stream():
     args = frontier_args()
     assert (args.sublayer_lambdas, args.attn_input_skips, args.mudd_gate_block) == (True, "7:8,7:9", 4)
     assert (args.mudd_gate_attn_layers, args.xsa_layers, args.attn_gate) == ("3,10", "1,3,4,7", False)
-    before, after = tg.mudd_gate_outputs(args)
+    before, after = mudd_feature.mudd_gate_outputs(args)
     # the recipe's r85 gates: 26 values from x0; 41 from the residual entering layer 4 (12 of them DC's)
     assert sum(w for _, w, _ in before) == 26 and sum(w for _, w, _ in after) == 41
     assert [k for k, _, _ in before if "x0" in k] == [f"gate.x0_{i}" for i in range(4)]
@@ -349,6 +351,9 @@ def test_frontier_presets_carry_the_gated_residual_stream():
     smoke = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke", V])
     tg.check_config(smoke, 1)
     model = tg.build_model(smoke)
-    assert all(type(b) is tg.SublayerBlock for b in model.blocks[:3]) and isinstance(model.blocks[3], tg.MuddBlock)
-    assert isinstance(model.pre_gate, tg.MuddGate) and isinstance(model.blocks[2].entry_gate, tg.MuddGate)
-    assert [type(model.blocks[i].attn.out_gate) for i in (0, 1, 3)] == [tg.PassThrough] * 2 + [tg.GatedHeadScale]
+    assert all(type(b) is tg.SublayerBlock for b in model.blocks[:3])
+    assert isinstance(model.blocks[3], mudd_feature.MuddBlock)
+    assert isinstance(model.pre_gate, mudd_feature.MuddGate)
+    assert isinstance(model.blocks[2].entry_gate, mudd_feature.MuddGate)
+    assert [type(model.blocks[i].attn.out_gate) for i in (0, 1, 3)] == \
+        [tg.PassThrough] * 2 + [mudd_feature.GatedHeadScale]
