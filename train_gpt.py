@@ -462,7 +462,7 @@ def check_schedule(args: Hyperparameters, fail):
 
 def check_architecture(args: Hyperparameters, fail):
     """The architecture-ablation flags (GQA, MLA, MoE, mlp_act, NEFTune, dropout): values and combinations."""
-    for name, valid in dict(mlp_act=MLP_ACTS, weight_init=WEIGHT_INITS).items():
+    for name, valid in dict(mlp_act=feature_table("MLP_ACTS", MLP_ACTS), weight_init=WEIGHT_INITS).items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
     H = args.num_heads
@@ -699,15 +699,18 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   optimizer_hooks(model, adam, muon, args, world_size)   hooks on the optimizers' steps
 #   per_step(model, args, env) -> an object whose at(step, optimizers, micro_batches, window) runs before each step
 #   val_log(model) -> str        appended to each validation line
+#   MLP_ACTS, activation(name, width) -> module or None   --mlp_act values of its own and their activation modules
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/test_layout.py).
-FEATURE_NAMES = ("mot", "distill", "moe", "kronecker", "ks", "mla", "mudd")
+FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "mudd")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
 def feature_hooks(name: str) -> list:
-    """Every feature's function (or table) of one socket, in FEATURE_NAMES order."""
-    return [getattr(f, name) for f in FEATURES if hasattr(f, name)]
+    """Every feature's function (or table) of one socket, in FEATURE_NAMES order. A name a feature imported from
+    this module (moe.py's `activation`) is the core's own, not a socket of the feature."""
+    core = sys.modules[__name__]
+    return [getattr(f, name) for f in FEATURES if hasattr(f, name) and getattr(f, name) is not getattr(core, name, f)]
 
 
 def built_by_feature(socket: str, *args):
@@ -1889,18 +1892,6 @@ class ReLU2(nn.Module):
         return F.relu(x).square()
 
 
-class LearnedGELU(nn.Module):
-    """GELU(scale * x + shift) with a learned per-channel scale (init 1) and shift (init 0), trained by Adam."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(width))
-        self.shift = nn.Parameter(torch.zeros(width))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(x * self.scale.type_as(x) + self.shift.type_as(x))
-
-
 class GatedSiLU(nn.Module):
     """silu(gate) * up for an input (..., 2 * width) laid out [gate | up]: the SwiGLU activation of MoE experts,
     whose c_fc is twice as wide."""
@@ -1910,11 +1901,13 @@ class GatedSiLU(nn.Module):
         return F.silu(gate) * up
 
 
-MLP_ACTS = ("relu2", "gelu", "swiglu", "learned_gelu")  # dense swiglu is its own module, SwiGLUMLP
+MLP_ACTS = ("relu2", "gelu", "swiglu")  # dense swiglu is its own module, SwiGLUMLP; features add theirs (MLP_ACTS)
 
 
 def activation(name: str, width: int) -> nn.Module:
-    return {"relu2": ReLU2, "gelu": nn.GELU, "swiglu": GatedSiLU, "learned_gelu": lambda: LearnedGELU(width)}[name]()
+    """The MLP's activation --mlp_act names: the core's, or the one a feature builds (learned_gelu: its file)."""
+    built = built_by_feature("activation", name, width)
+    return {"relu2": ReLU2, "gelu": nn.GELU, "swiglu": GatedSiLU}[name]() if built is None else built
 
 
 class MLP(nn.Module):

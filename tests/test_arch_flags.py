@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import features.learned_gelu as learned_gelu_feature
 import features.mla as mla_feature
 import features.moe as moe_feature
 import train_gpt as tg
@@ -393,7 +394,7 @@ def test_swiglu_matches_dense_parameters_at_768_and_learned_gelu_starts_as_gelu(
     args = tg.apply_overrides(tg.Hyperparameters(), ["--mlp_act=swiglu"])
     swiglu, dense = tg.SwiGLUMLP(args), tg.MLP(tg.Hyperparameters())
     assert tg.swiglu_hidden(args) == 2048 and tg.count_params(swiglu) == tg.count_params(dense) == 2 * 768 * 3072
-    act = tg.LearnedGELU(16)
+    act = learned_gelu_feature.LearnedGELU(16)
     x = torch.randn(3, 16)
     torch.testing.assert_close(act(x), F.gelu(x))
     mlp = tg.build_mlp(smoke_args("--mlp_act=learned_gelu"))

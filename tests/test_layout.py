@@ -11,7 +11,8 @@ FEATURE_FILES = sorted(p for p in (ROOT / "features").glob("*.py") if p.name != 
 SOCKETS = {"Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check", "on", "attention", "mlp", "linear",
            "block", "install", "param_groups", "model_parts", "check_inputs", "trainee", "log_header",
            "log_after_training", "mlp_args", "args_at_step", "ADAM_GROUPS", "adam_lrs", "optimizer_hooks",
-           "per_step", "val_log", "gated", "RECORD_BF16_GROUPS", "record_fp32_params"}
+           "per_step", "val_log", "gated", "RECORD_BF16_GROUPS", "record_fp32_params",
+           "MLP_ACTS", "activation"}
 
 
 def top_level_names(tree: ast.Module) -> set[str]:
@@ -68,3 +69,12 @@ def test_a_record_keeps_the_script_the_kernels_and_the_features_the_run_uses():
     mot = tg.apply_overrides(tg.Hyperparameters(), ["--mot=cross"])
     assert tg.run_code_files(mot) == ["train_gpt.py", "kernels.py", "features/mot.py"]
     assert all((ROOT / name).exists() for name in tg.run_code_files(mot))
+
+
+def test_a_core_name_a_feature_imports_is_not_taken_for_its_socket():
+    """features/moe.py imports the core's activation() to build its experts; feature_hooks must not call that as a
+    socket of moe (it would call itself)."""
+    import features.learned_gelu
+    import features.moe
+    assert features.moe.activation is tg.activation
+    assert tg.feature_hooks("activation") == [features.learned_gelu.activation]
