@@ -78,3 +78,31 @@ def test_a_core_name_a_feature_imports_is_not_taken_for_its_socket():
     import features.moe
     assert features.moe.activation is tg.activation
     assert tg.feature_hooks("activation") == [features.learned_gelu.activation]
+
+
+def test_the_readme_worked_example_is_a_working_feature(monkeypatch):
+    """README's features/relu3.py, registered: --mlp_act=relu3 passes the checks, builds its activation in every
+    block's MLP, trains a step, and its file would be kept in the record."""
+    import re
+    import sys
+    import types
+
+    import torch
+    text = (ROOT / "README.md").read_text()
+    source = re.search(r"```python\n# features/relu3.py\n(.*?)```", text, re.S).group(1)
+    module = types.ModuleType("features.relu3")
+    module.__file__ = str(ROOT / "features" / "relu3.py")
+    exec(compile(source, "README.md: features/relu3.py", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, "features.relu3", module)
+    monkeypatch.setattr(tg, "FEATURES", [*tg.FEATURES, module])
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", "--mlp_act=relu3"])
+    tg.check_config(args, 1)
+    model = tg.build_model(args)
+    assert all(type(block.mlp.act) is module.ReLU3 for block in model.blocks)
+    x = torch.randn(2, 3)
+    assert torch.equal(model.blocks[0].mlp.act(x), torch.relu(x) ** 3)
+    assert tg.run_code_files(args)[-1] == "features/relu3.py"
+    inputs = torch.randint(0, args.vocab_size, (args.seq_len + 1,))
+    loss = model(inputs[:-1].int(), inputs[1:].long(), 1)
+    loss.backward()
+    assert torch.isfinite(loss)
