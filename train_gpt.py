@@ -102,8 +102,6 @@ class Hyperparameters:
     head_init_std: float = 0.0  # lm_head init: 0 = zeros (#21), else normal with this std (frontier: 0.005)
     # the recipe's training objective and head (frontier recipe 3.2, 3.7); validation stays next-token CE
     untie_step: int = 0  # embedding tied to the head's rows through Adam's update at this step, then its own (0: never)
-    mtp_weights: str = ""  # multi-token loss weights per stage "1,0.5,0.25-0;1,0.5-0;1" (targets t+1, t+2, ...)
-    prefix_weights: str = ""  # prefix-token loss weight per stage "0.25;0.25-0;0" (a-b: linear over the stage)
     # optimization
     num_iterations: int = 1770  # optimizer steps
     cooldown_frac: float = 0.4  # fraction of steps spent decaying the LR linearly
@@ -606,8 +604,7 @@ def check_residual_form(args: Hyperparameters, fail):
 
 
 def check_objective(args: Hyperparameters, fail):
-    """--untie_step, --mtp_weights, --prefix_weights: an untie at an Adam step inside the run with a head to tie
-    to; weight schedules with one entry per stage."""
+    """--untie_step: an untie at an Adam step inside the run with a head to tie to."""
     if args.untie_step:
         if args.tie_embeddings or args.head_init_std <= 0:
             fail(f"--untie_step={args.untie_step} ties the embedding to a head drawn from N(0, head_init_std^2): it "
@@ -618,20 +615,6 @@ def check_objective(args: Hyperparameters, fail):
             fail(f"--untie_step={args.untie_step} must be a step at which Adam updates ((step + 1) % adam_every == "
                  f"0 with --adam_every={args.adam_every}) inside the run's {total_steps(args)} steps; e.g. "
                  f"{' or '.join(map(str, valid))}")
-    n_stages = len(weight_stage_spans(args))
-    for flag in ("mtp_weights", "prefix_weights"):
-        text = getattr(args, flag)
-        if not text:
-            continue
-        try:
-            entries = parse_stage_weights(text)
-        except ValueError:
-            fail(f"--{flag}={text!r}: expected per stage (';'-separated) comma-separated weights, each a or a-b "
-                 f"(linear over the stage) with plain non-negative numbers, e.g. '1,0.5,0.25-0;1,0.5-0;1'")
-        if len(entries) != n_stages or (flag == "prefix_weights" and max(map(len, entries)) > 1):
-            fail(f"--{flag}={text!r} has {len(entries)} ';'-separated entries; the run has {n_stages} "
-                 f"{'stages (--stages)' if args.stages else 'stage (no --stages)'}"
-                 f"{' and the prefix loss takes one weight per stage' if flag == 'prefix_weights' else ''}")
 
 
 def parse_skip_pairs(text: str) -> list[tuple[int, int]]:
@@ -699,10 +682,12 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   optimizer_hooks(model, adam, muon, args, world_size)   hooks on the optimizers' steps
 #   per_step(model, args, env) -> an object whose at(step, optimizers, micro_batches, window) runs before each step
 #   val_log(model) -> str        appended to each validation line
+#   train_loss(args) -> module or None   the training loss in place of next-token CE (validation stays CE)
+#   schedule(model, args, device) -> an object whose set(step) writes the step's values in place (no recompiles)
 #   MLP_ACTS, activation(name, width) -> module or None   --mlp_act values of its own and their activation modules
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/test_layout.py).
-FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "mudd")
+FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "mudd", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -2286,76 +2271,10 @@ class NextTokenLoss(nn.Module):
         return F.cross_entropy(logits, targets)
 
 
-class FutureTokenTerm(nn.Module):
-    """Scores position t on the token `ahead` positions after the next, targets[t + ahead] (the token
-    x_(t+1+ahead)), with the same logits; the last `ahead` positions have no such target in the sequence and are
-    left out. Targets cross document boundaries, as in the recipe (3.7, r53). Returns (token index, valid)."""
-
-    def __init__(self, ahead: int):
-        super().__init__()
-        self.ahead = ahead
-
-    def forward(self, targets: Tensor) -> tuple[Tensor, Tensor]:
-        index = torch.cat([targets[self.ahead:], targets.new_zeros(self.ahead)])
-        return index, torch.arange(len(targets), device=targets.device) < len(targets) - self.ahead
-
-
-def prefix_token_table(vocab_size: int) -> Tensor:
-    """(vocab_size,) int64: for token y, the token whose bytes are the longest proper prefix of y's bytes (GPT-2
-    BPE, from tiktoken), -1 where there is none (single bytes, EOT, ids past GPT-2's vocabulary, prefixes outside
-    vocab_size). 50,000 of the 50,257 GPT-2 tokens have one; building it takes about 0.4 s on a CPU."""
-    enc = gpt2_encoding()
-    pieces = [enc.decode_single_token_bytes(t) for t in range(enc.n_vocab)]
-    ids = {piece: t for t, piece in enumerate(pieces[:vocab_size]) if t != EOT_TOKEN}  # prefixes the head has
-    table = torch.full((vocab_size,), -1, dtype=torch.long)
-    for t, piece in enumerate(pieces[:vocab_size]):
-        if t == EOT_TOKEN:
-            continue
-        table[t] = next((ids[piece[:n]] for n in range(len(piece) - 1, 0, -1) if piece[:n] in ids), -1)
-    return table
-
-
-class PrefixTokenTerm(nn.Module):
-    """Scores position t on pi(y_t), pi(y) the longest-proper-prefix token of the next token y (frontier recipe
-    3.7, r88): the head also learns how the next token's bytes begin. Positions whose y has no prefix token are
-    left out. Returns (token index, valid)."""
-
-    def __init__(self, vocab_size: int):
-        super().__init__()
-        self.register_buffer("prefix", prefix_token_table(vocab_size), persistent=False)
-
-    def forward(self, targets: Tensor) -> tuple[Tensor, Tensor]:
-        p = self.prefix[targets]
-        return p.clamp(min=0), p >= 0
-
-
-class WeightedTokenLosses(nn.Module):
-    """--mtp_weights / --prefix_weights: loss = sum_i w_i sum_t NLL(token_i(t) | logits_t) / T over the terms (the
-    next token, the tokens after it, the prefix token). Computed as sum_t (W_t lse_t - sum_i w_i logit_t[token_i])
-    with W_t the weights of the terms valid at t: one log-sum-exp and one gather over the T x V logits, so the
-    backward is one softmax pass and one scatter whatever the number of terms. The weights are a buffer that
-    LossSchedule rewrites in place before every step (their stage schedule), so a compiled graph reads them as
-    data and never recompiles when they change."""
-
-    def __init__(self, num_targets: int, prefix: bool, vocab_size: int):
-        super().__init__()
-        terms = [FutureTokenTerm(k) for k in range(num_targets)] + ([PrefixTokenTerm(vocab_size)] if prefix else [])
-        self.terms = nn.ModuleList(terms)
-        self.register_buffer("weights", torch.zeros(len(terms)), persistent=False)
-
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        pairs = [term(targets) for term in self.terms]
-        index = torch.stack([i for i, _ in pairs], dim=1)  # (T, terms)
-        weight = torch.stack([valid for _, valid in pairs], dim=1).to(logits.dtype) * self.weights
-        lse = torch.logsumexp(logits, dim=-1)
-        return ((weight.sum(1) * lse).sum() - (weight * logits.gather(1, index)).sum()) / len(targets)
-
-
 def build_train_loss(args: Hyperparameters) -> nn.Module:
-    if not (args.mtp_weights or args.prefix_weights):
-        return NextTokenLoss()
-    num_targets = max(map(len, parse_stage_weights(args.mtp_weights))) if args.mtp_weights else 1
-    return WeightedTokenLosses(num_targets, bool(args.prefix_weights), args.vocab_size)
+    """#21's next-token loss, or a feature's (--mtp_weights / --prefix_weights: features/mtp.py)."""
+    built = built_by_feature("train_loss", args)
+    return NextTokenLoss() if built is None else built
 
 
 class GPT(nn.Module):
@@ -2406,7 +2325,7 @@ class GPT(nn.Module):
                 self.embed.weight.copy_(self.lm_head.weight[:args.vocab_size])
         self.vocab_size = args.vocab_size  # real tokens; the head's padding rows are never targets
         self.softcap = SOFTCAPS[args.softcap]
-        self.train_loss = build_train_loss(args)  # next-token CE, or the weighted MTP/prefix terms
+        self.train_loss = build_train_loss(args)  # next-token CE, or a feature's (the weighted MTP/prefix terms)
         self.ve_table = value_embed_tables(args)  # layer -> value-embedding table (None: none)
         self.window_kind = window_kinds(args)
         # --paired_head_layers: those blocks read the masks of the doubled sequence, "paired_L" / "paired_S"
@@ -2885,45 +2804,6 @@ def muon_momentum(step: int, args: Hyperparameters) -> float:
     if cooldown and left < cooldown:
         frac = min(frac, left / cooldown)
     return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum_end
-
-
-def parse_stage_weights(text: str) -> list[list[tuple[float, float]]]:
-    """--mtp_weights / --prefix_weights: "1,0.5,0.25-0;1,0.5-0;1" -> per stage, per term, (value at the stage's
-    start, value at its end); "a" is constant, "a-b" linear in the stage fraction. ValueError when malformed."""
-    stages = []
-    for entry in text.split(";"):
-        weights = []
-        for item in entry.split(","):
-            ends = [float(v) for v in item.strip().split("-")]
-            if len(ends) not in (1, 2) or not all(0 <= v < math.inf for v in ends):
-                raise ValueError(item)
-            weights.append((ends[0], ends[-1]))
-        stages.append(weights)
-    return stages
-
-
-def weight_stage_spans(args: Hyperparameters) -> list[tuple[int, int]]:
-    """The (start, end) steps that the entries of --mtp_weights / --prefix_weights span: the scheduled stages of
-    --stages (the extension steps keep the last entry's end value), or the whole run without --stages."""
-    stages = training_stages(args)
-    if not stages:
-        return [(0, args.num_iterations)]
-    return [(st.start, st.end) for st in stages[:len(args.stages.split(","))]]
-
-
-def loss_weights(step: int, args: Hyperparameters) -> list[float]:
-    """The training-loss weights at a step, in WeightedTokenLosses' term order: next token, the tokens after it
-    (--mtp_weights; without it the next token alone at 1), then the prefix token (--prefix_weights)."""
-    spans = weight_stage_spans(args)
-    i = next((i for i, (_, end) in enumerate(spans) if step < end), None)
-    frac = 1.0 if i is None else (step - spans[i][0]) / max(spans[i][1] - spans[i][0], 1)
-
-    def at(text: str, width: int) -> list[float]:
-        entry = parse_stage_weights(text)[len(spans) - 1 if i is None else i]
-        entry += [(0.0, 0.0)] * (width - len(entry))
-        return [a + (b - a) * frac for a, b in entry]
-    future = at(args.mtp_weights, max(map(len, parse_stage_weights(args.mtp_weights)))) if args.mtp_weights else [1.0]
-    return future + (at(args.prefix_weights, 1) if args.prefix_weights else [])
 
 
 def long_window_blocks(step: int, args: Hyperparameters) -> int:
@@ -3549,6 +3429,12 @@ class WindowTensors:
         return self._tensors(window_at(total_steps(self.args), self.args, final=True))
 
 
+def feature_schedules(model: nn.Module, args: Hyperparameters, device: torch.device) -> list:
+    """Each feature's per-step values, set in place before every step by set(step) (its schedule socket:
+    --mtp_weights' loss weights)."""
+    return [s for make in feature_hooks("schedule") if (s := make(model, args, device)) is not None]
+
+
 class RotaryWindows:
     """--yarn: keeps every YarnRotary adapted to the long windows of the stages so far, updating the buffers in
     place when a step enters a stage with a new long window (and on resume or after the warm-up: set(step))."""
@@ -3565,21 +3451,6 @@ class RotaryWindows:
             for rotary in self.rotaries:
                 rotary.set_windows(history)
             self.history = history
-
-
-class LossSchedule:
-    """--mtp_weights / --prefix_weights: before each step, that step's loss weights (loss_weights) are copied into
-    the model's WeightedTokenLosses buffer in place, from a table made once on the device (no host sync)."""
-
-    def __init__(self, model: nn.Module, args: Hyperparameters, device: torch.device):
-        losses = [m for m in model.modules() if isinstance(m, WeightedTokenLosses)]
-        self.buffer = losses[0].weights if losses else None
-        self.table = None if not losses else torch.tensor(
-            [loss_weights(step, args) for step in range(total_steps(args))], device=device)
-
-    def set(self, step: int):
-        if self.buffer is not None:
-            self.buffer.copy_(self.table[min(step, len(self.table) - 1)])
 
 
 class LossWatch:
@@ -3689,9 +3560,10 @@ def compile_warmup(model, raw_model, optimizers, args, env, val_window):
     gen = torch.Generator().manual_seed(12345)
     accum = args.micro_batches // env.world_size
     windows = WindowTensors(args, env.device)
-    loss_schedule = LossSchedule(raw_model, args, env.device)
+    schedules = feature_schedules(raw_model, args, env.device)
     for step in warmup_schedule(args):
-        loss_schedule.set(step)
+        for schedule in schedules:
+            schedule.set(step)
         tokens = torch.randint(0, args.vocab_size, (accum, sequence_length(step, args) + 1), generator=gen)
         tokens = tokens.to(env.device)
         micro = [(t[:-1].int(), t[1:].long()) for t in tokens]
@@ -3994,8 +3866,7 @@ def train(run: TrainingRun, train_model: nn.Module, args: Hyperparameters, env: 
         log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t:.1f}s (untimed)")
     status, reason, val_loss, step = "ok", None, float("nan"), start_step
     windows = WindowTensors(args, env.device)
-    rotary_windows = RotaryWindows(model, args)
-    loss_schedule = LossSchedule(model, args, env.device)
+    schedules = [RotaryWindows(model, args)] + feature_schedules(model, args, env.device)
     step_hooks = [hook for make in feature_hooks("per_step") if (hook := make(model, args, env)) is not None]
     loss_watch = LossWatch(env.device)
     steps = total_steps(args)
@@ -4006,8 +3877,8 @@ def train(run: TrainingRun, train_model: nn.Module, args: Hyperparameters, env: 
             stop.check()
             last = step == steps
             window = windows[step]
-            rotary_windows.set(step)
-            loss_schedule.set(step)
+            for schedule in schedules:  # YaRN's rotary buffers, a feature's per-step values (loss weights)
+                schedule.set(step)
             periodic_save = args.save_every and step % args.save_every == 0 and step > start_step and not last
             if last or (args.val_every > 0 and step % args.val_every == 0):
                 synchronize(env.device)

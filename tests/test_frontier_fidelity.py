@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import features.mtp as mtp_feature
 import train_gpt as tg
 from conftest import frontier_args, live_model, smoke_args, tokens_with_docs
 
@@ -142,7 +143,7 @@ def test_model_with_record_dtypes_trains_in_bf16_on_cpu():
     batch = tokens_with_docs(2 * 256 + 1, [0, 300])
     micro = [(batch[:256].int(), batch[1:257].long()), (batch[256:512].int(), batch[257:513].long())]
     for step in range(2):  # Muon at 0, Adam too at 1 (--adam_every=2)
-        tg.LossSchedule(model, args, torch.device("cpu")).set(step)
+        mtp_feature.LossSchedule(model, args, torch.device("cpu")).set(step)
         loss = tg.train_step(model, opts, micro, tg.WindowTensors(args, torch.device("cpu"))[step], args, step, 1)
         assert torch.isfinite(loss)
     moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
@@ -210,7 +211,7 @@ def pinned_model_loss(stage: str) -> tuple[torch.nn.Module, torch.Tensor]:
     toks[spec["eot_at"]] = tg.EOT_TOKEN
     step = PIN[stage]["step"]
     tg.RotaryWindows(model, args).set(step)
-    tg.LossSchedule(model, args, torch.device("cpu")).set(step)
+    mtp_feature.LossSchedule(model, args, torch.device("cpu")).set(step)
     window = tuple(torch.tensor(w, dtype=torch.int32) for w in tg.window_at(step, args))
     return model, model(toks[:-1].int(), toks[1:].long(), window)
 

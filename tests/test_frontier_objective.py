@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import features.mtp as mtp_feature
 import train_gpt as tg
 from conftest import frontier_args as frontier, randomize_zero_matrices, smoke_args
 
@@ -18,13 +19,13 @@ from conftest import frontier_args as frontier, randomize_zero_matrices, smoke_a
 
 def test_stage_loss_weights_are_the_recipe_table():
     args = frontier()
-    w = lambda step: [round(v, 4) for v in tg.loss_weights(step, args)]  # [next, +1, +2, prefix]
+    w = lambda step: [round(v, 4) for v in mtp_feature.loss_weights(step, args)]  # [next, +1, +2, prefix]
     assert w(0) == [1.0, 0.5, 0.25, 0.25]
     assert w(211) == [1.0, 0.5, round(0.25 * (1 - 211 / 423), 4), 0.25]  # 0.25 -> 0 over stage 1 (steps 0-422)
     assert w(423) == [1.0, 0.5, 0.0, 0.25]  # stage 2: [1, 0.5 -> 0], prefix 0.25 -> 0
     assert w(635) == [1.0, round(0.5 * (1 - 212 / 424), 4), 0.0, round(0.25 * (1 - 212 / 424), 4)]
     assert w(847) == w(1269) == w(1270) == w(1284) == [1.0, 0.0, 0.0, 0.0]  # stage 3 and the extension: [1]
-    assert tg.loss_weights(5, tg.Hyperparameters()) == [1.0]  # the default: next token alone
+    assert mtp_feature.loss_weights(5, tg.Hyperparameters()) == [1.0]  # the default: next token alone
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -49,7 +50,7 @@ def test_prefix_token_table_by_hand():
         enc = tiktoken.get_encoding("gpt2")
     except Exception:
         pytest.skip("GPT-2 BPE files unavailable (set TIKTOKEN_CACHE_DIR)")
-    table = tg.prefix_token_table(50304)
+    table = mtp_feature.prefix_token_table(50304)
     token = lambda text: enc.encode_single_token(text)
     assert table[token("hello")] == token("hell") and table[token(" t")] == token(" ")
     assert table[token("!")] == -1 and table[tg.EOT_TOKEN] == -1 and table[50300] == -1  # a byte; EOT; padding
@@ -69,8 +70,8 @@ def test_weighted_losses_equal_a_loop_of_cross_entropies(monkeypatch):
     logits = torch.randn(T, V, generator=gen, requires_grad=True)
     targets = torch.randint(0, V, (T,), generator=gen)
     prefix = torch.randint(-1, V, (V,), generator=gen)
-    monkeypatch.setattr(tg, "prefix_token_table", lambda vocab_size: prefix)
-    loss = tg.WeightedTokenLosses(num_targets=3, prefix=True, vocab_size=V)
+    monkeypatch.setattr(mtp_feature, "prefix_token_table", lambda vocab_size: prefix)
+    loss = mtp_feature.WeightedTokenLosses(num_targets=3, prefix=True, vocab_size=V)
     loss.weights.copy_(torch.tensor([1.0, 0.5, 0.25, 0.3]))
     ce = lambda rows, cols: F.cross_entropy(logits[rows], cols, reduction="sum")
     ref = ce(slice(0, T), targets) + 0.5 * ce(slice(0, T - 1), targets[1:]) + 0.25 * ce(slice(0, T - 2), targets[2:])
@@ -113,7 +114,7 @@ def test_mtp_model_is_causal_and_validates_on_the_next_token_only():
     with torch.no_grad():
         assert model(inputs, targets) == plain(inputs, targets)  # validation: next-token CE, no extra terms
     model.train(), plain.train()
-    tg.LossSchedule(model, smoke_args(*MTP), torch.device("cpu")).set(0)
+    mtp_feature.LossSchedule(model, smoke_args(*MTP), torch.device("cpu")).set(0)
     with torch.no_grad():
         assert model(inputs, targets) > plain(inputs, targets)  # training adds the weighted MTP/prefix terms
 
@@ -122,12 +123,12 @@ def test_loss_schedule_writes_the_step_weights_in_place():
     args = smoke_args("--mtp_weights=1,0.5-0")
     model = tg.build_model(args)
     buffer = model.train_loss.weights
-    schedule = tg.LossSchedule(model, args, torch.device("cpu"))
+    schedule = mtp_feature.LossSchedule(model, args, torch.device("cpu"))
     schedule.set(15)
     assert model.train_loss.weights is buffer and buffer.tolist() == [1.0, 0.25]  # half-way through 30 steps
     schedule.set(29)  # the last step of the run (the table ends there)
     assert buffer[1].item() == pytest.approx(0.5 / 30)
-    assert tg.LossSchedule(tg.build_model(smoke_args()), smoke_args(), torch.device("cpu")).buffer is None
+    assert mtp_feature.LossSchedule(tg.build_model(smoke_args()), smoke_args(), torch.device("cpu")).buffer is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -453,18 +453,18 @@ def micro_batches(stream: torch.Tensor, start: int, count: int, seq_len: int, de
 
 class StepSetup:
     """What main()'s loop sets before each step, from train_gpt itself: the step's window tensors (WindowTensors),
-    YaRN's rotary buffers (RotaryWindows) and the loss weights (LossSchedule, --mtp_weights/--prefix_weights),
+    YaRN's rotary buffers (RotaryWindows) and the features' schedules (--mtp_weights' loss weights),
     plus the step's sequence length (--stages: the stage's)."""
 
     def __init__(self, model: nn.Module, args: tg.Hyperparameters, device: torch.device):
         self.args = args
         self.windows = tg.WindowTensors(args, device)
-        self.rotary, self.losses = tg.RotaryWindows(model, args), tg.LossSchedule(model, args, device)
+        self.schedules = [tg.RotaryWindows(model, args)] + tg.feature_schedules(model, args, device)
 
     def __call__(self, step: int):
         """Set step's state; returns (window, seq_len)."""
-        self.rotary.set(step)
-        self.losses.set(step)
+        for schedule in self.schedules:
+            schedule.set(step)
         return self.windows[step], tg.sequence_length(step, self.args)
 
 
