@@ -700,7 +700,7 @@ def van_loan_decompose(W, m1, k1, m2, k2, rank=1):
 # A chain applies factors in list order (patterns[0] first), so the chain's dense matrix is
 # W_L ... W_2 W_1, and consecutive patterns must satisfy a_l*b_l*d_l == a_{l+1}*c_{l+1}*d_{l+1}. A DFT of
 # size 2^L is the chain (2^(l-1), 2, 2, 2^(L-l)), l = 1..L, followed by the bit-reversal permutation
-# (decimation in frequency; see tests/test_kernels_ks.py).
+# (decimation in frequency; see tests/kernels/test_kernels_ks.py).
 # Layouts: batch-size-first x (N, in), or batch-size-last x (in, N), where every permutation moves whole
 # contiguous rows of N tokens.
 

@@ -686,7 +686,7 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   schedule(model, args, device) -> an object whose set(step) writes the step's values in place (no recompiles)
 #   MLP_ACTS, activation(name, width) -> module or None   --mlp_act values of its own and their activation modules
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
-# REQUIRES (a tuple of feature names, checked by tests/test_layout.py).
+# REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
 FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "mudd", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
@@ -2575,7 +2575,7 @@ class CautiousAdam(torch.optim.Optimizer):
 
     The frontier model has 54 Adam tensors, 46 of them scalars and small gate matrices: those (below
     FOREACH_NUMEL elements) are updated together per (device, dtype) with torch._foreach ops, the same arithmetic
-    in the same order (bit for bit, tests/test_frontier.py), about 10 kernel launches per such group instead of ~10
+    in the same order (bit for bit, tests/core/test_frontier.py), about 10 kernel launches per such group instead of ~10
     per tensor; the large tables one at a time, so the step's fp32 temporaries stay those of one table."""
     FOREACH_NUMEL = 1 << 20
 

@@ -139,7 +139,7 @@ class GroupedKronLinear(nn.Module):
     W_e = sum_i A_ei (x) B_ei, KronLinear's layout and init per expert. forward(x, offsets) applies to each row of x
     (sorted by expert, as MoE hands them) its own W_e without building it. The fused path is one batched Kronecker
     contraction over all experts: two torch._grouped_mm (one per factor) in KronLinear's cheaper contraction order;
-    no per-expert loop, static shapes (tests/test_kron_mlp.py checks it against a loop over experts)."""
+    no per-expert loop, static shapes (tests/features/test_kronecker.py checks it against a loop over experts)."""
 
     draws_own_init = True  # --weight_init leaves its factors alone (recipe_matrices)
 

@@ -18,7 +18,7 @@ the most Muon matrices):
     (saved_tensors_hooks). The attention goes through a stand-in that saves what FlexAttention saves (q, k, v,
     out, fp32 row statistics: no T x T matrix) and allocates what its backward allocates; the CPU path's dense
     masks are never counted. Likewise the optimizer step and the validation forward (no_grad, --val_seq_len).
-    On real CPU tensors the same measurement gives the same bytes (tests/test_memory_plan.py). This is eager
+    On real CPU tensors the same measurement gives the same bytes (tests/tools/test_memory_plan.py). This is eager
     PyTorch's memory, an upper bound for the compiled run: inductor fuses pointwise chains and recomputes cheap
     ops instead of saving them, above all the head's fp32 softcap and loss chain (several T x vocab copies).
   estimated (labelled): the usable share of a GPU's memory, the CUDA context, NCCL's buffers, and a compiled

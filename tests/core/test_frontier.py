@@ -16,7 +16,7 @@ import torch
 import train_gpt as tg
 from conftest import frontier_args as frontier, load_script, smoke_args, smoke_model, summary_of, write_shard
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 

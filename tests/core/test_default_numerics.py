@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 
@@ -49,7 +49,7 @@ def skip_unless_pinned_machine() -> tuple[str, str]:
     key = (avx512, vendor) if (avx512, vendor) in PINNED else (avx512, None)
     if torch.__version__ != PINNED_TORCH or key not in PINNED:
         pytest.skip(f"digests pinned on torch {PINNED_TORCH}; here torch {torch.__version__}, avx512={avx512}, "
-                    f"vendor {vendor}: re-pin with `python tests/test_default_numerics.py` at a trusted commit")
+                    f"vendor {vendor}: re-pin with `python tests/core/test_default_numerics.py` at a trusted commit")
     return PINNED[key]
 
 
@@ -128,4 +128,4 @@ if __name__ == "__main__":
         distributed_main()
     else:
         print("one process:", one_process_digest())
-        print("two processes: run `torchrun --standalone --nproc_per_node=2 tests/test_default_numerics.py`")
+        print("two processes: run `torchrun --standalone --nproc_per_node=2 tests/core/test_default_numerics.py`")

@@ -12,7 +12,7 @@ import pytest
 import train_gpt as tg
 from conftest import summary_of
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_typo_names_the_nearest_flag():

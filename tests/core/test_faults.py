@@ -17,7 +17,7 @@ import torch
 import train_gpt as tg
 from conftest import summary_of, write_shard
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--preset=smoke", "--model_dim=32", "--num_heads=1", "--seq_len=256", "--micro_batches=1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 

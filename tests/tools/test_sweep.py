@@ -1,4 +1,4 @@
-"""tools/sweep.py: grids of flags x seeds run with a stand-in for train_gpt.py (tests/test_records_tool.py's `fake`),
+"""tools/sweep.py: grids of flags x seeds run with a stand-in for train_gpt.py (tests/tools/test_records_tool.py's `fake`),
 resumed after crashes and Ctrl-C, checked against a time budget (from records, --ms_per_step or probe runs), with
 the results table and the L(N, D) scaling-law fit."""
 import json

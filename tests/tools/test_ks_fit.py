@@ -12,7 +12,7 @@ import torch
 import kernels
 from kernels import KSLinear, butterfly_patterns, load_ks_chain, monarch_patterns
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 import ks_fit  # noqa: E402
 

@@ -307,7 +307,7 @@ def test_a_missing_table_is_an_error_and_none_means_defaults(monkeypatch, tmp_pa
 
 # -----------------------------------------------------------------------------
 # tools/preflight.py --aot: every config of every launch, for each arch (compiled in child processes: see
-# tests/test_preflight_aot.py). These compile the same kernels as its kron test (Triton's cache shares them).
+# tests/tools/test_preflight_aot.py). These compile the same kernels as its kron test (Triton's cache shares them).
 
 pf = load_script("tools/preflight.py")
 

@@ -12,7 +12,7 @@ import torch
 import train_gpt as tg
 from conftest import summary_of, val_losses
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(cmd, steps, cwd=ROOT):

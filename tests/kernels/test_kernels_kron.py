@@ -13,7 +13,7 @@ import kernels
 from kernels import (KronLinear, choose_kron_factors, kron_dense_weight, kron_linear, kron_linear_ref,
                      kron_macs_per_token, kron_param_count, van_loan_decompose)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "cuda" if os.environ.get("KERNEL_TESTS_ON_GPU") == "1" else "cpu"
 needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton not importable")
 

@@ -106,3 +106,15 @@ def test_the_readme_worked_example_is_a_working_feature(monkeypatch):
     loss = model(inputs[:-1].int(), inputs[1:].long(), 1)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_every_feature_file_has_its_test_file_and_tests_mirror_the_code():
+    """tests/core: train_gpt.py, tests/features: one test file (or more, test_<name>_*.py) per features/<name>.py,
+    tests/kernels: kernels.py, tests/tools: tools/ and data/."""
+    tests = ROOT / "tests"
+    assert sorted(p.name for p in tests.iterdir() if p.is_dir() and p.name != "__pycache__") == \
+        ["core", "features", "kernels", "tools"]
+    assert not list(tests.glob("test_*.py")), "a test file outside the four folders"
+    feature_tests = {p.stem for p in (tests / "features").glob("test_*.py")}
+    for path in FEATURE_FILES:
+        assert any(t == f"test_{path.stem}" or t.startswith(f"test_{path.stem}_") for t in feature_tests), path.name

@@ -1,5 +1,5 @@
 """Kronecker-sparse (KS) factors and chains: bmm reference, Triton kernels (fp32, interpreter on CPU), KSLinear,
-pattern helpers and the benchmark smoke run (the fitting tool: tests/test_ks_fit.py)."""
+pattern helpers and the benchmark smoke run (the fitting tool: tests/tools/test_ks_fit.py)."""
 import json
 import math
 import os
@@ -15,7 +15,7 @@ from kernels import (KSLinear, butterfly_patterns, check_ks_chain, ks_chain, ks_
                      ks_dense_matrix, ks_factor, ks_factor_ref, ks_in_features, ks_out_features, ks_param_count,
                      monarch_patterns)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 DEVICE = "cuda" if os.environ.get("KERNEL_TESTS_ON_GPU") == "1" else "cpu"
 needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton not importable")

@@ -10,7 +10,7 @@ import pytest
 
 from tools import records
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # A stand-in for train_gpt.py, written to tmp_path by the `fake` fixture: `render_record` produces the record format
 # train_gpt.py writes, and running the script writes one record under ./records/ and prints the summary line last.
@@ -375,12 +375,12 @@ def test_bookkeeping_is_not_a_confound(fake, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# sweep: moved to tools/sweep.py (tests/test_sweep.py); the old command line forwards there
+# sweep: moved to tools/sweep.py (tests/tools/test_sweep.py); the old command line forwards there
 
 
 def test_records_py_sweep_forwards_to_tools_sweep(tmp_path, monkeypatch, capsys):
     """`records.py sweep ...`, the sweep's old command line, names tools/sweep.py on stderr and runs it there
-    (tests/test_sweep.py tests the sweep itself)."""
+    (tests/tools/test_sweep.py tests the sweep itself)."""
     monkeypatch.chdir(tmp_path)
     argv = ["--grid", "lr=0.01,0.02", "--ms_per_step", "100", "--gpus", "0", "--dry_run", "--",
             "--num_iterations=10"]
