@@ -79,12 +79,9 @@ class Hyperparameters:
     weight_init: str = "uniform"  # uniform | truncated: the matrices' init, both std 0.5/sqrt(fan_in) (see build_model)
     # post-#21 model ideas (frontier recipe sections 3.2-3.4), each off by default, each one module built at start
     smear: bool = False  # e_t += lam * sigmoid(w . e_t[:12]) * e_(t-1) on the raw token embeddings (w, lam init 0)
-    attn_gate: bool = False  # every attention head's output times sigmoid(w_h . h[:12]), h its normed input (w 0)
-    key_offset: bool = False  # long-window layers: the unrotated key dims of token t are those of token t-1
     resid_lambda_init: float = 1.0  # init of each block's x-lambda (x = l0 * x + l1 * x0); frontier: 1.1
     skip_gate: bool = False  # U-net skip weights pass through a sigmoid (logits init -1.5)
     ve_gate: bool = False  # value embeddings times 2 sigmoid(w_h . [h[:6], ve[:6]]) per head (w 0: gate 1)
-    xsa_layers: str = ""  # blocks whose heads remove tanh(alpha_h) of their output's projection on v (alpha 0)
     attn_lambdas: str = "ve"  # ve: v = l0 v + l1 ve (#21, l = 0.5, 0.5) | o: v = l0 v + ve, out = l1 proj(y) (r47, 1)
     bigram_rows: int = 0  # hashed bigram embedding table rows (0 = off; recipe 377,280), added to x0 times g = 0.05
     paired_head_layers: str = ""  # blocks whose heads g, g+H/2 attend as one interleaved 2T sequence (r58; "" = off)
@@ -480,37 +477,24 @@ def check_architecture(args: Hyperparameters, fail):
 
 
 def check_frontier_model(args: Hyperparameters, fail):
-    """The post-#21 model flags (smear, gates, key offset, XSA, bigram hash): values and combinations."""
-    try:
-        xsa = parse_layer_list(args.xsa_layers)
-    except ValueError:
-        fail(f"--xsa_layers={args.xsa_layers!r}: expected comma-separated block indices such as '2,4,5'")
+    """The post-#21 model flags (smear, the value-embedding gate, the attention lambdas, bigram hash): values and
+    combinations."""
     attention = set(range(args.num_layers)) - set(parse_layer_list(args.no_attn_layers))
-    bad = sorted(set(xsa) - attention)
-    if bad:
-        fail(f"--xsa_layers names blocks {bad} without attention; blocks with attention: "
-             f"{','.join(map(str, sorted(attention)))}")
-    per_head = [f"--{flag}" for flag, on in (("attn_gate", args.attn_gate), ("key_offset", args.key_offset),
-                                             ("ve_gate", args.ve_gate), ("xsa_layers", bool(xsa)),
-                                             ("mudd_gate_attn_layers", bool(args.mudd_gate_attn_layers))) if on]
     if args.attn_lambdas not in ATTN_LAMBDAS:
         fail(f"--attn_lambdas={args.attn_lambdas!r}; valid values: {', '.join(ATTN_LAMBDAS)}")
-    per_head += ["--attn_lambdas=o"] if args.attn_lambdas == "o" else []
-    if per_head and args.mla_kv_rank > 0:
-        fail(f"{', '.join(per_head)} act on the heads of multi-head or grouped-query attention; "
-             f"MLA (--mla_kv_rank > 0) has no hooks for them")
-    if args.key_offset and args.rope != "half":
-        fail("--key_offset shifts the key dims that rotary leaves unrotated; --rope=canonical rotates them all "
-             "(use --rope=half)")
-    if (args.smear or args.attn_gate) and args.model_dim < 12:
-        fail(f"--smear and --attn_gate read the first 12 dims of the embedding; model_dim={args.model_dim}")
+    per_head = [flag for flag, on in (("--ve_gate", args.ve_gate), ("--attn_lambdas=o", args.attn_lambdas == "o"))
+                if on]
+    if per_head:
+        refuse_without_head_hooks(args, ", ".join(per_head), fail)
+    if args.smear and args.model_dim < 12:
+        fail(f"--smear reads the first 12 dims of the embedding; model_dim={args.model_dim}")
     if args.ve_gate and min(args.model_dim, value_embed_dim(args)) < 6:
         fail(f"--ve_gate reads 6 dims of the attention input and of the value embedding; model_dim="
              f"{args.model_dim}, value-embedding width {value_embed_dim(args)}")
     if args.bigram_rows < 0 or args.bigram_rows == 1:
         fail(f"--bigram_rows={args.bigram_rows} must be 0 (off) or >= 2 (hashes take rows - 1 values, plus the "
              f"row of position 0)")
-    check_paired_heads(args, attention, xsa, fail)
+    check_paired_heads(args, attention, fail)
     check_dc(args, attention, fail)
 
 
@@ -529,9 +513,9 @@ def check_dc(args: Hyperparameters, attention: set, fail):
              "(no --n_kv_heads, no --mla_kv_rank)")
 
 
-def check_paired_heads(args: Hyperparameters, attention: set, xsa: list, fail):
+def check_paired_heads(args: Hyperparameters, attention: set, fail):
     """--paired_head_layers and --muon_qk_pairs: both pair heads 2j, 2j+1, so the heads (and GQA's K/V heads) must
-    come in pairs of multi-head or grouped-query attention; a paired block has no XSA (the recipe's r58)."""
+    come in pairs of multi-head or grouped-query attention (a paired block has no XSA: features/xsa.py checks)."""
     try:
         paired = set(parse_layer_list(args.paired_head_layers))
     except ValueError:
@@ -552,10 +536,15 @@ def check_paired_heads(args: Hyperparameters, attention: set, xsa: list, fail):
         if kv_heads(args) != args.num_heads and kv_heads(args) % 2:
             fail(f"{flag} pairs the K/V heads of grouped-query attention too; --n_kv_heads={args.n_kv_heads} is "
                  f"odd (use an even --n_kv_heads, or 0 = num_heads)")
-    both = sorted(paired & set(xsa))
-    if both:
-        fail(f"--paired_head_layers and --xsa_layers both name blocks {both}; a paired block has no XSA (as in "
-             f"the recipe): drop those blocks from one of the lists")
+
+
+def refuse_without_head_hooks(args: Hyperparameters, flags: str, fail):
+    """Per-head hooks act on the heads of the core's multi-head or grouped-query attention (HeadAttention); an
+    attention a feature builds in its place (its ATTENTION_NAME: MLA) has none."""
+    own = [f for f in features_on(args) if hasattr(f, "attention")]
+    if own:
+        fail(f"{flags} act on the heads of multi-head or grouped-query attention; {own[0].ATTENTION_NAME} has no "
+             f"hooks for them")
 
 
 def check_model_shape(args: Hyperparameters, fail):
@@ -685,9 +674,13 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   train_loss(args) -> module or None   the training loss in place of next-token CE (validation stays CE)
 #   schedule(model, args, device) -> an object whose set(step) writes the step's values in place (no recompiles)
 #   MLP_ACTS, activation(name, width) -> module or None   --mlp_act values of its own and their activation modules
+#   head_hooks(attn, args, layer)   replaces PassThrough hooks of a block's HeadAttention (key offset, XSA, gate)
+#   LOOKS_BACK = "--flag"         it reads the previous token: decoding with a KV cache refuses it
+#   ATTENTION_NAME                 how messages name the attention its attention socket builds (no per-head hooks)
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
-FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "mudd", "mtp")
+FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "key_offset", "xsa", "attn_gate",
+                 "mudd", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1519,25 +1512,6 @@ class PassThrough(nn.Module):
         return x
 
 
-class KeyOffset(nn.Module):
-    """--key_offset (frontier recipe 3.4, r49): for t >= 1 the key dims that rotary leaves unrotated (frequency
-    zero) take token t-1's values, across documents like the recipe; token 0 keeps its own. A head can then match a
-    query against the previous token's content with a position-free score: the shifted half of the key says "the
-    token before me was ...". The dims come from the rotary module itself: with --rope=half our layout pairs dim i
-    with dim i + head_dim/2 (chunked halves), and the upper half of the frequencies is zero, so at head_dim 128 the
-    shifted dims are 32-63 and 96-127. The recipe rotates adjacent pairs and leaves dims 64-127 still: the same 32
-    zero-frequency pairs (half the head), laid out differently."""
-
-    def __init__(self, rotary: "Rotary"):
-        super().__init__()
-        still = rotary.frequencies() == 0
-        self.register_buffer("shifted", torch.cat([still, still]), persistent=False)  # (head_dim,) bool
-
-    def forward(self, k: Tensor) -> Tensor:  # k (B, T, heads, head_dim) after rotary
-        previous = torch.cat([k[:, :1], k[:, :-1]], dim=1)
-        return torch.where(self.shifted, previous, k)
-
-
 class ValueEmbedGate(nn.Module):
     """--ve_gate (frontier recipe 3.4, r55 with r70's input): each head's value embedding times
     g_h = 2 sigmoid(w_h . [h[:6], ve[:6]]), h the normed attention input, ve[:6] the first 6 dims of the whole
@@ -1550,30 +1524,6 @@ class ValueEmbedGate(nn.Module):
     def forward(self, ve: Tensor, x: Tensor) -> Tensor:  # ve (B, T, kv_heads, head_dim), x (B, T, dim)
         features = torch.cat([x[..., :6], ve.flatten(-2)[..., :6]], dim=-1)
         return 2 * torch.sigmoid(F.linear(features, self.weight.type_as(x)))[..., None] * ve
-
-
-class ExclusiveSelfAttention(nn.Module):
-    """XSA (--xsa_layers; frontier recipe 3.4, r82's static form, arXiv 2603.09078): each head's output loses
-    tanh(alpha_h) of its component along its own token's value, y_h - tanh(alpha_h) (y_h . v_h / max(|v_h|^2,
-    1e-8)) v_h, so a head is pushed to carry what its token does not already hold. alpha per head, zero-init (no
-    change at init). Grouped-query heads use their K/V head's value."""
-
-    def __init__(self, heads: int, kv_heads: int):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.zeros(heads))
-        self.group = heads // kv_heads
-
-    def forward(self, y: Tensor, v: Tensor, sources: dict | None = None) -> Tensor:
-        return remove_value_component(y, v, self.group, torch.tanh(self.alpha)[:, None])
-
-
-def remove_value_component(y: Tensor, v: Tensor, group: int, strength: Tensor) -> Tensor:
-    """XSA's y_h - strength_h (y_h . v_h / max(|v_h|^2, 1e-8)) v_h; y (B, T, heads, head_dim), v (B, T, kv_heads,
-    head_dim), strength broadcasting to (B, T, heads, 1)."""
-    v = v.unsqueeze(-2).expand(*v.shape[:-1], group, v.size(-1)).flatten(-3, -2)
-    dot = (y.float() * v.float()).sum(-1, keepdim=True)
-    coef = dot / (v.float() * v.float()).sum(-1, keepdim=True).clamp_min(1e-8)
-    return y - (strength * coef).type_as(y) * v
 
 
 def compose_heads(y: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, mask, w1: Tensor, w2: Tensor) -> Tensor:
@@ -1607,20 +1557,6 @@ class DynamicComposition(nn.Module):
 
     def forward(self, y: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, sources: dict) -> Tensor:
         return compose_heads(y, q, k, v, scale, sources["masks"]["dc"], self.w1[:, None], self.w2[:, None])
-
-
-class AttentionGate(nn.Module):
-    """--attn_gate (frontier recipe 3.4, r28's sparse attention gate): each head's output times
-    sigmoid(w_h . h[:12]), h the normed attention input, so a head can switch itself off per token (no attention
-    sink needed). w zero: every head starts at half strength. Trained by Muon like r28 (a (heads, 12) matrix
-    inside the blocks; param_groups puts every such matrix there)."""
-
-    def __init__(self, heads: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(heads, 12))
-
-    def forward(self, y: Tensor, x: Tensor, sources: dict | None = None) -> Tensor:  # y (B, T, H, hd), x (B, T, dim)
-        return torch.sigmoid(F.linear(x[..., :12], self.weight.type_as(x)))[..., None] * y
 
 
 def value_lambdas_r21(lambdas: Tensor, v: Tensor, ve: Tensor | None) -> Tensor:
@@ -1821,24 +1757,20 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
     """Replace the PassThrough hooks of block `layer`'s attention with the modules its flags ask for: the key
     offset on long-window blocks, the value-embedding gate on blocks with a value embedding, XSA on --xsa_layers,
     the output gate everywhere or the MUDD-gated head scale on --mudd_gate_attn_layers (frontier recipe 3.4)."""
-    if args.key_offset and window_kinds(args)[layer] == "L":
-        attn.key_offset = KeyOffset(attn.rotary)
     if args.ve_gate and value_embed_tables(args)[layer] is not None:
         attn.ve_gate = ValueEmbedGate(kv_heads(args))
     if args.attn_lambdas != "ve":
         attn.scale_qk, attn.mix_values, attn.scale_output, l1 = ATTN_LAMBDAS[args.attn_lambdas]
         with torch.no_grad():
             attn.lambdas[1] = l1
-    # a feature may serve XSA's alphas, DC's weights or the heads' output scales per token (gated: --mudd_gate_block)
-    if layer in parse_layer_list(args.xsa_layers):
-        attn.xsa = gated_or("xsa", args, layer, lambda: ExclusiveSelfAttention(args.num_heads, kv_heads(args)))
+    # a feature may serve DC's weights or the heads' output scales per token (gated: --mudd_gate_block)
     if layer in parse_layer_list(args.dc_layers):
         attn.dc = gated_or("dc", args, layer, lambda: DynamicComposition(args.num_heads))
-    head_scale = built_by_feature("gated", "head_scale", args, layer)  # replaces --attn_gate's sigmoid gate there
+    head_scale = built_by_feature("gated", "head_scale", args, layer)  # --attn_gate's sigmoid gate gives way to it
     if head_scale is not None:
         attn.out_gate = head_scale
-    elif args.attn_gate:
-        attn.out_gate = AttentionGate(args.num_heads)
+    for hooks in feature_hooks("head_hooks"):  # --key_offset, --xsa_layers, --attn_gate
+        hooks(attn, args, layer)
 
 
 def build_attention(args: Hyperparameters, max_seq_len: int, layer: int | None = None) -> nn.Module:
@@ -2292,8 +2224,8 @@ class GPT(nn.Module):
         self.bigram = BigramHashEmbedding(args.bigram_rows, dim, built_by_feature("gated", "bigram", args, 0)) \
             if args.bigram_rows else PassThrough()
         # modules that read the previous token, which decoding with a KVCache does not hand them (hidden refuses)
-        self.looks_back = [flag for flag, on in (("--smear", args.smear), ("--key_offset", args.key_offset),
-                                                 ("--bigram_rows", args.bigram_rows > 0)) if on]
+        self.looks_back = [flag for flag, on in (("--smear", args.smear), ("--bigram_rows", args.bigram_rows > 0))
+                           if on] + [f.LOOKS_BACK for f in features_on(args) if hasattr(f, "LOOKS_BACK")]
         self.value_embeds = nn.ModuleList([nn.Embedding(args.vocab_size, value_embed_dim(args))
                                            for _ in range(nve)])
         if args.value_embed_std != 1.0:  # the same N(0, 1) draw, scaled (frontier recipe 3.2: 0.01)

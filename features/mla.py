@@ -20,6 +20,7 @@ class Flags:
     mla_rope_dim: int = 64  # MLA rotary dims per head, carried by one key part shared across heads
 
 
+ATTENTION_NAME = "MLA (--mla_kv_rank > 0)"  # it has no per-head hooks (refuse_without_head_hooks)
 NEEDS = dict(
     mla_q_rank=("--mla_kv_rank > 0", lambda a: a.mla_kv_rank > 0),
     mla_rope_dim=("--mla_kv_rank > 0", lambda a: a.mla_kv_rank > 0),

@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from features.xsa import remove_value_component
 from train_gpt import (Hyperparameters, ModelPart, PassThrough, build_attention, build_mlp, compose_heads,
                        count_params, dense_flops_per_token, dropout_layer, kv_heads, norm, parse_layer_list,
-                       remove_value_component, skip_connections, value_embed_dim, value_embed_tables)
+                       refuse_without_head_hooks, skip_connections, value_embed_dim, value_embed_tables)
 
 
 @dataclass
@@ -40,6 +41,7 @@ NEEDS = dict(
 )
 # W1, W2 ("mudd", "mudd_gate") and b ("mudd_bias"; with the gates' scale s "mudd_gate_bias": no weight decay)
 ADAM_GROUPS = ("mudd", "mudd_bias", "mudd_gate", "mudd_gate_bias")
+REQUIRES = ("xsa",)  # the gated XSA removes the same value component per token
 RECORD_BF16_GROUPS = ADAM_GROUPS  # --param_dtype=record: the record stores W1, W2, b in bf16 (not the gates' s)
 
 
@@ -105,6 +107,8 @@ def check_gates(args: Hyperparameters, fail):
         if gated_attn:
             fail("--mudd_gate_attn_layers scales heads by MUDD gate values: it needs --mudd_gate_block")
         return
+    if gated_attn:
+        refuse_without_head_hooks(args, "--mudd_gate_attn_layers", fail)
     if not 1 <= k < L or k == args.mudd_block:
         fail(f"--mudd_gate_block={k}: the block whose input feeds the second gate must be in 1..{L - 1} (the first "
              f"gate, from x0, serves the blocks before it) and not the --mudd_block (recipe: 4)")

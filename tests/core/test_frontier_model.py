@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 
+import features.attn_gate as attn_gate_feature
+import features.key_offset as key_offset_feature
 import features.mudd as mudd_feature
+import features.xsa as xsa_feature
 import train_gpt as tg
 from conftest import (assert_future_never_changes_past, assert_traces_as_one_graph_in_bf16, cached_logits, live_model,
                       randomize_zero_matrices, smoke_args, tokens_with_docs)
@@ -25,8 +28,8 @@ def test_default_model_has_no_frontier_modules():
     args = smoke_args()
     torch.manual_seed(0)
     model = tg.build_model(args)
-    frontier = (tg.Smear, tg.BigramHashEmbedding, tg.SigmoidSkipWeights, tg.KeyOffset, tg.ValueEmbedGate,
-                tg.ExclusiveSelfAttention, tg.AttentionGate)
+    frontier = (tg.Smear, tg.BigramHashEmbedding, tg.SigmoidSkipWeights, key_offset_feature.KeyOffset,
+                tg.ValueEmbedGate, xsa_feature.ExclusiveSelfAttention, attn_gate_feature.AttentionGate)
     assert not [m for m in model.modules() if isinstance(m, frontier)]
     hooks = [getattr(b.attn, name) for b in model.blocks if b.attn is not None
              for name in ("key_offset", "ve_gate", "xsa", "out_gate")]
@@ -150,45 +153,6 @@ def attention_pair(*flags, layer: int = 0):
     return plain, hooked
 
 
-def test_key_offset_shifts_exactly_the_unrotated_dims():
-    rotary = tg.Rotary(128, 64)
-    shift = tg.KeyOffset(rotary)
-    dims = shift.shifted.nonzero().flatten().tolist()
-    assert dims == list(range(32, 64)) + list(range(96, 128))  # chunk-halves layout: pairs (i, i + 64), i >= 32
-    x = torch.randn(1, 7, 2, 128)
-    rotated = rotary(x)
-    torch.testing.assert_close(rotated[..., dims], x[..., dims])  # frequency zero: rotary leaves them alone
-    assert not torch.allclose(rotated[:, 1:, :, :32], x[:, 1:, :, :32])
-    k = shift(rotated)
-    torch.testing.assert_close(k[:, 1:, :, dims], rotated[:, :-1, :, dims])
-    keep = [d for d in range(128) if d not in dims]
-    torch.testing.assert_close(k[..., keep], rotated[..., keep])
-    torch.testing.assert_close(k[:, 0], rotated[:, 0])
-
-
-def test_key_offset_sits_on_long_window_layers_only():
-    model = tg.build_model(smoke_args("--key_offset=true"))  # window kinds L S S L, block 2 has no attention
-    kinds = [type(b.attn.key_offset).__name__ if b.attn is not None else None for b in model.blocks]
-    assert model.window_kind == list("LSSL") and kinds == ["KeyOffset", "PassThrough", None, "KeyOffset"]
-
-
-def test_attention_gate_halves_the_heads_at_init_and_matches_a_hand_gate():
-    plain, gated = attention_pair("--attn_gate=true")
-    assert gated.out_gate.weight.shape == (2, 12) and not gated.out_gate.weight.any()
-    with torch.no_grad():
-        plain.c_proj.weight.normal_(0, 0.1)
-        gated.c_proj.weight.copy_(plain.c_proj.weight)
-    x = tg.norm(torch.randn(1, 256, 128))
-    mask = tg.dense_attention_mask(tokens_with_docs(256, [0]), 2)
-    with torch.no_grad():
-        torch.testing.assert_close(gated(x, None, mask), 0.5 * plain(x, None, mask))
-        gated.out_gate.weight.normal_()
-        proj, plain.c_proj = plain.c_proj, torch.nn.Identity()
-        y = plain(x, None, mask).view(1, 256, 2, 64)  # the ungated per-head outputs
-        gate = torch.stack([torch.sigmoid(x[0, :, :12] @ gated.out_gate.weight[h]) for h in range(2)], -1)
-        torch.testing.assert_close(gated(x, None, mask), proj((y * gate[None, :, :, None]).flatten(-2)))
-
-
 def test_value_embedding_gate_is_one_at_init_and_matches_a_hand_gate():
     plain, gated = attention_pair("--ve_gate=true")
     assert gated.ve_gate.weight.shape == (2, 12)
@@ -207,27 +171,6 @@ def test_value_embedding_gate_is_one_at_init_and_matches_a_hand_gate():
     model = tg.build_model(smoke_args("--ve_gate=true"))  # value embeddings on blocks 0 and 3 (block 2: no attn)
     assert [isinstance(b.attn.ve_gate, tg.ValueEmbedGate) for b in model.blocks if b.attn is not None] == \
         [True, False, True]
-
-
-def test_xsa_removes_tanh_alpha_of_the_value_direction():
-    xsa = tg.ExclusiveSelfAttention(heads=4, kv_heads=2)
-    y, v = torch.randn(1, 9, 4, 16), torch.randn(1, 9, 2, 16)
-    v[0, 3, 1] = 0  # a zero value: no division by zero
-    assert torch.equal(xsa(y, v), y)  # alpha = 0
-    with torch.no_grad():
-        xsa.alpha.copy_(torch.tensor([0.3, -1.0, 2.0, 50.0]))
-    out = xsa(y, v)
-    vq = v.repeat_interleave(2, dim=2)  # query heads 0, 1 read K/V head 0; 2, 3 read head 1
-    for h in range(4):
-        t = math.tanh(xsa.alpha[h].item())
-        dot_in, dot_out = (y[..., h, :] * vq[..., h, :]).sum(-1), (out[..., h, :] * vq[..., h, :]).sum(-1)
-        torch.testing.assert_close(dot_out, (1 - t) * dot_in, rtol=1e-4, atol=1e-4)
-        # only the value direction changes: the part orthogonal to v is y's own
-        perp = lambda z: z - (z * vq[..., h, :]).sum(-1, keepdim=True) / (vq[..., h, :] ** 2).sum(
-            -1, keepdim=True).clamp_min(1e-8) * vq[..., h, :]
-        torch.testing.assert_close(perp(out[..., h, :]), perp(y[..., h, :]), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out[0, 3, 2:], y[0, 3, 2:])  # zero value vector: y unchanged
-    assert (out[..., 3, :] * vq[..., 3, :]).sum(-1).abs().max() < 1e-3  # tanh(50) = 1: orthogonal to v
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,7 +211,7 @@ def test_every_new_parameter_learns_and_has_one_optimizer():
         assert p.grad is not None and p.grad.any(), name
     groups = tg.param_groups(model, args)
     muon = {id(p) for p in groups["matrices"]}
-    gates = [m.weight for m in model.modules() if isinstance(m, tg.AttentionGate)]
+    gates = [m.weight for m in model.modules() if isinstance(m, attn_gate_feature.AttentionGate)]
     assert gates and all(id(w) in muon for w in gates)  # r28's choice: the (heads, 12) gates train with Muon
     ve_gates = [m.weight for m in model.modules() if isinstance(m, tg.ValueEmbedGate)]  # the record's: Adam's
     assert ve_gates and [id(w) for w in groups["ve_gate"]] == [id(w) for w in ve_gates]
@@ -344,10 +287,11 @@ def test_full_size_hooks_sit_on_the_mapped_blocks(full_model):
     model, _ = full_model
     on = lambda name, cls: [i for i, b in enumerate(model.blocks) if b.attn is not None and
                             isinstance(getattr(b.attn, name), cls)]
-    assert on("key_offset", tg.KeyOffset) == [0, 4, 11]  # the long-window blocks with attention (7 has none)
-    assert on("xsa", tg.ExclusiveSelfAttention) == [2, 4, 5, 8, 9, 11]
+    # the long-window blocks with attention (7 has none)
+    assert on("key_offset", key_offset_feature.KeyOffset) == [0, 4, 11]
+    assert on("xsa", xsa_feature.ExclusiveSelfAttention) == [2, 4, 5, 8, 9, 11]
     assert on("ve_gate", tg.ValueEmbedGate) == [0, 1, 2, 9, 10, 11]  # the blocks that read a value embedding
-    assert on("out_gate", tg.AttentionGate) == [i for i in range(12) if i != 7]
+    assert on("out_gate", attn_gate_feature.AttentionGate) == [i for i in range(12) if i != 7]
     assert model.blocks[2].attn.xsa.alpha.shape == (6,) and model.blocks[0].attn.out_gate.weight.shape == (6, 12)
 
 
@@ -356,7 +300,7 @@ def test_describe_model_counts_the_new_parameters_and_gate_flops(full_model):
     assert tg.count_params(model) - 275_598_388 == 11 * 6 * 12 + 6 * 6 * 12 + 6 * 6 + 13
     text = tg.describe_model(model, args)
     assert "attention 25,953,538" in text and "block/skip scalars 43" in text  # 25,952,278 + 1,260; 30 + 13
-    gates = [m for m in model.modules() if isinstance(m, (tg.AttentionGate, tg.ValueEmbedGate))]
+    gates = [m for m in model.modules() if isinstance(m, (attn_gate_feature.AttentionGate, tg.ValueEmbedGate))]
     assert sum(map(tg.dense_flops_per_token, gates)) == 2 * (11 + 6) * 6 * 12  # a 12-input dot per head and gate
     assert "attention 88.3M" in text  # + 2,448 FLOPs: below the print's 0.1M resolution
 
@@ -400,9 +344,10 @@ def test_frontier_preset_builds_the_recipes_eleven_layers(frontier_model):
     assert isinstance(model.blocks[10], mudd_feature.MuddBlock) and model.blocks[10].source == 7
     on = lambda name, cls: [i for i, b in enumerate(model.blocks) if b.attn is not None and
                             isinstance(getattr(b.attn, name), cls)]
-    assert on("key_offset", tg.KeyOffset) == [3, 10]
+    assert on("key_offset", key_offset_feature.KeyOffset) == [3, 10]
     assert on("xsa", mudd_feature.GatedExclusiveSelfAttention) == [1, 3, 4, 7]
-    assert on("out_gate", mudd_feature.GatedHeadScale) == [3, 10] and not on("out_gate", tg.AttentionGate)  # r85's [H]
+    assert on("out_gate", mudd_feature.GatedHeadScale) == [3, 10]  # r85's [H]
+    assert not on("out_gate", attn_gate_feature.AttentionGate)
     assert on("ve_gate", tg.ValueEmbedGate) == [1, 2, 8, 9]  # block 10's value embedding: MUDD's m6, m7
     # inits (recipe 3.1-3.2): head N(0, 0.005^2), value embeddings N(0, 0.01^2), attention outputs uniform
     assert model.lm_head.weight.std().item() == pytest.approx(0.005, rel=0.01)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import features.mudd as mudd_feature
+import features.xsa as xsa_feature
 import train_gpt as tg
 from conftest import assert_traces_as_one_graph_in_bf16, cached_logits, frontier_args, live_model, smoke_args, smoke_model
 
@@ -81,7 +82,7 @@ def test_gated_xsa_is_static_xsa_with_each_tokens_alpha():
     torch.manual_seed(0)
     y, v, alpha = torch.randn(1, 5, 4, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 4) * 2
     gated = mudd_feature.GatedExclusiveSelfAttention(4, 2, "gate.xsa3")(y, v, {"gate.xsa3": alpha})
-    static = tg.ExclusiveSelfAttention(4, 2)
+    static = xsa_feature.ExclusiveSelfAttention(4, 2)
     for t in range(5):
         with torch.no_grad():
             static.alpha.copy_(alpha[0, t])
