@@ -85,8 +85,6 @@ class Hyperparameters:
     attn_lambdas: str = "ve"  # ve: v = l0 v + l1 ve (#21, l = 0.5, 0.5) | o: v = l0 v + ve, out = l1 proj(y) (r47, 1)
     bigram_rows: int = 0  # hashed bigram embedding table rows (0 = off; recipe 377,280), added to x0 times g = 0.05
     paired_head_layers: str = ""  # blocks whose heads g, g+H/2 attend as one interleaved 2T sequence (r58; "" = off)
-    dc_layers: str = ""  # blocks adding dynamically-composed attention: heads' probabilities mixed per token (r85)
-    dc_window: int = 112  # DC's window in tokens (within the document, this token included)
     # the recipe's shape (frontier recipe 3.1-3.3): which blocks read which tables and skips, and the inits
     value_embed_layers: str = ""  # blocks reading value-embedding tables 0, 1, ... in order ("" = first/last nve)
     skip_pairs: str = ""  # skips "src:dst,...": dst's input += w * src's output ("" = U-net, block i -> L-1-i)
@@ -369,7 +367,7 @@ MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=
                   muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, adam_eps=0.0,
                   attn_scale=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
                   muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_wd=0.0, adam_every=1, extension_steps=0,
-                  dc_window=1)
+                  )
 UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_momentum_end", "adam_beta1",
                  "adam_beta2")
 # flag -> (what makes it meaningful, a predicate on args): setting the flag without that draws a warning
@@ -382,7 +380,6 @@ NEEDS = dict(
     yarn=("--stages (YaRN follows the stages' window changes)", lambda a: bool(a.stages)),
     window_schedule_tokens=("#21's schedule (it is replaced by --stages)", lambda a: not a.stages),
     ve_gate=("--num_value_embeds > 0 (it gates the value embeddings)", lambda a: a.num_value_embeds > 0),
-    dc_window=("--dc_layers", lambda a: bool(a.dc_layers)),
 )
 
 
@@ -495,22 +492,6 @@ def check_frontier_model(args: Hyperparameters, fail):
         fail(f"--bigram_rows={args.bigram_rows} must be 0 (off) or >= 2 (hashes take rows - 1 values, plus the "
              f"row of position 0)")
     check_paired_heads(args, attention, fail)
-    check_dc(args, attention, fail)
-
-
-def check_dc(args: Hyperparameters, attention: set, fail):
-    """--dc_layers: multi-head attention blocks that are not paired (the head mix rolls values across heads)."""
-    try:
-        dc = parse_layer_list(args.dc_layers)
-    except ValueError:
-        fail(f"--dc_layers={args.dc_layers!r}: expected comma-separated block indices such as '10'")
-    bad = sorted(set(dc) - attention) + sorted(set(dc) & set(parse_layer_list(args.paired_head_layers)))
-    if bad or len(set(dc)) != len(dc):
-        fail(f"--dc_layers={args.dc_layers!r} must name different blocks with attention and without paired heads; "
-             f"{bad or 'a block twice'}")
-    if dc and (args.mla_kv_rank > 0 or kv_heads(args) != args.num_heads):
-        fail("--dc_layers mixes every head's probabilities onto every head's values: it needs multi-head attention "
-             "(no --n_kv_heads, no --mla_kv_rank)")
 
 
 def check_paired_heads(args: Hyperparameters, attention: set, fail):
@@ -677,10 +658,13 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   head_hooks(attn, args, layer)   replaces PassThrough hooks of a block's HeadAttention (key offset, XSA, gate)
 #   LOOKS_BACK = "--flag"         it reads the previous token: decoding with a KV cache refuses it
 #   ATTENTION_NAME                 how messages name the attention its attention socket builds (no per-head hooks)
+#   masks(args) -> {name: build(inputs)}   masks its modules read (sources["masks"][name]), built once per forward
+#   NO_KV_CACHE = "--flag"        decoding with a KV cache cannot serve it (a mask the cache does not build)
+#   score_flops(model, args) -> [(label, flops per token)]   attention work it adds, in describe_model's scores
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
-FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "key_offset", "xsa", "attn_gate",
-                 "mudd", "mtp")
+FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "key_offset", "dc", "xsa",
+                 "attn_gate", "mudd", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1526,39 +1510,6 @@ class ValueEmbedGate(nn.Module):
         return 2 * torch.sigmoid(F.linear(features, self.weight.type_as(x)))[..., None] * ve
 
 
-def compose_heads(y: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, mask, w1: Tensor, w2: Tensor) -> Tensor:
-    """DC's y_h += w2_h sum_s (sum_h' w1n_h' P_h'(t, s)) v_h(s), w1n = w1 / sqrt(mean_h(w1^2) + 1e-6); y (B, T,
-    heads, head_dim), q, k, v (B, heads, T, head_dim) as attend takes them, w1 and w2 broadcasting to (B, T, heads,
-    1). FlexAttention returns per-head P_h V_h only, so the head mix runs over rolled values: call j gives head h'
-    its own probabilities on head h' + j's values, weighed by w1n_h' and rolled back onto head h' + j; the sum over
-    j covers every h'. The mix reads each output transposed, token-major like y: inductor's CPU FlexAttention
-    template cannot take a pointwise epilogue, which a head-major multiply would become."""
-    w1n = (w1.float() * torch.rsqrt(w1.float().square().mean(-2, keepdim=True) + 1e-6))
-    mixed = 0
-    for j in range(q.size(1)):
-        mixed = mixed + (w1n * attend(q, k, v.roll(-j, dims=1), mask, scale).transpose(1, 2)).roll(j, dims=2)
-    return y + (w2 * mixed).type_as(y)
-
-
-class DynamicComposition(nn.Module):
-    """--dc_layers (frontier recipe 3.4, r85's lightweight dynamically-composable attention): after the attention,
-    each head also reads its own values through a mix of all heads' attention probabilities over a short window,
-      P_h(t, s) = softmax_s(scale q_h(t) . k_h(s)) over s in t's document, t - s < --dc_window (112),
-      y_h(t) += w2_h sum_s (sum_h' w1n_h' P_h'(t, s)) v_h(s),   w1n = w1 / RMS_h(w1),
-    with the attention's own q, k (normed, rotated, key-offset), v (value embedding added) and scale, so a head can
-    look where another head looks. w1 (init 1) and w2 (init 0: no change at init) per head, Adam scalars here;
-    per token from the MUDD gates in GatedDynamicComposition. Cost: heads extra attention calls over the short
-    window (compose_heads; the recipe's Triton kernel computes the softmax once, these recompute it per call)."""
-
-    def __init__(self, heads: int):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.ones(heads))
-        self.w2 = nn.Parameter(torch.zeros(heads))
-
-    def forward(self, y: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, sources: dict) -> Tensor:
-        return compose_heads(y, q, k, v, scale, sources["masks"]["dc"], self.w1[:, None], self.w2[:, None])
-
-
 def value_lambdas_r21(lambdas: Tensor, v: Tensor, ve: Tensor | None) -> Tensor:
     """#21: v = l0 v + l1 ve (both learned, init 0.5)."""
     return lambdas[0] * v if ve is None else lambdas[0] * v + lambdas[1] * ve
@@ -1763,13 +1714,11 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
         attn.scale_qk, attn.mix_values, attn.scale_output, l1 = ATTN_LAMBDAS[args.attn_lambdas]
         with torch.no_grad():
             attn.lambdas[1] = l1
-    # a feature may serve DC's weights or the heads' output scales per token (gated: --mudd_gate_block)
-    if layer in parse_layer_list(args.dc_layers):
-        attn.dc = gated_or("dc", args, layer, lambda: DynamicComposition(args.num_heads))
+    # a feature may scale the heads' outputs per token (gated: --mudd_gate_block)
     head_scale = built_by_feature("gated", "head_scale", args, layer)  # --attn_gate's sigmoid gate gives way to it
     if head_scale is not None:
         attn.out_gate = head_scale
-    for hooks in feature_hooks("head_hooks"):  # --key_offset, --xsa_layers, --attn_gate
+    for hooks in feature_hooks("head_hooks"):  # --key_offset, --dc_layers, --xsa_layers, --attn_gate
         hooks(attn, args, layer)
 
 
@@ -2265,9 +2214,11 @@ class GPT(nn.Module):
         self.mask_key = [("paired_" if i in self.paired_layers else "") + kind
                          for i, kind in enumerate(self.window_kind)]
         self.window_unit = args.window_unit  # which window rule every mask (and a KVCache) applies: WINDOW_RULES
-        # --dc_layers: their DC reads one more mask, the token window of --dc_window ("dc"; 0 = none built)
-        self.dc_layers = parse_layer_list(args.dc_layers)
-        self.dc_window = args.dc_window if self.dc_layers else 0
+        # masks a feature's modules read besides the windows (--dc_layers: "dc"), built once per forward
+        self.extra_masks = {name: build for make in feature_hooks("masks") for name, build in make(args).items()}
+        # what decoding with a KV cache cannot serve: the doubled sequence, a feature's extra masks
+        self.no_kv_cache = (["--paired_head_layers"] if self.paired_layers else []) + [
+            f.NO_KV_CACHE for f in features_on(args) if hasattr(f, "NO_KV_CACHE")]
         # validation computes head + loss in chunks of this many tokens
         self.eval_chunk_tokens = max(st.seq_len for st in training_stages(args)) if args.stages else args.seq_len
         # the long window (blocks) when none is given: sampling and evaluation tools
@@ -2294,8 +2245,7 @@ class GPT(nn.Module):
             docs = paired_document_ids(inputs)
             masks.update({"paired_" + kind: build(inputs, w, docs=docs, halvings=h) for kind, (w, h) in windows.items()
                           if "paired_" + kind in self.mask_key})
-        if self.dc_window:
-            masks["dc"] = token_window_mask_builder(inputs)(inputs, self.dc_window)
+        masks.update({name: build(inputs) for name, build in self.extra_masks.items()})
         return masks
 
     def forward(self, inputs: Tensor, targets: Tensor | None = None, window_blocks=None) -> Tensor:
@@ -2319,10 +2269,10 @@ class GPT(nn.Module):
                 raise NotImplementedError(f"decoding with a KV cache does not support {', '.join(self.looks_back)} "
                                           f"(they read the previous token, which the cache does not keep); run full "
                                           f"forward passes instead")
-            if self.paired_layers or self.dc_layers:
-                raise NotImplementedError("decoding with a KV cache does not support --paired_head_layers or "
-                                          "--dc_layers (they attend over the doubled sequence or a second window, "
-                                          "which the cache does not build); run full forward passes instead")
+            if self.no_kv_cache:
+                raise NotImplementedError(f"decoding with a KV cache does not support {' or '.join(self.no_kv_cache)} "
+                                          f"(they attend over the doubled sequence or a second window, which the "
+                                          f"cache does not build); run full forward passes instead")
             masks = cache.begin(inputs, window_blocks, self.window_unit)
         else:
             assert inputs.ndim == 1 and len(inputs) % BLOCK_SIZE == 0, "one packed sequence, a multiple of 128"
@@ -2826,10 +2776,9 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
                 for k, n in (("L", long_blocks), ("S", short_blocks))}
     score_flops = sum(2 * context[model.mask_key[i]] * b.attn.num_heads * (b.attn.qk_dim + b.attn.v_dim)
                       for i, b in enumerate(model.blocks) if b.attn is not None)
-    # --dc_layers: heads more attention calls per DC block over its token window (compose_heads)
-    dc_flops = sum(b.attn.num_heads * 2 * min(model.dc_window, model.eval_chunk_tokens) * b.attn.num_heads *
-                   (b.attn.qk_dim + b.attn.v_dim) for i, b in enumerate(model.blocks) if i in model.dc_layers)
-    score_flops += dc_flops
+    # attention work a feature adds (--dc_layers: heads more attention calls per DC block over its window)
+    extra_scores = [part for count in feature_hooks("score_flops") for part in count(model, args)]
+    score_flops += sum(flops for _, flops in extra_scores)
     attn_flops = sum(dense_flops_per_token(a) for a in attns) + score_flops
     mlp_flops = sum(m.flops_per_token() if hasattr(m, "flops_per_token") else dense_flops_per_token(m) for m in mlps)
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied
@@ -2854,7 +2803,7 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
             f"{f' + bigram hash {bigram_params:,}' if bigram_params else ''}"
             f"{''.join(f' + {part.name} {part.params:,}' for part in parts if part.params)} = {count_params(model):,}\n"
             f"forward FLOPs/token: attention {attn_flops / 1e6:.1f}M (of which scores {score_flops / 1e6:.1f}M "
-            f"at windows {context['L']}/{context['S']}{f', DC {dc_flops / 1e6:.1f}M' if dc_flops else ''}) + mlp "
+            f"at windows {context['L']}/{context['S']}{''.join(f', {n} {f / 1e6:.1f}M' for n, f in extra_scores if f)}) + mlp "
             f"{mlp_flops / 1e6:.1f}M (active) + head "
             f"{head_flops / 1e6:.1f}M"
             f"{''.join(f' + {p.flops_name} {p.flops / 1e6:.{p.flops_digits}f}M' for p in parts if p.flops)} = "

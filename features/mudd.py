@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from features.dc import compose_heads
 from features.xsa import remove_value_component
-from train_gpt import (Hyperparameters, ModelPart, PassThrough, build_attention, build_mlp, compose_heads,
-                       count_params, dense_flops_per_token, dropout_layer, kv_heads, norm, parse_layer_list,
+from train_gpt import (Hyperparameters, ModelPart, PassThrough, build_attention, build_mlp, count_params,
+                       dense_flops_per_token, dropout_layer, kv_heads, norm, parse_layer_list,
                        refuse_without_head_hooks, skip_connections, value_embed_dim, value_embed_tables)
 
 
@@ -41,7 +42,7 @@ NEEDS = dict(
 )
 # W1, W2 ("mudd", "mudd_gate") and b ("mudd_bias"; with the gates' scale s "mudd_gate_bias": no weight decay)
 ADAM_GROUPS = ("mudd", "mudd_bias", "mudd_gate", "mudd_gate_bias")
-REQUIRES = ("xsa",)  # the gated XSA removes the same value component per token
+REQUIRES = ("dc", "xsa")  # the gated DC and XSA compute what theirs do, with per-token weights
 RECORD_BF16_GROUPS = ADAM_GROUPS  # --param_dtype=record: the record stores W1, W2, b in bf16 (not the gates' s)
 
 

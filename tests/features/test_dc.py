@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import features.dc as dc_feature
 import features.mudd as mudd_feature
 import train_gpt as tg
 from conftest import assert_traces_as_one_graph_in_bf16, live_model, smoke_args, smoke_model, tokens_with_docs
@@ -71,10 +72,10 @@ def test_compose_heads_against_the_loop():
     y, q, k, v = (torch.randn(1, H, T, d, generator=g) for _ in range(4))
     w1, w2 = torch.randn(1, T, H, generator=g), torch.randn(1, T, H, generator=g)
     mask = tg.dense_token_window_mask(inputs, 20)
-    out = tg.compose_heads(y.transpose(1, 2), q, k, v, 0.3, mask, w1[..., None], w2[..., None])  # y token-major
+    out = dc_feature.compose_heads(y.transpose(1, 2), q, k, v, 0.3, mask, w1[..., None], w2[..., None])  # y token-major
     expected = reference_composition(y[0], q[0], k[0], v[0], 0.3, tg.document_ids(inputs), 20, w1[0], w2[0])
     torch.testing.assert_close(out[0].transpose(0, 1), expected, rtol=1e-5, atol=1e-5)
-    static = tg.DynamicComposition(H)  # per-head weights: the same with every token's weights equal
+    static = dc_feature.DynamicComposition(H)  # per-head weights: the same with every token's weights equal
     with torch.no_grad():
         static.w1.copy_(w1[0, 5]), static.w2.copy_(w2[0, 5])
     expected = reference_composition(y[0], q[0], k[0], v[0], 0.3, tg.document_ids(inputs), 20,
@@ -92,7 +93,7 @@ def test_dc_at_init_changes_nothing_bit_for_bit():
 def test_future_tokens_never_change_past_logits_and_dc_acts():
     model = live_model(*DC)  # w2 N(0, 0.5^2)
     assert [type(b.attn.dc) for b in model.blocks if b.attn is not None] == \
-        [tg.PassThrough, tg.DynamicComposition, tg.DynamicComposition]
+        [tg.PassThrough, dc_feature.DynamicComposition, dc_feature.DynamicComposition]
     x = tokens_with_docs(512, [0, 200])
     y = x.clone()
     y[400:] = tokens_with_docs(112, [], seed=1)
@@ -160,4 +161,5 @@ def test_frontier_presets_carry_dc():
     smoke = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke"])
     tg.check_config(smoke, 1)
     model = tg.build_model(smoke)
-    assert type(model.blocks[3].attn.dc) is mudd_feature.GatedDynamicComposition and model.dc_window == 112
+    assert type(model.blocks[3].attn.dc) is mudd_feature.GatedDynamicComposition
+    assert model.extra_masks["dc"].keywords == dict(tokens=112)
