@@ -78,7 +78,6 @@ class Hyperparameters:
     tie_embeddings: bool = False  # lm_head reads the token embedding table (x @ E^T / sqrt(model_dim))
     weight_init: str = "uniform"  # uniform | truncated: the matrices' init, both std 0.5/sqrt(fan_in) (see build_model)
     # post-#21 model ideas (frontier recipe sections 3.2-3.4), each off by default, each one module built at start
-    smear: bool = False  # e_t += lam * sigmoid(w . e_t[:12]) * e_(t-1) on the raw token embeddings (w, lam init 0)
     resid_lambda_init: float = 1.0  # init of each block's x-lambda (x = l0 * x + l1 * x0); frontier: 1.1
     skip_gate: bool = False  # U-net skip weights pass through a sigmoid (logits init -1.5)
     ve_gate: bool = False  # value embeddings times 2 sigmoid(w_h . [h[:6], ve[:6]]) per head (w 0: gate 1)
@@ -427,8 +426,9 @@ def check_schedule(args: Hyperparameters, fail):
     if args.param_dtype not in PARAM_DTYPES:
         fail(f"--param_dtype={args.param_dtype!r}; valid values: {', '.join(PARAM_DTYPES)}")
     for name, lr in parse_group_values(args.adam_group_lr, "adam_group_lr", float).items():
-        if name not in SMALL_ADAM_GROUPS or not lr > 0 or not math.isfinite(lr):
-            fail(f"--adam_group_lr: {name}={lr} must name one of {', '.join(SMALL_ADAM_GROUPS)} with a finite LR > 0 "
+        small = feature_table("SMALL_ADAM_GROUPS", SMALL_ADAM_GROUPS)
+        if name not in small or not lr > 0 or not math.isfinite(lr):
+            fail(f"--adam_group_lr: {name}={lr} must name one of {', '.join(small)} with a finite LR > 0 "
                  f"(the other groups have their own flags: --head_lr, --embed_lr, --value_embed_lr, --scalar_lr, "
                  f"--mudd_lr, --mudd_gate_lr, --kron_adam_lr)")
     if args.adam_every > 1 and args.save_every % args.adam_every:
@@ -474,7 +474,7 @@ def check_architecture(args: Hyperparameters, fail):
 
 
 def check_frontier_model(args: Hyperparameters, fail):
-    """The post-#21 model flags (smear, the value-embedding gate, the attention lambdas, bigram hash): values and
+    """The post-#21 model flags (the value-embedding gate, the attention lambdas, bigram hash): values and
     combinations."""
     attention = set(range(args.num_layers)) - set(parse_layer_list(args.no_attn_layers))
     if args.attn_lambdas not in ATTN_LAMBDAS:
@@ -483,8 +483,6 @@ def check_frontier_model(args: Hyperparameters, fail):
                 if on]
     if per_head:
         refuse_without_head_hooks(args, ", ".join(per_head), fail)
-    if args.smear and args.model_dim < 12:
-        fail(f"--smear reads the first 12 dims of the embedding; model_dim={args.model_dim}")
     if args.ve_gate and min(args.model_dim, value_embed_dim(args)) < 6:
         fail(f"--ve_gate reads 6 dims of the attention input and of the value embedding; model_dim="
              f"{args.model_dim}, value-embedding width {value_embed_dim(args)}")
@@ -648,6 +646,7 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   gated(role, args, index) -> a module weighing a core term per token (roles: x0, bigram, skip, xsa, dc,
 #                                head_scale), or None for the core's static form
 #   ADAM_GROUPS, adam_lrs(args) -> {group: lr}   Adam groups of its own (their params from its param_groups)
+#   SMALL_ADAM_GROUPS             Adam groups of its own at --adam_group_lr's LR (else scalar_lr)
 #   RECORD_BF16_GROUPS, record_fp32_params(model)   what --param_dtype=record stores in bf16, and the exceptions
 #   optimizer_hooks(model, adam, muon, args, world_size)   hooks on the optimizers' steps
 #   per_step(model, args, env) -> an object whose at(step, optimizers, micro_batches, window) runs before each step
@@ -663,8 +662,8 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   score_flops(model, args) -> [(label, flops per token)]   attention work it adds, in describe_model's scores
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
-FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "key_offset", "dc", "xsa",
-                 "attn_gate", "mudd", "mtp")
+FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "smear", "key_offset", "dc",
+                 "xsa", "attn_gate", "mudd", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -2023,21 +2022,6 @@ class NEFTune(nn.Module):
         return x + torch.empty_like(x).uniform_(-bound, bound)
 
 
-class Smear(nn.Module):
-    """--smear (frontier recipe 3.2, r34): on the raw token embeddings, e_t += lam sigmoid(w . e_t[:12]) e_(t-1)
-    for t >= 1, across document boundaries like the recipe: a cheap one-token look-back before any attention.
-    w (12) and lam start at zero, so the model starts unsmeared; both are Adam scalars."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate = nn.Parameter(torch.zeros(12))
-        self.lam = nn.Parameter(torch.zeros(1))
-
-    def forward(self, e: Tensor) -> Tensor:  # e (1, T, dim)
-        gate = self.lam[0] * torch.sigmoid(F.linear(e[:, 1:, :12], self.gate[None].type_as(e)))  # (1, T-1, 1)
-        return torch.cat([e[:, :1], e[:, 1:] + gate.type_as(e) * e[:, :-1]], dim=1)
-
-
 BIGRAM_SIGN_ROWS = 8192  # rows of the fixed sign table: j_t = (x_(t-1) XOR x_t) mod 8192
 BIGRAM_SIGN_SEED = 20260520  # the sign trick's record date: any fixed seed gives every rank the same signs
 
@@ -2165,7 +2149,7 @@ class GPT(nn.Module):
         max_seq_len = max_sequence_length(args)
         padded_vocab = next_multiple(args.vocab_size, 128)
         self.embed = nn.Embedding(padded_vocab if args.tie_embeddings else args.vocab_size, dim)
-        self.smear = Smear() if args.smear else nn.Identity()  # on the raw embeddings (--smear)
+        self.smear = nn.Identity()  # a socket on the raw embeddings (--smear: features/smear.py installs it)
         self.embed_noise = NEFTune(args.neftune_alpha) if args.neftune_alpha > 0 else nn.Identity()
         self.mot = PassThrough()  # x0's socket for byte-level information (--mot: features/mot.py installs it)
         # x = x0 + g * bigram embedding (--bigram_rows); the blocks' x0 stays the token embedding alone
@@ -2173,8 +2157,8 @@ class GPT(nn.Module):
         self.bigram = BigramHashEmbedding(args.bigram_rows, dim, built_by_feature("gated", "bigram", args, 0)) \
             if args.bigram_rows else PassThrough()
         # modules that read the previous token, which decoding with a KVCache does not hand them (hidden refuses)
-        self.looks_back = [flag for flag, on in (("--smear", args.smear), ("--bigram_rows", args.bigram_rows > 0))
-                           if on] + [f.LOOKS_BACK for f in features_on(args) if hasattr(f, "LOOKS_BACK")]
+        self.looks_back = (["--bigram_rows"] if args.bigram_rows > 0 else []) + [
+            f.LOOKS_BACK for f in features_on(args) if hasattr(f, "LOOKS_BACK")]
         self.value_embeds = nn.ModuleList([nn.Embedding(args.vocab_size, value_embed_dim(args))
                                            for _ in range(nve)])
         if args.value_embed_std != 1.0:  # the same N(0, 1) draw, scaled (frontier recipe 3.2: 0.01)
@@ -2335,7 +2319,7 @@ def record_bf16_params(model: GPT) -> list[nn.Parameter]:
     residual / output lambdas and the gate scale; its Muon banks are bf16 plus a 16-bit mantissa, fp32 in effect,
     like our fp32 Muon matrices (their bf16 view is the fp32 value truncated, ours rounded to nearest)."""
     groups = param_groups(model)
-    names = ("head", "embeds", "ve_gate", "smear_gate") + feature_table("RECORD_BF16_GROUPS", ())
+    names = ("head", "embeds", "ve_gate") + feature_table("RECORD_BF16_GROUPS", ())
     kept = {id(p) for kept_fp32 in feature_hooks("record_fp32_params") for p in kept_fp32(model)}  # MUDD gates' s
     return [p for name in names for p in groups.get(name, []) if id(p) not in kept]
 
@@ -2371,7 +2355,6 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     # the record's own Adam groups for the small parameters (frontier recipe 2.2): value-embedding gates (a matrix
     # per block, yet Adam's), the smear gate, and --sublayer_lambdas' residual (r) and output (p) lambdas
     small = dict(ve_gate=[m.weight for m in model.modules() if isinstance(m, ValueEmbedGate)],
-                 smear_gate=[m.gate for m in model.modules() if isinstance(m, Smear)],
                  resid_lambdas=[b.resid_lambdas for b in model.blocks if isinstance(b, SublayerBlock)],
                  post_lambdas=[b.post_lambdas for b in model.blocks if isinstance(b, SublayerBlock)])
     routed = routed_params(model, args)  # the features' parameters, by group
@@ -2399,7 +2382,7 @@ def routed_params(model: GPT, args: Hyperparameters | None) -> dict:
     return routed
 
 
-SMALL_ADAM_GROUPS = ("ve_gate", "smear_gate", "resid_lambdas", "post_lambdas")  # LR: --adam_group_lr or scalar_lr
+SMALL_ADAM_GROUPS = ("ve_gate", "resid_lambdas", "post_lambdas")  # LR: --adam_group_lr or scalar_lr (features add)
 ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars") + SMALL_ADAM_GROUPS
 
 
@@ -2408,9 +2391,9 @@ def parse_group_values(text: str, flag: str, parse) -> dict:
     values = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        if name not in feature_table("ADAM_GROUPS", ADAM_GROUPS):
-            raise SystemExit(f"error: --{flag}: unknown Adam group {name!r}; groups: "
-                             f"{', '.join(feature_table('ADAM_GROUPS', ADAM_GROUPS))}")
+        known = feature_table("ADAM_GROUPS", ADAM_GROUPS) + feature_table("SMALL_ADAM_GROUPS", ())
+        if name not in known:
+            raise SystemExit(f"error: --{flag}: unknown Adam group {name!r}; groups: {', '.join(known)}")
         try:
             values[name] = parse(value)
         except ValueError:
@@ -2436,7 +2419,8 @@ def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
                   **{name: groups.get(name, []) for name in ADAM_GROUPS[4:]})
     small_lrs = parse_group_values(args.adam_group_lr, "adam_group_lr", float)
     lrs = dict(head=args.head_lr, embed=args.embed_lr, value_embeds=args.value_embed_lr or args.embed_lr,
-               scalars=args.scalar_lr, **{name: small_lrs.get(name, args.scalar_lr) for name in SMALL_ADAM_GROUPS})
+               scalars=args.scalar_lr, **{name: small_lrs.get(name, args.scalar_lr)
+                                          for name in feature_table("SMALL_ADAM_GROUPS", SMALL_ADAM_GROUPS)})
     for feature_lrs in feature_hooks("adam_lrs"):  # the Adam groups of features' own (--kron_mlp: "kron", MUDD's)
         lrs |= feature_lrs(args)
     params |= {name: groups.get(name, []) for name in lrs.keys() - params.keys()}

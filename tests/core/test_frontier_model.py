@@ -10,6 +10,7 @@ import torch
 import features.attn_gate as attn_gate_feature
 import features.key_offset as key_offset_feature
 import features.mudd as mudd_feature
+import features.smear as smear_feature
 import features.xsa as xsa_feature
 import train_gpt as tg
 from conftest import (assert_future_never_changes_past, assert_traces_as_one_graph_in_bf16, cached_logits, live_model,
@@ -28,7 +29,7 @@ def test_default_model_has_no_frontier_modules():
     args = smoke_args()
     torch.manual_seed(0)
     model = tg.build_model(args)
-    frontier = (tg.Smear, tg.BigramHashEmbedding, tg.SigmoidSkipWeights, key_offset_feature.KeyOffset,
+    frontier = (smear_feature.Smear, tg.BigramHashEmbedding, tg.SigmoidSkipWeights, key_offset_feature.KeyOffset,
                 tg.ValueEmbedGate, xsa_feature.ExclusiveSelfAttention, attn_gate_feature.AttentionGate)
     assert not [m for m in model.modules() if isinstance(m, frontier)]
     hooks = [getattr(b.attn, name) for b in model.blocks if b.attn is not None
@@ -69,21 +70,6 @@ def test_look_back_modules_cross_document_boundaries(flag):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Smear
-
-
-def test_smear_by_hand():
-    smear = tg.Smear()
-    with torch.no_grad():
-        smear.gate.copy_(torch.linspace(-1, 1, 12))
-        smear.lam.fill_(0.7)
-    e = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(0))
-    expected = e.clone()
-    for t in range(1, 5):
-        g = 1 / (1 + math.exp(-sum(smear.gate[i].item() * e[0, t, i].item() for i in range(12))))
-        expected[0, t] = e[0, t] + 0.7 * g * e[0, t - 1]  # the raw e_(t-1), not its smeared value
-    torch.testing.assert_close(smear(e), expected)
-    fresh = tg.Smear()
-    assert torch.equal(fresh(e), e) and fresh.gate.shape == (12,) and fresh.lam.shape == (1,)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +299,7 @@ def test_frontier_presets_carry_the_model_half():
     smoke = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke"])
     tg.check_config(smoke, 1)
     model = tg.build_model(smoke)
-    assert isinstance(model.smear, tg.Smear) and model.bigram.rows == 8192
+    assert isinstance(model.smear, smear_feature.Smear) and model.bigram.rows == 8192
     assert model.skips_into[2] == [(0, 1)] and model.ve_table == [None, 0, None, 1]
     assert isinstance(model.mudd_final, mudd_feature.MuddFinalMix)  # MUDD j=1
     assert isinstance(model.blocks[3], mudd_feature.MuddBlock)  # MUDD j=0

@@ -13,7 +13,8 @@ SOCKETS = {"Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check",
            "log_after_training", "mlp_args", "args_at_step", "ADAM_GROUPS", "adam_lrs", "optimizer_hooks",
            "per_step", "val_log", "gated", "RECORD_BF16_GROUPS", "record_fp32_params",
            "MLP_ACTS", "activation", "train_loss", "schedule",
-           "head_hooks", "LOOKS_BACK", "ATTENTION_NAME", "masks", "NO_KV_CACHE", "score_flops"}
+           "head_hooks", "LOOKS_BACK", "ATTENTION_NAME", "masks", "NO_KV_CACHE", "score_flops",
+           "SMALL_ADAM_GROUPS"}
 
 
 def top_level_names(tree: ast.Module) -> set[str]:
