@@ -80,7 +80,6 @@ class Hyperparameters:
     # post-#21 model ideas (frontier recipe sections 3.2-3.4), each off by default, each one module built at start
     resid_lambda_init: float = 1.0  # init of each block's x-lambda (x = l0 * x + l1 * x0); frontier: 1.1
     skip_gate: bool = False  # U-net skip weights pass through a sigmoid (logits init -1.5)
-    ve_gate: bool = False  # value embeddings times 2 sigmoid(w_h . [h[:6], ve[:6]]) per head (w 0: gate 1)
     attn_lambdas: str = "ve"  # ve: v = l0 v + l1 ve (#21, l = 0.5, 0.5) | o: v = l0 v + ve, out = l1 proj(y) (r47, 1)
     bigram_rows: int = 0  # hashed bigram embedding table rows (0 = off; recipe 377,280), added to x0 times g = 0.05
     paired_head_layers: str = ""  # blocks whose heads g, g+H/2 attend as one interleaved 2T sequence (r58; "" = off)
@@ -378,7 +377,6 @@ NEEDS = dict(
     val_window=("--stages", lambda a: bool(a.stages)),
     yarn=("--stages (YaRN follows the stages' window changes)", lambda a: bool(a.stages)),
     window_schedule_tokens=("#21's schedule (it is replaced by --stages)", lambda a: not a.stages),
-    ve_gate=("--num_value_embeds > 0 (it gates the value embeddings)", lambda a: a.num_value_embeds > 0),
 )
 
 
@@ -479,13 +477,8 @@ def check_frontier_model(args: Hyperparameters, fail):
     attention = set(range(args.num_layers)) - set(parse_layer_list(args.no_attn_layers))
     if args.attn_lambdas not in ATTN_LAMBDAS:
         fail(f"--attn_lambdas={args.attn_lambdas!r}; valid values: {', '.join(ATTN_LAMBDAS)}")
-    per_head = [flag for flag, on in (("--ve_gate", args.ve_gate), ("--attn_lambdas=o", args.attn_lambdas == "o"))
-                if on]
-    if per_head:
-        refuse_without_head_hooks(args, ", ".join(per_head), fail)
-    if args.ve_gate and min(args.model_dim, value_embed_dim(args)) < 6:
-        fail(f"--ve_gate reads 6 dims of the attention input and of the value embedding; model_dim="
-             f"{args.model_dim}, value-embedding width {value_embed_dim(args)}")
+    if args.attn_lambdas == "o":
+        refuse_without_head_hooks(args, "--attn_lambdas=o", fail)
     if args.bigram_rows < 0 or args.bigram_rows == 1:
         fail(f"--bigram_rows={args.bigram_rows} must be 0 (off) or >= 2 (hashes take rows - 1 values, plus the "
              f"row of position 0)")
@@ -662,8 +655,8 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   score_flops(model, args) -> [(label, flops per token)]   attention work it adds, in describe_model's scores
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
-FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "smear", "key_offset", "dc",
-                 "xsa", "attn_gate", "mudd", "mtp")
+FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "smear", "ve_gate", "key_offset",
+                 "dc", "xsa", "attn_gate", "mudd", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1495,20 +1488,6 @@ class PassThrough(nn.Module):
         return x
 
 
-class ValueEmbedGate(nn.Module):
-    """--ve_gate (frontier recipe 3.4, r55 with r70's input): each head's value embedding times
-    g_h = 2 sigmoid(w_h . [h[:6], ve[:6]]), h the normed attention input, ve[:6] the first 6 dims of the whole
-    value embedding. w zero: g = 1, the ungated model at init."""
-
-    def __init__(self, heads: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(heads, 12))
-
-    def forward(self, ve: Tensor, x: Tensor) -> Tensor:  # ve (B, T, kv_heads, head_dim), x (B, T, dim)
-        features = torch.cat([x[..., :6], ve.flatten(-2)[..., :6]], dim=-1)
-        return 2 * torch.sigmoid(F.linear(features, self.weight.type_as(x)))[..., None] * ve
-
-
 def value_lambdas_r21(lambdas: Tensor, v: Tensor, ve: Tensor | None) -> Tensor:
     """#21: v = l0 v + l1 ve (both learned, init 0.5)."""
     return lambdas[0] * v if ve is None else lambdas[0] * v + lambdas[1] * ve
@@ -1707,8 +1686,6 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
     """Replace the PassThrough hooks of block `layer`'s attention with the modules its flags ask for: the key
     offset on long-window blocks, the value-embedding gate on blocks with a value embedding, XSA on --xsa_layers,
     the output gate everywhere or the MUDD-gated head scale on --mudd_gate_attn_layers (frontier recipe 3.4)."""
-    if args.ve_gate and value_embed_tables(args)[layer] is not None:
-        attn.ve_gate = ValueEmbedGate(kv_heads(args))
     if args.attn_lambdas != "ve":
         attn.scale_qk, attn.mix_values, attn.scale_output, l1 = ATTN_LAMBDAS[args.attn_lambdas]
         with torch.no_grad():
@@ -1717,7 +1694,7 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
     head_scale = built_by_feature("gated", "head_scale", args, layer)  # --attn_gate's sigmoid gate gives way to it
     if head_scale is not None:
         attn.out_gate = head_scale
-    for hooks in feature_hooks("head_hooks"):  # --key_offset, --dc_layers, --xsa_layers, --attn_gate
+    for hooks in feature_hooks("head_hooks"):  # --ve_gate, --key_offset, --dc_layers, --xsa_layers, --attn_gate
         hooks(attn, args, layer)
 
 
@@ -2319,7 +2296,7 @@ def record_bf16_params(model: GPT) -> list[nn.Parameter]:
     residual / output lambdas and the gate scale; its Muon banks are bf16 plus a 16-bit mantissa, fp32 in effect,
     like our fp32 Muon matrices (their bf16 view is the fp32 value truncated, ours rounded to nearest)."""
     groups = param_groups(model)
-    names = ("head", "embeds", "ve_gate") + feature_table("RECORD_BF16_GROUPS", ())
+    names = ("head", "embeds") + feature_table("RECORD_BF16_GROUPS", ())
     kept = {id(p) for kept_fp32 in feature_hooks("record_fp32_params") for p in kept_fp32(model)}  # MUDD gates' s
     return [p for name in names for p in groups.get(name, []) if id(p) not in kept]
 
@@ -2354,8 +2331,7 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     affine is a scalar group."""
     # the record's own Adam groups for the small parameters (frontier recipe 2.2): value-embedding gates (a matrix
     # per block, yet Adam's), the smear gate, and --sublayer_lambdas' residual (r) and output (p) lambdas
-    small = dict(ve_gate=[m.weight for m in model.modules() if isinstance(m, ValueEmbedGate)],
-                 resid_lambdas=[b.resid_lambdas for b in model.blocks if isinstance(b, SublayerBlock)],
+    small = dict(resid_lambdas=[b.resid_lambdas for b in model.blocks if isinstance(b, SublayerBlock)],
                  post_lambdas=[b.post_lambdas for b in model.blocks if isinstance(b, SublayerBlock)])
     routed = routed_params(model, args)  # the features' parameters, by group
     own_ids = {id(p) for params in [*small.values(), *routed.values()] for p in params}
@@ -2382,7 +2358,7 @@ def routed_params(model: GPT, args: Hyperparameters | None) -> dict:
     return routed
 
 
-SMALL_ADAM_GROUPS = ("ve_gate", "resid_lambdas", "post_lambdas")  # LR: --adam_group_lr or scalar_lr (features add)
+SMALL_ADAM_GROUPS = ("resid_lambdas", "post_lambdas")  # LR: --adam_group_lr or scalar_lr (features add theirs)
 ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars") + SMALL_ADAM_GROUPS
 
 

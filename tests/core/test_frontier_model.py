@@ -11,6 +11,7 @@ import features.attn_gate as attn_gate_feature
 import features.key_offset as key_offset_feature
 import features.mudd as mudd_feature
 import features.smear as smear_feature
+import features.ve_gate as ve_gate_feature
 import features.xsa as xsa_feature
 import train_gpt as tg
 from conftest import (assert_future_never_changes_past, assert_traces_as_one_graph_in_bf16, cached_logits, live_model,
@@ -30,7 +31,7 @@ def test_default_model_has_no_frontier_modules():
     torch.manual_seed(0)
     model = tg.build_model(args)
     frontier = (smear_feature.Smear, tg.BigramHashEmbedding, tg.SigmoidSkipWeights, key_offset_feature.KeyOffset,
-                tg.ValueEmbedGate, xsa_feature.ExclusiveSelfAttention, attn_gate_feature.AttentionGate)
+                ve_gate_feature.ValueEmbedGate, xsa_feature.ExclusiveSelfAttention, attn_gate_feature.AttentionGate)
     assert not [m for m in model.modules() if isinstance(m, frontier)]
     hooks = [getattr(b.attn, name) for b in model.blocks if b.attn is not None
              for name in ("key_offset", "ve_gate", "xsa", "out_gate")]
@@ -129,36 +130,6 @@ def test_bigram_table_is_an_adam_embedding_and_counted():
 # Attention hooks: key offset, value-embedding gate, XSA, output gate
 
 
-def attention_pair(*flags, layer: int = 0):
-    """Block `layer`'s attention of the smoke model without and with flags, the same weights in both."""
-    torch.manual_seed(0)
-    plain = tg.build_attention(smoke_args(), 4096, layer)
-    hooked = tg.build_attention(smoke_args(*flags), 4096, layer)
-    missing, unexpected = hooked.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected
-    return plain, hooked
-
-
-def test_value_embedding_gate_is_one_at_init_and_matches_a_hand_gate():
-    plain, gated = attention_pair("--ve_gate=true")
-    assert gated.ve_gate.weight.shape == (2, 12)
-    with torch.no_grad():
-        plain.c_proj.weight.normal_(0, 0.1)
-        gated.c_proj.weight.copy_(plain.c_proj.weight)
-    x, ve = tg.norm(torch.randn(1, 256, 128)), torch.randn(1, 256, 128)
-    mask = tg.dense_attention_mask(tokens_with_docs(256, [0]), 2)
-    with torch.no_grad():
-        torch.testing.assert_close(gated(x, ve, mask), plain(x, ve, mask))  # 2 sigmoid(0) = 1
-        gated.ve_gate.weight.normal_()
-        w = gated.ve_gate.weight
-        g = torch.stack([2 * torch.sigmoid(torch.cat([x[0, :, :6], ve[0, :, :6]], -1) @ w[h]) for h in range(2)], -1)
-        scaled = (ve.view(1, 256, 2, 64) * g[None, :, :, None]).flatten(-2)
-        torch.testing.assert_close(gated(x, ve, mask), plain(x, scaled, mask))
-    model = tg.build_model(smoke_args("--ve_gate=true"))  # value embeddings on blocks 0 and 3 (block 2: no attn)
-    assert [isinstance(b.attn.ve_gate, tg.ValueEmbedGate) for b in model.blocks if b.attn is not None] == \
-        [True, False, True]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Residual stream: x-lambda init and sigmoid skips
 
@@ -199,7 +170,7 @@ def test_every_new_parameter_learns_and_has_one_optimizer():
     muon = {id(p) for p in groups["matrices"]}
     gates = [m.weight for m in model.modules() if isinstance(m, attn_gate_feature.AttentionGate)]
     assert gates and all(id(w) in muon for w in gates)  # r28's choice: the (heads, 12) gates train with Muon
-    ve_gates = [m.weight for m in model.modules() if isinstance(m, tg.ValueEmbedGate)]  # the record's: Adam's
+    ve_gates = [m.weight for m in model.modules() if isinstance(m, ve_gate_feature.ValueEmbedGate)]  # the record's: Adam's
     assert ve_gates and [id(w) for w in groups["ve_gate"]] == [id(w) for w in ve_gates]
     opts = tg.build_optimizers(model, args)
     owned = [id(p) for opt in opts for g in opt.param_groups for p in g["params"]]
@@ -276,7 +247,7 @@ def test_full_size_hooks_sit_on_the_mapped_blocks(full_model):
     # the long-window blocks with attention (7 has none)
     assert on("key_offset", key_offset_feature.KeyOffset) == [0, 4, 11]
     assert on("xsa", xsa_feature.ExclusiveSelfAttention) == [2, 4, 5, 8, 9, 11]
-    assert on("ve_gate", tg.ValueEmbedGate) == [0, 1, 2, 9, 10, 11]  # the blocks that read a value embedding
+    assert on("ve_gate", ve_gate_feature.ValueEmbedGate) == [0, 1, 2, 9, 10, 11]  # the blocks that read a value embedding
     assert on("out_gate", attn_gate_feature.AttentionGate) == [i for i in range(12) if i != 7]
     assert model.blocks[2].attn.xsa.alpha.shape == (6,) and model.blocks[0].attn.out_gate.weight.shape == (6, 12)
 
@@ -286,7 +257,7 @@ def test_describe_model_counts_the_new_parameters_and_gate_flops(full_model):
     assert tg.count_params(model) - 275_598_388 == 11 * 6 * 12 + 6 * 6 * 12 + 6 * 6 + 13
     text = tg.describe_model(model, args)
     assert "attention 25,953,538" in text and "block/skip scalars 43" in text  # 25,952,278 + 1,260; 30 + 13
-    gates = [m for m in model.modules() if isinstance(m, (attn_gate_feature.AttentionGate, tg.ValueEmbedGate))]
+    gates = [m for m in model.modules() if isinstance(m, (attn_gate_feature.AttentionGate, ve_gate_feature.ValueEmbedGate))]
     assert sum(map(tg.dense_flops_per_token, gates)) == 2 * (11 + 6) * 6 * 12  # a 12-input dot per head and gate
     assert "attention 88.3M" in text  # + 2,448 FLOPs: below the print's 0.1M resolution
 
@@ -334,7 +305,7 @@ def test_frontier_preset_builds_the_recipes_eleven_layers(frontier_model):
     assert on("xsa", mudd_feature.GatedExclusiveSelfAttention) == [1, 3, 4, 7]
     assert on("out_gate", mudd_feature.GatedHeadScale) == [3, 10]  # r85's [H]
     assert not on("out_gate", attn_gate_feature.AttentionGate)
-    assert on("ve_gate", tg.ValueEmbedGate) == [1, 2, 8, 9]  # block 10's value embedding: MUDD's m6, m7
+    assert on("ve_gate", ve_gate_feature.ValueEmbedGate) == [1, 2, 8, 9]  # block 10's value embedding: MUDD's m6, m7
     # inits (recipe 3.1-3.2): head N(0, 0.005^2), value embeddings N(0, 0.01^2), attention outputs uniform
     assert model.lm_head.weight.std().item() == pytest.approx(0.005, rel=0.01)
     assert all(ve.weight.std().item() == pytest.approx(0.01, rel=0.01) for ve in model.value_embeds)

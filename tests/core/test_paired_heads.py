@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import features.attn_gate as attn_gate_feature
 import features.key_offset as key_offset_feature
+import features.ve_gate as ve_gate_feature
 import train_gpt as tg
 from conftest import (assert_future_never_changes_past, assert_traces_as_one_graph_in_bf16, live_model, smoke_args,
                       summary_of, tokens_with_docs)
@@ -192,7 +193,7 @@ def test_paired_attention_equals_the_slow_reference_forward_and_backward(hooks):
     assert isinstance(attn, tg.PairedSelfAttention) and model.mask_key[:2] == ["paired_L", "paired_S"]
     if hooks:
         assert [type(attn.key_offset), type(attn.ve_gate), type(attn.out_gate)] == \
-            [key_offset_feature.KeyOffset, tg.ValueEmbedGate, attn_gate_feature.AttentionGate]
+            [key_offset_feature.KeyOffset, ve_gate_feature.ValueEmbedGate, attn_gate_feature.AttentionGate]
     g = torch.Generator().manual_seed(1)
     x = tg.norm(torch.randn(1, 256, 128, generator=g)).requires_grad_()
     ve = torch.randn(1, 256, 128, generator=g)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import features.mudd as mudd_feature
+import features.ve_gate as ve_gate_feature
 import train_gpt as tg
 from conftest import assert_traces_as_one_graph_in_bf16, cached_logits, randomize_zero_matrices, smoke_args
 
@@ -294,7 +295,7 @@ def test_frontier_presets_carry_mudd():
     assert isinstance(model.blocks[3].ve_gate, mudd_feature.MuddHeadGates) and isinstance(model.blocks[3].add_bigram,
                                                                                  mudd_feature.ScaledAdd)
     assert type(model.blocks[3].attn.ve_gate) is tg.PassThrough  # m6, m7 replace ValueEmbedGate there
-    assert isinstance(model.blocks[1].attn.ve_gate, tg.ValueEmbedGate)
+    assert isinstance(model.blocks[1].attn.ve_gate, ve_gate_feature.ValueEmbedGate)
     assert model.mudd_final.sources == [(False, "in"), (False, 2), (False, 1), (True, 0)]
     adam = {g["name"]: g for g in tg.build_optimizers(model, smoke)[0].param_groups}
     assert adam["mudd"]["betas"] == adam["mudd_bias"]["betas"] == (0.9, 0.99)
