@@ -81,7 +81,6 @@ class Hyperparameters:
     resid_lambda_init: float = 1.0  # init of each block's x-lambda (x = l0 * x + l1 * x0); frontier: 1.1
     skip_gate: bool = False  # U-net skip weights pass through a sigmoid (logits init -1.5)
     attn_lambdas: str = "ve"  # ve: v = l0 v + l1 ve (#21, l = 0.5, 0.5) | o: v = l0 v + ve, out = l1 proj(y) (r47, 1)
-    bigram_rows: int = 0  # hashed bigram embedding table rows (0 = off; recipe 377,280), added to x0 times g = 0.05
     paired_head_layers: str = ""  # blocks whose heads g, g+H/2 attend as one interleaved 2T sequence (r58; "" = off)
     # the recipe's shape (frontier recipe 3.1-3.3): which blocks read which tables and skips, and the inits
     value_embed_layers: str = ""  # blocks reading value-embedding tables 0, 1, ... in order ("" = first/last nve)
@@ -472,16 +471,12 @@ def check_architecture(args: Hyperparameters, fail):
 
 
 def check_frontier_model(args: Hyperparameters, fail):
-    """The post-#21 model flags (the value-embedding gate, the attention lambdas, bigram hash): values and
-    combinations."""
+    """The post-#21 model flags (the attention lambdas): values and combinations."""
     attention = set(range(args.num_layers)) - set(parse_layer_list(args.no_attn_layers))
     if args.attn_lambdas not in ATTN_LAMBDAS:
         fail(f"--attn_lambdas={args.attn_lambdas!r}; valid values: {', '.join(ATTN_LAMBDAS)}")
     if args.attn_lambdas == "o":
         refuse_without_head_hooks(args, "--attn_lambdas=o", fail)
-    if args.bigram_rows < 0 or args.bigram_rows == 1:
-        fail(f"--bigram_rows={args.bigram_rows} must be 0 (off) or >= 2 (hashes take rows - 1 values, plus the "
-             f"row of position 0)")
     check_paired_heads(args, attention, fail)
 
 
@@ -655,8 +650,8 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   score_flops(model, args) -> [(label, flops per token)]   attention work it adds, in describe_model's scores
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
-FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "smear", "ve_gate", "key_offset",
-                 "dc", "xsa", "attn_gate", "mudd", "mtp")
+FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "smear", "bigram", "ve_gate",
+                 "key_offset", "dc", "xsa", "attn_gate", "mudd", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1949,8 +1944,7 @@ class SublayerBlock(nn.Module):
         self.attn = build_attention(args, max_seq_len, layer) if has_attn else None
         self.attn_input = attention_input(args, layer)
         self.add_x0 = gated_or("x0", args, layer, lambda: LearnedAdd(0.0)) if has_attn else None
-        bigram = built_by_feature("gated", "bigram", args, layer) if has_attn and layer > 0 and args.bigram_rows \
-            else None
+        bigram = built_by_feature("gated", "bigram", args, layer) if has_attn and layer > 0 else None
         self.add_bigram = PassThrough() if bigram is None else bigram
         self.mlp = build_mlp(args, layer)
         self.resid_lambdas = nn.Parameter(torch.tensor([r, r] if has_attn else [r]))  # r_a, r_m
@@ -1997,50 +1991,6 @@ class NEFTune(nn.Module):
             return x
         bound = self.alpha / math.sqrt(x.size(-2) * x.size(-1))
         return x + torch.empty_like(x).uniform_(-bound, bound)
-
-
-BIGRAM_SIGN_ROWS = 8192  # rows of the fixed sign table: j_t = (x_(t-1) XOR x_t) mod 8192
-BIGRAM_SIGN_SEED = 20260520  # the sign trick's record date: any fixed seed gives every rank the same signs
-
-
-def bigram_hash(inputs: Tensor, rows: int) -> Tensor:
-    """Row of the bigram table for each position of one packed sequence (frontier recipe 3.2, r62): h_0 = rows-1,
-    h_t = ((36313 x_t) XOR (27191 x_(t-1))) mod (rows - 1). The recipe computes in int32; int64 gives the same
-    values for token ids below 2^31 / 36313 = 59,138 (GPT-2: 50,257) and no overflow beyond."""
-    x = inputs.long()
-    h = torch.bitwise_xor(36313 * x[1:], 27191 * x[:-1]) % (rows - 1)
-    return torch.cat([h.new_full((1,), rows - 1), h])
-
-
-def bigram_sign_index(inputs: Tensor) -> Tensor:
-    """Row of the sign table per position (r83): j_0 = 0, j_t = (x_(t-1) XOR x_t) mod 8192."""
-    x = inputs.long()
-    return torch.cat([x.new_zeros(1), torch.bitwise_xor(x[:-1], x[1:]) % BIGRAM_SIGN_ROWS])
-
-
-class BigramHashEmbedding(nn.Module):
-    """--bigram_rows=B (frontier recipe 3.2, r62 + r83's sign trick): b_t = E[h_t] * S[j_t], a zero-initialized
-    (B, dim) table E read at the hashed (previous, current) token pair, times fixed signs S in {+1, -1}^(8192 x dim)
-    chosen by a second hash, so two pairs that collide in E usually see different sign patterns and their
-    gradients partly cancel instead of adding up. Added at the input, x = x0 + g b with a learned scalar g (init
-    0.05); with --mudd_gate_block g is a per-token gate and the gated blocks add b again (the recipe's every-layer
-    injection, SublayerBlock). S is the sign of a Gaussian drawn from a fixed-seed CPU generator, so every rank
-    builds the same S without a broadcast; it is kept in the state dict (int8) so a checkpoint always pairs E with
-    the signs it was trained against."""
-
-    def __init__(self, rows: int, dim: int, inject: nn.Module | None = None):
-        super().__init__()
-        self.rows = rows
-        self.table = nn.Embedding(rows, dim, _weight=torch.zeros(rows, dim))  # no random draw: zero-init
-        draw = torch.randn(BIGRAM_SIGN_ROWS, dim, generator=torch.Generator().manual_seed(BIGRAM_SIGN_SEED))
-        self.register_buffer("signs", torch.where(draw >= 0, 1, -1).to(torch.int8))
-        self.inject = inject or LearnedAdd(0.05)  # x0 + g b: g learned, or GatedAdd (--mudd_gate_block)
-
-    def forward(self, x0: Tensor, inputs: Tensor, sources: dict | None = None) -> Tensor:  # x0 (1, T, dim)
-        b = self.table(bigram_hash(inputs, self.rows)) * self.signs[bigram_sign_index(inputs)].type_as(x0)
-        if sources is not None:  # GPT.hidden's: b is what --mudd_block and the gated blocks mix in
-            sources["bigram"] = b[None]
-        return self.inject(x0, b[None], sources)
 
 
 class Backout(nn.Module):
@@ -2129,13 +2079,10 @@ class GPT(nn.Module):
         self.smear = nn.Identity()  # a socket on the raw embeddings (--smear: features/smear.py installs it)
         self.embed_noise = NEFTune(args.neftune_alpha) if args.neftune_alpha > 0 else nn.Identity()
         self.mot = PassThrough()  # x0's socket for byte-level information (--mot: features/mot.py installs it)
-        # x = x0 + g * bigram embedding (--bigram_rows); the blocks' x0 stays the token embedding alone
-        # a feature may weigh b per token (gated: --mudd_gate_block)
-        self.bigram = BigramHashEmbedding(args.bigram_rows, dim, built_by_feature("gated", "bigram", args, 0)) \
-            if args.bigram_rows else PassThrough()
+        # x = x0 + g * bigram embedding; the blocks' x0 stays the token embedding alone
+        self.bigram = PassThrough()  # a socket: x = x0 + g b (--bigram_rows: features/bigram.py installs it)
         # modules that read the previous token, which decoding with a KVCache does not hand them (hidden refuses)
-        self.looks_back = (["--bigram_rows"] if args.bigram_rows > 0 else []) + [
-            f.LOOKS_BACK for f in features_on(args) if hasattr(f, "LOOKS_BACK")]
+        self.looks_back = [f.LOOKS_BACK for f in features_on(args) if hasattr(f, "LOOKS_BACK")]
         self.value_embeds = nn.ModuleList([nn.Embedding(args.vocab_size, value_embed_dim(args))
                                            for _ in range(nve)])
         if args.value_embed_std != 1.0:  # the same N(0, 1) draw, scaled (frontier recipe 3.2: 0.01)
@@ -2337,9 +2284,9 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     own_ids = {id(p) for params in [*small.values(), *routed.values()] for p in params}
     matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in own_ids]
     scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in own_ids]
-    # --bigram_rows: its table is an embedding (Adam "value_embeds" group: the recipe trains it like those)
-    bigram = [m.weight for m in model.bigram.modules() if isinstance(m, nn.Embedding)]
-    embeds = [model.embed.weight] + [e.weight for e in model.value_embeds] + routed.pop("embeds", []) + bigram
+    # a feature's embeddings: "embeds" train with the token embedding, "value_embeds" with the value embeddings
+    embeds = [model.embed.weight] + [e.weight for e in model.value_embeds] + routed.pop("embeds", []) + \
+        routed.pop("value_embeds", [])
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied: embeds own it
     head += routed.pop("head", [])
     groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, **small)
@@ -2387,9 +2334,9 @@ def parse_betas(text: str) -> tuple[float, float]:
 def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
     """The Adam groups with their LR, betas and weight decay (--adam_group_betas/--adam_group_wd name them)."""
     groups = param_groups(model, args)
-    # the bigram table (--bigram_rows) trains like the value embeddings (frontier recipe 2.2)
-    value_embeds = {id(e.weight) for e in model.value_embeds} | {
-        id(m.weight) for m in model.bigram.modules() if isinstance(m, nn.Embedding)}
+    # the embeddings a feature trains like the value embeddings (--bigram_rows' table: frontier recipe 2.2)
+    value_embeds = {id(p) for p in [*(e.weight for e in model.value_embeds),
+                                    *routed_params(model, args).get("value_embeds", [])]}
     params = dict(head=groups["head"], embed=[p for p in groups["embeds"] if id(p) not in value_embeds],
                   value_embeds=[p for p in groups["embeds"] if id(p) in value_embeds], scalars=groups["scalars"],
                   **{name: groups.get(name, []) for name in ADAM_GROUPS[4:]})
@@ -2746,9 +2693,8 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
     parts = [part for describe in feature_hooks("model_parts") for part in describe(model, args)]
     embeds = model.embed.weight.numel() + sum(e.weight.numel() for e in model.value_embeds)
     attn_params, mlp_params = sum(map(count_params, attns)), sum(map(count_params, mlps))
-    bigram_params = count_params(model.bigram)  # --bigram_rows: table + gain (a gather: no matrix FLOPs)
     other = (count_params(model) - embeds - sum(p.numel() for p in head) - attn_params - mlp_params
-             - bigram_params - sum(part.params for part in parts))
+             - sum(part.params for part in parts))
     kind = lambda ms: ", ".join(sorted({type(m).__name__ + (f"({args.mlp_act})" if isinstance(m, MLP) else "")
                                         for m in ms}))
     head_kind = ("tied to the embedding" if not head else
@@ -2760,10 +2706,10 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
             f" neftune_alpha {args.neftune_alpha}\n"
             f"params: embeddings {embeds:,} + head {sum(p.numel() for p in head):,} + attention {attn_params:,} + "
             f"mlp {mlp_params:,} + block/skip scalars {other:,}"
-            f"{f' + bigram hash {bigram_params:,}' if bigram_params else ''}"
             f"{''.join(f' + {part.name} {part.params:,}' for part in parts if part.params)} = {count_params(model):,}\n"
             f"forward FLOPs/token: attention {attn_flops / 1e6:.1f}M (of which scores {score_flops / 1e6:.1f}M "
-            f"at windows {context['L']}/{context['S']}{''.join(f', {n} {f / 1e6:.1f}M' for n, f in extra_scores if f)}) + mlp "
+            f"at windows {context['L']}/{context['S']}"
+            f"{''.join(f', {name} {flops / 1e6:.1f}M' for name, flops in extra_scores if flops)}) + mlp "
             f"{mlp_flops / 1e6:.1f}M (active) + head "
             f"{head_flops / 1e6:.1f}M"
             f"{''.join(f' + {p.flops_name} {p.flops / 1e6:.{p.flops_digits}f}M' for p in parts if p.flops)} = "

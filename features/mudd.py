@@ -354,6 +354,8 @@ def gated(role: str, args: Hyperparameters, index: int) -> nn.Module | None:
     on --mudd_gate_attn_layers."""
     if args.mudd_gate_block < 0:
         return None
+    if role == "bigram" and not args.bigram_rows:  # no bigram table: no term to weigh
+        return None
     if role == "head_scale":
         return GatedHeadScale(f"gate.attn{index}") if index in parse_layer_list(args.mudd_gate_attn_layers) else None
     build = dict(x0=lambda: GatedAdd(f"gate.x0_{index}"), bigram=lambda: GatedAdd(f"gate.bigram{index}"),

@@ -1,13 +1,15 @@
-"""Frontier II (issue 14), the model half of the post-#21 recipe (../shared/docs/frontier_recipe.md sections 3.2-3.4):
-smear, sparse attention gate, partial key offset, x-lambda init, sigmoid skip weights, value-embedding gates, XSA
-and the bigram hash embedding with the sign trick. Each flag against a hand computation or a slow reference,
-causality of each on a smoke model whose zero-initialized weights are made live, and the default left alone."""
+"""Frontier II (issue 14), the model half of the post-#21 recipe (../shared/docs/frontier_recipe.md sections 3.2-3.4)
+as a whole: x-lambda init and sigmoid skip weights (core), and with them the features smear, sparse attention gate,
+partial key offset, value-embedding gates, XSA and the bigram hash embedding: causality of each on a smoke model whose
+zero-initialized weights are made live, every new parameter learning in one optimizer, one compiled graph, the
+presets' layout, and the default left alone. Each feature against a hand computation: tests/features/test_<name>.py."""
 import math
 
 import pytest
 import torch
 
 import features.attn_gate as attn_gate_feature
+import features.bigram as bigram_feature
 import features.key_offset as key_offset_feature
 import features.mudd as mudd_feature
 import features.smear as smear_feature
@@ -30,8 +32,9 @@ def test_default_model_has_no_frontier_modules():
     args = smoke_args()
     torch.manual_seed(0)
     model = tg.build_model(args)
-    frontier = (smear_feature.Smear, tg.BigramHashEmbedding, tg.SigmoidSkipWeights, key_offset_feature.KeyOffset,
-                ve_gate_feature.ValueEmbedGate, xsa_feature.ExclusiveSelfAttention, attn_gate_feature.AttentionGate)
+    frontier = (smear_feature.Smear, bigram_feature.BigramHashEmbedding, tg.SigmoidSkipWeights,
+                key_offset_feature.KeyOffset, ve_gate_feature.ValueEmbedGate, xsa_feature.ExclusiveSelfAttention,
+                attn_gate_feature.AttentionGate)
     assert not [m for m in model.modules() if isinstance(m, frontier)]
     hooks = [getattr(b.attn, name) for b in model.blocks if b.attn is not None
              for name in ("key_offset", "ve_gate", "xsa", "out_gate")]
@@ -67,67 +70,6 @@ def test_look_back_modules_cross_document_boundaries(flag):
         assert not torch.allclose(model(y)[first], model(x)[first])
         torch.testing.assert_close(model(y)[300:first], model(x)[300:first])
         torch.testing.assert_close(model(y)[:299], model(x)[:299])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Smear
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Bigram hash embedding with the sign trick
-
-
-def test_bigram_hash_and_sign_indices_by_hand():
-    x = torch.tensor([tg.EOT_TOKEN, 464, 3290, 50256, 0, 50303], dtype=torch.int32)
-    rows = 377_280
-    pairs = list(zip(x.tolist(), x.tolist()[1:]))
-    h = [rows - 1] + [((36313 * cur) ^ (27191 * prev)) % (rows - 1) for prev, cur in pairs]
-    j = [0] + [(prev ^ cur) % 8192 for prev, cur in pairs]
-    assert tg.bigram_hash(x, rows).tolist() == h
-    assert tg.bigram_sign_index(x).tolist() == j
-    # the first pair by hand: 36313 * 464 = 16,849,232 and 27191 * 50256 = 1,366,510,896
-    assert h[1] == (16_849_232 ^ 1_366_510_896) % 377_279 and j[1] == (50256 ^ 464) % 8192
-    # the recipe's int32 arithmetic never overflows for GPT-2 ids, so int64 gives its values
-    assert 36313 * 50303 < 2 ** 31 and 27191 * 50303 < 2 ** 31
-    assert all(0 <= v < rows for v in tg.bigram_hash(torch.randint(0, 50304, (4096,)), rows).tolist())
-
-
-def test_bigram_signs_are_fixed_and_the_embedding_starts_at_x0():
-    torch.manual_seed(0)
-    a = tg.BigramHashEmbedding(100, 16)
-    torch.manual_seed(1)  # every rank draws the same signs whatever its global RNG state: no broadcast needed
-    b = tg.BigramHashEmbedding(100, 16)
-    assert torch.equal(a.signs, b.signs) and a.signs.dtype == torch.int8 and a.signs.shape == (8192, 16)
-    assert set(a.signs.unique().tolist()) == {-1, 1} and abs(a.signs.float().mean().item()) < 0.02
-    assert "signs" in a.state_dict()  # a checkpoint pairs the table with its signs
-    assert not a.table.weight.any() and a.inject.lam.item() == pytest.approx(0.05)
-    x0, x = torch.randn(1, 6, 16), torch.tensor([5, 7, 9, 7, 5, 1])
-    assert torch.equal(a(x0, x), x0)  # zero table: the model starts without it
-    with torch.no_grad():
-        a.table.weight.normal_()
-        a.inject.lam.fill_(0.3)
-    h, j = tg.bigram_hash(x, 100), tg.bigram_sign_index(x)
-    expected = x0.clone()
-    for t in range(6):
-        expected[0, t] += 0.3 * a.table.weight[h[t]] * a.signs[j[t]].float()
-    torch.testing.assert_close(a(x0, x), expected)
-
-
-def test_bigram_table_is_an_adam_embedding_and_counted():
-    args = smoke_args("--bigram_rows=4096")
-    model = tg.build_model(args)
-    table = model.bigram.table.weight
-    groups = {g["name"]: g for g in tg.adam_param_groups(model, args)}
-    # trained like the value embeddings (recipe 2.2: lr 0.6, betas 0.75/0.95, wd x5 in the frontier preset)
-    assert any(p is table for p in groups["value_embeds"]["params"])
-    assert groups["value_embeds"]["lr"] == (args.value_embed_lr or args.embed_lr)
-    assert any(p is model.bigram.inject.lam for p in groups["scalars"]["params"])
-    assert "bigram hash 524,289" in tg.describe_model(model, args)  # 4096 x 128 + the gain
-    assert all(p is not table for p in tg.recipe_matrices(model))  # --weight_init=truncated leaves it at zero
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Attention hooks: key offset, value-embedding gate, XSA, output gate
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,7 +112,8 @@ def test_every_new_parameter_learns_and_has_one_optimizer():
     muon = {id(p) for p in groups["matrices"]}
     gates = [m.weight for m in model.modules() if isinstance(m, attn_gate_feature.AttentionGate)]
     assert gates and all(id(w) in muon for w in gates)  # r28's choice: the (heads, 12) gates train with Muon
-    ve_gates = [m.weight for m in model.modules() if isinstance(m, ve_gate_feature.ValueEmbedGate)]  # the record's: Adam's
+    # the record's: Adam's
+    ve_gates = [m.weight for m in model.modules() if isinstance(m, ve_gate_feature.ValueEmbedGate)]
     assert ve_gates and [id(w) for w in groups["ve_gate"]] == [id(w) for w in ve_gates]
     opts = tg.build_optimizers(model, args)
     owned = [id(p) for opt in opts for g in opt.param_groups for p in g["params"]]
@@ -247,7 +190,8 @@ def test_full_size_hooks_sit_on_the_mapped_blocks(full_model):
     # the long-window blocks with attention (7 has none)
     assert on("key_offset", key_offset_feature.KeyOffset) == [0, 4, 11]
     assert on("xsa", xsa_feature.ExclusiveSelfAttention) == [2, 4, 5, 8, 9, 11]
-    assert on("ve_gate", ve_gate_feature.ValueEmbedGate) == [0, 1, 2, 9, 10, 11]  # the blocks that read a value embedding
+    # the blocks that read a value embedding
+    assert on("ve_gate", ve_gate_feature.ValueEmbedGate) == [0, 1, 2, 9, 10, 11]
     assert on("out_gate", attn_gate_feature.AttentionGate) == [i for i in range(12) if i != 7]
     assert model.blocks[2].attn.xsa.alpha.shape == (6,) and model.blocks[0].attn.out_gate.weight.shape == (6, 12)
 
@@ -257,7 +201,8 @@ def test_describe_model_counts_the_new_parameters_and_gate_flops(full_model):
     assert tg.count_params(model) - 275_598_388 == 11 * 6 * 12 + 6 * 6 * 12 + 6 * 6 + 13
     text = tg.describe_model(model, args)
     assert "attention 25,953,538" in text and "block/skip scalars 43" in text  # 25,952,278 + 1,260; 30 + 13
-    gates = [m for m in model.modules() if isinstance(m, (attn_gate_feature.AttentionGate, ve_gate_feature.ValueEmbedGate))]
+    gate_kinds = (attn_gate_feature.AttentionGate, ve_gate_feature.ValueEmbedGate)
+    gates = [m for m in model.modules() if isinstance(m, gate_kinds)]
     assert sum(map(tg.dense_flops_per_token, gates)) == 2 * (11 + 6) * 6 * 12  # a 12-input dot per head and gate
     assert "attention 88.3M" in text  # + 2,448 FLOPs: below the print's 0.1M resolution
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import features.bigram as bigram_feature
 import features.mudd as mudd_feature
 import features.ve_gate as ve_gate_feature
 import train_gpt as tg
@@ -30,7 +31,7 @@ def live_model(*flags, seed: int = 0, w2_std: float = 0.3):
         for m in model.modules():
             if isinstance(m, mudd_feature.MuddWeights):
                 m.w2.normal_(0, w2_std)
-            if isinstance(m, tg.BigramHashEmbedding):
+            if isinstance(m, bigram_feature.BigramHashEmbedding):
                 m.table.weight.normal_()
     return model
 
@@ -100,7 +101,8 @@ def reference_hidden(model, x):
     ves = [ve(x)[None] for ve in model.value_embeds]
     x0 = tg.norm(model.embed(x)[None])
     bigram = model.bigram
-    b = (bigram.table(tg.bigram_hash(x, bigram.rows)) * bigram.signs[tg.bigram_sign_index(x)].float())[None]
+    signs = bigram.signs[bigram_feature.bigram_sign_index(x)].float()
+    b = (bigram.table(bigram_feature.bigram_hash(x, bigram.rows)) * signs)[None]
     h = c0 = x0 + bigram.inject.lam * b
     outs = {}
     for i, block in enumerate(model.blocks):

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import features.bigram as bigram_feature
 import features.mudd as mudd_feature
 import features.xsa as xsa_feature
 import train_gpt as tg
@@ -38,7 +39,7 @@ def gated_model(*flags, seed: int = 0):
         for m in model.modules():
             if isinstance(m, mudd_feature.MuddGate):
                 m.w2.normal_(0, 0.3)
-            if isinstance(m, tg.BigramHashEmbedding):
+            if isinstance(m, bigram_feature.BigramHashEmbedding):
                 m.table.weight.normal_()
     return model
 
@@ -176,7 +177,8 @@ def reference_hidden(model, x):
     ve = model.value_embeds[0](x)[None]
     x0 = tg.norm(model.embed(x)[None])
     bigram = model.bigram
-    b = (bigram.table(tg.bigram_hash(x, bigram.rows)) * bigram.signs[tg.bigram_sign_index(x)].float())[None]
+    signs = bigram.signs[bigram_feature.bigram_sign_index(x)].float()
+    b = (bigram.table(bigram_feature.bigram_hash(x, bigram.rows)) * signs)[None]
     g = reference_gate(model.pre_gate, x0, PRE)
     h = x0 + g["gate.bigram0"] * b
     outs = {}
