@@ -87,7 +87,6 @@ class Hyperparameters:
     skip_pairs: str = ""  # skips "src:dst,...": dst's input += w * src's output ("" = U-net, block i -> L-1-i)
     backout_layer: int = -1  # x += lam * (output of this block) before the final norm, lam init -0.5 (-1 = off)
     # the residual stream's later form (frontier recipe 3.3)
-    sublayer_lambdas: bool = False  # x = r_a x + p_a attn + l x0; x = r_m x + p_m mlp (r45; r = sqrt(x-lambda init))
     attn_input_skips: str = ""  # "src:dst,...": block dst's attention reads RMSNorm(block src's output) (r77: 7:8,7:9)
     attn_proj_init: str = "zero"  # zero | uniform: attention output projections' init (frontier r64: uniform)
     value_embed_std: float = 1.0  # std of the value-embedding tables' normal init (frontier: 0.01)
@@ -541,12 +540,9 @@ def check_model_shape(args: Hyperparameters, fail):
 
 
 def check_residual_form(args: Hyperparameters, fail):
-    """--sublayer_lambdas, --attn_input_skips: blocks that exist and have what the flag reads."""
+    """--attn_input_skips: blocks that exist and have what the flag reads."""
     L = args.num_layers
     attention = set(range(L)) - set(parse_layer_list(args.no_attn_layers))
-    if args.sublayer_lambdas and args.resid_lambda_init < 0:
-        fail(f"--sublayer_lambdas starts each sub-layer's r at sqrt(--resid_lambda_init); "
-             f"resid_lambda_init={args.resid_lambda_init} must be >= 0")
     try:
         inputs = parse_skip_pairs(args.attn_input_skips)
     except ValueError:
@@ -651,7 +647,7 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
 FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "smear", "bigram", "ve_gate",
-                 "key_offset", "dc", "xsa", "attn_gate", "mudd", "mtp")
+                 "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1912,62 +1908,11 @@ class LearnedAdd(nn.Module):
         return x + self.lam[0].type_as(x) * t
 
 
-def lambdas_as_stored(lambdas: Tensor) -> Tensor:
-    return lambdas
-
-
-def lambdas_in_bf16(lambdas: Tensor) -> Tensor:
-    return lambdas.bfloat16()
-
-
-LAMBDA_READS = dict(r21=lambdas_as_stored, record=lambdas_in_bf16)  # --param_dtype: SublayerBlock's r and p
-
-
-class SublayerBlock(nn.Module):
-    """--sublayer_lambdas (frontier recipe 3.3, r45): each sub-layer scales the residual and its own output,
-      a = Attn(RMSNorm(u)),   x <- r_a x + p_a a + l x0 (+ g_b b),   x <- r_m x + p_m MLP(RMSNorm(x)),
-    u = x or an earlier block's output (--attn_input_skips, r77). r starts at sqrt(--resid_lambda_init) in each
-    sub-layer (the recipe's sqrt(1.1): 1.1 per block, like #21's one x-lambda at 1.1), p at 1. x0 enters after the
-    attention (#21's Block adds it before), times a learned scalar l (init 0) or, under --mudd_gate_block, a per-token
-    MUDD gate g_x0, which also brings the bigram embedding b in times its gate g_b (blocks after the first; block
-    0's g_b weighs b at the input). An attention-free block is its MLP sub-layer alone (the recipe's layer 6).
-    The r's are one parameter (resid_lambdas: r_a, r_m) and the p's another (post_lambdas: p_a, p_m), because the
-    record trains them in Adam groups of their own (param_groups); under --param_dtype=record they are read rounded
-    to bf16, as the record's forward reads them (sqrt(1.1) = 1.0488 acts as 1.0469; on a GPU a 0-dim fp32 factor of
-    a bf16 activation is rounded so anyway). entry_gate: PassThrough, or in block --mudd_gate_block the gate that
-    reads its input (GPT puts it there)."""
-
-    def __init__(self, args: Hyperparameters, layer: int, max_seq_len: int):
-        super().__init__()
-        has_attn = layer not in parse_layer_list(args.no_attn_layers)
-        r = args.resid_lambda_init ** 0.5
-        self.attn = build_attention(args, max_seq_len, layer) if has_attn else None
-        self.attn_input = attention_input(args, layer)
-        self.add_x0 = gated_or("x0", args, layer, lambda: LearnedAdd(0.0)) if has_attn else None
-        bigram = built_by_feature("gated", "bigram", args, layer) if has_attn and layer > 0 else None
-        self.add_bigram = PassThrough() if bigram is None else bigram
-        self.mlp = build_mlp(args, layer)
-        self.resid_lambdas = nn.Parameter(torch.tensor([r, r] if has_attn else [r]))  # r_a, r_m
-        self.post_lambdas = nn.Parameter(torch.ones(2 if has_attn else 1))  # p_a, p_m
-        self.read_lambdas = LAMBDA_READS[args.param_dtype]
-        self.entry_gate = PassThrough()
-        self.dropout = dropout_layer(args.dropout)
-
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, sources: dict) -> Tensor:
-        self.entry_gate(x, sources)
-        r, p = self.read_lambdas(self.resid_lambdas), self.read_lambdas(self.post_lambdas)
-        if self.attn is not None:
-            a = self.attn(norm(self.attn_input(x, sources)), ve, mask, sources)
-            x = r[0] * x + p[0] * self.dropout(a)
-            x = self.add_bigram(self.add_x0(x, x0, sources), sources.get("bigram"), sources)
-        return r[-1] * x + p[-1] * self.dropout(self.mlp(norm(x)))
-
-
 def build_block(args: Hyperparameters, layer: int, max_seq_len: int) -> nn.Module:
-    built = built_by_feature("block", args, layer, max_seq_len)  # --mudd_block: features/mudd.py
+    built = built_by_feature("block", args, layer, max_seq_len)  # --mudd_block, --sublayer_lambdas
     if built is not None:
         return built
-    return (SublayerBlock if args.sublayer_lambdas else Block)(args, layer, max_seq_len)
+    return Block(args, layer, max_seq_len)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -2232,7 +2177,7 @@ def build_model(args: Hyperparameters) -> GPT:
     return WEIGHT_INITS[args.weight_init](GPT(args))
 
 
-PARAM_DTYPES = tuple(LAMBDA_READS)  # --param_dtype
+PARAM_DTYPES = ("r21", "record")  # --param_dtype
 
 
 def record_bf16_params(model: GPT) -> list[nn.Parameter]:
@@ -2275,13 +2220,10 @@ def set_gpu_dtypes(model: GPT, args: Hyperparameters, on_gpu: bool, fp8_matmuls:
 def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
     """Which optimizer owns which parameter: the recipe's split, and each feature's param_groups (Kronecker factors:
     --kron_optimizer). 3-D expert and merged weights go to Muon as batches of matrices; learned_gelu's per-channel
-    affine is a scalar group."""
-    # the record's own Adam groups for the small parameters (frontier recipe 2.2): value-embedding gates (a matrix
-    # per block, yet Adam's), the smear gate, and --sublayer_lambdas' residual (r) and output (p) lambdas
-    small = dict(resid_lambdas=[b.resid_lambdas for b in model.blocks if isinstance(b, SublayerBlock)],
-                 post_lambdas=[b.post_lambdas for b in model.blocks if isinstance(b, SublayerBlock)])
+    affine is a scalar group. The record's own Adam groups for small parameters (frontier recipe 2.2: the
+    value-embedding gates, the smear gate, the sub-layer lambdas) are their features'."""
     routed = routed_params(model, args)  # the features' parameters, by group
-    own_ids = {id(p) for params in [*small.values(), *routed.values()] for p in params}
+    own_ids = {id(p) for params in routed.values() for p in params}
     matrices = [p for p in model.blocks.parameters() if p.ndim >= 2 and id(p) not in own_ids]
     scalars = [p for p in model.parameters() if p.ndim < 2 and id(p) not in own_ids]
     # a feature's embeddings: "embeds" train with the token embedding, "value_embeds" with the value embeddings
@@ -2289,7 +2231,7 @@ def param_groups(model: GPT, args: Hyperparameters | None = None) -> dict:
         routed.pop("value_embeds", [])
     head = [p for p in model.lm_head.parameters() if p is not model.embed.weight]  # [] when tied: embeds own it
     head += routed.pop("head", [])
-    groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head, **small)
+    groups = dict(matrices=matrices, scalars=scalars, embeds=embeds, head=head)
     for name, params in routed.items():  # groups of a feature's own, or core groups it adds to
         groups[name] = groups.get(name, []) + params
     assert sum(map(len, groups.values())) == len(list(model.parameters()))
@@ -2305,7 +2247,7 @@ def routed_params(model: GPT, args: Hyperparameters | None) -> dict:
     return routed
 
 
-SMALL_ADAM_GROUPS = ("resid_lambdas", "post_lambdas")  # LR: --adam_group_lr or scalar_lr (features add theirs)
+SMALL_ADAM_GROUPS = ()  # LR: --adam_group_lr or scalar_lr (the features' groups: ve_gate, smear_gate, ...)
 ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars") + SMALL_ADAM_GROUPS
 
 

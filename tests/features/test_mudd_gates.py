@@ -1,10 +1,10 @@
 """The residual stream's later form (issue 14; ../shared/docs/frontier_recipe.md sections 3.3-3.5): per-sub-layer
-lambdas (--sublayer_lambdas, r45), attention reading an earlier block's output (--attn_input_skips, r77) and the
-MUDD gates (--mudd_gate_block, --mudd_gate_attn_layers, r85) with what they feed: per-token XSA alphas, head
-output scales, x0 and bigram weights, skip weights. Each against a hand computation or a float64 reference that
-writes the recipe's formulas out, plus the inits, causality, decoding, gradients and optimizer groups, the flag
-checks and the presets. Smoke-size models (4 blocks of 128 dims, 2 heads, block 2 without attention, long windows
-in blocks 0 and 3), a 1,024-token vocabulary."""
+lambdas (--sublayer_lambdas, r45; by hand in tests/features/test_sublayer.py), attention reading an earlier block's
+output (--attn_input_skips, r77) and the MUDD gates (--mudd_gate_block, --mudd_gate_attn_layers, r85) with what
+they feed: per-token XSA alphas, head output scales, x0 and bigram weights, skip weights. Each against a hand
+computation or a float64 reference that writes the recipe's formulas out, plus the inits, causality, decoding,
+gradients and optimizer groups, the flag checks and the presets. Smoke-size models (4 blocks of 128 dims, 2 heads,
+block 2 without attention, long windows in blocks 0 and 3), a 1,024-token vocabulary."""
 import math
 
 import pytest
@@ -12,9 +12,10 @@ import torch
 
 import features.bigram as bigram_feature
 import features.mudd as mudd_feature
+import features.sublayer as sublayer_feature
 import features.xsa as xsa_feature
 import train_gpt as tg
-from conftest import assert_traces_as_one_graph_in_bf16, cached_logits, frontier_args, live_model, smoke_args, smoke_model
+from conftest import assert_traces_as_one_graph_in_bf16, cached_logits, frontier_args, live_model, smoke_args
 
 V = "--vocab_size=1024"
 SUBLAYER = ["--sublayer_lambdas=true", "--resid_lambda_init=1.1"]
@@ -98,37 +99,6 @@ def test_gated_head_scale_multiplies_each_head():
     y, g = torch.randn(1, 3, 2, 4), torch.tensor([[[0.25, -2.0], [1.0, 0.0], [3.0, 0.5]]])
     out = mudd_feature.GatedHeadScale("gate.attn0")(y, None, {"gate.attn0": g})
     torch.testing.assert_close(out, y * g[..., None])
-
-
-def test_sublayer_block_by_hand():
-    """x <- r_a x + p_a Attn(RMSNorm(x)) + l x0, then x <- r_m x + p_m MLP(RMSNorm(x)); r starts at sqrt(1.1)."""
-    model = live_model(V, *SUBLAYER)
-    block = model.blocks[0]
-    assert isinstance(block, tg.SublayerBlock) and type(block.add_bigram) is tg.PassThrough
-    torch.testing.assert_close(block.resid_lambdas.detach(), torch.tensor([1.1 ** 0.5] * 2))  # before live_model:
-    torch.testing.assert_close(block.post_lambdas.detach(), torch.tensor([1.0, 1.0]))  # non-zero, untouched
-    with torch.no_grad():
-        block.resid_lambdas.copy_(torch.tensor([0.9, 1.2]))
-        block.post_lambdas.copy_(torch.tensor([1.3, 0.7]))
-    x, x0 = torch.randn(1, 256, 128), torch.randn(1, 256, 128)
-    mask = model.attention_masks(tokens(256), 2)["L"]
-    ve = torch.randn(1, 256, 128)
-    with torch.no_grad():
-        h = 0.9 * x + 1.3 * block.attn(tg.norm(x), ve, mask) + block.add_x0.lam * x0
-        expected = 1.2 * h + 0.7 * block.mlp(tg.norm(h))
-        torch.testing.assert_close(block(x, x0, ve, mask, {}), expected)
-        free = model.blocks[2]  # attention-free: its MLP sub-layer only, no x0 term
-        assert free.attn is None and free.add_x0 is None and free.resid_lambdas.shape == free.post_lambdas.shape == (1,)
-        torch.testing.assert_close(free(x, x0, None, mask, {}), free.resid_lambdas[0] * x +
-                                   free.post_lambdas[0] * free.mlp(tg.norm(x)))
-
-
-def test_sublayer_form_at_init_is_the_r21_block_bit_for_bit():
-    """With resid_lambda_init 1 (r = 1, p = 1, l = 0) both forms compute x + Attn, then + MLP: same draw, same
-    logits, exactly."""
-    x = tokens(256)
-    with torch.no_grad():
-        assert torch.equal(smoke_model(V, "--sublayer_lambdas=true")(x), smoke_model(V)(x))
 
 
 def test_attention_input_skip_reads_the_earlier_output():
@@ -326,7 +296,7 @@ def test_default_model_has_none_of_it():
     model = tg.build_model(smoke_args(V))
     assert all(type(b) is tg.Block and type(b.attn_input) is tg.PassThrough for b in model.blocks)
     assert type(model.pre_gate) is tg.PassThrough and not isinstance(model.skip_scales, torch.nn.Module)
-    assert not [m for m in model.modules() if isinstance(m, (mudd_feature.MuddGate, tg.SublayerBlock))]
+    assert not [m for m in model.modules() if isinstance(m, (mudd_feature.MuddGate, sublayer_feature.SublayerBlock))]
     assert not tg.param_groups(model).get("mudd_gate")
 
 
@@ -354,7 +324,7 @@ def test_frontier_presets_carry_the_gated_residual_stream():
     smoke = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke", V])
     tg.check_config(smoke, 1)
     model = tg.build_model(smoke)
-    assert all(type(b) is tg.SublayerBlock for b in model.blocks[:3])
+    assert all(type(b) is sublayer_feature.SublayerBlock for b in model.blocks[:3])
     assert isinstance(model.blocks[3], mudd_feature.MuddBlock)
     assert isinstance(model.pre_gate, mudd_feature.MuddGate)
     assert isinstance(model.blocks[2].entry_gate, mudd_feature.MuddGate)
