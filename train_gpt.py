@@ -407,14 +407,11 @@ def meaningless_flags(args: Hyperparameters) -> list[str]:
 
 def check_schedule(args: Hyperparameters, fail):
     """The post-#21 optimizer and stage flags (frontier recipe): values and combinations."""
-    choices = dict(muon_ns=tuple(ORTHOGONALIZERS), softcap=tuple(SOFTCAPS), rope=("half", "canonical"),
+    choices = dict(muon_ns=tuple(feature_table("ORTHOGONALIZERS", ORTHOGONALIZERS)), softcap=tuple(SOFTCAPS), rope=("half", "canonical"),
                    window_unit=tuple(WINDOW_RULES))
     for name, valid in choices.items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
-    if args.muon_ns == "polar_express" and args.ns_steps > len(POLAR_EXPRESS_COEFFICIENTS):
-        fail(f"--muon_ns=polar_express has coefficients for {len(POLAR_EXPRESS_COEFFICIENTS)} iterations; "
-             f"--ns_steps={args.ns_steps} must be <= {len(POLAR_EXPRESS_COEFFICIENTS)}")
     if not 0 <= args.normuon_beta2 < 1:
         fail(f"--normuon_beta2={args.normuon_beta2} must be in [0, 1) (0 = off)")
     parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
@@ -638,6 +635,7 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   train_loss(args) -> module or None   the training loss in place of next-token CE (validation stays CE)
 #   schedule(model, args, device) -> an object whose set(step) writes the step's values in place (no recompiles)
 #   MLP_ACTS, activation(name, width) -> module or None   --mlp_act values of its own and their activation modules
+#   ORTHOGONALIZERS = {name: fn(G, steps)}   --muon_ns values of its own: Muon's orthogonalization
 #   head_hooks(attn, args, layer)   replaces PassThrough hooks of a block's HeadAttention (key offset, XSA, gate)
 #   LOOKS_BACK = "--flag"         it reads the previous token: decoding with a KV cache refuses it
 #   ATTENTION_NAME                 how messages name the attention its attention socket builds (no per-head hooks)
@@ -646,7 +644,7 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   score_flops(model, args) -> [(label, flops per token)]   attention work it adds, in describe_model's scores
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
-FEATURE_NAMES = ("learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "smear", "bigram", "ve_gate",
+FEATURE_NAMES = ("polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "smear", "bigram", "ve_gate",
                  "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
@@ -906,33 +904,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
     return X.mT if tall else X
 
 
-# Polar Express (arXiv 2505.16932; frontier recipe section 2.1): one (a, b, c) per iteration, computed for 5
-# iterations with safety 2e-2 and cushion 2, so early steps grow small singular values fast and late ones settle.
-POLAR_EXPRESS_COEFFICIENTS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
-
-
-def zeropower_polar_express(G: Tensor, steps: int) -> Tensor:
-    """Orthogonalize each matrix in G (..., rows, cols) with the first `steps` Polar Express iterations (--muon_ns).
-    The 1.02 keeps the normalized spectral norm safely below 1 (the Frobenius norm only bounds it)."""
-    X = G.bfloat16() if G.is_cuda else G.float()
-    tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
-    for a, b, c in POLAR_EXPRESS_COEFFICIENTS[:steps]:
-        A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
-    return X.mT if tall else X
-
-
-ORTHOGONALIZERS = dict(quintic=zeropower_via_newtonschulz5, polar_express=zeropower_polar_express)  # --muon_ns
+ORTHOGONALIZERS = dict(quintic=zeropower_via_newtonschulz5)  # --muon_ns; features add theirs (polar_express)
 
 
 class NorMuon:
@@ -2411,7 +2383,7 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
                 rank=rank, world_size=world_size, weight_decay=args.muon_wd,
                 lr_mults={p: args.muon_proj_lr_mult for p in projections if args.muon_proj_lr_mult != 1.0},
                 splits=qk_pair_splits(model.blocks) if args.muon_qk_pairs else None)  # Q/K per head pair
-    muon.orthogonalize = ORTHOGONALIZERS[args.muon_ns]
+    muon.orthogonalize = feature_table("ORTHOGONALIZERS", ORTHOGONALIZERS)[args.muon_ns]
     muon.normalize = NorMuon(args.normuon_beta2) if args.normuon_beta2 > 0 else None
     if world_size > 1:
         muon.grad_sync = grad_sync or GradientSync(list(model.parameters()))

@@ -14,7 +14,7 @@ SOCKETS = {"Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check",
            "per_step", "val_log", "gated", "RECORD_BF16_GROUPS", "record_fp32_params",
            "MLP_ACTS", "activation", "train_loss", "schedule",
            "head_hooks", "LOOKS_BACK", "ATTENTION_NAME", "masks", "NO_KV_CACHE", "score_flops",
-           "SMALL_ADAM_GROUPS"}
+           "SMALL_ADAM_GROUPS", "ORTHOGONALIZERS"}
 
 
 def top_level_names(tree: ast.Module) -> set[str]:

@@ -318,7 +318,7 @@ def qkv_update(seed: int = 0, heads: int = 4, dim: int = 64):
 def test_per_pair_orthogonalization_equals_a_loop_over_the_slices(ns):
     """muon_pieces with split (2, 2 head_dim): each pair's rows of Q and of K orthogonalized alone, V whole;
     through Muon.step (bf16 update, lr) and through NorMuon (each slice its own v), bit for bit."""
-    ortho = tg.ORTHOGONALIZERS[ns]
+    ortho = tg.feature_table("ORTHOGONALIZERS", tg.ORTHOGONALIZERS)[ns]
     U, hd = qkv_update()
     split = (2, 2 * hd)
     pieces = tg.muon_pieces(U, split)
