@@ -659,6 +659,10 @@ class KronLinear(nn.Module):
     def reset_parameters(self):
         kron_factor_init_(self.A, self.B, self.zero_init)
 
+    def macs_per_token(self) -> int:
+        """Multiply-accumulates per input row of the factored contraction (kron_macs_per_token)."""
+        return kron_macs_per_token(*self.factors, self.rank)
+
     def forward(self, x):
         return kron_linear(x, self.A, self.B, self.impl)
 

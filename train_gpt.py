@@ -38,7 +38,6 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import kernels  # its launch-config table: kernels.config_table
-from kernels import KronLinear, kron_macs_per_token
 
 HERE = Path(__file__).resolve().parent
 # Run as a script this module is __main__; features/*.py import it as train_gpt, which must be this same module
@@ -422,8 +421,8 @@ def check_schedule(args: Hyperparameters, fail):
         small = feature_table("SMALL_ADAM_GROUPS", SMALL_ADAM_GROUPS)
         if name not in small or not lr > 0 or not math.isfinite(lr):
             fail(f"--adam_group_lr: {name}={lr} must name one of {', '.join(small)} with a finite LR > 0 "
-                 f"(the other groups have their own flags: --head_lr, --embed_lr, --value_embed_lr, --scalar_lr, "
-                 f"--mudd_lr, --mudd_gate_lr, --kron_adam_lr)")
+                 f"(the other groups have their own flags: --head_lr, --embed_lr, --value_embed_lr, --scalar_lr, and "
+                 f"each feature's, e.g. --mudd_lr)")
     if args.adam_every > 1 and args.save_every % args.adam_every:
         fail(f"--save_every={args.save_every} must be a multiple of --adam_every={args.adam_every}, so periodic "
              f"checkpoints fall where Adam has just stepped")
@@ -544,10 +543,9 @@ def check_residual_form(args: Hyperparameters, fail):
         inputs = parse_skip_pairs(args.attn_input_skips)
     except ValueError:
         fail(f"--attn_input_skips={args.attn_input_skips!r}: expected src:dst pairs such as '7:8,7:9'")
-    bad = [f"{a}:{b}" for a, b in inputs if not (0 <= a < b < L and b in attention and b != args.mudd_block)]
+    bad = [f"{a}:{b}" for a, b in inputs if not (0 <= a < b < L and b in attention)]
     if bad:
-        fail(f"--attn_input_skips {bad}: each src:dst needs 0 <= src < dst < num_layers={L} with attention in dst "
-             f"and dst not the --mudd_block (whose attention reads --mudd_block_source)")
+        fail(f"--attn_input_skips {bad}: each src:dst needs 0 <= src < dst < num_layers={L} with attention in dst")
     if len({b for _, b in inputs}) != len(inputs):
         fail(f"--attn_input_skips={args.attn_input_skips!r} gives a block two attention inputs; one each")
 
@@ -2560,11 +2558,12 @@ def count_params(model: nn.Module) -> int:
 
 
 def dense_flops_per_token(module: nn.Module) -> int:
-    """Forward FLOPs per token of every matrix in module, each used once per token (KronLinear: its contraction)."""
-    kron = [m for m in module.modules() if isinstance(m, KronLinear)]
-    kron_ids = {id(p) for m in kron for p in m.parameters()}
-    return (sum(2 * kron_macs_per_token(*m.factors, m.rank) for m in kron)
-            + sum(2 * p.numel() for p in module.parameters() if p.ndim >= 2 and id(p) not in kron_ids))
+    """Forward FLOPs per token of every matrix in module, each used once per token; a layer with macs_per_token()
+    counts its factored contraction instead of its parameters (kernels.KronLinear)."""
+    factored = [m for m in module.modules() if hasattr(m, "macs_per_token")]
+    factored_ids = {id(p) for m in factored for p in m.parameters()}
+    return (sum(2 * m.macs_per_token() for m in factored)
+            + sum(2 * p.numel() for p in module.parameters() if p.ndim >= 2 and id(p) not in factored_ids))
 
 
 @dataclass
@@ -3502,8 +3501,8 @@ def build_run(args: Hyperparameters, resume: dict | None, env: DistEnv) -> Train
                 opt.load_state_dict(state)
         except (ValueError, KeyError, RuntimeError) as e:
             raise SystemExit(f"error: --resume={args.resume}: its optimizer states do not fit this run's optimizer "
-                             f"groups ({str(e).splitlines()[0]}); drop the flags that change them (--kron_optimizer, "
-                             f"--teacher, ...)") from None
+                             f"groups ({str(e).splitlines()[0]}); drop the flags that change them (a feature's flags, "
+                             f"e.g. --kron_optimizer or --teacher)") from None
         torch.set_rng_state(resume["rng"])
         run.start_step, run.train_time_ms = resume["step"], resume["train_time_ms"]
         adam_params = [p for group in optimizers[0].param_groups for p in group["params"]]

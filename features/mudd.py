@@ -17,7 +17,7 @@ from torch import Tensor
 from features.dc import compose_heads
 from features.xsa import remove_value_component
 from train_gpt import (Hyperparameters, ModelPart, PassThrough, build_attention, build_mlp, count_params,
-                       dense_flops_per_token, dropout_layer, kv_heads, norm, parse_layer_list,
+                       dense_flops_per_token, dropout_layer, kv_heads, norm, parse_layer_list, parse_skip_pairs,
                        refuse_without_head_hooks, skip_connections, value_embed_dim, value_embed_tables)
 
 
@@ -88,6 +88,13 @@ def check(args: Hyperparameters, fail):
     if not 0 <= c < k:
         fail(f"--mudd_block={k} needs --mudd_block_source in 0..{k - 1}: the earlier block whose output its "
              f"attention reads and its mixes add (recipe: 7 for block 10); got {c}")
+    try:
+        skipped_into = {dst for _, dst in parse_skip_pairs(args.attn_input_skips)}
+    except ValueError:
+        skipped_into = set()  # the core's check of --attn_input_skips says what is wrong with it
+    if k in skipped_into:
+        fail(f"--attn_input_skips names the --mudd_block={k} as a dst; its attention reads --mudd_block_source (the "
+             f"recipe's r77 skips go into other blocks): drop that pair")
     if k in parse_layer_list(args.no_attn_layers):
         fail(f"--mudd_block={k} mixes into its attention's values; block {k} has none (--no_attn_layers)")
     if args.mla_kv_rank > 0 or kv_heads(args) != args.num_heads:

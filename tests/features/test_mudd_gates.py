@@ -277,7 +277,7 @@ def test_gated_model_traces_as_one_graph_in_bf16():
     (["--sublayer_lambdas=true", "--mudd_gate_block=1", "--mudd_gate_attn_layers=3,3"], "a block twice"),
     (["--attn_input_skips=1:0"], "each src:dst needs 0 <= src < dst"),
     (["--attn_input_skips=0:2"], "with attention in dst"),
-    (["--attn_input_skips=0:3", "--mudd_block=3", "--mudd_block_source=1"], "dst not the --mudd_block"),
+    (["--attn_input_skips=0:3", "--mudd_block=3", "--mudd_block_source=1"], "names the --mudd_block=3 as a dst"),
     (["--attn_input_skips=0:3,1:3"], "two attention inputs"),
     (["--attn_input_skips=a"], "expected src:dst pairs"),
     (["--sublayer_lambdas=true", "--resid_lambda_init=-1"], "must be >= 0"),
