@@ -406,8 +406,8 @@ def meaningless_flags(args: Hyperparameters) -> list[str]:
 
 def check_schedule(args: Hyperparameters, fail):
     """The post-#21 optimizer and stage flags (frontier recipe): values and combinations."""
-    choices = dict(muon_ns=tuple(feature_table("ORTHOGONALIZERS", ORTHOGONALIZERS)), softcap=tuple(SOFTCAPS), rope=("half", "canonical"),
-                   window_unit=tuple(WINDOW_RULES))
+    choices = dict(muon_ns=tuple(feature_table("ORTHOGONALIZERS", ORTHOGONALIZERS)), softcap=tuple(SOFTCAPS),
+                   rope=("half", "canonical"), window_unit=tuple(WINDOW_RULES))
     for name, valid in choices.items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
@@ -642,8 +642,9 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   score_flops(model, args) -> [(label, flops per token)]   attention work it adds, in describe_model's scores
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
-FEATURE_NAMES = ("polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "smear", "bigram", "ve_gate",
-                 "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp")
+FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
+    "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "smear", "bigram", "ve_gate",
+    "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
