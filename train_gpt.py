@@ -643,7 +643,7 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
-    "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "smear", "bigram", "ve_gate",
+    "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "ve_gate", "smear", "bigram",
     "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
@@ -2251,15 +2251,17 @@ def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
     value_embeds = {id(p) for p in [*(e.weight for e in model.value_embeds),
                                     *routed_params(model, args).get("value_embeds", [])]}
     params = dict(head=groups["head"], embed=[p for p in groups["embeds"] if id(p) not in value_embeds],
-                  value_embeds=[p for p in groups["embeds"] if id(p) in value_embeds], scalars=groups["scalars"],
-                  **{name: groups.get(name, []) for name in ADAM_GROUPS[4:]})
-    small_lrs = parse_group_values(args.adam_group_lr, "adam_group_lr", float)
+                  value_embeds=[p for p in groups["embeds"] if id(p) in value_embeds], scalars=groups["scalars"])
+    # the groups' order is the optimizer state's: the core's, the features' own (--kron_mlp: "kron", MUDD's), then
+    # the small groups at --adam_group_lr (--ve_gate, --smear, --sublayer_lambdas), as checkpoints hold them
     lrs = dict(head=args.head_lr, embed=args.embed_lr, value_embeds=args.value_embed_lr or args.embed_lr,
-               scalars=args.scalar_lr, **{name: small_lrs.get(name, args.scalar_lr)
-                                          for name in feature_table("SMALL_ADAM_GROUPS", SMALL_ADAM_GROUPS)})
-    for feature_lrs in feature_hooks("adam_lrs"):  # the Adam groups of features' own (--kron_mlp: "kron", MUDD's)
+               scalars=args.scalar_lr)
+    for feature_lrs in feature_hooks("adam_lrs"):
         lrs |= feature_lrs(args)
-    params |= {name: groups.get(name, []) for name in lrs.keys() - params.keys()}
+    small_lrs = parse_group_values(args.adam_group_lr, "adam_group_lr", float)
+    lrs |= {name: small_lrs.get(name, args.scalar_lr)
+            for name in feature_table("SMALL_ADAM_GROUPS", SMALL_ADAM_GROUPS)}
+    params |= {name: groups.get(name, []) for name in lrs if name not in params}
     betas = parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
     wd_mults = parse_group_values(args.adam_group_wd, "adam_group_wd", float)
     return [dict(name=name, params=params[name], lr=lrs[name],

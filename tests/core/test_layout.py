@@ -120,3 +120,16 @@ def test_every_feature_file_has_its_test_file_and_tests_mirror_the_code():
     feature_tests = {p.stem for p in (tests / "features").glob("test_*.py")}
     for path in FEATURE_FILES:
         assert any(t == f"test_{path.stem}" or t.startswith(f"test_{path.stem}_") for t in feature_tests), path.name
+
+
+def test_adam_groups_keep_the_order_checkpoints_hold():
+    """The optimizer state of a checkpoint lists Adam's groups in order; moving features out of train_gpt.py kept
+    the order of the code before (a3dd674), so its frontier checkpoints still resume."""
+    args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke"])
+    adam, _ = tg.build_optimizers(tg.build_model(args), args)
+    assert [g["name"] for g in adam.param_groups] == [
+        "head", "embed", "value_embeds", "scalars", "mudd", "mudd_bias", "mudd_gate", "mudd_gate_bias", "ve_gate",
+        "smear_gate", "resid_lambdas", "post_lambdas"]
+    kron = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", "--kron_mlp=both"])
+    adam, _ = tg.build_optimizers(tg.build_model(kron), kron)
+    assert [g["name"] for g in adam.param_groups] == ["head", "embed", "value_embeds", "scalars", "kron"]
