@@ -490,9 +490,10 @@ def check_paired_heads(args: Hyperparameters, attention: set, fail):
     for flag, on in (("--paired_head_layers", bool(paired)), ("--muon_qk_pairs", args.muon_qk_pairs)):
         if not on:
             continue
-        if args.mla_kv_rank > 0:
-            fail(f"{flag} pairs the heads of multi-head or grouped-query attention; MLA (--mla_kv_rank > 0) has "
-                 f"no per-head q/k to pair (keep mla_kv_rank=0 or drop {flag})")
+        own = [f for f in features_on(args) if hasattr(f, "attention")]  # an attention a feature builds (MLA)
+        if own:
+            fail(f"{flag} pairs the heads of multi-head or grouped-query attention; {own[0].ATTENTION_NAME} has "
+                 f"no per-head q/k to pair (turn it off or drop {flag})")
         if args.num_heads % 2:
             fail(f"{flag} pairs heads 2j, 2j+1; num_heads={args.num_heads} is odd (use an even --num_heads)")
         if kv_heads(args) != args.num_heads and kv_heads(args) % 2:
@@ -642,6 +643,12 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   score_flops(model, args) -> [(label, flops per token)]   attention work it adds, in describe_model's scores
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
+SOCKETS = ("Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check", "check_inputs", "on", "attention",
+           "mlp", "linear", "block", "activation", "train_loss", "head_hooks", "gated", "install", "MLP_ACTS",
+           "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS", "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS",
+           "record_fp32_params", "masks", "LOOKS_BACK", "NO_KV_CACHE", "ATTENTION_NAME", "optimizer_hooks", "per_step",
+           "schedule", "trainee", "model_parts", "score_flops", "log_header", "log_after_training", "val_log",
+           "mlp_args", "args_at_step")  # every name above; feature_hooks refuses any other
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
     "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "ve_gate", "smear", "bigram",
     "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp")
@@ -651,6 +658,7 @@ FEATURES: list = []  # the imported modules, filled at the end of this file (the
 def feature_hooks(name: str) -> list:
     """Every feature's function (or table) of one socket, in FEATURE_NAMES order. A name a feature imported from
     this module (moe.py's `activation`) is the core's own, not a socket of the feature."""
+    assert name in SOCKETS, f"{name} is not a socket (SOCKETS)"
     core = sys.modules[__name__]
     return [getattr(f, name) for f in FEATURES if hasattr(f, name) and getattr(f, name) is not getattr(core, name, f)]
 

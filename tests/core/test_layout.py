@@ -8,13 +8,7 @@ import train_gpt as tg
 
 ROOT = Path(tg.__file__).resolve().parent
 FEATURE_FILES = sorted(p for p in (ROOT / "features").glob("*.py") if p.name != "__init__.py")
-SOCKETS = {"Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check", "on", "attention", "mlp", "linear",
-           "block", "install", "param_groups", "model_parts", "check_inputs", "trainee", "log_header",
-           "log_after_training", "mlp_args", "args_at_step", "ADAM_GROUPS", "adam_lrs", "optimizer_hooks",
-           "per_step", "val_log", "gated", "RECORD_BF16_GROUPS", "record_fp32_params",
-           "MLP_ACTS", "activation", "train_loss", "schedule",
-           "head_hooks", "LOOKS_BACK", "ATTENTION_NAME", "masks", "NO_KV_CACHE", "score_flops",
-           "SMALL_ADAM_GROUPS", "ORTHOGONALIZERS"}
+SOCKETS = set(tg.SOCKETS)
 
 
 def top_level_names(tree: ast.Module) -> set[str]:
