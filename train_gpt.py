@@ -635,7 +635,7 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   schedule(model, args, device) -> an object whose set(step) writes the step's values in place (no recompiles)
 #   MLP_ACTS, activation(name, width) -> module or None   --mlp_act values of its own and their activation modules
 #   ORTHOGONALIZERS = {name: fn(G, steps)}   --muon_ns values of its own: Muon's orthogonalization
-#   head_hooks(attn, args, layer)   replaces PassThrough hooks of a block's HeadAttention (key offset, XSA, gate)
+#   head_hooks(attn, args, layer)   fills PassThrough hooks of a block's HeadAttention (ve gate, key offset, DC, XSA...)
 #   LOOKS_BACK = "--flag"         it reads the previous token: decoding with a KV cache refuses it
 #   ATTENTION_NAME                 how messages name the attention its attention socket builds (no per-head hooks)
 #   masks(args) -> {name: build(inputs)}   masks its modules read (sources["masks"][name]), built once per forward
@@ -3503,8 +3503,8 @@ def build_run(args: Hyperparameters, resume: dict | None, env: DistEnv) -> Train
     init_report = load_weights(model, load_checkpoint(args.init_from)["model"], args.init_partial) \
         if args.init_from else None
     optimizers = build_optimizers(model, args, env.rank, env.world_size)
-    trainee = built_by_feature("trainee", model, optimizers, args, env) or model  # --teacher: features/distill.py
-    run = TrainingRun(model, trainee, optimizers, init_report=init_report)
+    trainee = built_by_feature("trainee", model, optimizers, args, env)  # --teacher: features/distill.py's Distiller
+    run = TrainingRun(model, model if trainee is None else trainee, optimizers, init_report=init_report)
     if resume is not None:
         model.load_state_dict(resume["model"])  # check_resume compared the shapes
         try:

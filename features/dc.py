@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from train_gpt import (Hyperparameters, attend, gated_or, kv_heads, parse_layer_list, refuse_without_head_hooks,
+import train_gpt  # train_gpt.attend at call time: tools/memory_plan.py stands a FlexAttention in for it
+from train_gpt import (Hyperparameters, gated_or, kv_heads, parse_layer_list, refuse_without_head_hooks,
                        token_window_mask_builder)
 
 NO_KV_CACHE = "--dc_layers"
@@ -89,7 +90,8 @@ def compose_heads(y: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, mask
     w1n = (w1.float() * torch.rsqrt(w1.float().square().mean(-2, keepdim=True) + 1e-6))
     mixed = 0
     for j in range(q.size(1)):
-        mixed = mixed + (w1n * attend(q, k, v.roll(-j, dims=1), mask, scale).transpose(1, 2)).roll(j, dims=2)
+        probs_on_rolled = train_gpt.attend(q, k, v.roll(-j, dims=1), mask, scale).transpose(1, 2)
+        mixed = mixed + (w1n * probs_on_rolled).roll(j, dims=2)
     return y + (w2 * mixed).type_as(y)
 
 

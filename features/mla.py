@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from train_gpt import CastedLinear, Hyperparameters, Rotary, attend, kv_heads, norm, rotary_offset, value_lambdas_r21
+import train_gpt  # train_gpt.attend at call time: tools/memory_plan.py stands a FlexAttention in for it
+from train_gpt import CastedLinear, Hyperparameters, Rotary, kv_heads, norm, rotary_offset, value_lambdas_r21
 
 
 @dataclass
@@ -95,7 +96,7 @@ class LatentAttention(nn.Module):
         k = torch.cat([k_content, self.k_rope(x).view(B, T, 1, r).expand(B, T, H, r)], dim=-1)
         q, k = self.rope(norm(q), rotary_offset(mask)), self.rope(norm(k), rotary_offset(mask))
         v = value_lambdas_r21(self.lambdas, v, None if ve is None else ve.view_as(v))
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
+        y = train_gpt.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def rope(self, x: Tensor, offset: int = 0) -> Tensor:  # (B, T, H, head_dim + rope_dim): rotate the rope part

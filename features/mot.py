@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from train_gpt import (BLOCK_SIZE, EOT_TOKEN, GPT2_VOCAB, HERE, CastedLinear, Hyperparameters, ModelPart, attend,
+import train_gpt  # train_gpt.attend at call time: tools/memory_plan.py stands a FlexAttention in for it
+from train_gpt import (BLOCK_SIZE, EOT_TOKEN, GPT2_VOCAB, HERE, CastedLinear, Hyperparameters, ModelPart,
                        count_params, document_ids, gpt2_encoding, mask_builder, norm)
 
 BYTE_PAD, BYTE_EOT, BYTE_VOCAB = 256, 257, 258  # byte ids: 0..255 are the bytes themselves
@@ -151,7 +152,7 @@ class CharSelfAttention(nn.Module):
         mask = mask_builder(chars)(docs, self.window_blocks, docs=docs)
         q, k, v = self.qkv(norm(chars.flatten(0, 1))).view(T * S, 3, self.heads, -1).permute(1, 2, 0, 3)[:, None]
         # v contiguous: inductor's CPU FlexAttention reads an in-graph view at storage offset 0 (v is qkv's third third)
-        y = attend(norm(q), norm(k), v.contiguous(), mask, q.size(-1) ** -0.5)  # (1, heads, T * S, hd)
+        y = train_gpt.attend(norm(q), norm(k), v.contiguous(), mask, q.size(-1) ** -0.5)  # (1, heads, T * S, hd)
         return self.proj(y[0].transpose(0, 1).reshape(T, S, C))
 
     def flops_per_token(self, seq_len: int) -> int:

@@ -10,11 +10,9 @@ Comments and docstrings are not code; the preset dicts (SMOKE, FRONTIER, PRESETS
 """
 import argparse
 import ast
-import io
 import re
 import subprocess
 import sys
-import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

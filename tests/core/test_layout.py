@@ -127,3 +127,12 @@ def test_adam_groups_keep_the_order_checkpoints_hold():
     kron = tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", "--kron_mlp=both"])
     adam, _ = tg.build_optimizers(tg.build_model(kron), kron)
     assert [g["name"] for g in adam.param_groups] == ["head", "embed", "value_embeds", "scalars", "kron"]
+
+
+def test_features_call_the_attention_the_tools_patch_through_the_module():
+    """tools/memory_plan.py measures a GPU's attention by replacing train_gpt.attend; a feature that imported the
+    function by name would keep the CPU one and be measured wrong (CI caught DC so)."""
+    for path in FEATURE_FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "train_gpt":
+                assert "attend" not in {a.name for a in node.names}, f"{path.name}: call train_gpt.attend"

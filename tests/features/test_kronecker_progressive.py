@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import features.kronecker as kron_feature
+import kernels
 import train_gpt as tg
 from conftest import randomize_zero_matrices, smoke_args, summary_of
 
@@ -18,7 +19,7 @@ def test_swap_schedule_and_the_model_at_each_step():
     args = smoke_args(*FLAGS)
     assert kron_feature.progressive_swaps(args) == [(2, 0), (4, 1)]
     kron_blocks = lambda step: [i for i, b in enumerate(tg.build_model(tg.args_at_step(args, step)).blocks)
-                                if isinstance(b.mlp.c_fc, tg.KronLinear)]
+                                if isinstance(b.mlp.c_fc, kernels.KronLinear)]
     # a checkpoint at step N is written before swap N: at step 2 the model is still dense
     assert kron_blocks(0) == [] and kron_blocks(2) == [] and kron_blocks(3) == [0] and kron_blocks(5) == [0, 1]
     assert tg.args_at_step(smoke_args(), 3) == smoke_args()  # off: the configuration itself
@@ -48,7 +49,7 @@ def test_a_swap_keeps_optimizer_state_and_distillation_helps():
 
     swap.at(2, optimizers, batch, 1)
     student = model.blocks[0].mlp
-    assert isinstance(student.c_fc, tg.KronLinear) and student is not dense
+    assert isinstance(student.c_fc, kernels.KronLinear) and student is not dense
     after = F.mse_loss(student(live), dense(live)).item()
     assert after < 0.98 * before  # distillation on the live inputs improved on Van Loan (measured: -7.5%)
     owned = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
