@@ -490,9 +490,9 @@ def check_paired_heads(args: Hyperparameters, attention: set, fail):
     for flag, on in (("--paired_head_layers", bool(paired)), ("--muon_qk_pairs", args.muon_qk_pairs)):
         if not on:
             continue
-        own = [f for f in features_on(args) if hasattr(f, "attention")]  # an attention a feature builds (MLA)
-        if own:
-            fail(f"{flag} pairs the heads of multi-head or grouped-query attention; {own[0].ATTENTION_NAME} has "
+        own = feature_attention(args)
+        if own is not None:
+            fail(f"{flag} pairs the heads of multi-head or grouped-query attention; {own.ATTENTION_NAME} has "
                  f"no per-head q/k to pair (turn it off or drop {flag})")
         if args.num_heads % 2:
             fail(f"{flag} pairs heads 2j, 2j+1; num_heads={args.num_heads} is odd (use an even --num_heads)")
@@ -504,10 +504,15 @@ def check_paired_heads(args: Hyperparameters, attention: set, fail):
 def refuse_without_head_hooks(args: Hyperparameters, flags: str, fail):
     """Per-head hooks act on the heads of the core's multi-head or grouped-query attention (HeadAttention); an
     attention a feature builds in its place (its ATTENTION_NAME: MLA) has none."""
-    own = [f for f in features_on(args) if hasattr(f, "attention")]
-    if own:
-        fail(f"{flags} act on the heads of multi-head or grouped-query attention; {own[0].ATTENTION_NAME} has no "
+    own = feature_attention(args)
+    if own is not None:
+        fail(f"{flags} act on the heads of multi-head or grouped-query attention; {own.ATTENTION_NAME} has no "
              f"hooks for them")
+
+
+def feature_attention(args: Hyperparameters):
+    """The feature whose attention socket replaces the core's attention in this run (MLA), or None."""
+    return next((f for f in features_on(args) if hasattr(f, "attention")), None)
 
 
 def check_model_shape(args: Hyperparameters, fail):

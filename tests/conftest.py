@@ -229,3 +229,15 @@ def assert_one_error_line(text, *needles, prefix="error:"):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def attention_pair(*flags, layer: int = 0):
+    """Block `layer`'s attention of the smoke model without and with flags, the same weights in both."""
+    import torch
+    import train_gpt as tg
+    torch.manual_seed(0)
+    plain = tg.build_attention(smoke_args(), 4096, layer)
+    hooked = tg.build_attention(smoke_args(*flags), 4096, layer)
+    missing, unexpected = hooked.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected
+    return plain, hooked

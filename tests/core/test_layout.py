@@ -5,20 +5,14 @@ import ast
 from pathlib import Path
 
 import train_gpt as tg
+from conftest import load_script
 
 ROOT = Path(tg.__file__).resolve().parent
 FEATURE_FILES = sorted(p for p in (ROOT / "features").glob("*.py") if p.name != "__init__.py")
 SOCKETS = set(tg.SOCKETS)
 
 
-def top_level_names(tree: ast.Module) -> set[str]:
-    names = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, ast.Assign):
-            names |= {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
-    return names
+top_level_names = load_script("tools/layout_report.py").top_level_names  # the names a file defines
 
 
 def feature_imports(tree: ast.Module) -> set[str]:

@@ -2,17 +2,7 @@
 import torch
 
 import train_gpt as tg
-from conftest import smoke_args, tokens_with_docs
-
-
-def attention_pair(*flags, layer: int = 0):
-    """Block `layer`'s attention of the smoke model without and with flags, the same weights in both."""
-    torch.manual_seed(0)
-    plain = tg.build_attention(smoke_args(), 4096, layer)
-    hooked = tg.build_attention(smoke_args(*flags), 4096, layer)
-    missing, unexpected = hooked.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected
-    return plain, hooked
+from conftest import attention_pair, tokens_with_docs
 
 
 def test_attention_gate_halves_the_heads_at_init_and_matches_a_hand_gate():
