@@ -134,7 +134,6 @@ class Hyperparameters:
     compile: bool = True  # torch.compile the model (ignored on CPU, where inductor would only slow tests down)
     warmup_steps: int = 10  # untimed compile warm-up steps on random tokens; model and optimizers reset after
     fp8_head: bool = True  # FP8 lm_head matmul in training where the GPU supports it (compute capability >= 8.9)
-    fp8_mlp: bool = False  # relu^2 MLP matmuls in FP8 (delayed scaling) in training where the GPU supports FP8
     seed: int = 0  # model init (identical on every rank); the data order is fixed and never shuffled
     # checkpoints (one format: weights, optimizer states, step, flags, code, data position; see save_checkpoint)
     save_every: int = 0  # write a checkpoint every N steps next to the record file (0 = never)
@@ -454,11 +453,6 @@ def check_architecture(args: Hyperparameters, fail):
     if args.n_kv_heads < 0 or (args.n_kv_heads and H % args.n_kv_heads):
         fail(f"--n_kv_heads={args.n_kv_heads} must divide num_heads={H}; valid values: 0 (= num_heads), "
              f"{', '.join(map(str, divisors))}")
-    if args.fp8_mlp:
-        if args.mlp_act != "relu2":
-            refuse_fp8_mlp(args, f"--mlp_act={args.mlp_act}", fail)
-        if args.model_dim % 16:
-            fail(f"--fp8_mlp needs model_dim a multiple of 16 (torch._scaled_mm); model_dim={args.model_dim}")
     if args.neftune_alpha < 0:
         fail(f"--neftune_alpha={args.neftune_alpha} must be >= 0 (0 = off)")
     if not 0 <= args.dropout < 1:
@@ -595,13 +589,6 @@ def factorized_blocks(layers: str, num_layers: int) -> set[int]:
     return set(parse_layer_list(layers)) if layers.strip() else set(range(num_layers))
 
 
-def refuse_fp8_mlp(args: Hyperparameters, what: str, fail):
-    """--fp8_mlp runs the dense relu^2 MLP only: a flag (or feature) that replaces that MLP or its matrices refuses
-    it."""
-    if args.fp8_mlp:
-        fail(f"--fp8_mlp runs the dense relu^2 MLP in FP8, not {what}; drop those flags or pass --fp8_mlp=false")
-
-
 def check_block_list(args: Hyperparameters, flag: str, fail):
     """A flag listing blocks ("" = every block) names blocks that exist."""
     try:
@@ -623,6 +610,9 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   attention(args, max_seq_len, layer), mlp(args, layer), linear(args, which, in_features, out_features,
 #   zero_init), block(args, layer, max_seq_len) -> a module, or None for the core's (the first one built wins)
 #   install(model, args)          after GPT.__init__ built the core model (so the core's random draw is unchanged)
+#   place(model, args, on_gpu, fp8_matmuls)   after place_model's dtypes and FP8 head switch: its own
+#   replaces_dense_mlp(args) -> "--flag=value" or None   the flag with which it replaces the dense MLP or its matrices
+#   OPTIONAL_BUFFERS              MLP buffers checkpoints may hold or lack (both load into either model)
 #   param_groups(model, args) -> {group: [parameters]}   where its parameters go (the rest follow the core's rule)
 #   model_parts(model, args) -> [ModelPart]   its lines in describe_model's parameter and FLOP sums
 #   trainee(model, optimizers, args, env) -> the module the loss is computed on, or None (the model itself)
@@ -649,14 +639,14 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
 SOCKETS = ("Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check", "check_inputs", "on", "attention",
-           "mlp", "linear", "block", "activation", "train_loss", "head_hooks", "gated", "install", "MLP_ACTS",
-           "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS", "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS",
+           "mlp", "linear", "block", "activation", "train_loss", "head_hooks", "gated", "install", "place",
+           "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS", "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS",
            "record_fp32_params", "masks", "LOOKS_BACK", "NO_KV_CACHE", "ATTENTION_NAME", "optimizer_hooks", "per_step",
            "schedule", "trainee", "model_parts", "score_flops", "log_header", "log_after_training", "val_log",
            "mlp_args", "args_at_step")  # every name above; feature_hooks refuses any other
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
-    "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "mla", "ve_gate", "smear", "bigram",
-    "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp")
+    "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "ve_gate", "smear",
+    "bigram", "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -803,98 +793,6 @@ fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
 
 # The recipe's FP8 head scales: inputs are RMS-normed (~1), head weights small, logit gradients tiny.
 FP8_HEAD_SCALES = dict(x_scale=2.0, w_scale=2.0 ** 9, grad_scale=2.0 ** 19)
-
-# --fp8_mlp (frontier recipe 3.6): the relu^2 MLP's two matmuls in e4m3 with per-tensor scales s (x_f8 = x / s,
-# clamped to +-448, the largest e4m3 value). Up (r84): h and W1 at their current amax / 448. Down, delayed scaling
-# (r89): p = relu(h W1^T)^2 at the previous training forward's amax(p) x 1.8 / 448; W2 at its amax at the
-# previous refresh (optimizer step) x 1.12 / 448, or its current amax / 448 during the first 16 steps.
-E4M3_MAX = 448.0
-FP8_MIN_SCALE = torch.finfo(torch.float32).tiny  # an all-zero tensor (the zero-initialized W2) gets a finite scale
-FP8_MLP_P_MARGIN, FP8_MLP_W2_MARGIN, FP8_MLP_W2_EXACT_STEPS = 1.8, 1.12, 16
-
-
-def fp8_scale(amax: Tensor) -> Tensor:
-    """The e4m3 scale that maps amax to 448 (fp32 scalar)."""
-    return (amax.float() / E4M3_MAX).clamp_min(FP8_MIN_SCALE)
-
-
-def _to_e4m3(t: Tensor, scale: Tensor) -> Tensor:
-    # in fp32: rounding a bf16 t / scale to bf16 first would round twice (on CPU that moved y by 3.7%)
-    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
-def _to_e4m3_current(t: Tensor) -> tuple[Tensor, Tensor]:
-    scale = fp8_scale(t.abs().amax())
-    return _to_e4m3(t, scale), scale
-
-
-def fp8_mlp_p_scale(p_amax: Tensor, p_amax_prev: Tensor) -> Tensor:
-    """p's scale: the previous training forward's amax(p) x 1.8 / 448; the current amax / 448 when there is none
-    (p_amax_prev = 0: the first forward)."""
-    return fp8_scale(torch.where(p_amax_prev > 0, p_amax_prev * FP8_MLP_P_MARGIN, p_amax))
-
-
-def _relu2_to_e4m3(pre: Tensor, p_amax_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    p = F.relu(pre).square()
-    p_amax = p.amax().float()
-    scale = fp8_mlp_p_scale(p_amax, p_amax_prev)
-    return p, p_amax, scale, _to_e4m3(p, scale)
-
-
-# Opaque to the model's torch.compile like fp8_mm, so on GPU the casts get their own fused kernels; eager on CPU.
-_to_e4m3_current_compiled = torch.compile(_to_e4m3_current, dynamic=False)
-_relu2_to_e4m3_compiled = torch.compile(_relu2_to_e4m3, dynamic=False)
-_to_e4m3_compiled = torch.compile(_to_e4m3, dynamic=False)
-
-
-def fp8_mlp_w2_scale(w2: Tensor, w2_amax_prev: Tensor, refreshes: Tensor) -> Tensor:
-    """W2's scale: its amax at the previous refresh x 1.12 / 448 from step 16 on (refreshes = optimizer steps so
-    far); before that, or with no previous amax, its current amax / 448."""
-    amax = w2.detach().abs().amax()
-    delayed = (refreshes >= FP8_MLP_W2_EXACT_STEPS) & (w2_amax_prev > 0)
-    return fp8_scale(torch.where(delayed, w2_amax_prev * FP8_MLP_W2_MARGIN, amax))
-
-
-@torch.library.custom_op("speedrun::fp8_mlp", mutates_args=())
-def fp8_mlp(h: Tensor, w1: Tensor, w2: Tensor, p_amax_prev: Tensor,
-            w2_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """relu(h W1^T)^2 W2^T for h (N, D), W1 (H, D), W2 (D, H), both matmuls e4m3 x e4m3 with fast accumulation into
-    h's dtype (bf16 on GPU). Returns (y, p = relu^2 output in h's dtype, saved for the backward, amax(p))."""
-    cuda = h.is_cuda
-    h_f8, h_scale = (_to_e4m3_current_compiled if cuda else _to_e4m3_current)(h)
-    w1_f8, w1_scale = (_to_e4m3_current_compiled if cuda else _to_e4m3_current)(w1)
-    pre = torch._scaled_mm(h_f8, w1_f8.t(), scale_a=h_scale, scale_b=w1_scale, out_dtype=h.dtype,
-                           use_fast_accum=True)
-    p, p_amax, p_scale, p_f8 = (_relu2_to_e4m3_compiled if cuda else _relu2_to_e4m3)(pre, p_amax_prev)
-    w2_f8 = (_to_e4m3_compiled if cuda else _to_e4m3)(w2, w2_scale)
-    y = torch._scaled_mm(p_f8, w2_f8.t(), scale_a=p_scale, scale_b=w2_scale, out_dtype=h.dtype, use_fast_accum=True)
-    return y, p, p_amax
-
-
-@fp8_mlp.register_fake
-def _(h, w1, w2, p_amax_prev, w2_scale):
-    n = h.size(0)
-    return h.new_empty(n, w2.size(0)), h.new_empty(n, w1.size(0)), h.new_empty((), dtype=torch.float32)
-
-
-def _fp8_mlp_setup_context(ctx, inputs, output):
-    h, w1, w2, _, _ = inputs
-    ctx.save_for_backward(h, w1, w2, output[1])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _fp8_mlp_backward(ctx, grad_y, *_):
-    """Straight-through: the bf16 MLP's gradients at the saved h, W1, W2 and p, with relu(pre) = sqrt(p) (r87)."""
-    h, w1, w2, p = ctx.saved_tensors
-    grad_y = grad_y.type_as(h)
-    grad_pre = (grad_y @ w2.type_as(h)) * (2 * p.sqrt())  # zero where pre <= 0, as relu's gradient
-    grad_w2 = (grad_y.t() @ p).to(w2.dtype)
-    grad_h = grad_pre @ w1.type_as(h)
-    grad_w1 = (grad_pre.t() @ h).to(w1.dtype)
-    return grad_h, grad_w1, grad_w2, None, None
-
-
-fp8_mlp.register_autograd(_fp8_mlp_backward, setup_context=_fp8_mlp_setup_context)
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
@@ -1739,64 +1637,15 @@ class MLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        # FP8MLP's scaling state is optional in both directions, so dense and --fp8_mlp checkpoints (the same
-        # parameters) load into either model: a dense MLP drops it, an FP8MLP without it starts it fresh.
-        for name in FP8MLP.STATE:
+        # A feature's MLP state (OPTIONAL_BUFFERS: --fp8_mlp's scales) is optional in both directions, so checkpoints
+        # with and without it (the same parameters) load into either model: a dense MLP drops it, an MLP with those
+        # buffers and no saved values starts them fresh.
+        for name in feature_table("OPTIONAL_BUFFERS", ()):
             if name in self._buffers:
                 state_dict.setdefault(prefix + name, torch.zeros_like(self._buffers[name]))
             else:
                 state_dict.pop(prefix + name, None)
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-
-class FP8MLP(MLP):
-    """--fp8_mlp: the relu^2 MLP with both matmuls in FP8 (fp8_mlp) in training where main() sets use_fp8 (CUDA
-    compute capability >= 8.9); validation, and training elsewhere, run MLP's path unchanged. Same parameters
-    (c_fc.weight, c_proj.weight). Delayed-scaling state in persistent buffers, updated in place (no recompiles;
-    checkpoints resume exactly): p_amax by each training forward, w2_amax and refreshes by refresh() before every
-    optimizer step (a Muon hook, see build_optimizers)."""
-
-    STATE = ("p_amax", "w2_amax", "refreshes")
-
-    def __init__(self, args: Hyperparameters):
-        super().__init__(args)
-        self.use_fp8 = False
-        self.register_buffer("p_amax", torch.zeros(()))  # amax(p) of the last training forward (0 = none yet)
-        self.register_buffer("w2_amax", torch.zeros(()))  # amax(W2) at the last refresh (0 = none yet)
-        self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))  # optimizer steps taken
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.use_fp8 and self.training):
-            return super().forward(x)
-        w2 = self.c_proj.weight
-        y, _, p_amax = fp8_mlp(x.flatten(0, -2), self.c_fc.weight, w2, self.p_amax,
-                               fp8_mlp_w2_scale(w2, self.w2_amax, self.refreshes))
-        with torch.no_grad():
-            self.p_amax.copy_(p_amax)
-        return y.view(*x.shape[:-1], -1)
-
-    @torch.no_grad()
-    def refresh(self):
-        """Before an optimizer step: the weights the step's forwards quantized become the previous refresh."""
-        self.w2_amax.copy_(self.c_proj.weight.abs().amax())
-        self.refreshes += 1
-
-
-def refresh_fp8_mlps(mlps: list):
-    for m in mlps:
-        m.refresh()
-
-
-@torch.no_grad()
-def share_fp8_mlp_amax(mlps: list, world_size: int):
-    """After an optimizer step on several ranks: every rank takes the largest amax(p) of the ranks' last forwards,
-    so the scaling state is the same on every rank (and rank 0's checkpoint resumes all of them exactly)."""
-    if not mlps:
-        return
-    amax = torch.stack([m.p_amax for m in mlps])
-    dist.all_reduce(amax, op=dist.ReduceOp.MAX)
-    for m, a in zip(mlps, amax):
-        m.p_amax.copy_(a)
 
 
 def swiglu_hidden(args: Hyperparameters) -> int:
@@ -1829,17 +1678,15 @@ def block_mlp_args(args: Hyperparameters, layer: int) -> Hyperparameters:
 
 def build_mlp(args: Hyperparameters, layer: int | None = None) -> nn.Module:
     """A block's MLP: mixture of experts (--moe_experts > 0; Kronecker experts with --kron_mlp=both), SwiGLU, or the
-    dense MLP with --mlp_act (matrices factorized per --kron_mlp/--ks_mlp; FP8MLP with --fp8_mlp, which
-    check_architecture allows only on the dense relu^2 MLP). layer: the block's index, for --kron_layers/--ks_layers
+    dense MLP with --mlp_act (matrices factorized per --kron_mlp/--ks_mlp; in FP8 with --fp8_mlp: features/fp8_mlp.py).
+    layer: the block's index, for --kron_layers/--ks_layers
     (None: as if every block were listed)."""
     if layer is not None:
         args = block_mlp_args(args, layer)
-    built = built_by_feature("mlp", args, layer)  # --moe_experts: features/moe.py
+    built = built_by_feature("mlp", args, layer)  # --moe_experts: features/moe.py, --fp8_mlp: features/fp8_mlp.py
     if built is not None:
         return built
-    if args.mlp_act == "swiglu":
-        return SwiGLUMLP(args)
-    return FP8MLP(args) if args.fp8_mlp else MLP(args)
+    return SwiGLUMLP(args) if args.mlp_act == "swiglu" else MLP(args)
 
 
 def dropout_layer(p: float) -> nn.Module:
@@ -2195,9 +2042,8 @@ def set_gpu_dtypes(model: GPT, args: Hyperparameters, on_gpu: bool, fp8_matmuls:
         for p in record_bf16_params(model) if args.param_dtype == "record" else []:
             p.data = p.data.bfloat16()
     model.lm_head.use_fp8 = args.fp8_head and fp8_matmuls
-    for m in model.modules():
-        if isinstance(m, FP8MLP):
-            m.use_fp8 = args.fp8_mlp and fp8_matmuls
+    for place in feature_hooks("place"):  # --fp8_mlp: its MLPs in FP8 where the GPU has FP8 matmuls
+        place(model, args, on_gpu, fp8_matmuls)
     return model
 
 
@@ -2401,13 +2247,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
     muon.normalize = NorMuon(args.normuon_beta2) if args.normuon_beta2 > 0 else None
     if world_size > 1:
         muon.grad_sync = grad_sync or GradientSync(list(model.parameters()))
-    for add_hooks in feature_hooks("optimizer_hooks"):  # --moe_experts: the routing biases after Muon's step
+    for add_hooks in feature_hooks("optimizer_hooks"):  # --moe_experts: routing biases, --fp8_mlp: W2's scales
         add_hooks(model, adam, muon, args, world_size)
-    if args.fp8_mlp:  # W2 (c_proj, a Muon matrix) moves in Muon's step: refresh the delayed scales around it
-        fp8_mlps = [m for m in model.modules() if isinstance(m, FP8MLP)]  # found once, not every step
-        muon.register_step_pre_hook(lambda *_: refresh_fp8_mlps(fp8_mlps))
-        if world_size > 1:
-            muon.register_step_post_hook(lambda *_: share_fp8_mlp_amax(fp8_mlps, world_size))
     if args.untie_step:
         EmbeddingTie(model, adam, args)
     for opt in (adam, muon):
@@ -3530,15 +3371,14 @@ def build_run(args: Hyperparameters, resume: dict | None, env: DistEnv) -> Train
 def log_run_header(log, run: TrainingRun, args: Hyperparameters, env: DistEnv, compiled: bool):
     model = run.model
     groups = param_groups(model, args)
-    fp8, fp8_mlp_on = model.lm_head.use_fp8, any(m.use_fp8 for m in model.modules() if isinstance(m, FP8MLP))
+    fp8 = model.lm_head.use_fp8
+    # the blocks' CastedLinears never run FP8 (only the head's may): a use_fp8 there is --fp8_mlp's (features/fp8_mlp.py)
+    fp8_mlp_on = any(getattr(m, "use_fp8", False) for m in model.blocks.modules())
     log(f"model: {count_params(model):,} parameters (block matrices {sum(p.numel() for p in groups['matrices']):,}, "
         f"embeddings {sum(p.numel() for p in groups['embeds']):,}, head {sum(p.numel() for p in groups['head']):,}, "
         f"scalars {sum(p.numel() for p in groups['scalars']):,}); world_size {env.world_size}, "
         f"grad accumulation {args.micro_batches // env.world_size}, device {device_name(env.device)}, "
         f"fp8 head {fp8}, fp8 mlp {fp8_mlp_on}, compile {compiled}", console=True)
-    if args.fp8_mlp and not fp8_mlp_on:
-        log(f"--fp8_mlp: {device_name(env.device)} has no FP8 matmuls (needs CUDA compute capability >= 8.9); the "
-            f"MLPs train without FP8 (in bf16 on a GPU)")
     log(describe_model(model, args))
     if run.init_report:
         log(f"init_from {args.init_from}: {run.init_report}")

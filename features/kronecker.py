@@ -19,7 +19,7 @@ from kernels import IMPLS, KronLinear, choose_kron_factors, kron_factor_init_, k
 from kernels import _a_first as kron_contracts_k1_first
 from kernels import van_loan_decompose
 from train_gpt import (DistEnv, GPT, Hyperparameters, build_mlp, build_optimizers, check_block_list, count_params,
-                       factorized_blocks, refuse_fp8_mlp, total_steps)
+                       factorized_blocks, total_steps)
 
 REQUIRES = ("moe",)  # KronMoE is an MoE whose experts are Kronecker sums
 
@@ -56,6 +56,10 @@ def on(args: Hyperparameters) -> bool:
     return args.kron_mlp != "off"
 
 
+def replaces_dense_mlp(args: Hyperparameters) -> str | None:
+    return f"--kron_mlp={args.kron_mlp}" if on(args) else None
+
+
 def check(args: Hyperparameters, fail):
     for name, valid in dict(kron_mlp=("off", "fc", "proj", "both"), kron_impl=IMPLS,
                             kron_optimizer=("adam", "muon")).items():
@@ -75,7 +79,6 @@ def check(args: Hyperparameters, fail):
         return
     if args.mlp_act == "swiglu":
         fail("--mlp_act=swiglu and --kron_mlp/--ks_mlp are alternatives (SwiGLU has its own merged weights)")
-    refuse_fp8_mlp(args, f"--kron_mlp={args.kron_mlp}", fail)
     if args.moe_experts > 0 and args.kron_mlp == "both":
         check_kron_experts(args, fail)
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from kernels import KS_IMPLS, KSLinear, butterfly_patterns, monarch_patterns
-from train_gpt import Hyperparameters, check_block_list, factorized_blocks, refuse_fp8_mlp
+from train_gpt import Hyperparameters, check_block_list, factorized_blocks
 
 
 @dataclass
@@ -32,6 +32,10 @@ def on(args: Hyperparameters) -> bool:
     return args.ks_mlp != "off"
 
 
+def replaces_dense_mlp(args: Hyperparameters) -> str | None:
+    return f"--ks_mlp={args.ks_mlp}" if on(args) else None
+
+
 def check(args: Hyperparameters, fail):
     for name, valid in dict(ks_mlp=("off", "fc", "proj", "both"), ks_chain=("monarch", "butterfly"),
                             ks_impl=KS_IMPLS).items():
@@ -42,7 +46,6 @@ def check(args: Hyperparameters, fail):
         return
     if args.mlp_act == "swiglu":
         fail("--mlp_act=swiglu and --kron_mlp/--ks_mlp are alternatives (SwiGLU has its own merged weights)")
-    refuse_fp8_mlp(args, f"--ks_mlp={args.ks_mlp}", fail)
 
     def claimed(mode):
         return {"fc", "proj"} if mode == "both" else {mode} - {"off"}

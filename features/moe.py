@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from train_gpt import CastedLinear, Hyperparameters, activation, all_reduce_sum_, refuse_fp8_mlp
+from train_gpt import CastedLinear, Hyperparameters, activation, all_reduce_sum_
 
 
 @dataclass
@@ -39,6 +39,10 @@ def on(args: Hyperparameters) -> bool:
     return args.moe_experts > 0
 
 
+def replaces_dense_mlp(args: Hyperparameters) -> str | None:
+    return f"--moe_experts={args.moe_experts}" if on(args) else None
+
+
 def check(args: Hyperparameters, fail):
     if args.moe_balance not in ("aux", "bias"):
         fail(f"--moe_balance={args.moe_balance!r}; valid values: aux, bias")
@@ -46,7 +50,6 @@ def check(args: Hyperparameters, fail):
         fail(f"--moe_experts={args.moe_experts} must be >= 0 (0 = dense MLP)")
     if args.moe_experts == 0:
         return
-    refuse_fp8_mlp(args, f"--moe_experts={args.moe_experts}", fail)
     if not 1 <= args.moe_topk <= args.moe_experts:
         fail(f"--moe_topk={args.moe_topk}; valid values: 1..moe_experts={args.moe_experts}")
     if args.moe_shared < 0 or args.moe_hidden < 0:

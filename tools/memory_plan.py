@@ -57,6 +57,7 @@ from torch.nn.attention.flex_attention import BlockMask  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
+import features.fp8_mlp as fp8_mlp_feature  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 GiB = 2 ** 30
@@ -509,8 +510,8 @@ def plan_memory(args: tg.Hyperparameters, gpu: Gpu, nproc: int, cache: dict | No
         compiled_estimates={name: est for name, (_, est) in phases.items()}, peak_phase=phase, peak=peak,
         compiled_estimate_phase=estimate_phase, compiled_estimate=estimate, usable=usable, fits=peak <= usable,
         fits_compiled_estimate=estimate <= usable, headroom=usable - peak,
-        fp8_head=model.lm_head.use_fp8, fp8_mlp=any(getattr(m, "use_fp8", False) for m in model.modules()
-                                                    if isinstance(m, tg.FP8MLP)))
+        fp8_head=model.lm_head.use_fp8,
+        fp8_mlp=any(m.use_fp8 for m in model.modules() if isinstance(m, fp8_mlp_feature.FP8MLP)))
 
 
 def split_flags(args: tg.Hyperparameters, k: int) -> dict | None:

@@ -21,10 +21,10 @@ Correctness checks, each against an independent reference on the device:
   fp8_head              the lm_head's FP8 matmul (train_gpt.fp8_mm with FP8_HEAD_SCALES) forward and backward vs
                         fp32, at the real head shape (CPU --quick: 1024 of its rows): error bounded, all finite, no
                         e4m3/e5m2 saturation
-  fp8_mlp               train_gpt.FP8MLP (--fp8_mlp) vs the fp32 relu^2 MLP, output and gradients, at current and
-                        then delayed scales: error bounded, p not saturating at its delayed scale
+  fp8_mlp               features/fp8_mlp.py's FP8MLP (--fp8_mlp) vs the fp32 relu^2 MLP, output and gradients, at
+                        current and then delayed scales: error bounded, p not saturating at its delayed scale
   kron_ks_kernels       kernels.KronLinear (triton vs dense) and KSLinear (triton vs bmm) at the MLP shapes
-  moe                   train_gpt.MoE output, aux loss and gradients vs a per-expert loop
+  moe                   features/moe.py's MoE output, aux loss and gradients vs a per-expert loop
   compiled_training     N steps of train_step on a learnable synthetic stream along the real schedule (windows
                         grow; --stages: each stage's length), set up as main() does (StepSetup): finite falling
                         loss, graphs/recompiles/graph breaks, compiled == eager losses
@@ -91,6 +91,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa:
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import kernels  # noqa: E402
+import features.fp8_mlp as fp8_mlp_feature  # noqa: E402
 import features.moe as moe_feature  # noqa: E402
 import features.mot as mot_feature  # noqa: E402
 import train_gpt as tg  # noqa: E402
@@ -806,7 +807,7 @@ def check_fp8_head(ctx: Context) -> str:
 @check("fp8_mlp", fix="the FP8 MLP (--fp8_mlp, on in --preset=frontier) is inaccurate or saturates here: run with "
                       "--fp8_mlp=false (bf16 MLP), and check that torch._scaled_mm works on this GPU/torch")
 def check_fp8_mlp(ctx: Context) -> str:
-    """train_gpt.FP8MLP's training path (both matmuls e4m3) vs the fp32 relu^2 MLP on the same weights, output and
+    """features/fp8_mlp.py's FP8MLP's training path (both matmuls e4m3) vs the fp32 relu^2 MLP on the same weights, output and
     the straight-through gradients, in two passes: the first at current scales, the second at the delayed ones a
     training step leaves (p at the first pass's amax x FP8_MLP_P_MARGIN, W2 at its refreshed amax x margin)."""
     if ctx.on_gpu:
@@ -818,7 +819,7 @@ def check_fp8_mlp(ctx: Context) -> str:
     args = dataclasses.replace(dims, fp8_mlp=True, mlp_act="relu2", kron_mlp="off", ks_mlp="off", moe_experts=0)
     tokens = (4096 if ctx.quick else 16384) if ctx.on_gpu else (64 if ctx.quick else 16)
     torch.manual_seed(0)
-    mlp = tg.FP8MLP(args).to(ctx.device).train()
+    mlp = fp8_mlp_feature.FP8MLP(args).to(ctx.device).train()
     with torch.no_grad():  # live weights: the zero-initialized c_proj would carry no signal
         mlp.c_proj.weight.normal_(0, 0.02)
     mlp.use_fp8 = True
@@ -841,11 +842,11 @@ def check_fp8_mlp(ctx: Context) -> str:
             cmp.add(name, got, want, tolerance=tol)
         if n == 0:  # as a training step does before its optimizer step (Muon's pre-hook), then past the steps
             mlp.refresh()  # that scale W2 exactly: the second pass takes both delayed scales
-            mlp.refreshes.fill_(tg.FP8_MLP_W2_EXACT_STEPS)
-    p_use = amax[1] / (amax[0] * tg.FP8_MLP_P_MARGIN)  # > 1: p saturated e4m3 at the delayed scale
+            mlp.refreshes.fill_(fp8_mlp_feature.FP8_MLP_W2_EXACT_STEPS)
+    p_use = amax[1] / (amax[0] * fp8_mlp_feature.FP8_MLP_P_MARGIN)  # > 1: p saturated e4m3 at the delayed scale
     if not p_use < 1:
         cmp.fail(f"p = relu(h W1^T)^2 saturates e4m3 at its delayed scale: amax {amax[1]:.3g} is {p_use:.2f}x the "
-                 f"previous amax x {tg.FP8_MLP_P_MARGIN}")
+                 f"previous amax x {fp8_mlp_feature.FP8_MLP_P_MARGIN}")
     used = "" if ctx.args.fp8_mlp else " (--fp8_mlp is off in these flags; --preset=frontier turns it on)"
     return cmp.verdict(f"{tokens} tokens, {args.model_dim} <-> {args.mlp_ratio * args.model_dim}, {ctx.dtype}"
                        f"{used}: ") + f"; p's delayed scale used at {p_use:.0%}"

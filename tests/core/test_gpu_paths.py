@@ -205,7 +205,7 @@ def relative_error(a, b):
 def test_fp8_head_matmul_at_the_real_shape(w_std):
     """x (1024, 768) RMS-normed, a trained-head-like w (50304, 768), the gradient of the softcapped cross-entropy:
     e4m3 operands give ~3.8% (output) and e5m2 gradients ~3% (grads) relative error against fp32."""
-    if cpu_fp8_matmul_is_reference_only():  # the op itself stays covered by tests/core/test_fp8_mlp.py, test_speed_paths
+    if cpu_fp8_matmul_is_reference_only():  # the op stays covered by tests/features/test_fp8_mlp.py, test_speed_paths
         pytest.skip("this CPU's oneDNN has no FP8 matmul kernel (reference path, ~25 MFLOP/s): three head-sized FP8 "
                     "products would take over an hour; runs on CPUs with one, and preflight's fp8_head on the GPU")
     torch.manual_seed(0)

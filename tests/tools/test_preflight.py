@@ -15,6 +15,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from conftest import ROOT, load_script, preflight_flex_problems
 import train_gpt as tg
+from features import fp8_mlp as fp8_mlp_feature
 
 pf = load_script("tools/preflight.py")
 
@@ -256,7 +257,7 @@ def test_memory_plan_hook():
 
 def test_the_fp8_mlp_check_catches_saturation(tmp_path, capsys, monkeypatch):
     """A delayed scale with too little margin clips p = relu(h W1^T)^2 in e4m3: the check must fail on it."""
-    monkeypatch.setattr(tg, "FP8_MLP_P_MARGIN", 0.3)
+    monkeypatch.setattr(fp8_mlp_feature, "FP8_MLP_P_MARGIN", 0.3)
     fp8_mlp = next(e for e in pf.REGISTRY if e.name == "fp8_mlp")
     assert pf.main(["--quick", "--out", str(tmp_path)], registry=[fp8_mlp]) == 1
     (result,) = printed_report(capsys.readouterr().out)["checks"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from features import fp8_mlp
 from conftest import smoke_args
 
 E4M3 = torch.float8_e4m3fn
@@ -36,7 +37,7 @@ def mlp_pair(dim=128, seed=0):
     zero), at the scale of a trained smoke model's."""
     args = smoke_args(f"--model_dim={dim}", "--fp8_mlp=true")
     torch.manual_seed(seed)
-    fp8 = tg.FP8MLP(args)
+    fp8 = fp8_mlp.FP8MLP(args)
     with torch.no_grad():
         fp8.c_proj.weight.normal_(0, 0.02)
     fp8.use_fp8 = True
@@ -72,7 +73,7 @@ def test_gradients_are_the_straight_through_bf16_ones():
     h = inputs().bfloat16().requires_grad_()
     g = torch.randn(256, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
     w1, w2 = fp8.c_fc.weight, fp8.c_proj.weight
-    y, p, _ = tg.fp8_mlp(h, w1, w2, torch.zeros(()), tg.fp8_scale(w2.detach().abs().amax()))
+    y, p, _ = fp8_mlp.fp8_mlp(h, w1, w2, torch.zeros(()), fp8_mlp.fp8_scale(w2.detach().abs().amax()))
     y.backward(g)
     with torch.no_grad():
         hb, w1b, w2b = h.detach(), w1.bfloat16(), w2.bfloat16()
@@ -93,14 +94,14 @@ def test_gradients_are_the_straight_through_bf16_ones():
 
 def test_scales_by_rule():
     amax = lambda *v: torch.tensor(v, dtype=torch.float32)
-    assert tg.fp8_mlp_p_scale(amax(5.0), amax(0.0)).item() == pytest.approx(5 / 448)  # first forward: current
-    assert tg.fp8_mlp_p_scale(amax(5.0), amax(2.0)).item() == pytest.approx(2 * 1.8 / 448)
+    assert fp8_mlp.fp8_mlp_p_scale(amax(5.0), amax(0.0)).item() == pytest.approx(5 / 448)  # first forward: current
+    assert fp8_mlp.fp8_mlp_p_scale(amax(5.0), amax(2.0)).item() == pytest.approx(2 * 1.8 / 448)
     w2 = torch.tensor([[0.5, -3.0], [1.0, 2.0]])
     for refreshes, prev, want in ((0, 0.0, 3 / 448), (15, 1.0, 3 / 448), (16, 1.0, 1.12 / 448),
                                   (400, 2.5, 2.5 * 1.12 / 448), (16, 0.0, 3 / 448)):
-        got = tg.fp8_mlp_w2_scale(w2, amax(prev), torch.tensor(refreshes))
+        got = fp8_mlp.fp8_mlp_w2_scale(w2, amax(prev), torch.tensor(refreshes))
         assert got.item() == pytest.approx(want, rel=1e-6), (refreshes, prev)
-    assert tg.fp8_scale(amax(0.0)).item() > 0  # the zero-initialized W2: a finite scale, zero e4m3 values
+    assert fp8_mlp.fp8_scale(amax(0.0)).item() > 0  # the zero-initialized W2: a finite scale, zero e4m3 values
 
 
 def same_amax(recorded, by_hand) -> bool:
@@ -168,8 +169,8 @@ def test_fp8_mlp_op_passes_opcheck():
     torch.manual_seed(0)
     h = tg.norm(torch.randn(32, 16)).bfloat16().requires_grad_()
     w1, w2 = torch.randn(64, 16, requires_grad=True), torch.randn(16, 64, requires_grad=True)
-    torch.library.opcheck(tg.fp8_mlp, (h, w1, w2, torch.tensor(0.0), torch.tensor(0.01)))
-    torch.library.opcheck(tg.fp8_mlp, (h, w1, w2, torch.tensor(2.0), torch.tensor(0.01)))
+    torch.library.opcheck(fp8_mlp.fp8_mlp, (h, w1, w2, torch.tensor(0.0), torch.tensor(0.01)))
+    torch.library.opcheck(fp8_mlp.fp8_mlp, (h, w1, w2, torch.tensor(2.0), torch.tensor(0.01)))
 
 
 def test_compiles_as_one_graph_without_recompiles():
@@ -199,11 +200,13 @@ def test_compiles_as_one_graph_without_recompiles():
 def test_flags_default_off_and_bad_combinations_name_the_fix():
     args = smoke_args()
     assert args.fp8_mlp is False
-    assert not any(isinstance(m, tg.FP8MLP) for m in tg.build_model(args).modules())
+    assert not any(isinstance(m, fp8_mlp.FP8MLP) for m in tg.build_model(args).modules())
     assert tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier"]).fp8_mlp is True
     for flags in (["--mlp_act=gelu"], ["--mlp_act=swiglu"], ["--kron_mlp=fc"], ["--ks_mlp=proj"],
                   ["--moe_experts=4"]):
-        with pytest.raises(SystemExit, match=r"--fp8_mlp runs the dense relu\^2 MLP in FP8, not .*--fp8_mlp=false"):
+        # the dense MLP's replacements name themselves (their features' replaces_dense_mlp socket)
+        with pytest.raises(SystemExit, match=rf"--fp8_mlp runs the dense relu\^2 MLP in FP8, not {flags[0]}; .*"
+                                             rf"--fp8_mlp=false"):
             smoke_args("--fp8_mlp=true", *flags)
     with pytest.raises(SystemExit, match="multiple of 16"):
         tg.check_config(tg.apply_overrides(tg.Hyperparameters(), ["--preset=smoke", "--model_dim=120",
@@ -217,9 +220,9 @@ def test_same_parameters_and_checkpoints_load_both_ways():
     fp8 = tg.build_model(smoke_args("--fp8_mlp=true"))
     assert [(n, p.shape) for n, p in dense.named_parameters()] == [(n, p.shape) for n, p in fp8.named_parameters()]
     assert all(torch.equal(a, b) for a, b in zip(dense.parameters(), fp8.parameters()))  # same init draws
-    assert sum(isinstance(m, tg.FP8MLP) for m in fp8.modules()) == 4
+    assert sum(isinstance(m, fp8_mlp.FP8MLP) for m in fp8.modules()) == 4
     for m in fp8.modules():
-        if isinstance(m, tg.FP8MLP):
+        if isinstance(m, fp8_mlp.FP8MLP):
             m.p_amax.fill_(3.0), m.refreshes.fill_(7)
     fp8_state = fp8.state_dict()
     assert "blocks.0.mlp.p_amax" in fp8_state and "blocks.0.mlp.p_amax" not in dense.state_dict()
@@ -237,7 +240,7 @@ def fp8_smoke(*flags):
     torch.manual_seed(0)
     model = tg.build_model(args)
     for m in model.modules():
-        if isinstance(m, tg.FP8MLP):
+        if isinstance(m, fp8_mlp.FP8MLP):
             m.use_fp8 = True  # as main() does on an FP8 GPU
     return args, model, tg.build_optimizers(model, args)
 
@@ -265,7 +268,7 @@ def test_smoke_model_trains_with_fp8_mlps_and_resumes_exactly(tmp_path):
     assert all(map(torch.isfinite, map(torch.tensor, losses))) and losses[-1] < losses[0] - 0.5, losses
     assert mlp.refreshes.item() == 3 and mlp.p_amax.item() > 0 and mlp.w2_amax.item() > 0
     for m in model.modules():
-        if isinstance(m, tg.FP8MLP):
+        if isinstance(m, fp8_mlp.FP8MLP):
             m.refreshes.fill_(15)  # so that the two steps below cross into the delayed W2 scale
     path = tg.save_checkpoint(tmp_path / "c.pt", model, opts, args, 3, 0.0)
     uninterrupted = steps(model, opts, args, 3, 5, micro)
