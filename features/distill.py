@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train_gpt import (GPT, CastedLinear, Hyperparameters, build_model, checkpoint_args, count_params,
-                       load_checkpoint, synchronize)
+                       load_checkpoint, place_model, synchronize)
 
 
 @dataclass
@@ -85,16 +85,28 @@ class Distiller(nn.Module):
 
 def build_teacher(path: str, student: GPT, device: torch.device) -> GPT:
     ckpt = load_checkpoint(path)
-    teacher = build_model(checkpoint_args(ckpt))
+    teacher_args = checkpoint_args(ckpt)
+    teacher = build_model(teacher_args)
     teacher.load_state_dict(ckpt["model"])
     if teacher.lm_head.weight.shape[0] != student.lm_head.weight.shape[0]:
         raise SystemExit(f"error: teacher vocabulary {teacher.lm_head.weight.shape[0]} and student vocabulary "
                          f"{student.lm_head.weight.shape[0]} differ; distillation needs the same one")
-    teacher.to(device)
-    if device.type == "cuda":
+    return place_teacher(teacher, teacher_args, device).eval()
+
+
+def place_teacher(teacher: GPT, teacher_args: Hyperparameters, device: torch.device) -> GPT:
+    """The teacher placed as main() places a model of its own flags (train_gpt.place_model: on the device, bf16
+    embeddings on GPU, its --param_dtype, its --fp8_head/--fp8_mlp switches), then one step of its own: on a GPU its
+    remaining floating parameters in bf16 too. It never trains, so it needs no fp32 master weights, and its
+    activations are bf16 on GPU anyway: half the memory. The FP8 switches act only in training (CastedLinear and
+    FP8MLP take their plain path in eval), and the frozen teacher always runs in eval, so they never touch its
+    forward."""
+    place_model(teacher, teacher_args, device)
+    if device.type == "cuda":  # place_model's on_gpu
         for p in teacher.parameters():
-            p.data = p.data.bfloat16()  # halves its memory; activations are bf16 on GPU anyway
-    return teacher.eval()
+            if p.is_floating_point():
+                p.data = p.data.bfloat16()
+    return teacher
 
 
 @torch.no_grad()

@@ -48,3 +48,43 @@ def test_distillation_run(shakespeare_shards, tmp_path, capsys):
                              "--model_dim=64", "--kd_cosine=0.5"]) == 0
     out = capsys.readouterr().out
     assert "distillation: teacher" in out and "teacher forward:" in out and summary_of(out)["status"] == "ok"
+
+
+def test_the_teacher_is_placed_as_main_places_its_own_flags_then_all_bf16_on_a_gpu(monkeypatch):
+    """place_teacher: train_gpt.place_model's decisions for the teacher's own flags (bf16 embeddings, its
+    --param_dtype, its --fp8_head/--fp8_mlp switches), then every other parameter in bf16. Without CUDA, a GPU with
+    FP8 matmuls is stood in for by set_gpu_dtypes(on_gpu=True, fp8_matmuls=True): place_model less the move."""
+    monkeypatch.setattr(distill_feature, "place_model",
+                        lambda model, args, device: tg.set_gpu_dtypes(model, args, on_gpu=True, fp8_matmuls=True))
+    for flags in (["--param_dtype=record", "--fp8_head=true", "--fp8_mlp=true"], ["--fp8_head=false"]):
+        teacher_args = smoke_args(*flags)
+        by_main = tg.set_gpu_dtypes(tg.build_model(teacher_args), teacher_args, on_gpu=True, fp8_matmuls=True)
+        teacher = distill_feature.place_teacher(tg.build_model(teacher_args), teacher_args, torch.device("cuda"))
+        assert teacher.embed.weight.dtype == by_main.embed.weight.dtype == torch.bfloat16
+        assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}, flags
+        assert teacher.lm_head.use_fp8 == by_main.lm_head.use_fp8 == teacher_args.fp8_head, flags
+        fp8_mlps = [m.use_fp8 for m in teacher.modules() if isinstance(m, tg.FP8MLP)]
+        assert fp8_mlps == [m.use_fp8 for m in by_main.modules() if isinstance(m, tg.FP8MLP)]
+        assert fp8_mlps == ([True] * teacher_args.num_layers if teacher_args.fp8_mlp else []), flags
+
+
+def test_a_teacher_on_the_cpu_is_the_fp32_checkpoint_in_eval(tmp_path):
+    """build_teacher on the CPU: the checkpoint's model unchanged (fp32, no FP8), frozen in eval; its forward with
+    the FP8 switches on (as a GPU with FP8 matmuls would set them) is the plain one, since they act only in
+    training."""
+    torch.manual_seed(3)
+    teacher_args = smoke_args("--fp8_head=true", "--fp8_mlp=true")
+    trained = tg.build_model(teacher_args)
+    randomize_zero_matrices(trained, 0.05)
+    path = tg.save_checkpoint(tmp_path / "teacher.pt", trained, [], teacher_args, step=0, train_time_ms=0.0,
+                              weights_only=True)
+    teacher = distill_feature.build_teacher(str(path), tg.build_model(smoke_args()), torch.device("cpu"))
+    assert not teacher.training and {p.dtype for p in teacher.parameters()} == {torch.float32}
+    assert not teacher.lm_head.use_fp8
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(teacher.state_dict()[name], tensor, rtol=0, atol=0)
+    inputs = torch.randint(0, 50000, (256,))
+    plain = teacher(inputs)
+    tg.set_gpu_dtypes(teacher, teacher_args, on_gpu=False, fp8_matmuls=True)
+    assert teacher.lm_head.use_fp8 and any(isinstance(m, tg.FP8MLP) and m.use_fp8 for m in teacher.modules())
+    torch.testing.assert_close(teacher(inputs), plain, rtol=0, atol=0)
