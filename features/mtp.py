@@ -119,19 +119,34 @@ class WeightedTokenLosses(nn.Module):
         return ((weight.sum(1) * lse).sum() - (weight * logits.gather(1, index)).sum()) / len(targets)
 
 
-def parse_stage_weights(text: str) -> list[list[tuple[float, float]]]:
-    """--mtp_weights / --prefix_weights: "1,0.5,0.25-0;1,0.5-0;1" -> per stage, per term, (value at the stage's
-    start, value at its end); "a" is constant, "a-b" linear in the stage fraction. ValueError when malformed."""
-    stages = []
-    for entry in text.split(";"):
-        weights = []
-        for item in entry.split(","):
-            ends = [float(v) for v in item.strip().split("-")]
-            if len(ends) not in (1, 2) or not all(0 <= v < math.inf for v in ends):
-                raise ValueError(item)
-            weights.append((ends[0], ends[-1]))
-        stages.append(weights)
-    return stages
+@dataclass(frozen=True)
+class TermWeight:
+    """One loss term's weight over a stage: `start` at the stage's first step, `end` at its end, linear in between
+    (equal for a constant weight)."""
+    start: float
+    end: float
+
+    def at(self, frac: float) -> float:
+        """The weight at a fraction of the stage (0 its start, 1 its end)."""
+        return self.start + (self.end - self.start) * frac
+
+
+StageWeights = tuple[TermWeight, ...]  # one stage's terms, in WeightedTokenLosses' order
+
+
+def parse_stage_weights(text: str) -> tuple[StageWeights, ...]:
+    """--mtp_weights / --prefix_weights: "1,0.5,0.25-0;1,0.5-0;1" -> per stage (';'), per term (','), its
+    TermWeight; "a" is constant, "a-b" linear from a to b over the stage. ValueError when malformed."""
+    return tuple(tuple(parse_term_weight(item) for item in entry.split(",")) for entry in text.split(";"))
+
+
+def parse_term_weight(item: str) -> TermWeight:
+    """One term of a stage, "a" or "a-b": plain non-negative numbers (no sign, inf or nan: a '-' separates the
+    ends of a range)."""
+    ends = [float(v) for v in item.strip().split("-")]
+    if len(ends) not in (1, 2) or not all(0 <= v < math.inf for v in ends):
+        raise ValueError(item)
+    return TermWeight(ends[0], ends[-1])
 
 
 def weight_stage_spans(args: Hyperparameters) -> list[tuple[int, int]]:
@@ -151,9 +166,8 @@ def loss_weights(step: int, args: Hyperparameters) -> list[float]:
     frac = 1.0 if i is None else (step - spans[i][0]) / max(spans[i][1] - spans[i][0], 1)
 
     def at(text: str, width: int) -> list[float]:
-        entry = parse_stage_weights(text)[len(spans) - 1 if i is None else i]
-        entry += [(0.0, 0.0)] * (width - len(entry))
-        return [a + (b - a) * frac for a, b in entry]
+        stage = parse_stage_weights(text)[len(spans) - 1 if i is None else i]
+        return [term.at(frac) for term in stage] + [0.0] * (width - len(stage))  # terms a stage leaves out weigh 0
     future = at(args.mtp_weights, max(map(len, parse_stage_weights(args.mtp_weights)))) if args.mtp_weights else [1.0]
     return future + (at(args.prefix_weights, 1) if args.prefix_weights else [])
 

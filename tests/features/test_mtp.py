@@ -1,6 +1,8 @@
 """features/mtp.py (--mtp_weights, --prefix_weights; frontier recipe 3.7): the stage weight table, flag errors,
 the prefix-token table, the weighted losses against a loop of cross-entropies, causality with validation on the
 next token only, and the schedule that writes the step's weights in place."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,33 @@ def test_stage_loss_weights_are_the_recipe_table():
     assert w(635) == [1.0, round(0.5 * (1 - 212 / 424), 4), 0.0, round(0.25 * (1 - 212 / 424), 4)]
     assert w(847) == w(1269) == w(1270) == w(1284) == [1.0, 0.0, 0.0, 0.0]  # stage 3 and the extension: [1]
     assert mtp_feature.loss_weights(5, tg.Hyperparameters()) == [1.0]  # the default: next token alone
+
+
+def test_stage_weights_parse_into_term_weights():
+    term = mtp_feature.TermWeight
+    assert mtp_feature.parse_stage_weights("1,0.5,0.25-0;1,0.5-0;1") == (
+        (term(1.0, 1.0), term(0.5, 0.5), term(0.25, 0.0)), (term(1.0, 1.0), term(0.5, 0.0)), (term(1.0, 1.0),))
+    assert mtp_feature.parse_stage_weights(" 0.1-0.35 ") == ((term(0.1, 0.35),),)
+    assert term(0.25, 0.0).at(0.0) == 0.25 and term(0.25, 0.0).at(0.5) == 0.125 and term(0.25, 0.0).at(1.0) == 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        term(1.0, 1.0).start = 2.0
+    for text in ("1,x", "1-2-3", "-1", "1,inf", "nan", "1;", "1,,0.5", ""):
+        with pytest.raises(ValueError):
+            mtp_feature.parse_stage_weights(text)
+
+
+def test_loss_weights_are_bit_for_bit_the_pinned_floats():
+    """Exact floats (no rounding) of a + (b - a) * frac: the recipe's three stages, and a one-stage run whose ranges
+    go up from nonzero starts (a * (1 - frac) + b * frac, say, would differ in the last bit at steps 13 and 29)."""
+    args = frontier()
+    assert mtp_feature.loss_weights(1, args) == [1.0, 0.5, 0.24940898345153664, 0.25]
+    assert mtp_feature.loss_weights(422, args) == [1.0, 0.5, 0.0005910165484633578, 0.25]
+    assert mtp_feature.loss_weights(846, args) == [1.0, 0.0011792452830188815, 0.0, 0.0005896226415094408]
+    rising = smoke_args("--mtp_weights=1,0.3-0.7", "--prefix_weights=0.1-0.35")  # one 30-step stage
+    assert mtp_feature.loss_weights(7, rising) == [1.0, 0.3933333333333333, 0.15833333333333333]
+    assert mtp_feature.loss_weights(13, rising) == [1.0, 0.4733333333333333, 0.20833333333333331]
+    assert mtp_feature.loss_weights(29, rising) == [1.0, 0.6866666666666666, 0.3416666666666667]
+    assert mtp_feature.loss_weights(30, rising) == [1.0, 0.7, 0.35]
 
 
 @pytest.mark.parametrize("flags,message", [
