@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from train_gpt import (GPT, CastedLinear, Hyperparameters, build_model, checkpoint_args, count_params,
+from train_gpt import (GPT, CastedLinear, Hyperparameters, build_model, checkpoint_model_args, count_params,
                        load_checkpoint, place_model, synchronize)
 
 
@@ -85,7 +85,7 @@ class Distiller(nn.Module):
 
 def build_teacher(path: str, student: GPT, device: torch.device) -> GPT:
     ckpt = load_checkpoint(path)
-    teacher_args = checkpoint_args(ckpt)
+    teacher_args = checkpoint_model_args(ckpt)  # a checkpoint mid --kron_progressive_every: the blocks it holds
     teacher = build_model(teacher_args)
     teacher.load_state_dict(ckpt["model"])
     if teacher.lm_head.weight.shape[0] != student.lm_head.weight.shape[0]:

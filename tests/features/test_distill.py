@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import features.distill as distill_feature
+from features.fp8_mlp import FP8MLP
 import train_gpt as tg
 from conftest import randomize_zero_matrices, summary_of
 
@@ -63,8 +64,8 @@ def test_the_teacher_is_placed_as_main_places_its_own_flags_then_all_bf16_on_a_g
         assert teacher.embed.weight.dtype == by_main.embed.weight.dtype == torch.bfloat16
         assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}, flags
         assert teacher.lm_head.use_fp8 == by_main.lm_head.use_fp8 == teacher_args.fp8_head, flags
-        fp8_mlps = [m.use_fp8 for m in teacher.modules() if isinstance(m, tg.FP8MLP)]
-        assert fp8_mlps == [m.use_fp8 for m in by_main.modules() if isinstance(m, tg.FP8MLP)]
+        fp8_mlps = [m.use_fp8 for m in teacher.modules() if isinstance(m, FP8MLP)]
+        assert fp8_mlps == [m.use_fp8 for m in by_main.modules() if isinstance(m, FP8MLP)]
         assert fp8_mlps == ([True] * teacher_args.num_layers if teacher_args.fp8_mlp else []), flags
 
 
@@ -86,5 +87,5 @@ def test_a_teacher_on_the_cpu_is_the_fp32_checkpoint_in_eval(tmp_path):
     inputs = torch.randint(0, 50000, (256,))
     plain = teacher(inputs)
     tg.set_gpu_dtypes(teacher, teacher_args, on_gpu=False, fp8_matmuls=True)
-    assert teacher.lm_head.use_fp8 and any(isinstance(m, tg.FP8MLP) and m.use_fp8 for m in teacher.modules())
+    assert teacher.lm_head.use_fp8 and any(isinstance(m, FP8MLP) and m.use_fp8 for m in teacher.modules())
     torch.testing.assert_close(teacher(inputs), plain, rtol=0, atol=0)
