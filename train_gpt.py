@@ -80,7 +80,6 @@ class Hyperparameters:
     resid_lambda_init: float = 1.0  # init of each block's x-lambda (x = l0 * x + l1 * x0); frontier: 1.1
     skip_gate: bool = False  # U-net skip weights pass through a sigmoid (logits init -1.5)
     attn_lambdas: str = "ve"  # ve: v = l0 v + l1 ve (#21, l = 0.5, 0.5) | o: v = l0 v + ve, out = l1 proj(y) (r47, 1)
-    paired_head_layers: str = ""  # blocks whose heads g, g+H/2 attend as one interleaved 2T sequence (r58; "" = off)
     # the recipe's shape (frontier recipe 3.1-3.3): which blocks read which tables and skips, and the inits
     value_embed_layers: str = ""  # blocks reading value-embedding tables 0, 1, ... in order ("" = first/last nve)
     skip_pairs: str = ""  # skips "src:dst,...": dst's input += w * src's output ("" = U-net, block i -> L-1-i)
@@ -460,39 +459,27 @@ def check_architecture(args: Hyperparameters, fail):
 
 
 def check_frontier_model(args: Hyperparameters, fail):
-    """The post-#21 model flags (the attention lambdas): values and combinations."""
-    attention = set(range(args.num_layers)) - set(parse_layer_list(args.no_attn_layers))
+    """The post-#21 model flags (the attention lambdas, Muon on Q and K per head pair): values and combinations."""
     if args.attn_lambdas not in ATTN_LAMBDAS:
         fail(f"--attn_lambdas={args.attn_lambdas!r}; valid values: {', '.join(ATTN_LAMBDAS)}")
     if args.attn_lambdas == "o":
         refuse_without_head_hooks(args, "--attn_lambdas=o", fail)
-    check_paired_heads(args, attention, fail)
+    if args.muon_qk_pairs:
+        check_head_pairs(args, "--muon_qk_pairs", fail)
 
 
-def check_paired_heads(args: Hyperparameters, attention: set, fail):
-    """--paired_head_layers and --muon_qk_pairs: both pair heads 2j, 2j+1, so the heads (and GQA's K/V heads) must
-    come in pairs of multi-head or grouped-query attention (a paired block has no XSA: features/xsa.py checks)."""
-    try:
-        paired = set(parse_layer_list(args.paired_head_layers))
-    except ValueError:
-        fail(f"--paired_head_layers={args.paired_head_layers!r}: expected comma-separated block indices such as "
-             f"'0,2,5,9'")
-    bad = sorted(paired - attention)
-    if bad:
-        fail(f"--paired_head_layers names blocks {bad} without attention; blocks with attention: "
-             f"{','.join(map(str, sorted(attention)))}")
-    for flag, on in (("--paired_head_layers", bool(paired)), ("--muon_qk_pairs", args.muon_qk_pairs)):
-        if not on:
-            continue
-        own = feature_attention(args)
-        if own is not None:
-            fail(f"{flag} pairs the heads of multi-head or grouped-query attention; {own.ATTENTION_NAME} has "
-                 f"no per-head q/k to pair (turn it off or drop {flag})")
-        if args.num_heads % 2:
-            fail(f"{flag} pairs heads 2j, 2j+1; num_heads={args.num_heads} is odd (use an even --num_heads)")
-        if kv_heads(args) != args.num_heads and kv_heads(args) % 2:
-            fail(f"{flag} pairs the K/V heads of grouped-query attention too; --n_kv_heads={args.n_kv_heads} is "
-                 f"odd (use an even --n_kv_heads, or 0 = num_heads)")
+def check_head_pairs(args: Hyperparameters, flag: str, fail):
+    """A flag that pairs heads 2j, 2j+1 (--muon_qk_pairs, --paired_head_layers: features/paired_heads.py): the heads
+    (and GQA's K/V heads) must come in pairs, of multi-head or grouped-query attention."""
+    own = feature_attention(args)
+    if own is not None:
+        fail(f"{flag} pairs the heads of multi-head or grouped-query attention; {own.ATTENTION_NAME} has "
+             f"no per-head q/k to pair (turn it off or drop {flag})")
+    if args.num_heads % 2:
+        fail(f"{flag} pairs heads 2j, 2j+1; num_heads={args.num_heads} is odd (use an even --num_heads)")
+    if kv_heads(args) != args.num_heads and kv_heads(args) % 2:
+        fail(f"{flag} pairs the K/V heads of grouped-query attention too; --n_kv_heads={args.n_kv_heads} is "
+             f"odd (use an even --n_kv_heads, or 0 = num_heads)")
 
 
 def refuse_without_head_hooks(args: Hyperparameters, flags: str, fail):
@@ -505,8 +492,9 @@ def refuse_without_head_hooks(args: Hyperparameters, flags: str, fail):
 
 
 def feature_attention(args: Hyperparameters):
-    """The feature whose attention socket replaces the core's attention in this run (MLA), or None."""
-    return next((f for f in features_on(args) if hasattr(f, "attention")), None)
+    """The feature whose attention socket replaces the core's attention, per-head hooks and all, in this run (its
+    ATTENTION_NAME: MLA), or None. (Paired heads keep the core's attention and its hooks: no ATTENTION_NAME.)"""
+    return next((f for f in features_on(args) if hasattr(f, "ATTENTION_NAME")), None)
 
 
 def check_model_shape(args: Hyperparameters, fail):
@@ -634,19 +622,21 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   LOOKS_BACK = "--flag"         it reads the previous token: decoding with a KV cache refuses it
 #   ATTENTION_NAME                 how messages name the attention its attention socket builds (no per-head hooks)
 #   masks(args) -> {name: build(inputs)}   masks its modules read (sources["masks"][name]), built once per forward
+#   window_masks(args) -> {name: SequenceMasks}   blocks that read their window masks over a sequence of its own
 #   NO_KV_CACHE = "--flag"        decoding with a KV cache cannot serve it (a mask the cache does not build)
 #   score_flops(model, args) -> [(label, flops per token)]   attention work it adds, in describe_model's scores
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
-SOCKETS = ("Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check", "check_inputs", "on", "attention",
+SOCKETS = (  # every name above; feature_hooks refuses any other
+           "Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check", "check_inputs", "on", "attention",
            "mlp", "linear", "block", "activation", "train_loss", "head_hooks", "gated", "install", "place",
-           "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS", "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS",
-           "record_fp32_params", "masks", "LOOKS_BACK", "NO_KV_CACHE", "ATTENTION_NAME", "optimizer_hooks", "per_step",
-           "schedule", "trainee", "model_parts", "score_flops", "log_header", "log_after_training", "val_log",
-           "mlp_args", "args_at_step")  # every name above; feature_hooks refuses any other
+           "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS",
+           "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS", "record_fp32_params", "masks", "window_masks",
+           "LOOKS_BACK", "NO_KV_CACHE", "ATTENTION_NAME", "optimizer_hooks", "per_step", "schedule", "trainee",
+           "model_parts", "score_flops", "log_header", "log_after_training", "val_log", "mlp_args", "args_at_step")
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
-    "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "ve_gate", "smear",
-    "bigram", "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp")
+    "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "paired_heads",
+    "ve_gate", "smear", "bigram", "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1084,14 +1074,6 @@ def document_ids(inputs: Tensor) -> Tensor:
     return (inputs == EOT_TOKEN).cumsum(0)
 
 
-def paired_document_ids(inputs: Tensor) -> Tensor:
-    """Document ids of the doubled sequence of --paired_head_layers: position p lies in token p // 2's document,
-    i.e. document_ids(inputs).repeat_interleave(2), computed as a scan over the 2T positions (an EOT counts at its
-    first one): inductor's CPU FlexAttention cannot lower a mask capturing a view of the token-level ids."""
-    first = torch.arange(2 * len(inputs), device=inputs.device) % 2 == 0
-    return ((inputs == EOT_TOKEN).repeat_interleave(2) & first).cumsum(0)
-
-
 def in_window(block_distance, window_blocks, halvings: int = 0):
     """Key block `block_distance` (>= 0) blocks before the query block is one of the last max(window_blocks >>
     halvings, 1) blocks. The clamp is written as `or distance == 0` and the halving happens here, on the raw
@@ -1217,6 +1199,16 @@ def token_window_mask_builder(x: Tensor):
     return flex_token_window_mask if x.is_cuda or FLEX_ATTENTION_ON_CPU else dense_token_window_mask
 
 
+@dataclass(frozen=True)
+class SequenceMasks:
+    """Window masks that `blocks` read over a sequence of a feature's own in place of the tokens' (its window_masks
+    socket; --paired_head_layers: the doubled sequence): document_ids(inputs) gives the document of each of its
+    positions, positions_per_token its length in tokens' lengths. Causal and windowed in its own positions."""
+    blocks: tuple
+    document_ids: object  # (inputs: Tensor) -> Tensor
+    positions_per_token: int
+
+
 class KVCache:
     """Inference cache for tools/sample.py: each attention layer's keys and values so far, in call order. Passed to
     GPT.hidden(cache=...) in place of the masks; attend() appends to it and masks new queries against every cached
@@ -1307,13 +1299,6 @@ class Rotary(nn.Module):
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:  # x: (B, T, heads, head_dim) at positions offset..
         cos = self.cos[None, offset:offset + x.size(1), None, :]
         sin = self.sin[None, offset:offset + x.size(1), None, :]
-        return self.rotate(x, cos, sin)
-
-    def paired(self, x: Tensor) -> Tensor:
-        """--paired_head_layers (the record's r58): head h of token t at the phase of position 2t + (h mod 2); x (B,
-        T, heads, head_dim), heads even, the table 2T long."""
-        T, H = x.size(1), x.size(2)
-        cos, sin = (table[:2 * T].view(T, 2, -1).repeat(1, H // 2, 1)[None] for table in (self.cos, self.sin))
         return self.rotate(x, cos, sin)
 
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -1475,58 +1460,6 @@ class GroupedQueryAttention(HeadAttention):
         return 2 * self.n_kv_heads * self.head_dim
 
 
-def interleave_pairs(x: Tensor) -> Tensor:
-    """(B, T, heads, d) -> (B, 2T, heads/2, d), the record's reshape (r58): slot g's doubled sequence holds token t of
-    head g at position 2t and of head g + heads/2 at 2t + 1 (--paired_head_layers)."""
-    B, T, H, d = x.shape
-    return x.reshape(B, 2 * T, H // 2, d)
-
-
-def deinterleave_pairs(y: Tensor) -> Tensor:
-    """The inverse of interleave_pairs: (B, 2T, heads/2, d) -> (B, T, heads, d)."""
-    B, T2, P, d = y.shape
-    return y.reshape(B, T2 // 2, 2 * P, d)
-
-
-class PairedHeads(HeadAttention):
-    """Paired-head attention (--paired_head_layers; frontier recipe 3.4, r58), mixed into multi-head or grouped-query
-    attention (PairedSelfAttention, PairedGroupedQueryAttention: same parameters, same init). In the record's
-    layout, heads g and g + H/2 form slot g's sequence of 2T positions, position 2t = token t of head g, 2t + 1 =
-    token t of head g + H/2, for q, k and v alike (interleave_pairs, one reshape). Rotary turns head h of token t by
-    the phase of position 2t + (h mod 2), as the record's rotary on its (T, H/2, 2 head_dim) view does: equal to the
-    position for slots with g even, the two phases swapped for g odd (the record's (1, 4) stream at 6 heads); the
-    rotary table is twice as long. The masks are the doubled ones GPT.attention_masks builds (document of position p
-    = that of token p // 2, causal, the window counted in doubled positions: half the tokens); the output is
-    de-interleaved. Each query thus sees both heads' keys of earlier tokens (and head g + H/2's query also head
-    g's key of its own token) in one softmax. GQA pairs the K/V heads the same way: query slot g (heads g, g + H/2)
-    reads K/V slot g // (H / n_kv_heads) (kv heads g // (H / n_kv_heads) and that + n_kv_heads/2, the K/V heads the
-    two query heads read without pairing).
-
-    The per-head hooks act on each head in token order outside the pairing: the key offset on the normed keys
-    (rotary leaves the dims it shifts unrotated, so before or after rotary is the same), the value-embedding gate
-    before interleaving, the output gate after de-interleaving. No XSA (check_paired_heads refuses it). Decoding
-    with a KV cache is refused by GPT.hidden."""
-
-    def rotate_mix_attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ve: Tensor | None, mask,
-                          sources: dict | None) -> Tensor:
-        B, T = q.shape[:2]
-        q, k = self.scale_qk(self.lambdas, q, k)
-        q, k = self.rotary.paired(norm(q)), self.rotary.paired(self.key_offset(norm(k)))
-        v = self.values(x, v, ve)
-        q, k, v = interleave_pairs(q), interleave_pairs(k), interleave_pairs(v)
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.attn_scale).transpose(1, 2)
-        y = self.out_gate(deinterleave_pairs(y), x, sources).reshape(B, T, -1)
-        return self.scale_output(self.lambdas, self.c_proj(y))
-
-
-class PairedSelfAttention(PairedHeads, CausalSelfAttention):
-    """CausalSelfAttention with paired heads (PairedHeads)."""
-
-
-class PairedGroupedQueryAttention(PairedHeads, GroupedQueryAttention):
-    """GroupedQueryAttention with paired query heads and paired K/V heads (PairedHeads)."""
-
-
 def kv_heads(args: Hyperparameters) -> int:
     return args.n_kv_heads or args.num_heads
 
@@ -1572,20 +1505,16 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
 
 
 def build_attention(args: Hyperparameters, max_seq_len: int, layer: int | None = None) -> nn.Module:
-    """A block's attention: a feature's (--mla_kv_rank > 0: features/mla.py), grouped-query (--n_kv_heads <
-    num_heads) or the baseline.
-    layer: the block's index, for the per-block hooks of install_head_hooks (None: no hooks). A block of
-    --paired_head_layers gets the paired variant, whose rotary table covers the doubled sequence."""
-    paired = layer is not None and layer in parse_layer_list(args.paired_head_layers)
+    """A block's attention: a feature's (--mla_kv_rank > 0: features/mla.py, --paired_head_layers:
+    features/paired_heads.py), grouped-query (--n_kv_heads < num_heads) or the baseline.
+    layer: the block's index, for the per-block hooks of install_head_hooks (None: no hooks)."""
     attn = built_by_feature("attention", args, max_seq_len, layer)
     if attn is None and kv_heads(args) != args.num_heads:
-        attn = (PairedGroupedQueryAttention if paired else GroupedQueryAttention)(
-            args.model_dim, args.num_heads, args.n_kv_heads, args.attn_scale, max_seq_len * (1 + paired),
-            zero_proj=args.attn_proj_init == "zero")
+        attn = GroupedQueryAttention(args.model_dim, args.num_heads, args.n_kv_heads, args.attn_scale, max_seq_len,
+                                     zero_proj=args.attn_proj_init == "zero")
     elif attn is None:
-        attn = (PairedSelfAttention if paired else CausalSelfAttention)(
-            args.model_dim, args.num_heads, args.attn_scale, max_seq_len * (1 + paired),
-            zero_proj=args.attn_proj_init == "zero")
+        attn = CausalSelfAttention(args.model_dim, args.num_heads, args.attn_scale, max_seq_len,
+                                   zero_proj=args.attn_proj_init == "zero")
     if args.rope != "half" or args.yarn:  # the rotary variant replaces the default one of the same shape
         r = attn.rotary
         attn.rotary = (YarnRotary if args.yarn else Rotary)(r.head_dim, r.max_seq_len, r.rotated,
@@ -1893,16 +1822,16 @@ class GPT(nn.Module):
         self.train_loss = build_train_loss(args)  # next-token CE, or a feature's (the weighted MTP/prefix terms)
         self.ve_table = value_embed_tables(args)  # layer -> value-embedding table (None: none)
         self.window_kind = window_kinds(args)
-        # --paired_head_layers: those blocks read the masks of the doubled sequence, "paired_L" / "paired_S"
-        self.paired_layers = sorted(set(parse_layer_list(args.paired_head_layers)))
-        self.mask_key = [("paired_" if i in self.paired_layers else "") + kind
+        # blocks that read their window masks over a sequence of a feature's own, "<name>_L" / "<name>_S"
+        # (--paired_head_layers: the doubled sequence, "paired_L" / "paired_S"); the others the tokens' "L" / "S"
+        self.sequence_masks = {name: seq for make in feature_hooks("window_masks") for name, seq in make(args).items()}
+        self.mask_key = [next((f"{name}_{kind}" for name, seq in self.sequence_masks.items() if i in seq.blocks), kind)
                          for i, kind in enumerate(self.window_kind)]
         self.window_unit = args.window_unit  # which window rule every mask (and a KVCache) applies: WINDOW_RULES
         # masks a feature's modules read besides the windows (--dc_layers: "dc"), built once per forward
         self.extra_masks = {name: build for make in feature_hooks("masks") for name, build in make(args).items()}
-        # what decoding with a KV cache cannot serve: the doubled sequence, a feature's extra masks
-        self.no_kv_cache = (["--paired_head_layers"] if self.paired_layers else []) + [
-            f.NO_KV_CACHE for f in features_on(args) if hasattr(f, "NO_KV_CACHE")]
+        # what decoding with a KV cache cannot serve: a feature's sequence or extra masks
+        self.no_kv_cache = [f.NO_KV_CACHE for f in features_on(args) if hasattr(f, "NO_KV_CACHE")]
         # validation computes head + loss in chunks of this many tokens
         self.eval_chunk_tokens = max(st.seq_len for st in training_stages(args)) if args.stages else args.seq_len
         # the long window (blocks) when none is given: sampling and evaluation tools
@@ -1917,18 +1846,17 @@ class GPT(nn.Module):
 
     def attention_masks(self, inputs: Tensor, window_blocks) -> dict:
         """Build the long and the short mask once per sequence; every block reuses one of them. window_blocks: the
-        long window (the short one is its half), or a (long, short) pair (--stages). With --paired_head_layers also
-        the masks of the doubled sequence its blocks need: 2T positions, position p in the document of token p // 2,
-        causal and windowed in doubled positions (the same window in blocks covers half the tokens). The window
-        counts in blocks or tokens as --window_unit says (doubled positions too)."""
+        long window (the short one is its half), or a (long, short) pair (--stages). Also the masks of a feature's
+        own sequence that its blocks read (sequence_masks; --paired_head_layers: the doubled sequence, causal and
+        windowed in its positions). The window counts in blocks or tokens as --window_unit says."""
         build = functools.partial(mask_builder(inputs), unit=self.window_unit)
         windows = {"L": (window_blocks[0], 0), "S": (window_blocks[1], 0)} if isinstance(window_blocks, tuple) else \
             {"L": (window_blocks, 0), "S": (window_blocks, 1)}
         masks = {kind: build(inputs, w, halvings=h) for kind, (w, h) in windows.items()}
-        if self.paired_layers:
-            docs = paired_document_ids(inputs)
-            masks.update({"paired_" + kind: build(inputs, w, docs=docs, halvings=h) for kind, (w, h) in windows.items()
-                          if "paired_" + kind in self.mask_key})
+        for name, seq in self.sequence_masks.items():
+            docs = seq.document_ids(inputs)
+            masks.update({f"{name}_{kind}": build(inputs, w, docs=docs, halvings=h) for kind, (w, h) in windows.items()
+                          if f"{name}_{kind}" in self.mask_key})
         masks.update({name: build(inputs) for name, build in self.extra_masks.items()})
         return masks
 
@@ -2447,10 +2375,10 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
     # 128 n + 1 keys 0..128 n back (token)
     keys = dict(block=lambda n: n * BLOCK_SIZE - BLOCK_SIZE // 2, token=lambda n: n * BLOCK_SIZE + 1)[args.window_unit]
     context = {k: min(model.eval_chunk_tokens, keys(n)) for k, n in (("L", long_blocks), ("S", short_blocks))}
-    # --paired_head_layers: a query sees as many keys (positions of the doubled sequence) in the same window of
-    # blocks, the keys of half the tokens; only a window longer than the sequence is capped at twice its length
-    context |= {"paired_" + k: min(2 * model.eval_chunk_tokens, keys(n))
-                for k, n in (("L", long_blocks), ("S", short_blocks))}
+    # a feature's own sequence (--paired_head_layers: doubled): a query sees as many keys (its positions) in the same
+    # window of blocks; only a window longer than the sequence is capped at the sequence's length
+    context |= {f"{name}_{k}": min(seq.positions_per_token * model.eval_chunk_tokens, keys(n))
+                for name, seq in model.sequence_masks.items() for k, n in (("L", long_blocks), ("S", short_blocks))}
     score_flops = sum(2 * context[model.mask_key[i]] * b.attn.num_heads * (b.attn.qk_dim + b.attn.v_dim)
                       for i, b in enumerate(model.blocks) if b.attn is not None)
     # attention work a feature adds (--dc_layers: heads more attention calls per DC block over its window)
@@ -3372,7 +3300,7 @@ def log_run_header(log, run: TrainingRun, args: Hyperparameters, env: DistEnv, c
     model = run.model
     groups = param_groups(model, args)
     fp8 = model.lm_head.use_fp8
-    # the blocks' CastedLinears never run FP8 (only the head's may): a use_fp8 there is --fp8_mlp's (features/fp8_mlp.py)
+    # the blocks' CastedLinears never run FP8 (only the head's may): a use_fp8 there is --fp8_mlp's (its feature)
     fp8_mlp_on = any(getattr(m, "use_fp8", False) for m in model.blocks.modules())
     log(f"model: {count_params(model):,} parameters (block matrices {sum(p.numel() for p in groups['matrices']):,}, "
         f"embeddings {sum(p.numel() for p in groups['embeds']):,}, head {sum(p.numel() for p in groups['head']):,}, "

@@ -44,7 +44,7 @@ def check(args: Hyperparameters, fail):
     try:
         paired = set(parse_layer_list(args.paired_head_layers))
     except ValueError:
-        paired = set()  # the core's check of --paired_head_layers says what is wrong with it
+        paired = set()  # features/paired_heads.py's check says what is wrong with it
     bad = sorted(set(dc) - attention) + sorted(set(dc) & paired)
     if bad or len(set(dc)) != len(dc):
         fail(f"--dc_layers={args.dc_layers!r} must name different blocks with attention and without paired heads; "

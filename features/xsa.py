@@ -38,7 +38,7 @@ def check(args: Hyperparameters, fail):
     try:
         paired = set(parse_layer_list(args.paired_head_layers))
     except ValueError:
-        return  # the core's check of --paired_head_layers says what is wrong with it
+        return  # features/paired_heads.py's check says what is wrong with it
     both = sorted(paired & set(xsa))
     if both:
         fail(f"--paired_head_layers and --xsa_layers both name blocks {both}; a paired block has no XSA (as in "

@@ -241,3 +241,20 @@ def attention_pair(*flags, layer: int = 0):
     missing, unexpected = hooked.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected
     return plain, hooked
+
+
+def block_mask_as_dense(bm):
+    """What a BlockMask lets through: its partial kv blocks under its mask_mod, its full kv blocks entirely."""
+    import torch
+    import train_gpt as tg
+    n = bm.kv_num_blocks.shape[-1]
+    out = torch.zeros(n * tg.BLOCK_SIZE, n * tg.BLOCK_SIZE, dtype=torch.bool)
+    idx = torch.arange(tg.BLOCK_SIZE)
+    for qb in range(n):
+        rows = qb * tg.BLOCK_SIZE + idx
+        for kb in bm.kv_indices[0, 0, qb, :int(bm.kv_num_blocks[0, 0, qb])].tolist():
+            cols = kb * tg.BLOCK_SIZE + idx
+            out[rows[:, None], cols[None, :]] = bm.mask_mod(0, 0, rows[:, None], cols[None, :])
+        for kb in bm.full_kv_indices[0, 0, qb, :int(bm.full_kv_num_blocks[0, 0, qb])].tolist():
+            out[rows[:, None], kb * tg.BLOCK_SIZE + idx[None, :]] = True
+    return out

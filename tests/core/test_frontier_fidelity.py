@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import features.mtp as mtp_feature
+import features.paired_heads as paired_heads
 import features.ve_gate as ve_gate_feature
 import train_gpt as tg
 from conftest import frontier_args, live_model, smoke_args, tokens_with_docs
@@ -172,14 +173,14 @@ def test_paired_layout_is_the_records_reshape_at_six_heads():
     T, H, d = 5, 6, 8
     head_of = torch.arange(H)[None, :, None].expand(T, H, d).float()[None]  # value = head index
     token_of = torch.arange(T)[:, None, None].expand(T, H, d).float()[None]
-    slots_head, slots_token = tg.interleave_pairs(head_of), tg.interleave_pairs(token_of)
+    slots_head, slots_token = paired_heads.interleave_pairs(head_of), paired_heads.interleave_pairs(token_of)
     for g in range(3):
         assert slots_head[0, 0::2, g].eq(g).all() and slots_head[0, 1::2, g].eq(g + 3).all()
         assert torch.equal(slots_token[0, 0::2, g, 0], torch.arange(T).float())
-    assert torch.equal(tg.deinterleave_pairs(slots_head), head_of)
+    assert torch.equal(paired_heads.deinterleave_pairs(slots_head), head_of)
     rotary = tg.Rotary(d, 2 * T)
     x = torch.randn(1, T, H, d)
-    turned = rotary.paired(x)
+    turned = paired_heads.paired_rotary(rotary, x)
     for h in range(H):
         for t in range(T):
             position = 2 * t + h % 2

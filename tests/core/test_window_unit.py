@@ -9,9 +9,9 @@ import hashlib
 import pytest
 import torch
 
+import features.paired_heads as paired_heads
 import train_gpt as tg
-from conftest import cached_logits, live_model, load_script, preflight_flex_problems, smoke_args, tokens_with_docs
-from test_paired_heads import block_mask_as_dense
+from conftest import block_mask_as_dense, cached_logits, live_model, load_script, preflight_flex_problems, smoke_args, tokens_with_docs
 
 BLOCK = tg.BLOCK_SIZE
 
@@ -93,7 +93,7 @@ def block_lists(bm) -> tuple[list, list]:
 
 def test_block_mask_equals_the_dense_mask_plain_and_doubled():
     x = tokens_with_docs(768, [0, 57, 300, 301, 640])
-    doubled = tg.paired_document_ids(x)
+    doubled = paired_heads.paired_document_ids(x)
     for w in (1, 2, 3, 13):
         for h in (0, 1):
             dense = tg.dense_attention_mask(x, window(w), halvings=h, unit="token")
@@ -126,7 +126,7 @@ def test_compiled_flex_attention_on_the_token_block_mask_equals_sdpa():
     compiled = torch.compile(tg.flex_attention, dynamic=False)
     for x, docs in ((tokens_with_docs(1024, [0, 70, 200, 201, 390, 800]), None),
                     (tokens_with_docs(512, [0, 70, 200, 201, 390]), "doubled")):
-        docs = tg.paired_document_ids(x) if docs else None
+        docs = paired_heads.paired_document_ids(x) if docs else None
         for w in (1, 3):
             bm = tg.flex_block_mask(x, window(w), docs=docs, unit="token")
             dense = tg.dense_attention_mask(x, window(w), docs=docs, unit="token")
@@ -162,7 +162,7 @@ def test_compiled_token_model_with_block_masks_equals_eager_dense(monkeypatch):
 def test_model_builds_token_masks_plain_and_paired(monkeypatch):
     model = tg.build_model(smoke_args("--window_unit=token", "--num_heads=4", "--paired_head_layers=0,1"))
     x = tokens_with_docs(256, [0, 40, 200])
-    doubled = tg.paired_document_ids(x)
+    doubled = paired_heads.paired_document_ids(x)
     masks = model.attention_masks(x, window(3))  # #21-style: short = 3 >> 1 = 1 block = 128 tokens
     assert torch.equal(masks["L"], tg.dense_attention_mask(x, window(3), unit="token"))
     assert torch.equal(masks["S"], tg.dense_attention_mask(x, window(1), unit="token"))
@@ -258,7 +258,7 @@ def token_mask_digests() -> dict:
     masks. A fidelity test can rebuild the masks from the record's rule and compare."""
     x = digest_tokens()
     out = {}
-    for kind, docs in (("plain", None), ("paired", tg.paired_document_ids(x))):
+    for kind, docs in (("plain", None), ("paired", paired_heads.paired_document_ids(x))):
         for short, long in ((1, 3), (5, 11)):
             masks = {k: tg.dense_attention_mask(x, window(w), docs=docs, unit="token")
                      for k, w in (("L", long), ("S", short))}

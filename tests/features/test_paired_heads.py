@@ -1,10 +1,9 @@
-"""Paired-head attention (--paired_head_layers; frontier recipe 3.4, r58) and per-pair Muon (--muon_qk_pairs; recipe
-2.1 item 7, r80). The doubled mask by hand in both representations (dense, BlockMask) and compiled FlexAttention
-against dense SDPA on it; the paired layer against a slow reference (the record's layout: slot g pairs heads g and
-g + H/2, head h turned by the phase of position 2t + h mod 2; explicit interleave, dense softmax, de-interleave)
-forward and backward, with and without the per-head hooks; causality; the window
-counted in doubled positions; per-pair orthogonalization against a loop over the slices; the default untouched;
-the flag checks; a short smoke run."""
+"""Paired-head attention (--paired_head_layers; frontier recipe 3.4, r58, features/paired_heads.py). The doubled mask by
+hand in both representations (dense, BlockMask) and compiled FlexAttention against dense SDPA on it; the paired layer
+against a slow reference (the record's layout: slot g pairs heads g and g + H/2, head h turned by the phase of
+position 2t + h mod 2; explicit interleave, dense softmax, de-interleave) forward and backward, with and without the
+per-head hooks; causality; the window counted in doubled positions; the default untouched; the flag checks; a short
+smoke run. Per-pair Muon: tests/core/test_muon_qk_pairs.py."""
 import math
 
 import pytest
@@ -13,9 +12,10 @@ import torch.nn.functional as F
 
 import features.attn_gate as attn_gate_feature
 import features.key_offset as key_offset_feature
+import features.paired_heads as paired_heads
 import features.ve_gate as ve_gate_feature
 import train_gpt as tg
-from conftest import (assert_future_never_changes_past, assert_traces_as_one_graph_in_bf16, live_model, smoke_args,
+from conftest import (assert_future_never_changes_past, block_mask_as_dense, assert_traces_as_one_graph_in_bf16, live_model, smoke_args,
                       summary_of, tokens_with_docs)
 
 BLOCK = tg.BLOCK_SIZE
@@ -36,21 +36,6 @@ def reference_doubled_mask(token_docs: torch.Tensor, window_blocks: int) -> torc
     earlier = (t[:, None] > t[None, :]) | ((t[:, None] == t[None, :]) & (s[:, None] >= s[None, :]))
     in_window = p[:, None] // BLOCK - p[None, :] // BLOCK < max(window_blocks, 1)
     return same_doc & earlier & in_window
-
-
-def block_mask_as_dense(bm) -> torch.Tensor:
-    """What a BlockMask lets through: its partial kv blocks under its mask_mod, its full kv blocks entirely."""
-    n = bm.kv_num_blocks.shape[-1]
-    out = torch.zeros(n * BLOCK, n * BLOCK, dtype=torch.bool)
-    idx = torch.arange(BLOCK)
-    for qb in range(n):
-        rows = qb * BLOCK + idx
-        for kb in bm.kv_indices[0, 0, qb, :int(bm.kv_num_blocks[0, 0, qb])].tolist():
-            cols = kb * BLOCK + idx
-            out[rows[:, None], cols[None, :]] = bm.mask_mod(0, 0, rows[:, None], cols[None, :])
-        for kb in bm.full_kv_indices[0, 0, qb, :int(bm.full_kv_num_blocks[0, 0, qb])].tolist():
-            out[rows[:, None], kb * BLOCK + idx[None, :]] = True
-    return out
 
 
 def paired_masks(model, inputs, blocks: int) -> dict:
@@ -82,7 +67,7 @@ def test_doubled_mask_by_hand_dense_and_block():
     # short window (halved): the "S" kind of a paired block
     assert torch.equal(paired_masks(model, inputs, 2)["paired_S"], reference_doubled_mask(token_docs, 1))
 
-    docs = tg.paired_document_ids(inputs)
+    docs = paired_heads.paired_document_ids(inputs)
     assert torch.equal(docs, token_docs.repeat_interleave(2)) and docs[79] == 1 and docs[80] == 2
     for blocks in (1, 2, 4):
         bm = tg.flex_block_mask(inputs, window(blocks), docs=docs)
@@ -108,9 +93,9 @@ def test_compiled_flex_attention_on_the_doubled_sequence_equals_sdpa():
     """The GPU path's kernel on CPU: compiled FlexAttention with the doubled BlockMask against SDPA with the dense
     doubled mask, on interleaved q, k, v (forward only: no FlexAttention backward on CPU)."""
     inputs = tokens_with_docs(512, [0, 70, 200, 201, 390])
-    docs = tg.paired_document_ids(inputs)
+    docs = paired_heads.paired_document_ids(inputs)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (tg.interleave_pairs(torch.randn(1, 512, 4, 32, generator=g)).transpose(1, 2) for _ in range(3))
+    q, k, v = (paired_heads.interleave_pairs(torch.randn(1, 512, 4, 32, generator=g)).transpose(1, 2) for _ in range(3))
     compiled = torch.compile(tg.flex_attention, dynamic=False)
     for blocks in (1, 3):
         bm = tg.flex_block_mask(inputs, window(blocks), docs=docs)
@@ -190,7 +175,7 @@ def test_paired_attention_equals_the_slow_reference_forward_and_backward(hooks):
     token_docs = tg.document_ids(inputs)
     masks = paired_masks(model, inputs, 2)
     attn = model.blocks[0].attn  # a long-window block with a value embedding
-    assert isinstance(attn, tg.PairedSelfAttention) and model.mask_key[:2] == ["paired_L", "paired_S"]
+    assert isinstance(attn, paired_heads.PairedSelfAttention) and model.mask_key[:2] == ["paired_L", "paired_S"]
     if hooks:
         assert [type(attn.key_offset), type(attn.ve_gate), type(attn.out_gate)] == \
             [key_offset_feature.KeyOffset, ve_gate_feature.ValueEmbedGate, attn_gate_feature.AttentionGate]
@@ -221,14 +206,14 @@ def test_paired_gqa_pairs_the_kv_heads_too():
     per query head (GQA = MHA with shared K/V), each key turned by its own K/V head's phase."""
     model = live_model("--num_heads=4", "--n_kv_heads=2", "--paired_head_layers=0")
     attn = model.blocks[0].attn
-    assert isinstance(attn, tg.PairedGroupedQueryAttention)
+    assert isinstance(attn, paired_heads.PairedGroupedQueryAttention)
     inputs = tokens_with_docs(256, [0, 100])
     g = torch.Generator().manual_seed(2)
     x, ve = tg.norm(torch.randn(1, 256, 128, generator=g)), torch.randn(1, 256, 64, generator=g)
     with torch.no_grad():
         out = attn(x, ve, paired_masks(model, inputs, 2)["paired_L"])
         # the same weights as MHA: q from q_w, K/V pair 0 (kv heads 0, 1) for both query pairs
-        mha = tg.PairedSelfAttention(128, 4, attn.attn_scale, attn.rotary.max_seq_len // 2)
+        mha = paired_heads.PairedSelfAttention(128, 4, attn.attn_scale, attn.rotary.max_seq_len // 2)
         mha.load_state_dict(attn.state_dict(), strict=False)  # lambdas and c_proj
         share = lambda w: w.view(2, -1, *w.shape[1:]).repeat_interleave(2, dim=0).flatten(0, 1)
         k_w, v_w = attn.kv_w  # K/V heads 0, 1 -> MHA heads 0, 1, 2, 3 = kv 0, 0, 1, 1
@@ -309,93 +294,6 @@ def test_describe_model_counts_paired_scores_per_doubled_position():
 # Per-pair Muon
 
 
-def qkv_update(seed: int = 0, heads: int = 4, dim: int = 64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 3, dim, dim, generator=g), dim // heads  # two stacked qkv updates (one group's k = 2)
-
-
-@pytest.mark.parametrize("ns", ["quintic", "polar_express"])
-def test_per_pair_orthogonalization_equals_a_loop_over_the_slices(ns):
-    """muon_pieces with split (2, 2 head_dim): each pair's rows of Q and of K orthogonalized alone, V whole;
-    through Muon.step (bf16 update, lr) and through NorMuon (each slice its own v), bit for bit."""
-    ortho = tg.feature_table("ORTHOGONALIZERS", tg.ORTHOGONALIZERS)[ns]
-    U, hd = qkv_update()
-    split = (2, 2 * hd)
-    pieces = tg.muon_pieces(U, split)
-    assert [p.shape for p in pieces] == [(2, 2, 2, 32, 64), (2, 1, 64, 64)]
-    assert all(p.data_ptr() >= U.data_ptr() for p in pieces)  # views
-    batched = torch.zeros_like(U)
-    for u, out in zip(pieces, tg.muon_pieces(batched, split)):
-        out.copy_(ortho(u, 5))
-    loop = torch.zeros_like(U)
-    for k in range(2):
-        for m in range(2):
-            for j in range(2):
-                rows = slice(2 * hd * j, 2 * hd * (j + 1))
-                loop[k, m, rows] = ortho(U[k, m, rows].clone(), 5)
-        loop[k, 2] = ortho(U[k, 2].clone(), 5)
-    assert torch.equal(batched, loop)
-    whole = ortho(U, 5)
-    assert not torch.allclose(whole[:, :2], loop[:, :2], atol=1e-2) and torch.equal(whole[:, 2], loop[:, 2])
-
-    # Muon.step: one parameter of each of two stacked qkv weights, momentum 0 (update = gradient)
-    params = [torch.nn.Parameter(torch.zeros(3, 64, 64)) for _ in range(2)]
-    for p, u in zip(params, U):
-        p.grad = u.clone()
-    opt = tg.Muon(params, lr=0.1, momentum=0.0, splits={p: split for p in params})
-    opt.orthogonalize = ortho
-    opt.step()
-    assert [g["split"] for g in opt.param_groups] == [split]
-    for p, expected in zip(params, loop):
-        assert torch.equal(p.detach(), -0.1 * expected.bfloat16().float())
-
-    # NorMuon per piece: the loop normalizes each slice with its own state
-    normuon = tg.NorMuon(0.9)
-    states = [{}, {}]
-    got = torch.zeros_like(U)
-    for i, (u, out) in enumerate(zip(pieces, tg.muon_pieces(got, split))):
-        out.copy_(normuon(ortho(u, 5), states, tg.normuon_key(i)))
-    want = torch.zeros_like(U)
-    for k in range(2):
-        for m in range(2):
-            for j in range(2):
-                rows = slice(2 * hd * j, 2 * hd * (j + 1))
-                want[k, m, rows] = tg.NorMuon(0.9)(ortho(U[k, m, rows].clone(), 5)[None], [{}])[0]
-        want[k, 2] = tg.NorMuon(0.9)(ortho(U[k, 2].clone(), 5)[None], [{}])[0]
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    assert states[0]["normuon_v"].shape == (2, 2, 1, 64) and states[0]["normuon_v1"].shape == (1, 64, 1)
-
-
-def test_muon_qk_pairs_groups_q_and_k_of_every_attention_and_state_shapes_match():
-    args = smoke_args("--num_heads=4", "--muon_qk_pairs=true", "--normuon_beta2=0.9", "--paired_head_layers=0")
-    model = tg.build_model(args)
-    muon = tg.build_optimizers(model, args)[1]
-    qkv = [b.attn.qkv_w for b in model.blocks if b.attn is not None]
-    split_groups = [g for g in muon.param_groups if g["split"]]
-    assert len(split_groups) == 1 and split_groups[0]["split"] == (2, 64)
-    assert sorted(map(id, split_groups[0]["params"])) == sorted(map(id, qkv))  # every layer, paired or not
-    assert all(g["split"] == () for g in muon.param_groups if g is not split_groups[0])
-    g = torch.Generator().manual_seed(0)
-    for group in muon.param_groups:
-        for p in group["params"]:
-            p.grad = torch.randn(p.shape, generator=g)
-    muon.step()
-    for group in muon.param_groups:
-        for p in group["params"]:
-            state = {k: tuple(v.shape) for k, v in muon.state[p].items()}
-            assert state == muon.state_shapes(p, group["split"])
-    assert muon.state_shapes(qkv[0], (2, 64)) == {"momentum_buffer": (3, 128, 128), "normuon_v": (2, 2, 1, 128),
-                                                  "normuon_v1": (1, 128, 1)}
-    # whole stacked matrices keep one v per matrix too (what gather_momentum allocates on several ranks)
-    assert muon.state_shapes(qkv[0]) == {"momentum_buffer": (3, 128, 128), "normuon_v": (3, 128, 1)}
-    gqa = tg.build_model(smoke_args("--num_heads=4", "--n_kv_heads=2", "--muon_qk_pairs=true"))
-    splits = tg.qk_pair_splits(gqa.blocks)
-    attn = gqa.blocks[0].attn
-    assert splits[attn.q_w] == (1, 64) and splits[attn.kv_w] == (1, 64) and len(splits) == 6
-    assert [p.shape for p in tg.muon_pieces(attn.kv_w.detach()[None], (1, 64))] == [(1, 1, 1, 64, 128),
-                                                                                   (1, 1, 64, 128)]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The default, the flags, the presets, a smoke run
 
@@ -404,8 +302,8 @@ def test_default_is_unchanged():
     args = smoke_args()
     torch.manual_seed(0)
     model = tg.build_model(args)
-    assert model.paired_layers == [] and model.mask_key == model.window_kind
-    assert not [m for m in model.modules() if isinstance(m, tg.PairedHeads)]
+    assert model.sequence_masks == {} and model.mask_key == model.window_kind
+    assert not [m for m in model.modules() if isinstance(m, paired_heads.PairedHeads)]
     assert set(paired_masks(model, tokens_with_docs(256, [0]), 2)) == {"L", "S"}
     muon = tg.build_optimizers(model, args)[1]
     assert all(g["split"] == () for g in muon.param_groups)
