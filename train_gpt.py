@@ -90,7 +90,6 @@ class Hyperparameters:
     value_embed_std: float = 1.0  # std of the value-embedding tables' normal init (frontier: 0.01)
     head_init_std: float = 0.0  # lm_head init: 0 = zeros (#21), else normal with this std (frontier: 0.005)
     # the recipe's training objective and head (frontier recipe 3.2, 3.7); validation stays next-token CE
-    untie_step: int = 0  # embedding tied to the head's rows through Adam's update at this step, then its own (0: never)
     # optimization
     num_iterations: int = 1770  # optimizer steps
     cooldown_frac: float = 0.4  # fraction of steps spent decaying the LR linearly
@@ -347,7 +346,6 @@ def check_config(args: Hyperparameters, world_size: int):
         check(args, fail)
     check_frontier_model(args, fail)
     check_model_shape(args, fail)
-    check_objective(args, fail)
     check_schedule(args, fail)
 
 
@@ -538,20 +536,6 @@ def check_residual_form(args: Hyperparameters, fail):
         fail(f"--attn_input_skips={args.attn_input_skips!r} gives a block two attention inputs; one each")
 
 
-def check_objective(args: Hyperparameters, fail):
-    """--untie_step: an untie at an Adam step inside the run with a head to tie to."""
-    if args.untie_step:
-        if args.tie_embeddings or args.head_init_std <= 0:
-            fail(f"--untie_step={args.untie_step} ties the embedding to a head drawn from N(0, head_init_std^2): it "
-                 f"needs --head_init_std > 0 (frontier: 0.005; a zero head would zero the embedding) and no "
-                 f"--tie_embeddings (always tied)")
-        if not 0 < args.untie_step < total_steps(args) or (args.untie_step + 1) % args.adam_every:
-            valid = [s for s in (args.untie_step - 1, args.untie_step + 1) if (s + 1) % args.adam_every == 0]
-            fail(f"--untie_step={args.untie_step} must be a step at which Adam updates ((step + 1) % adam_every == "
-                 f"0 with --adam_every={args.adam_every}) inside the run's {total_steps(args)} steps; e.g. "
-                 f"{' or '.join(map(str, valid))}")
-
-
 def parse_skip_pairs(text: str) -> list[tuple[int, int]]:
     """--skip_pairs "3:6,2:7" -> [(3, 6), (2, 7)] (ValueError when malformed)."""
     pairs = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
@@ -625,6 +609,7 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   window_masks(args) -> {name: SequenceMasks}   blocks that read their window masks over a sequence of its own
 #   NO_KV_CACHE = "--flag"        decoding with a KV cache cannot serve it (a mask the cache does not build)
 #   score_flops(model, args) -> [(label, flops per token)]   attention work it adds, in describe_model's scores
+#   head_kind(args) -> str or None   how describe_model names the head (else "untied")
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
 SOCKETS = (  # every name above; feature_hooks refuses any other
@@ -632,11 +617,11 @@ SOCKETS = (  # every name above; feature_hooks refuses any other
            "mlp", "linear", "block", "activation", "train_loss", "head_hooks", "gated", "install", "place",
            "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS",
            "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS", "record_fp32_params", "masks", "window_masks",
-           "LOOKS_BACK", "NO_KV_CACHE", "ATTENTION_NAME", "optimizer_hooks", "per_step", "schedule", "trainee",
+           "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "ATTENTION_NAME", "optimizer_hooks", "per_step", "schedule", "trainee",
            "model_parts", "score_flops", "log_header", "log_after_training", "val_log", "mlp_args", "args_at_step")
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
     "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "paired_heads",
-    "ve_gate", "smear", "bigram", "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp")
+    "ve_gate", "smear", "bigram", "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp", "untie")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1814,9 +1799,6 @@ class GPT(nn.Module):
         if args.head_init_std > 0 and not args.tie_embeddings:  # frontier recipe 3.2: N(0, 0.005^2)
             with torch.no_grad():
                 self.lm_head.weight.normal_(0.0, args.head_init_std)
-        if args.untie_step:  # tied at start: the embedding is the head's rows (EmbeddingTie keeps it so)
-            with torch.no_grad():
-                self.embed.weight.copy_(self.lm_head.weight[:args.vocab_size])
         self.vocab_size = args.vocab_size  # real tokens; the head's padding rows are never targets
         self.softcap = SOFTCAPS[args.softcap]
         self.train_loss = build_train_loss(args)  # next-token CE, or a feature's (the weighted MTP/prefix terms)
@@ -2109,50 +2091,6 @@ class CautiousAdam(torch.optim.Optimizer):
         torch._foreach_sub_(params, update)  # fp32 updates: a bf16 parameter is rounded once
 
 
-class EmbeddingTie:
-    """--untie_step=N (frontier recipe 3.2, r51): the token embedding starts as the head's first vocab_size rows and
-    stays tied to them through Adam's update at step N; after that update it receives a copy of the head's Adam
-    state (moments and step count, the same rows) and trains on its own, in the "embed" Adam group.
-    While tied, each Adam update adds the embedding's gradient to the head's rows (so the head learns from both
-    uses), drops it, and copies the updated head rows back into the embedding. It works through Adam's step hooks
-    and the head's Adam step count, which checkpoints carry, so the compile warm-up, --adam_every and resume need
-    nothing else; the forward pass never changes (no recompile at the untie)."""
-
-    def __init__(self, model: GPT, adam: torch.optim.Optimizer, args: Hyperparameters):
-        self.embed, self.head, self.adam, self.rows = model.embed.weight, model.lm_head.weight, adam, args.vocab_size
-        self.tied_updates = (args.untie_step + 1) // args.adam_every  # Adam updates 1..this one are tied
-        self.done = None  # Adam updates so far; read from the head's Adam state after every (re)load
-        adam.register_step_pre_hook(self.before_update)
-        adam.register_step_post_hook(self.after_update)
-        adam.register_load_state_dict_post_hook(self.forget_count)
-
-    def forget_count(self, *_):
-        self.done = None
-
-    def updates_done(self) -> int:
-        if self.done is None:  # one read (a device sync for fused Adam's tensor step) per start or load
-            state = self.adam.state.get(self.head)
-            self.done = int(state["step"]) if state else 0
-        return self.done
-
-    @torch.no_grad()
-    def before_update(self, *_):
-        if self.updates_done() < self.tied_updates and self.embed.grad is not None:
-            self.head.grad[:self.rows] += self.embed.grad.to(self.head.grad.dtype)
-            self.embed.grad = None
-
-    @torch.no_grad()
-    def after_update(self, *_):
-        self.done = done = self.updates_done() + 1
-        if done <= self.tied_updates:
-            self.embed.copy_(self.head[:self.rows])
-        if done == self.tied_updates:
-            self.adam.state[self.embed] = {
-                key: (value[:self.rows].clone() if torch.is_tensor(value) and value.shape == self.head.shape else
-                      value.clone() if torch.is_tensor(value) else value)
-                for key, value in self.adam.state[self.head].items()}
-
-
 def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_size: int = 1,
                      grad_sync: "GradientSync | None" = None) -> list:
     """[Adam, Muon] for the model as it is. grad_sync: keep an existing GradientSync (its hooks are already on the
@@ -2177,8 +2115,6 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
         muon.grad_sync = grad_sync or GradientSync(list(model.parameters()))
     for add_hooks in feature_hooks("optimizer_hooks"):  # --moe_experts: routing biases, --fp8_mlp: W2's scales
         add_hooks(model, adam, muon, args, world_size)
-    if args.untie_step:
-        EmbeddingTie(model, adam, args)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -2395,8 +2331,8 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
              - sum(part.params for part in parts))
     kind = lambda ms: ", ".join(sorted({type(m).__name__ + (f"({args.mlp_act})" if isinstance(m, MLP) else "")
                                         for m in ms}))
-    head_kind = ("tied to the embedding" if not head else
-                 f"tied to the embedding until step {args.untie_step}" if args.untie_step else "untied")
+    head_kind = "tied to the embedding" if not head else next(  # --untie_step: features/untie.py
+        (named for describe in feature_hooks("head_kind") if (named := describe(args))), "untied")
     mlp_note = mlps[0].summary() if hasattr(mlps[0], "summary") else ""  # --moe_experts: experts and routing
     return (f"architecture: attention {kind(attns)} x{len(attns)} (KV cache "
             f"{sum(a.kv_cache_floats_per_token() for a in attns):,} floats/token over all layers), mlp {kind(mlps)}"
