@@ -126,7 +126,6 @@ class Hyperparameters:
     extension_steps: int = 0  # steps after num_iterations at the final LR with extension_window
     extension_window: str = ""  # short-long windows in blocks for the extension steps ("" = the last stage's)
     val_window: str = ""  # short-long windows in blocks for the final validation ("" = the training window)
-    yarn: bool = False  # stages: on each long-window change rescale rotary frequencies (YaRN), grow attn_scale
     # evaluation and runtime
     val_every: int = 125  # validate every this many steps (and at the end); 0 = only at the end
     compile: bool = True  # torch.compile the model (ignored on CPU, where inductor would only slow tests down)
@@ -368,7 +367,6 @@ NEEDS = dict(
     adam_group_wd=("--adam_wd > 0", lambda a: a.adam_wd > 0),
     extension_window=("--extension_steps > 0", lambda a: a.extension_steps > 0),
     val_window=("--stages", lambda a: bool(a.stages)),
-    yarn=("--stages (YaRN follows the stages' window changes)", lambda a: bool(a.stages)),
     window_schedule_tokens=("#21's schedule (it is replaced by --stages)", lambda a: not a.stages),
 )
 
@@ -580,7 +578,8 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   check_inputs(args)            checks the files it reads before anything is built (check_inputs)
 #   on(args) -> bool              the run uses it: its file is written into the record and the checkpoints
 #   attention(args, max_seq_len, layer), mlp(args, layer), linear(args, which, in_features, out_features,
-#   zero_init), block(args, layer, max_seq_len) -> a module, or None for the core's (the first one built wins)
+#   zero_init), rotary(args, head_dim, max_seq_len, rotated), block(args, layer, max_seq_len) -> a module, or None
+#   for the core's (the first one built wins)
 #   install(model, args)          after GPT.__init__ built the core model (so the core's random draw is unchanged)
 #   place(model, args, on_gpu, fp8_matmuls)   after place_model's dtypes and FP8 head switch: its own
 #   replaces_dense_mlp(args) -> "--flag=value" or None   the flag with which it replaces the dense MLP or its matrices
@@ -614,14 +613,15 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
 SOCKETS = (  # every name above; feature_hooks refuses any other
            "Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check", "check_inputs", "on", "attention",
-           "mlp", "linear", "block", "activation", "train_loss", "head_hooks", "gated", "install", "place",
+           "mlp", "linear", "rotary", "block", "activation", "train_loss", "head_hooks", "gated", "install", "place",
            "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS",
            "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS", "record_fp32_params", "masks", "window_masks",
-           "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "ATTENTION_NAME", "optimizer_hooks", "per_step", "schedule", "trainee",
-           "model_parts", "score_flops", "log_header", "log_after_training", "val_log", "mlp_args", "args_at_step")
+           "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "ATTENTION_NAME", "optimizer_hooks", "per_step", "schedule",
+           "trainee", "model_parts", "score_flops", "log_header", "log_after_training", "val_log", "mlp_args",
+           "args_at_step")
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
     "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "paired_heads",
-    "ve_gate", "smear", "bigram", "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp", "untie")
+    "yarn", "ve_gate", "smear", "bigram", "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp", "untie")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1291,38 +1291,6 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
-class YarnRotary(Rotary):
-    """Rotary that follows the long attention window (--yarn, frontier recipe section 1.4). On each change of the
-    long window from o to n tokens, frequency w_k becomes w_k (o/n + g_k (1 - o/n)) with g_k = clamp((r_k - 1) / 31,
-    0, 1), r_k = o w_k / (2 pi): frequencies that turn many times inside the old window keep their value, slow ones
-    are interpolated to the new length. The softmax scale grows by (1 + 0.2 ln(n/o)) per change; it is applied as
-    a gain sqrt(growth) on both q and k, so attention keeps its fixed --attn_scale argument. set_windows() rewrites
-    the buffers in place (a compiled graph reads the new values without recompiling)."""
-
-    def __init__(self, head_dim: int, max_seq_len: int, rotated: int | None = None, canonical: bool = False):
-        super().__init__(head_dim, max_seq_len, rotated, canonical)
-        self.register_buffer("gain", torch.ones(()), persistent=False)
-
-    @torch.no_grad()
-    def set_windows(self, long_windows: list[int]):
-        """Recompute from the initial frequencies for the sequence of long windows (tokens) seen so far."""
-        freqs, growth = self.frequencies(), 1.0
-        for old, new in zip(long_windows, long_windows[1:]):
-            if new == old:
-                continue
-            turns = old * freqs / (2 * math.pi)
-            keep = ((turns - 1) / 31).clamp(0, 1)
-            freqs = freqs * (old / new + keep * (1 - old / new))
-            growth *= 1 + 0.2 * math.log(new / old)
-        theta = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), freqs).to(self.cos.device)
-        self.cos.copy_(theta.cos())
-        self.sin.copy_(theta.sin())
-        self.gain.fill_(growth ** 0.5)
-
-    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        return (super().rotate(x.float(), cos, sin) * self.gain).type_as(x)
-
-
 class PassThrough(nn.Module):
     """A hook whose flag is off: returns its first argument untouched (the others are what the module replacing
     it reads). Parameter-free, so the default model's state and numerics are those of record #21."""
@@ -1500,10 +1468,12 @@ def build_attention(args: Hyperparameters, max_seq_len: int, layer: int | None =
     elif attn is None:
         attn = CausalSelfAttention(args.model_dim, args.num_heads, args.attn_scale, max_seq_len,
                                    zero_proj=args.attn_proj_init == "zero")
-    if args.rope != "half" or args.yarn:  # the rotary variant replaces the default one of the same shape
-        r = attn.rotary
-        attn.rotary = (YarnRotary if args.yarn else Rotary)(r.head_dim, r.max_seq_len, r.rotated,
-                                                           canonical=args.rope == "canonical")
+    r = attn.rotary  # a variant of the same shape replaces it: a feature's (--yarn: features/yarn.py), --rope's
+    variant = built_by_feature("rotary", args, r.head_dim, r.max_seq_len, r.rotated)
+    if variant is None and args.rope != "half":
+        variant = Rotary(r.head_dim, r.max_seq_len, r.rotated, canonical=True)
+    if variant is not None:
+        attn.rotary = variant
     if layer is not None and isinstance(attn, HeadAttention):  # MLA takes none (check_frontier_model)
         install_head_hooks(attn, args, layer)
     return attn
@@ -2252,12 +2222,6 @@ def window_at(step: int, args: Hyperparameters, final: bool = False):
     return long, short
 
 
-def long_window_history(step: int, args: Hyperparameters) -> list[int]:
-    """The long windows (tokens) of every stage up to the one holding `step`: what YaRN has adapted to."""
-    stages = training_stages(args)
-    return [st.long * BLOCK_SIZE for st in stages if st.start <= step]
-
-
 def stage_table(args: Hyperparameters) -> str:
     """One line per stage for describe_model and the run log."""
     stages = training_stages(args)
@@ -2852,26 +2816,8 @@ class WindowTensors:
 
 def feature_schedules(model: nn.Module, args: Hyperparameters, device: torch.device) -> list:
     """Each feature's per-step values, set in place before every step by set(step) (its schedule socket:
-    --mtp_weights' loss weights)."""
+    --mtp_weights' loss weights, --yarn's rotary buffers)."""
     return [s for make in feature_hooks("schedule") if (s := make(model, args, device)) is not None]
-
-
-class RotaryWindows:
-    """--yarn: keeps every YarnRotary adapted to the long windows of the stages so far, updating the buffers in
-    place when a step enters a stage with a new long window (and on resume or after the warm-up: set(step))."""
-
-    def __init__(self, model: nn.Module, args: Hyperparameters):
-        self.args, self.history = args, None
-        self.rotaries = [m for m in model.modules() if isinstance(m, YarnRotary)]
-
-    def set(self, step: int):
-        if not self.rotaries:
-            return
-        history = long_window_history(step, self.args)
-        if history != self.history:
-            for rotary in self.rotaries:
-                rotary.set_windows(history)
-            self.history = history
 
 
 class LossWatch:
@@ -3286,7 +3232,7 @@ def train(run: TrainingRun, train_model: nn.Module, args: Hyperparameters, env: 
         log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t:.1f}s (untimed)")
     status, reason, val_loss, step = "ok", None, float("nan"), start_step
     windows = WindowTensors(args, env.device)
-    schedules = [RotaryWindows(model, args)] + feature_schedules(model, args, env.device)
+    schedules = feature_schedules(model, args, env.device)
     step_hooks = [hook for make in feature_hooks("per_step") if (hook := make(model, args, env)) is not None]
     loss_watch = LossWatch(env.device)
     steps = total_steps(args)

@@ -454,13 +454,13 @@ def micro_batches(stream: torch.Tensor, start: int, count: int, seq_len: int, de
 
 class StepSetup:
     """What main()'s loop sets before each step, from train_gpt itself: the step's window tensors (WindowTensors),
-    YaRN's rotary buffers (RotaryWindows) and the features' schedules (--mtp_weights' loss weights),
+    the features' schedules (--yarn's rotary buffers, --mtp_weights' loss weights),
     plus the step's sequence length (--stages: the stage's)."""
 
     def __init__(self, model: nn.Module, args: tg.Hyperparameters, device: torch.device):
         self.args = args
         self.windows = tg.WindowTensors(args, device)
-        self.schedules = [tg.RotaryWindows(model, args)] + tg.feature_schedules(model, args, device)
+        self.schedules = tg.feature_schedules(model, args, device)
 
     def __call__(self, step: int):
         """Set step's state; returns (window, seq_len)."""

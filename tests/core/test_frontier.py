@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import features.polar_express as polar_express_feature
+import features.yarn as yarn_feature
 import train_gpt as tg
 from conftest import frontier_args as frontier, load_script, smoke_args, smoke_model, summary_of, write_shard
 
@@ -78,28 +79,6 @@ def test_bad_schedule_flags_name_the_fix(flags, message):
 
 # ---------------------------------------------------------------------------------------------------------------
 # YaRN
-
-
-def test_yarn_scales_and_frequencies():
-    rotary = tg.YarnRotary(128, 64)
-    base = rotary.frequencies()
-    assert base[5] == pytest.approx(1024 ** (-5 / 31)) and base[32:].abs().sum() == 0  # dims 64-127 unrotated
-    windows = [3 * 128, 7 * 128, 11 * 128, 13 * 128]
-    scales = []
-    for n in range(2, 5):
-        rotary.set_windows(windows[:n])
-        scales.append(0.1 * rotary.gain.item() ** 2)
-    assert scales == pytest.approx([0.11695, 0.12752, 0.13178], abs=5e-6)
-    rotary.set_windows(windows[:2])  # 384 -> 896 tokens, by hand for a fast, a slow and an in-between frequency
-    ratio = 384 / 896
-    for k, keep in ((0, 1.0), (31, 0.0), (5, (384 * 1024 ** (-5 / 31) / (2 * math.pi) - 1) / 31)):
-        assert 0 <= keep <= 1
-        expected = 1024 ** (-k / 31) * (ratio + keep * (1 - ratio))
-        assert rotary.cos[1, k].item() == pytest.approx(math.cos(expected), abs=1e-6), k
-        assert rotary.sin[3, k].item() == pytest.approx(math.sin(3 * expected), abs=1e-6), k
-    rotary.set_windows(windows[:1])  # one window: plain rotary again
-    x = torch.randn(1, 64, 2, 128)
-    assert torch.equal(rotary(x), tg.Rotary(128, 64)(x))
 
 
 def test_rope_canonical_rotates_every_dim():
@@ -398,7 +377,7 @@ def test_compiled_stages_one_graph_each_and_yarn_updates_reach_it(monkeypatch):
     args = tg.apply_overrides(tg.Hyperparameters(), ["--preset=frontier_smoke"])
     torch.manual_seed(0)
     model = randomize_zero_matrices(tg.build_model(args)).eval()
-    rotary, windows = tg.RotaryWindows(model, args), tg.WindowTensors(args, torch.device("cpu"))
+    rotary, windows = yarn_feature.RotaryWindows(model, args), tg.WindowTensors(args, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     cases = []
     for step in (0, 10, 20, 30, 31):  # stages 1, 2, 3, extension (twice)

@@ -11,6 +11,7 @@ import torch
 import features.mtp as mtp_feature
 import features.paired_heads as paired_heads
 import features.ve_gate as ve_gate_feature
+import features.yarn as yarn_feature
 import train_gpt as tg
 from conftest import frontier_args, live_model, smoke_args, tokens_with_docs
 
@@ -212,7 +213,7 @@ def pinned_model_loss(stage: str) -> tuple[torch.nn.Module, torch.Tensor]:
     toks = torch.randint(0, spec["high"], (spec["length"],), generator=torch.Generator().manual_seed(spec["seed"]))
     toks[spec["eot_at"]] = tg.EOT_TOKEN
     step = PIN[stage]["step"]
-    tg.RotaryWindows(model, args).set(step)
+    yarn_feature.RotaryWindows(model, args).set(step)
     mtp_feature.LossSchedule(model, args, torch.device("cpu")).set(step)
     window = tuple(torch.tensor(w, dtype=torch.int32) for w in tg.window_at(step, args))
     return model, model(toks[:-1].int(), toks[1:].long(), window)
