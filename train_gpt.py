@@ -78,14 +78,11 @@ class Hyperparameters:
     weight_init: str = "uniform"  # uniform | truncated: the matrices' init, both std 0.5/sqrt(fan_in) (see build_model)
     # post-#21 model ideas (frontier recipe sections 3.2-3.4), each off by default, each one module built at start
     resid_lambda_init: float = 1.0  # init of each block's x-lambda (x = l0 * x + l1 * x0); frontier: 1.1
-    skip_gate: bool = False  # U-net skip weights pass through a sigmoid (logits init -1.5)
     attn_lambdas: str = "ve"  # ve: v = l0 v + l1 ve (#21, l = 0.5, 0.5) | o: v = l0 v + ve, out = l1 proj(y) (r47, 1)
     # the recipe's shape (frontier recipe 3.1-3.3): which blocks read which tables and skips, and the inits
     value_embed_layers: str = ""  # blocks reading value-embedding tables 0, 1, ... in order ("" = first/last nve)
     skip_pairs: str = ""  # skips "src:dst,...": dst's input += w * src's output ("" = U-net, block i -> L-1-i)
-    backout_layer: int = -1  # x += lam * (output of this block) before the final norm, lam init -0.5 (-1 = off)
     # the residual stream's later form (frontier recipe 3.3)
-    attn_input_skips: str = ""  # "src:dst,...": block dst's attention reads RMSNorm(block src's output) (r77: 7:8,7:9)
     attn_proj_init: str = "zero"  # zero | uniform: attention output projections' init (frontier r64: uniform)
     value_embed_std: float = 1.0  # std of the value-embedding tables' normal init (frontier: 0.01)
     head_init_std: float = 0.0  # lm_head init: 0 = zeros (#21), else normal with this std (frontier: 0.005)
@@ -494,8 +491,8 @@ def feature_attention(args: Hyperparameters):
 
 
 def check_model_shape(args: Hyperparameters, fail):
-    """--value_embed_layers, --skip_pairs, --backout_layer and the init flags: indices in range, one block per
-    table, skips forward in depth."""
+    """--value_embed_layers, --skip_pairs and the init flags: indices in range, one block per table, skips forward
+    in depth."""
     L = args.num_layers
     try:
         ve_layers, pairs = parse_layer_list(args.value_embed_layers), parse_skip_pairs(args.skip_pairs)
@@ -510,28 +507,10 @@ def check_model_shape(args: Hyperparameters, fail):
     if bad:
         fail(f"--skip_pairs {bad}: each src:dst needs 0 <= src < dst < num_layers={L} (a block's output skips "
              f"forward to a later block's input)")
-    if not -1 <= args.backout_layer < L:
-        fail(f"--backout_layer={args.backout_layer} must be a block in 0..{L - 1} (or -1: off)")
     if args.attn_proj_init not in ("zero", "uniform"):
         fail(f"--attn_proj_init={args.attn_proj_init!r}; valid values: zero, uniform")
     if args.value_embed_std <= 0 or args.head_init_std < 0:
         fail(f"--value_embed_std={args.value_embed_std} must be > 0 and --head_init_std={args.head_init_std} >= 0")
-    check_residual_form(args, fail)
-
-
-def check_residual_form(args: Hyperparameters, fail):
-    """--attn_input_skips: blocks that exist and have what the flag reads."""
-    L = args.num_layers
-    attention = set(range(L)) - set(parse_layer_list(args.no_attn_layers))
-    try:
-        inputs = parse_skip_pairs(args.attn_input_skips)
-    except ValueError:
-        fail(f"--attn_input_skips={args.attn_input_skips!r}: expected src:dst pairs such as '7:8,7:9'")
-    bad = [f"{a}:{b}" for a, b in inputs if not (0 <= a < b < L and b in attention)]
-    if bad:
-        fail(f"--attn_input_skips {bad}: each src:dst needs 0 <= src < dst < num_layers={L} with attention in dst")
-    if len({b for _, b in inputs}) != len(inputs):
-        fail(f"--attn_input_skips={args.attn_input_skips!r} gives a block two attention inputs; one each")
 
 
 def parse_skip_pairs(text: str) -> list[tuple[int, int]]:
@@ -621,7 +600,8 @@ SOCKETS = (  # every name above; feature_hooks refuses any other
            "args_at_step")
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
     "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "paired_heads",
-    "yarn", "ve_gate", "smear", "bigram", "key_offset", "dc", "xsa", "attn_gate", "mudd", "sublayer", "mtp", "untie")
+    "yarn", "ve_gate", "smear", "bigram", "skip_gate", "backout", "attn_input_skips", "key_offset", "dc", "xsa",
+    "attn_gate", "mudd", "sublayer", "mtp", "untie")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1582,7 +1562,7 @@ class Block(nn.Module):
         super().__init__()
         has_attn = layer not in parse_layer_list(args.no_attn_layers)
         self.attn = build_attention(args, max_seq_len, layer) if has_attn else None
-        self.attn_input = attention_input(args, layer)  # its own residual, or an earlier block's output (r77)
+        self.attn_input = PassThrough()  # its own residual, or an earlier block's (--attn_input_skips: install)
         self.mlp = build_mlp(args, layer)
         # x = l0 * x + l1 * x0; --resid_lambda_init sets l0 (frontier recipe 3.3, r45: 1.1)
         self.lambdas = nn.Parameter(torch.tensor([args.resid_lambda_init, 0.0]))
@@ -1593,23 +1573,6 @@ class Block(nn.Module):
         if self.attn is not None:
             x = x + self.dropout(self.attn(norm(self.attn_input(x, sources)), ve, mask, sources))
         return x + self.dropout(self.mlp(norm(x)))
-
-
-class BlockOutput(nn.Module):
-    """--attn_input_skips src:dst (frontier recipe 3.3, r77): block dst's attention reads block src's output, not
-    its own residual (the recipe's layers 8, 9 read c7); its MLP still reads the residual."""
-
-    def __init__(self, block: int):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: Tensor, sources: dict) -> Tensor:
-        return sources[self.block]
-
-
-def attention_input(args: Hyperparameters, layer: int) -> nn.Module:
-    inputs = {dst: src for src, dst in parse_skip_pairs(args.attn_input_skips)}
-    return BlockOutput(inputs[layer]) if layer in inputs else PassThrough()
 
 
 class LearnedAdd(nn.Module):
@@ -1651,29 +1614,6 @@ class NEFTune(nn.Module):
             return x
         bound = self.alpha / math.sqrt(x.size(-2) * x.size(-1))
         return x + torch.empty_like(x).uniform_(-bound, bound)
-
-
-class Backout(nn.Module):
-    """--backout_layer=N (frontier recipe 3.3, r40): before the final norm, x += lam * c_N with c_N the output of
-    block N and lam a learned scalar (init -0.5, an Adam scalar): the head reads the late layers' contribution with
-    part of the mid-depth residual taken back out. (MUDD, r81, later generalized this into its j=1 mix.)"""
-
-    def __init__(self, layer: int):
-        super().__init__()
-        self.layer = layer
-        self.lam = nn.Parameter(torch.tensor([-0.5]))
-
-    def forward(self, x: Tensor, outputs: dict) -> Tensor:
-        return x + self.lam[0].type_as(x) * outputs[self.layer]
-
-
-class SigmoidSkipWeights(nn.Module):
-    """--skip_gate (frontier recipe 3.3, r32/r45): the U-net skip weights pass through a sigmoid, so each skip's
-    strength stays in (0, 1); the raw weights start at -1.5 (strength 0.18), the recipe's init for its skip."""
-    init = -1.5
-
-    def forward(self, w: Tensor) -> Tensor:
-        return torch.sigmoid(w)
 
 
 class TiedHead(nn.Module):
@@ -1751,19 +1691,16 @@ class GPT(nn.Module):
                     ve.weight.mul_(args.value_embed_std)
         self.blocks = nn.ModuleList([build_block(args, i, max_seq_len) for i in range(L)])  # --mudd_block: MuddBlock
         # skips: block dst's input += skip_gate(w) * block src's output, one weight per (src, dst) pair: the U-net
-        # (block L-1-i <- block i) or --skip_pairs; --skip_gate passes the weights through a sigmoid
-        self.skip_gate = SigmoidSkipWeights() if args.skip_gate else nn.Identity()
+        # (block L-1-i <- block i) or --skip_pairs; a socket on the weights (--skip_gate: features/skip_gate.py)
+        self.skip_gate = nn.Identity()
         skips = skip_connections(args)
-        self.skip_weights = nn.Parameter(torch.full((len(skips),), SigmoidSkipWeights.init) if args.skip_gate else
-                                         torch.ones(len(skips)))
+        self.skip_weights = nn.Parameter(torch.ones(len(skips)))
         self.skips_into = [[(w, src) for w, (src, dst) in enumerate(skips) if dst == i] for i in range(L)]
         # a feature may weigh each skip per token too (gated: --mudd_gate_block; parameter-free PassThroughs else)
         scales = [gated_or("skip", args, w, PassThrough) for w in range(len(skips))]
         self.skip_scales = nn.ModuleList(scales) if any(type(m) is not PassThrough for m in scales) else scales
-        # --backout_layer: x += lam * (that block's output) before the final norm (frontier recipe 3.3, r40)
-        self.backout = Backout(args.backout_layer) if args.backout_layer >= 0 else PassThrough()
-        self.kept_outputs = {src for src, _ in skips} | ({args.backout_layer} if args.backout_layer >= 0 else set())
-        self.kept_outputs |= {src for src, _ in parse_skip_pairs(args.attn_input_skips)}  # (and features' install)
+        self.backout = PassThrough()  # a socket before the final norm (--backout_layer: features/backout.py)
+        self.kept_outputs = {src for src, _ in skips}  # block outputs that skips (and features' installs) read
         self.lm_head = TiedHead(self.embed.weight) if args.tie_embeddings else \
             CastedLinear(dim, padded_vocab, zero_init=True)
         if args.head_init_std > 0 and not args.tie_embeddings:  # frontier recipe 3.2: N(0, 0.005^2)

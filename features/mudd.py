@@ -91,7 +91,7 @@ def check(args: Hyperparameters, fail):
     try:
         skipped_into = {dst for _, dst in parse_skip_pairs(args.attn_input_skips)}
     except ValueError:
-        skipped_into = set()  # the core's check of --attn_input_skips says what is wrong with it
+        skipped_into = set()  # features/attn_input_skips.py's check says what is wrong with it
     if k in skipped_into:
         fail(f"--attn_input_skips names the --mudd_block={k} as a dst; its attention reads --mudd_block_source (the "
              f"recipe's r77 skips go into other blocks): drop that pair")

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from train_gpt import (Hyperparameters, LearnedAdd, PassThrough, attention_input, build_attention, build_mlp,
-                       built_by_feature, dropout_layer, gated_or, norm, parse_layer_list)
+from train_gpt import (Hyperparameters, LearnedAdd, PassThrough, build_attention, build_mlp, built_by_feature,
+                       dropout_layer, gated_or, norm, parse_layer_list)
 
 SMALL_ADAM_GROUPS = ("resid_lambdas", "post_lambdas")
 
@@ -75,7 +75,7 @@ class SublayerBlock(nn.Module):
         has_attn = layer not in parse_layer_list(args.no_attn_layers)
         r = args.resid_lambda_init ** 0.5
         self.attn = build_attention(args, max_seq_len, layer) if has_attn else None
-        self.attn_input = attention_input(args, layer)
+        self.attn_input = PassThrough()  # --attn_input_skips: an earlier block's output (its install)
         self.add_x0 = gated_or("x0", args, layer, lambda: LearnedAdd(0.0)) if has_attn else None
         bigram = built_by_feature("gated", "bigram", args, layer) if has_attn and layer > 0 else None
         self.add_bigram = PassThrough() if bigram is None else bigram

@@ -15,6 +15,7 @@ import features.mudd as mudd_feature
 import features.smear as smear_feature
 import features.ve_gate as ve_gate_feature
 import features.xsa as xsa_feature
+import features.skip_gate as skip_gate_feature
 import train_gpt as tg
 from conftest import (assert_future_never_changes_past, assert_traces_as_one_graph_in_bf16, cached_logits, live_model,
                       randomize_zero_matrices, smoke_args, tokens_with_docs)
@@ -32,7 +33,7 @@ def test_default_model_has_no_frontier_modules():
     args = smoke_args()
     torch.manual_seed(0)
     model = tg.build_model(args)
-    frontier = (smear_feature.Smear, bigram_feature.BigramHashEmbedding, tg.SigmoidSkipWeights,
+    frontier = (smear_feature.Smear, bigram_feature.BigramHashEmbedding, skip_gate_feature.SigmoidSkipWeights,
                 key_offset_feature.KeyOffset, ve_gate_feature.ValueEmbedGate, xsa_feature.ExclusiveSelfAttention,
                 attn_gate_feature.AttentionGate)
     assert not [m for m in model.modules() if isinstance(m, frontier)]
@@ -74,24 +75,6 @@ def test_look_back_modules_cross_document_boundaries(flag):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Residual stream: x-lambda init and sigmoid skips
-
-
-def test_resid_lambda_init_and_sigmoid_skip_weights():
-    model = tg.build_model(smoke_args("--resid_lambda_init=1.1", "--skip_gate=true"))
-    assert all(b.lambdas.tolist() == pytest.approx([1.1, 0.0]) for b in model.blocks)
-    assert model.skip_weights.tolist() == [-1.5, -1.5]
-    randomize_zero_matrices(model)
-    seen = {}
-    model.blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__("out0", o.detach()))
-    model.blocks[3].register_forward_pre_hook(lambda m, i: seen.setdefault("in3", []).append(i[0].detach()))
-    x = tokens_with_docs(256, [0])
-    with torch.no_grad():
-        model.skip_weights[-1] = -30.0  # sigmoid ~ 0: no skip
-        model(x)
-        model.skip_weights[-1] = 0.4
-        model(x)
-    torch.testing.assert_close(seen["in3"][1] - seen["in3"][0], torch.sigmoid(torch.tensor(0.4)) * seen["out0"],
-                               rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,7 +223,7 @@ def test_frontier_preset_builds_the_recipes_eleven_layers(frontier_model):
     assert model.window_kind == list("SSSLSSSSSSL")  # long windows on 3 and 10
     assert model.ve_table == [None, 0, 1, None, None, None, None, None, 2, 3, 4]  # five tables, one block each
     assert [(w, src, dst) for dst, into in enumerate(model.skips_into) for w, src in into] == [(0, 3, 6)]
-    assert model.skip_weights.tolist() == [-1.5] and isinstance(model.skip_gate, tg.SigmoidSkipWeights)
+    assert model.skip_weights.tolist() == [-1.5] and isinstance(model.skip_gate, skip_gate_feature.SigmoidSkipWeights)
     # MUDD (3.5): the j=1 mix of c0, c7 (init -0.5: the backout of r40), c9, VE_0, c3; block 10 runs j=0 on c7
     assert model.mudd_final.sources == [(False, "in"), (False, 7), (False, 9), (True, 0), (False, 3)]
     assert isinstance(model.blocks[10], mudd_feature.MuddBlock) and model.blocks[10].source == 7
@@ -282,28 +265,6 @@ def test_skip_pairs_listing_the_unet_equal_the_default():
     x = tokens_with_docs(256, [0, 100])
     with torch.no_grad():
         assert torch.equal(default(x), listed(x))
-
-
-def test_listed_skip_and_backout_by_hand():
-    """--skip_pairs=0:2 --backout_layer=1: block 2's input gets w * block 0's output, and the head reads
-    norm(x_final + lam * block 1's output); recomputed from the blocks one by one."""
-    model = live_model("--skip_pairs=0:2", "--backout_layer=1")
-    with torch.no_grad():
-        model.skip_weights.fill_(0.7)
-        model.backout.lam.fill_(-0.3)
-        x = tokens_with_docs(256, [0, 90])
-        masks = model.attention_masks(x, model.default_window_blocks)
-        ves = [ve(x)[None] for ve in model.value_embeds]
-        h = x0 = tg.norm(model.embed(x)[None])
-        outs = []
-        for i, block in enumerate(model.blocks):
-            if i == 2:
-                h = h + 0.7 * outs[0]
-            table = model.ve_table[i]
-            h = block(h, x0, None if table is None else ves[table], masks[model.window_kind[i]])
-            outs.append(h)
-        ref = tg.norm(h - 0.3 * outs[1])[0]
-        torch.testing.assert_close(model.hidden(x), ref, rtol=0, atol=0)
 
 
 def test_per_block_window_pattern_and_value_embed_layers():
