@@ -72,8 +72,6 @@ class Hyperparameters:
     # architecture ablations (issue 6), each off by default; describe_model() prints their params and FLOPs/token
     n_kv_heads: int = 0  # grouped-query attention: K/V heads shared by num_heads/n_kv_heads queries (0 = num_heads)
     mlp_act: str = "relu2"  # relu2 | gelu | swiglu (hidden 2/3 * mlp_ratio * dim, rounded to 128) | learned_gelu
-    neftune_alpha: float = 0.0  # NEFTune: train-time uniform noise * alpha / sqrt(seq_len * dim) on token embeddings
-    dropout: float = 0.0  # dropout on the attention and MLP outputs (train only)
     tie_embeddings: bool = False  # lm_head reads the token embedding table (x @ E^T / sqrt(model_dim))
     weight_init: str = "uniform"  # uniform | truncated: the matrices' init, both std 0.5/sqrt(fan_in) (see build_model)
     # post-#21 model ideas (frontier recipe sections 3.2-3.4), each off by default, each one module built at start
@@ -436,8 +434,9 @@ def check_schedule(args: Hyperparameters, fail):
 
 
 def check_architecture(args: Hyperparameters, fail):
-    """The architecture-ablation flags (GQA, MLA, MoE, mlp_act, NEFTune, dropout): values and combinations."""
-    for name, valid in dict(mlp_act=feature_table("MLP_ACTS", MLP_ACTS), weight_init=WEIGHT_INITS).items():
+    """The architecture-ablation flags (GQA, mlp_act, weight_init): values and combinations."""
+    for name, valid in dict(mlp_act=feature_table("MLP_ACTS", MLP_ACTS),
+                            weight_init=feature_table("WEIGHT_INITS", WEIGHT_INITS)).items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
     H = args.num_heads
@@ -445,10 +444,6 @@ def check_architecture(args: Hyperparameters, fail):
     if args.n_kv_heads < 0 or (args.n_kv_heads and H % args.n_kv_heads):
         fail(f"--n_kv_heads={args.n_kv_heads} must divide num_heads={H}; valid values: 0 (= num_heads), "
              f"{', '.join(map(str, divisors))}")
-    if args.neftune_alpha < 0:
-        fail(f"--neftune_alpha={args.neftune_alpha} must be >= 0 (0 = off)")
-    if not 0 <= args.dropout < 1:
-        fail(f"--dropout={args.dropout} must be in [0, 1)")
 
 
 def check_frontier_model(args: Hyperparameters, fail):
@@ -588,6 +583,8 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   NO_KV_CACHE = "--flag"        decoding with a KV cache cannot serve it (a mask the cache does not build)
 #   score_flops(model, args) -> [(label, flops per token)]   attention work it adds, in describe_model's scores
 #   head_kind(args) -> str or None   how describe_model names the head (else "untied")
+#   architecture_notes(args) -> [str]   its settings at the end of describe_model's architecture line
+#   WEIGHT_INITS = {name: fn(model) -> model}   --weight_init values of its own (build_model redraws with it)
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
 SOCKETS = (  # every name above; feature_hooks refuses any other
@@ -595,13 +592,13 @@ SOCKETS = (  # every name above; feature_hooks refuses any other
            "mlp", "linear", "rotary", "block", "activation", "train_loss", "head_hooks", "gated", "install", "place",
            "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS",
            "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS", "record_fp32_params", "masks", "window_masks",
-           "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "ATTENTION_NAME", "optimizer_hooks", "per_step", "schedule",
-           "trainee", "model_parts", "score_flops", "log_header", "log_after_training", "val_log", "mlp_args",
-           "args_at_step")
+           "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "architecture_notes", "WEIGHT_INITS", "ATTENTION_NAME",
+           "optimizer_hooks", "per_step", "schedule", "trainee", "model_parts", "score_flops", "log_header",
+           "log_after_training", "val_log", "mlp_args", "args_at_step")
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
     "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "paired_heads",
     "yarn", "ve_gate", "smear", "bigram", "skip_gate", "backout", "attn_input_skips", "key_offset", "dc", "xsa",
-    "attn_gate", "mudd", "sublayer", "mtp", "untie")
+    "attn_gate", "mudd", "sublayer", "mtp", "untie", "dropout", "neftune", "truncated_init")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1004,35 +1001,7 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.type_as(x))
 
 
-# Std of a standard normal truncated to [-2, 2]. --weight_init=truncated draws N(0, (s / TRUNC2_STD)^2) cut at 2 of
-# that std, so the drawn values keep the uniform's std s = 0.5 / sqrt(fan_in) (the variance-preserving convention
-# of truncated-normal variance scaling): only the shape of the distribution changes.
-TRUNC2_STD = math.sqrt(1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(math.sqrt(2)))
-
-
-def recipe_matrices(model: nn.Module) -> list[nn.Parameter]:
-    """The matrices drawn from the recipe's uniform(+-sqrt(3) * 0.5 / sqrt(fan_in)), fan_in = the last dim: every
-    parameter of >= 2 dims except embeddings (N(0, 1)), Kronecker/KS factors (their own fan-in rule) and the
-    zero-initialized ones (output projections, the untied head)."""
-    own_init = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    own_init |= {id(p) for m in model.modules() if getattr(m, "draws_own_init", False) for p in m.parameters()}
-    head = getattr(model, "lm_head", None)
-    if isinstance(head, CastedLinear):  # zeros, or its own normal draw (--head_init_std)
-        own_init.add(id(head.weight))
-    return [p for p in model.parameters() if p.ndim >= 2 and id(p) not in own_init and p.any()]
-
-
-@torch.no_grad()
-def truncated_normal_init_(model: nn.Module) -> nn.Module:
-    """--weight_init=truncated: redraw every recipe matrix from a normal cut at 2 of its std, scaled so the values
-    keep the uniform's std 0.5 / sqrt(fan_in)."""
-    for p in recipe_matrices(model):
-        std = 0.5 * p.size(-1) ** -0.5 / TRUNC2_STD
-        nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
-    return model
-
-
-WEIGHT_INITS = dict(uniform=lambda model: model, truncated=truncated_normal_init_)  # --weight_init, in build_model
+WEIGHT_INITS = dict(uniform=lambda model: model)  # --weight_init, in build_model; features add theirs (truncated)
 
 
 def document_ids(inputs: Tensor) -> Tensor:
@@ -1553,10 +1522,6 @@ def build_mlp(args: Hyperparameters, layer: int | None = None) -> nn.Module:
     return SwiGLUMLP(args) if args.mlp_act == "swiglu" else MLP(args)
 
 
-def dropout_layer(p: float) -> nn.Module:
-    return nn.Dropout(p) if p > 0 else nn.Identity()
-
-
 class Block(nn.Module):
     def __init__(self, args: Hyperparameters, layer: int, max_seq_len: int):
         super().__init__()
@@ -1566,7 +1531,7 @@ class Block(nn.Module):
         self.mlp = build_mlp(args, layer)
         # x = l0 * x + l1 * x0; --resid_lambda_init sets l0 (frontier recipe 3.3, r45: 1.1)
         self.lambdas = nn.Parameter(torch.tensor([args.resid_lambda_init, 0.0]))
-        self.dropout = dropout_layer(args.dropout)  # on both branch outputs; Identity at --dropout=0
+        self.dropout = nn.Identity()  # a socket on both branch outputs (--dropout: features/dropout.py)
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, sources: dict | None = None) -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0  # sources: earlier residuals and gate values (GPT.hidden)
@@ -1599,21 +1564,6 @@ def build_block(args: Hyperparameters, layer: int, max_seq_len: int) -> nn.Modul
 
 def next_multiple(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-class NEFTune(nn.Module):
-    """Train-time noise on the token embeddings (--neftune_alpha): uniform(-1, 1) * alpha / sqrt(T * dim), T the
-    sequence length; identity in eval mode."""
-
-    def __init__(self, alpha: float):
-        super().__init__()
-        self.alpha = alpha
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return x
-        bound = self.alpha / math.sqrt(x.size(-2) * x.size(-1))
-        return x + torch.empty_like(x).uniform_(-bound, bound)
 
 
 class TiedHead(nn.Module):
@@ -1677,7 +1627,7 @@ class GPT(nn.Module):
         padded_vocab = next_multiple(args.vocab_size, 128)
         self.embed = nn.Embedding(padded_vocab if args.tie_embeddings else args.vocab_size, dim)
         self.smear = nn.Identity()  # a socket on the raw embeddings (--smear: features/smear.py installs it)
-        self.embed_noise = NEFTune(args.neftune_alpha) if args.neftune_alpha > 0 else nn.Identity()
+        self.embed_noise = nn.Identity()  # a socket on the token embeddings (--neftune_alpha: features/neftune.py)
         self.mot = PassThrough()  # x0's socket for byte-level information (--mot: features/mot.py installs it)
         # x = x0 + g * bigram embedding; the blocks' x0 stays the token embedding alone
         self.bigram = PassThrough()  # a socket: x = x0 + g b (--bigram_rows: features/bigram.py installs it)
@@ -1822,7 +1772,7 @@ def args_at_step(args: Hyperparameters, step: int) -> Hyperparameters:
 def build_model(args: Hyperparameters) -> GPT:
     """The model in fp32 on the CPU; main() moves it to the device (embeddings to bf16 on GPU). --weight_init then
     redraws the recipe's matrices (uniform: nothing to redraw), so every other parameter is the same draw."""
-    return WEIGHT_INITS[args.weight_init](GPT(args))
+    return feature_table("WEIGHT_INITS", WEIGHT_INITS)[args.weight_init](GPT(args))
 
 
 PARAM_DTYPES = ("r21", "record")  # --param_dtype
@@ -2235,10 +2185,10 @@ def describe_model(model: GPT, args: Hyperparameters) -> str:
     head_kind = "tied to the embedding" if not head else next(  # --untie_step: features/untie.py
         (named for describe in feature_hooks("head_kind") if (named := describe(args))), "untied")
     mlp_note = mlps[0].summary() if hasattr(mlps[0], "summary") else ""  # --moe_experts: experts and routing
+    notes = "".join(f", {note}" for describe in feature_hooks("architecture_notes") for note in describe(args))
     return (f"architecture: attention {kind(attns)} x{len(attns)} (KV cache "
             f"{sum(a.kv_cache_floats_per_token() for a in attns):,} floats/token over all layers), mlp {kind(mlps)}"
-            f" x{len(mlps)}{mlp_note}, head {head_kind}, dropout {args.dropout},"
-            f" neftune_alpha {args.neftune_alpha}\n"
+            f" x{len(mlps)}{mlp_note}, head {head_kind}{notes}\n"
             f"params: embeddings {embeds:,} + head {sum(p.numel() for p in head):,} + attention {attn_params:,} + "
             f"mlp {mlp_params:,} + block/skip scalars {other:,}"
             f"{''.join(f' + {part.name} {part.params:,}' for part in parts if part.params)} = {count_params(model):,}\n"

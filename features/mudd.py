@@ -17,7 +17,7 @@ from torch import Tensor
 from features.dc import compose_heads
 from features.xsa import remove_value_component
 from train_gpt import (Hyperparameters, ModelPart, PassThrough, build_attention, build_mlp, count_params,
-                       dense_flops_per_token, dropout_layer, kv_heads, norm, parse_layer_list, parse_skip_pairs,
+                       dense_flops_per_token, kv_heads, norm, parse_layer_list, parse_skip_pairs,
                        refuse_without_head_hooks, skip_connections, value_embed_dim, value_embed_tables)
 
 
@@ -317,7 +317,7 @@ class MuddBlock(nn.Module):
         self.source = args.mudd_block_source
         self.ve_gate = MuddHeadGates(args.num_heads) if value_embed_tables(args)[layer] is not None else PassThrough()
         self.add_bigram = ScaledAdd() if args.bigram_rows > 0 else PassThrough()
-        self.dropout = dropout_layer(args.dropout)
+        self.dropout = nn.Identity()  # --dropout: features/dropout.py installs it
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, sources: dict) -> Tensor:
         c0, c = sources["in"], sources[self.source]

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from train_gpt import (Hyperparameters, LearnedAdd, PassThrough, build_attention, build_mlp, built_by_feature,
-                       dropout_layer, gated_or, norm, parse_layer_list)
+                       gated_or, norm, parse_layer_list)
 
 SMALL_ADAM_GROUPS = ("resid_lambdas", "post_lambdas")
 
@@ -84,7 +84,7 @@ class SublayerBlock(nn.Module):
         self.post_lambdas = nn.Parameter(torch.ones(2 if has_attn else 1))  # p_a, p_m
         self.read_lambdas = LAMBDA_READS[args.param_dtype]
         self.entry_gate = PassThrough()
-        self.dropout = dropout_layer(args.dropout)
+        self.dropout = nn.Identity()  # --dropout: features/dropout.py installs it
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, mask, sources: dict) -> Tensor:
         self.entry_gate(x, sources)

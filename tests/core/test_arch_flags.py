@@ -126,83 +126,14 @@ def test_gqa_shares_each_kv_head_across_its_query_group():
 # --- MoE ----------------------------------------------------------------------------------------------------------
 
 
-# --- weight_init ----------------------------------------------------------------------------------------------------
+# --- weight_init: tests/features/test_truncated_init.py; NEFTune, dropout: test_neftune.py, test_dropout.py ---------
 
-WEIGHT_INIT_CONFIGS = [[], ["--n_kv_heads=1"], MLA, MOE_SWIGLU, ["--mlp_act=swiglu"], ["--tie_embeddings=true"]]
-
-
-@pytest.mark.parametrize("flags", WEIGHT_INIT_CONFIGS, ids=lambda f: "+".join(x[2:] for x in f[:1] + f[3:]) or "none")
-def test_recipe_matrices_are_the_uniform_draws(flags):
-    """The matrices --weight_init=truncated redraws are exactly those drawn from the recipe's uniform(+-sqrt(3) * 0.5
-    / sqrt(fan_in)), fan_in = the last dim, in every architecture; everything else of >= 2 dims (embeddings,
-    zero-initialized projections) is left alone."""
-    model = tg.build_model(smoke_args(*flags))
-    chosen = {id(p) for p in tg.recipe_matrices(model)}
-    assert chosen
-    for name, p in model.named_parameters():
-        if p.ndim < 2:
-            continue
-        s = 0.5 * p.size(-1) ** -0.5
-        is_uniform = bool(p.abs().max() <= 3 ** 0.5 * s) and abs(p.std().item() / s - 1) < 0.1
-        assert (id(p) in chosen) == is_uniform, name
-
-
-def test_truncated_init_keeps_the_std_and_cuts_at_two_sigma():
-    flags = ["--mlp_act=swiglu", "--n_kv_heads=1"]
-    torch.manual_seed(0)
-    uniform = tg.GPT(smoke_args(*flags))
-    torch.manual_seed(0)
-    assert all(torch.equal(a, b) for a, b in zip(uniform.parameters(), tg.build_model(smoke_args(*flags)).parameters()))
-    torch.manual_seed(0)
-    model = tg.build_model(smoke_args(*flags, "--weight_init=truncated"))
-    redrawn = {id(p) for p in tg.recipe_matrices(model)}
-    assert len(redrawn) == 2 * ATTN_LAYERS + L  # GQA's q and kv, SwiGLU's merged fc (projections start at zero)
-    for (name, p), u in zip(model.named_parameters(), uniform.parameters()):
-        if id(p) not in redrawn:
-            assert torch.equal(p, u), name  # the same draw: only the recipe matrices are redrawn
-            continue
-        s = 0.5 * p.size(-1) ** -0.5  # the uniform's std, kept
-        sigma = s / tg.TRUNC2_STD  # the underlying normal, cut at 2 sigma = 2.27 s
-        assert abs(p.std().item() / s - 1) < 0.02, name
-        assert 0.97 * 2 * sigma < p.abs().max() <= 2 * sigma, name
-        tail = (p.abs() > 3 ** 0.5 * s).float().mean().item()  # beyond the uniform's bound: 8.6% expected
-        assert 0.07 < tail < 0.10, (name, tail)
-    assert abs(tg.TRUNC2_STD - 0.8796) < 1e-4  # std of N(0, 1) cut to [-2, 2]
-    z = torch.nn.init.trunc_normal_(torch.empty(10 ** 6), a=-2, b=2, generator=torch.Generator().manual_seed(0))
-    assert abs(z.std().item() - tg.TRUNC2_STD) < 2e-3
-
-
-# --- mlp_act, NEFTune, dropout, tied embeddings -------------------------------------------------------------------
+# --- mlp_act, tied embeddings -------------------------------------------------------------------------------------
 
 def test_swiglu_matches_dense_parameters_at_768():
     args = tg.apply_overrides(tg.Hyperparameters(), ["--mlp_act=swiglu"])
     swiglu, dense = tg.SwiGLUMLP(args), tg.MLP(tg.Hyperparameters())
     assert tg.swiglu_hidden(args) == 2048 and tg.count_params(swiglu) == tg.count_params(dense) == 2 * 768 * 3072
-
-
-@pytest.mark.parametrize("flag", ["--neftune_alpha=5", "--dropout=0.1"])
-def test_noise_is_train_only(flag):
-    model = smoke_model(flag)
-    reference = smoke_model()  # same seed, same weights, flag off
-    x = tokens()
-    model.eval()
-    reference.eval()
-    with torch.no_grad():
-        out = model(x)
-        torch.testing.assert_close(model(x), out, rtol=0, atol=0)
-        torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
-    model.train()
-    a, b = model(x[:-128], x[1:-127]), model(x[:-128], x[1:-127])
-    assert a.item() != b.item()
-
-
-def test_neftune_noise_bound():
-    noise = tg.NEFTune(5.0)
-    x = torch.zeros(1, 256, 64)
-    out = noise(x)
-    bound = 5.0 / math.sqrt(256 * 64)
-    assert out.abs().max() <= bound and out.abs().max() > 0.9 * bound and out.std() > 0.5 * bound
-    assert torch.equal(noise.eval()(x), x)
 
 
 def test_tied_head_shares_the_embedding_owned_by_adam_embeds():
