@@ -109,8 +109,6 @@ class Hyperparameters:
     muon_qk_pairs: bool = False  # Muon orthogonalizes Q and K per head pair ((2 head_dim) x dim slices; r80)
     value_embed_lr: float = 0.0  # Adam LR of the value embeddings (0 = embed_lr)
     adam_group_betas: str = ""  # per Adam group betas "head=0.5/0.95,embed=...,value_embeds=...,scalars=..."
-    adam_wd: float = 0.0  # cautious Adam weight decay when > 0: W -= lr^2 * adam_wd * group_wd * W where update*W > 0
-    adam_group_wd: str = ""  # per-group multipliers of adam_wd "head=150,value_embeds=5" (groups not named: 1)
     param_dtype: str = "r21"  # on GPU, r21: bf16 embeddings, fp32 rest | record: the record's bf16 Adam tensors too
     adam_group_lr: str = ""  # LR of the small groups "ve_gate=0.008,smear_gate=8e-5,..." (not named: scalar_lr)
     adam_every: int = 1  # step Adam every N steps on the gradients of those N steps summed (frontier: 2)
@@ -351,7 +349,7 @@ MIN_VALUES = dict(num_iterations=1, seq_len=128, val_seq_len=128, micro_batches=
                   warmup_steps=0, save_every=0, keep_checkpoints=0,
                   muon_lr=0.0, head_lr=0.0, embed_lr=0.0, scalar_lr=0.0, adam_eps=0.0,
                   attn_scale=0.0, muon_wd=0.0, muon_proj_lr_mult=0.0,
-                  muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_wd=0.0, adam_every=1, extension_steps=0,
+                  muon_momentum_cooldown_steps=0, value_embed_lr=0.0, adam_every=1, extension_steps=0,
                   )
 UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_momentum_end", "adam_beta1",
                  "adam_beta2")
@@ -359,7 +357,6 @@ UNIT_INTERVAL = ("cooldown_frac", "final_lr_frac", "muon_momentum_start", "muon_
 NEEDS = dict(
     keep_checkpoints=("--save_every", lambda a: a.save_every > 0),
     init_partial=("--init_from", lambda a: bool(a.init_from)),
-    adam_group_wd=("--adam_wd > 0", lambda a: a.adam_wd > 0),
     extension_window=("--extension_steps > 0", lambda a: a.extension_steps > 0),
     val_window=("--stages", lambda a: bool(a.stages)),
     window_schedule_tokens=("#21's schedule (it is replaced by --stages)", lambda a: not a.stages),
@@ -403,7 +400,6 @@ def check_schedule(args: Hyperparameters, fail):
     if not 0 <= args.normuon_beta2 < 1:
         fail(f"--normuon_beta2={args.normuon_beta2} must be in [0, 1) (0 = off)")
     parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
-    parse_group_values(args.adam_group_wd, "adam_group_wd", float)
     if args.param_dtype not in PARAM_DTYPES:
         fail(f"--param_dtype={args.param_dtype!r}; valid values: {', '.join(PARAM_DTYPES)}")
     for name, lr in parse_group_values(args.adam_group_lr, "adam_group_lr", float).items():
@@ -568,6 +564,7 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   ADAM_GROUPS, adam_lrs(args) -> {group: lr}   Adam groups of its own (their params from its param_groups)
 #   SMALL_ADAM_GROUPS             Adam groups of its own at --adam_group_lr's LR (else scalar_lr)
 #   RECORD_BF16_GROUPS, record_fp32_params(model)   what --param_dtype=record stores in bf16, and the exceptions
+#   adam(groups, args) -> an optimizer over adam_param_groups' groups, or None for torch's Adam
 #   optimizer_hooks(model, adam, muon, args, world_size)   hooks on the optimizers' steps
 #   per_step(model, args, env) -> an object whose at(step, optimizers, micro_batches, window) runs before each step
 #   val_log(model) -> str        appended to each validation line
@@ -592,13 +589,13 @@ SOCKETS = (  # every name above; feature_hooks refuses any other
            "mlp", "linear", "rotary", "block", "activation", "train_loss", "head_hooks", "gated", "install", "place",
            "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS",
            "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS", "record_fp32_params", "masks", "window_masks",
-           "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "architecture_notes", "WEIGHT_INITS", "ATTENTION_NAME",
+           "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "architecture_notes", "WEIGHT_INITS", "ATTENTION_NAME", "adam",
            "optimizer_hooks", "per_step", "schedule", "trainee", "model_parts", "score_flops", "log_header",
            "log_after_training", "val_log", "mlp_args", "args_at_step")
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
     "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "paired_heads",
     "yarn", "ve_gate", "smear", "bigram", "skip_gate", "backout", "attn_input_skips", "key_offset", "dc", "xsa",
-    "attn_gate", "mudd", "sublayer", "mtp", "untie", "dropout", "neftune", "truncated_init")
+    "attn_gate", "mudd", "sublayer", "mtp", "untie", "dropout", "neftune", "truncated_init", "cautious_adam")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1849,7 +1846,7 @@ ADAM_GROUPS = ("head", "embed", "value_embeds", "scalars") + SMALL_ADAM_GROUPS
 
 
 def parse_group_values(text: str, flag: str, parse) -> dict:
-    """--adam_group_betas / --adam_group_wd: 'group=value,...' -> {group: parse(value)}."""
+    """--adam_group_betas, --adam_group_lr, --adam_group_wd: 'group=value,...' -> {group: parse(value)}."""
     values = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
@@ -1871,7 +1868,7 @@ def parse_betas(text: str) -> tuple[float, float]:
 
 
 def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
-    """The Adam groups with their LR, betas and weight decay (--adam_group_betas/--adam_group_wd name them)."""
+    """The Adam groups with their LR and betas (--adam_group_lr/--adam_group_betas name them)."""
     groups = param_groups(model, args)
     # the embeddings a feature trains like the value embeddings (--bigram_rows' table: frontier recipe 2.2)
     value_embeds = {id(p) for p in [*(e.weight for e in model.value_embeds),
@@ -1889,63 +1886,9 @@ def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
             for name in feature_table("SMALL_ADAM_GROUPS", SMALL_ADAM_GROUPS)}
     params |= {name: groups.get(name, []) for name in lrs if name not in params}
     betas = parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
-    wd_mults = parse_group_values(args.adam_group_wd, "adam_group_wd", float)
     return [dict(name=name, params=params[name], lr=lrs[name],
-                 betas=betas.get(name, (args.adam_beta1, args.adam_beta2)),
-                 weight_decay=args.adam_wd * wd_mults.get(name, 1.0))
+                 betas=betas.get(name, (args.adam_beta1, args.adam_beta2)))
             for name in lrs if params[name]]
-
-
-class CautiousAdam(torch.optim.Optimizer):
-    """Adam with cautious weight decay (--adam_wd > 0; frontier recipe section 2.2). Bias-corrected, eps outside
-    the square root: update = lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), fp32 moments. Where
-    update * W > 0 (strictly: decay only pulls W toward zero where the update already does), the update gains
-    lr^2 * weight_decay * W; then W -= update in one subtraction, as the record's code does: a bf16 parameter
-    (--param_dtype=record) is rounded once, so an update below half its last bit is lost, as in the record.
-
-    The frontier model has 54 Adam tensors, 46 of them scalars and small gate matrices: those (below
-    FOREACH_NUMEL elements) are updated together per (device, dtype) with torch._foreach ops, the same arithmetic
-    in the same order (bit for bit, tests/core/test_frontier.py), about 10 kernel launches per such group instead of ~10
-    per tensor; the large tables one at a time, so the step's fp32 temporaries stay those of one table."""
-    FOREACH_NUMEL = 1 << 20
-
-    def __init__(self, params, lr: float, betas: tuple, eps: float, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
-            decay = lr * lr * group["weight_decay"]
-            batches = {}  # (device, dtype) -> small tensors; each large one alone
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                key = (p.device, p.dtype) if p.numel() < self.FOREACH_NUMEL else id(p)
-                batches.setdefault(key, []).append(p)
-            for params in batches.values():
-                self.update(params, b1, b2, lr, eps, decay)
-
-    def update(self, params: list, b1: float, b2: float, lr: float, eps: float, decay: float):
-        """One Adam step for tensors of one device and dtype (their states exist, steps counted)."""
-        states = [self.state[p] for p in params]
-        m, v, g = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [p.grad.float() for p in params]
-        torch._foreach_lerp_(m, g, 1 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, g, g, value=1 - b2)
-        update = torch._foreach_div(m, torch._foreach_add(torch._foreach_sqrt(v), eps))
-        torch._foreach_mul_(update, [lr * (1 - b2 ** s["step"]) ** 0.5 / (1 - b1 ** s["step"]) for s in states])
-        if decay:  # W where update * W > 0, else 0 (sign clamped at 0: the same 1/0 mask as a comparison)
-            weights = [p.float() for p in params]
-            agree = torch._foreach_clamp_min(torch._foreach_sign(torch._foreach_mul(update, weights)), 0.0)
-            torch._foreach_add_(update, torch._foreach_mul(weights, agree), alpha=decay)
-        torch._foreach_sub_(params, update)  # fp32 updates: a bf16 parameter is rounded once
 
 
 def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_size: int = 1,
@@ -1954,9 +1897,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
     parameters) instead of making one (progressive replacement rebuilds the optimizers mid-run)."""
     groups = param_groups(model, args)
     adam_groups = adam_param_groups(model, args)
-    if args.adam_wd > 0:
-        adam = CautiousAdam(adam_groups, lr=args.head_lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
-    else:
+    adam = built_by_feature("adam", adam_groups, args)  # --adam_wd: features/cautious_adam.py
+    if adam is None:
         adam = torch.optim.Adam(adam_groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                                 fused=groups["embeds"][0].is_cuda)
     # --muon_proj_lr_mult: the dense MLP output projections (the frontier recipe's c_proj LR is 4x the base)

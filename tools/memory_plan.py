@@ -57,6 +57,7 @@ from torch.nn.attention.flex_attention import BlockMask  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
+import features.cautious_adam as cautious_adam_feature  # noqa: E402
 import features.fp8_mlp as fp8_mlp_feature  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
@@ -147,7 +148,7 @@ def adam_state_bytes(adam: torch.optim.Optimizer, params_with_grads: set, tied: 
         for p in group["params"]:
             if id(p) not in params_with_grads:
                 continue
-            if isinstance(adam, tg.CautiousAdam):
+            if isinstance(adam, cautious_adam_feature.CautiousAdam):
                 total += 2 * p.numel() * 4
             else:
                 total += 2 * p.numel() * tied.get(id(p), p).element_size() + 4

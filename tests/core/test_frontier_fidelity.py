@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import features.cautious_adam as cautious_adam_feature
 import features.mtp as mtp_feature
 import features.paired_heads as paired_heads
 import features.ve_gate as ve_gate_feature
@@ -120,7 +121,7 @@ def test_bf16_adam_loses_updates_below_half_a_bit_as_the_record_does():
     """bf16(20 - 0.002) = 20: a bf16 MUDD-gate bias entry of 20 (the recipe's 2 / 0.1) does not move under an
     update of 0.002, its fp32 twin does; one rounding per step (CautiousAdam subtracts once)."""
     entries = [torch.nn.Parameter(torch.tensor([20.0, 0.5]).to(dtype)) for dtype in (torch.bfloat16, torch.float32)]
-    opt = tg.CautiousAdam(entries, lr=0.002, betas=(0.9, 0.99), eps=1e-10)
+    opt = cautious_adam_feature.CautiousAdam(entries, lr=0.002, betas=(0.9, 0.99), eps=1e-10)
     for p in entries:
         p.grad = torch.ones_like(p)
     opt.step()  # the first Adam step moves every entry by lr

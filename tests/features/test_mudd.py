@@ -203,7 +203,7 @@ def test_every_new_parameter_learns_and_has_one_optimizer():
     assert [id(p) for p in groups["mudd_bias"]["params"]] == [id(m.b) for m in mudds]
     assert groups["mudd"]["lr"] == groups["mudd_bias"]["lr"] == 0.002
     wd = smoke_args(*ALL, "--adam_wd=0.005", "--adam_group_betas=mudd=0.9/0.99", "--adam_group_wd=mudd_bias=0")
-    named = {g["name"]: g for g in tg.adam_param_groups(model, wd)}
+    named = {g["name"]: g for g in tg.build_optimizers(model, wd)[0].param_groups}
     assert named["mudd"]["betas"] == (0.9, 0.99) and named["mudd"]["weight_decay"] == 0.005
     assert named["mudd_bias"]["weight_decay"] == 0
 
