@@ -102,7 +102,6 @@ class Hyperparameters:
     adam_eps: float = 1e-10  # tiny: updates stay sign-like for small gradients
     # post-#21 optimizer ideas (frontier recipe sections 2.1-2.2), each off by default
     muon_ns: str = "quintic"  # quintic (#21's fixed Newton-Schulz) | polar_express (5 per-step coefficient sets)
-    normuon_beta2: float = 0.0  # NorMuon when > 0: per-row/column second-moment normalization of Muon's update
     muon_wd: float = 0.0  # cautious weight decay for Muon: W -= muon_wd * lr * eta * W where update and W agree
     muon_proj_lr_mult: float = 1.0  # extra Muon LR factor for the MLP output projections (c_proj)
     muon_momentum_cooldown_steps: int = 0  # over the last N steps momentum returns linearly to muon_momentum_start
@@ -397,8 +396,6 @@ def check_schedule(args: Hyperparameters, fail):
     for name, valid in choices.items():
         if getattr(args, name) not in valid:
             fail(f"--{name}={getattr(args, name)!r}; valid values: {', '.join(valid)}")
-    if not 0 <= args.normuon_beta2 < 1:
-        fail(f"--normuon_beta2={args.normuon_beta2} must be in [0, 1) (0 = off)")
     parse_group_values(args.adam_group_betas, "adam_group_betas", parse_betas)
     if args.param_dtype not in PARAM_DTYPES:
         fail(f"--param_dtype={args.param_dtype!r}; valid values: {', '.join(PARAM_DTYPES)}")
@@ -565,6 +562,8 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   SMALL_ADAM_GROUPS             Adam groups of its own at --adam_group_lr's LR (else scalar_lr)
 #   RECORD_BF16_GROUPS, record_fp32_params(model)   what --param_dtype=record stores in bf16, and the exceptions
 #   adam(groups, args) -> an optimizer over adam_param_groups' groups, or None for torch's Adam
+#   muon_normalizer(args) -> a normalizer of Muon's orthogonalized updates: (X, states, piece) -> X, and
+#                            state_shapes(pieces) -> {state key: shape}; or None
 #   optimizer_hooks(model, adam, muon, args, world_size)   hooks on the optimizers' steps
 #   per_step(model, args, env) -> an object whose at(step, optimizers, micro_batches, window) runs before each step
 #   val_log(model) -> str        appended to each validation line
@@ -590,12 +589,13 @@ SOCKETS = (  # every name above; feature_hooks refuses any other
            "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS",
            "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS", "record_fp32_params", "masks", "window_masks",
            "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "architecture_notes", "WEIGHT_INITS", "ATTENTION_NAME", "adam",
-           "optimizer_hooks", "per_step", "schedule", "trainee", "model_parts", "score_flops", "log_header",
-           "log_after_training", "val_log", "mlp_args", "args_at_step")
+           "muon_normalizer", "optimizer_hooks", "per_step", "schedule", "trainee", "model_parts", "score_flops",
+           "log_header", "log_after_training", "val_log", "mlp_args", "args_at_step")
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
     "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "paired_heads",
     "yarn", "ve_gate", "smear", "bigram", "skip_gate", "backout", "attn_input_skips", "key_offset", "dc", "xsa",
-    "attn_gate", "mudd", "sublayer", "mtp", "untie", "dropout", "neftune", "truncated_init", "cautious_adam")
+    "attn_gate", "mudd", "sublayer", "mtp", "untie", "dropout", "neftune", "truncated_init", "cautious_adam",
+    "normuon")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -766,27 +766,6 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
 ORTHOGONALIZERS = dict(quintic=zeropower_via_newtonschulz5)  # --muon_ns; features add theirs (polar_express)
 
 
-class NorMuon:
-    """NorMuon's normalization of orthogonalized updates (--normuon_beta2 > 0; frontier recipe section 2.1): an EMA
-    v of the mean squared update per row (rows >= cols) or per column, no bias correction; the update is divided by
-    sqrt(v) and rescaled to its original Frobenius norm, so only the balance between neurons changes."""
-
-    def __init__(self, beta2: float):
-        self.beta2 = beta2
-
-    def __call__(self, X: Tensor, states: list[dict], key: str = "normuon_v") -> Tensor:
-        X = X.float()  # (k, ..., rows, cols): the k updates this rank owns in a group (or one piece of them)
-        rows, cols = X.shape[-2:]
-        q = X.square().mean(dim=-1 if rows >= cols else -2, keepdim=True)
-        v = torch.stack([s.setdefault(key, torch.zeros_like(q[0])) for s in states])
-        v.lerp_(q, 1 - self.beta2)
-        for s, v_i in zip(states, v):
-            s[key].copy_(v_i)
-        Y = X / v.clamp_min(1e-10).sqrt()
-        # the clamp only matters for an all-zero update (a matrix behind a zero-initialized projection at step 0)
-        return Y * (X.norm(dim=(-2, -1), keepdim=True) / Y.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
-
-
 def muon_pieces(X: Tensor, split: tuple) -> list[Tensor]:
     """Views that partition X (k, *shape), a stack of one Muon group's k updates, into the batches of matrices
     Muon orthogonalizes: X itself (split ()), or for split (count, rows) (--muon_qk_pairs) the first `count`
@@ -798,11 +777,6 @@ def muon_pieces(X: Tensor, split: tuple) -> list[Tensor]:
     X = X if X.ndim == 4 else X.unsqueeze(1)
     blocks = X[:, :count].unflatten(-2, (-1, rows))
     return [blocks, X[:, count:]] if X.size(1) > count else [blocks]
-
-
-def normuon_key(piece: int) -> str:
-    """The optimizer-state key of NorMuon's v for piece `piece` of muon_pieces."""
-    return "normuon_v" if piece == 0 else f"normuon_v{piece}"
 
 
 def qk_pair_splits(model: nn.Module) -> dict:
@@ -841,7 +815,8 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay))
         self.rank, self.world_size = rank, world_size
         self.orthogonalize = zeropower_via_newtonschulz5
-        self.normalize = None  # a NorMuon when --normuon_beta2 > 0
+        # a normalizer of the orthogonalized updates, with optimizer state per piece (--normuon_beta2: NorMuon)
+        self.normalize = None
         self.grad_sync = None  # a GradientSync when gradients are still being summed over ranks at step()
 
     def owned(self, params: list) -> list:
@@ -868,7 +843,7 @@ class Muon(torch.optim.Optimizer):
                 for i, (update, out) in enumerate(pieces):
                     mine_ortho = self.orthogonalize(update, group["ns_steps"])
                     if self.normalize is not None:
-                        mine_ortho = self.normalize(mine_ortho, states, normuon_key(i))
+                        mine_ortho = self.normalize(mine_ortho, states, i)
                     out.copy_(mine_ortho)
             if self.world_size == 1:
                 self._apply(group, params, ortho)
@@ -896,13 +871,10 @@ class Muon(torch.optim.Optimizer):
             p.add_(u, alpha=-eta)
 
     def state_shapes(self, p: Tensor, split: tuple = ()) -> dict:
-        """Shapes of p's optimizer state: the momentum, and NorMuon's v per piece of muon_pieces (one value per
-        row or column of each of the piece's matrices, so a stacked parameter's v is stacked too)."""
+        """Shapes of p's optimizer state: the momentum, and the normalizer's per piece of muon_pieces (NorMuon's v)."""
         shapes = {"momentum_buffer": tuple(p.shape)}
         if self.normalize is not None:
-            for i, piece in enumerate(muon_pieces(torch.empty((1, *p.shape), device="meta"), split)):
-                rows, cols = piece.shape[-2:]
-                shapes[normuon_key(i)] = (*piece.shape[1:-2], *((rows, 1) if rows >= cols else (1, cols)))
+            shapes |= self.normalize.state_shapes(muon_pieces(torch.empty((1, *p.shape), device="meta"), split))
         return shapes
 
     @torch.no_grad()
@@ -1909,7 +1881,7 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
                 lr_mults={p: args.muon_proj_lr_mult for p in projections if args.muon_proj_lr_mult != 1.0},
                 splits=qk_pair_splits(model.blocks) if args.muon_qk_pairs else None)  # Q/K per head pair
     muon.orthogonalize = feature_table("ORTHOGONALIZERS", ORTHOGONALIZERS)[args.muon_ns]
-    muon.normalize = NorMuon(args.normuon_beta2) if args.normuon_beta2 > 0 else None
+    muon.normalize = built_by_feature("muon_normalizer", args)  # --normuon_beta2: features/normuon.py
     if world_size > 1:
         muon.grad_sync = grad_sync or GradientSync(list(model.parameters()))
     for add_hooks in feature_hooks("optimizer_hooks"):  # --moe_experts: routing biases, --fp8_mlp: W2's scales

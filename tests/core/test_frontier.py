@@ -3,7 +3,6 @@
 and the document-aligned loader; end-to-end: frontier_smoke trains, resumes exactly across a stage boundary, and
 1 process equals 2."""
 import copy
-import math
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import features.cautious_adam as cautious_adam_feature
+import features.normuon as normuon_feature
 import features.polar_express as polar_express_feature
 import features.yarn as yarn_feature
 import train_gpt as tg
@@ -94,19 +94,6 @@ def test_rope_canonical_rotates_every_dim():
 # Optimizers
 
 
-def test_normuon_statistics_by_hand():
-    X = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 4.0]])  # wide: one statistic per column
-    state = {}
-    Y = tg.NorMuon(0.9)(X[None], [state])[0]
-    v = torch.tensor([[0.1 * 5.0, 0.1 * 2.0, 0.1 * 8.0]])  # column means of squares 5, 2, 8; 0.1 of them (zero init)
-    assert torch.allclose(state["normuon_v"], v)
-    raw = X / v.sqrt()
-    assert torch.allclose(Y, raw * math.sqrt(30.0) / raw.norm())
-    tall = tg.NorMuon(0.9)(X.T[None], [{}])[0]  # tall: one statistic per row, the same numbers transposed
-    assert torch.allclose(tall, Y.T)
-    assert torch.equal(tg.NorMuon(0.9)(torch.zeros(1, 2, 3), [{}]), torch.zeros(1, 2, 3))  # no 0/0
-
-
 def test_muon_cautious_weight_decay_only_where_signs_agree():
     p = torch.tensor([[1.0, -1.0], [2.0, -2.0]])
     u = torch.tensor([[0.5, 0.5], [-0.5, -0.5]])  # agrees with W at (0, 0) and (1, 1)
@@ -128,7 +115,7 @@ def test_adam_group_settings_and_c_proj_lr():
     for g in muon.param_groups:
         assert g["lr_mult"] == (4.0 if any(id(p) in proj for p in g["params"]) else 1.0)
         assert all((id(p) in proj) == (g["lr_mult"] == 4.0) for p in g["params"])
-    assert muon.orthogonalize is polar_express_feature.zeropower_polar_express and isinstance(muon.normalize, tg.NorMuon)
+    assert muon.orthogonalize is polar_express_feature.zeropower_polar_express and isinstance(muon.normalize, normuon_feature.NorMuon)
     default_adam = tg.build_optimizers(tg.build_model(tg.Hyperparameters(num_layers=2, num_value_embeds=1)),
                                        tg.Hyperparameters(num_layers=2, num_value_embeds=1))[0]
     assert type(default_adam) is torch.optim.Adam

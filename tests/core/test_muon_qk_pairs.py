@@ -3,6 +3,7 @@ against a loop over the slices, the groups and optimizer state shapes of every a
 import pytest
 import torch
 
+import features.normuon as normuon_feature
 import train_gpt as tg
 from conftest import smoke_args
 
@@ -47,18 +48,18 @@ def test_per_pair_orthogonalization_equals_a_loop_over_the_slices(ns):
         assert torch.equal(p.detach(), -0.1 * expected.bfloat16().float())
 
     # NorMuon per piece: the loop normalizes each slice with its own state
-    normuon = tg.NorMuon(0.9)
+    normuon = normuon_feature.NorMuon(0.9)
     states = [{}, {}]
     got = torch.zeros_like(U)
     for i, (u, out) in enumerate(zip(pieces, tg.muon_pieces(got, split))):
-        out.copy_(normuon(ortho(u, 5), states, tg.normuon_key(i)))
+        out.copy_(normuon(ortho(u, 5), states, i))
     want = torch.zeros_like(U)
     for k in range(2):
         for m in range(2):
             for j in range(2):
                 rows = slice(2 * hd * j, 2 * hd * (j + 1))
-                want[k, m, rows] = tg.NorMuon(0.9)(ortho(U[k, m, rows].clone(), 5)[None], [{}])[0]
-        want[k, 2] = tg.NorMuon(0.9)(ortho(U[k, 2].clone(), 5)[None], [{}])[0]
+                want[k, m, rows] = normuon_feature.NorMuon(0.9)(ortho(U[k, m, rows].clone(), 5)[None], [{}])[0]
+        want[k, 2] = normuon_feature.NorMuon(0.9)(ortho(U[k, 2].clone(), 5)[None], [{}])[0]
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     assert states[0]["normuon_v"].shape == (2, 2, 1, 64) and states[0]["normuon_v1"].shape == (1, 64, 1)
 
