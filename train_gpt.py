@@ -114,7 +114,6 @@ class Hyperparameters:
     softcap: str = "r21"  # logit softcap: r21 = 30 sigmoid(z / 7.5) | frontier = 23 sigmoid((z + 5) / 7.5)
     # training stages (frontier recipe section 1): each stage its own sequence length, document cap, windows, LR
     stages: str = ""  # "seq_len:doc_cap:short-long:lr_mult,..." equal thirds of num_iterations ("" = #21's schedule)
-    bos_align: bool = False  # each sequence starts at a document start (EOT); documents capped at the stage's cap
     extension_steps: int = 0  # steps after num_iterations at the final LR with extension_window
     extension_window: str = ""  # short-long windows in blocks for the extension steps ("" = the last stage's)
     val_window: str = ""  # short-long windows in blocks for the final validation ("" = the training window)
@@ -412,8 +411,6 @@ def check_schedule(args: Hyperparameters, fail):
         if args.extension_steps:
             fail("--extension_steps needs --stages (the extension is a stage at the final LR)")
         return
-    if not args.bos_align:
-        fail("--stages needs --bos_align=true (the staged loader builds document-aligned sequences)")
     stages = training_stages(args)
     if len(stages) - (1 if args.extension_steps else 0) > args.num_iterations:
         fail(f"--stages has more stages than --num_iterations={args.num_iterations} steps")
@@ -561,6 +558,8 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   ADAM_GROUPS, adam_lrs(args) -> {group: lr}   Adam groups of its own (their params from its param_groups)
 #   SMALL_ADAM_GROUPS             Adam groups of its own at --adam_group_lr's LR (else scalar_lr)
 #   RECORD_BF16_GROUPS, record_fp32_params(model)   what --param_dtype=record stores in bf16, and the exceptions
+#   train_batches(args, rank, world_size, device, start_step) -> its steps' batches in place of the core's, and
+#   require_train_data(files, args)   its check that the shards hold the run's batches (both, when it is on)
 #   adam(groups, args) -> an optimizer over adam_param_groups' groups, or None for torch's Adam
 #   muon_normalizer(args) -> a normalizer of Muon's orthogonalized updates: (X, states, piece) -> X, and
 #                            state_shapes(pieces) -> {state key: shape}; or None
@@ -589,13 +588,14 @@ SOCKETS = (  # every name above; feature_hooks refuses any other
            "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS",
            "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS", "record_fp32_params", "masks", "window_masks",
            "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "architecture_notes", "WEIGHT_INITS", "ATTENTION_NAME", "adam",
-           "muon_normalizer", "optimizer_hooks", "per_step", "schedule", "trainee", "model_parts", "score_flops",
-           "log_header", "log_after_training", "val_log", "mlp_args", "args_at_step")
+           "muon_normalizer", "optimizer_hooks", "per_step", "schedule", "train_batches", "require_train_data",
+           "trainee", "model_parts", "score_flops", "log_header", "log_after_training", "val_log", "mlp_args",
+           "args_at_step")
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
     "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "paired_heads",
     "yarn", "ve_gate", "smear", "bigram", "skip_gate", "backout", "attn_input_skips", "key_offset", "dc", "xsa",
     "attn_gate", "mudd", "sublayer", "mtp", "untie", "dropout", "neftune", "truncated_init", "cautious_adam",
-    "normuon")
+    "normuon", "bos_align")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -2188,32 +2188,8 @@ def steps_available(files: list[Path], batch_tokens: int) -> int:
     return sum((read_shard_header(f) - 1) // batch_tokens for f in files)
 
 
-def require_documents(files: list[Path], sequences: int, train_files: str):
-    """--bos_align starts every sequence at a new document, so the shards need at least one document (EOT) per
-    sequence of the run. Counted shard by shard until there are enough (the first FineWeb shard has ~100k)."""
-    documents = 0
-    for path in files:
-        read_shard_header(path)
-        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES)
-        documents += int(np.count_nonzero(tokens == EOT_TOKEN))
-        if documents >= sequences:
-            return
-    raise SystemExit(f"error: {train_files!r} holds {documents:,} documents (EOT tokens) but --bos_align starts each "
-                     f"of the run's {sequences:,} sequences (steps x micro_batches) at a new one; train on a corpus of "
-                     f"many documents (FineWeb, or data/tokenize_text.py on a .jsonl with one per line), lower "
-                     f"--num_iterations, or pass --bos_align=false")
-
-
 def require_train_steps(files: list[Path], args: Hyperparameters) -> list[Path]:
-    if args.bos_align:  # a lower bound: capped and cut documents skip tokens, found when the stream runs out
-        needed = tokens_after(total_steps(args), args) + total_steps(args) * args.micro_batches
-        available = sum(read_shard_header(f) for f in files)
-        if available < needed:
-            raise SystemExit(f"error: {args.train_files!r} holds {available:,} tokens but the run needs at least "
-                             f"{needed:,}; download more shards (python data/cached_fineweb10B.py N, 100M tokens "
-                             f"each) or lower --num_iterations")
-        require_documents(files, total_steps(args) * args.micro_batches, args.train_files)
-        return files
+    """The shards hold num_iterations steps of the core's contiguous batches."""
     global_tokens = args.micro_batches * args.seq_len
     available = steps_available(files, global_tokens)
     if available < args.num_iterations:
@@ -2232,73 +2208,20 @@ def require_val_tokens(files: list[Path], args: Hyperparameters, world_size: int
     return files
 
 
-class DocumentStream:
-    """The training shards as documents in order, one shard in memory. A document starts at an EOT token and ends
-    before the next one (or at its shard's end); a shard's tokens before its first EOT are skipped."""
-
-    def __init__(self, files: list[Path]):
-        self.files = iter(files)
-        self.tokens, self.starts, self.ends, self.next_doc = None, [], [], 0
-
-    def _load_next_shard(self):
-        path = next(self.files, None)
-        if path is None:
-            raise RuntimeError("the training shards ran out of documents; download more shards (python "
-                               "data/cached_fineweb10B.py N) or lower --num_iterations")
-        self.tokens = load_data_shard(path).numpy()
-        self.starts = np.flatnonzero(self.tokens == EOT_TOKEN)
-        self.ends = np.append(self.starts[1:], len(self.tokens))
-        self.next_doc = 0
-
-    def sequence(self, length: int, doc_cap: int, build: bool = True) -> np.ndarray | None:
-        """The next `length` tokens as whole documents from the next unused document start, each cut to doc_cap
-        tokens; the last one is cut to what is still needed and its rest skipped (the next sequence starts at the
-        next document). build=False only advances (another rank's sequence)."""
-        pieces, need = [], length
-        while need:
-            while self.next_doc == len(self.starts):
-                self._load_next_shard()
-            start, end = self.starts[self.next_doc], self.ends[self.next_doc]
-            self.next_doc += 1
-            n = min(end - start, doc_cap, need)
-            if build:
-                pieces.append(self.tokens[start:start + n])
-            need -= n
-        return np.concatenate(pieces) if build else None
-
-
-def aligned_train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device,
-                          start_step: int = 0):
-    """--bos_align (frontier recipe section 1.1): every sequence starts at a document start; each step makes the
-    global batch's micro_batches sequences in stream order (stage length + 1 tokens, documents capped at the stage's
-    doc_cap) and rank r keeps sequences r * accum .. (r + 1) * accum - 1, so the math is the same on any number of
-    ranks. Resuming replays the stream's document boundaries up to start_step without building the sequences."""
-    stream = DocumentStream(find_shards(args.train_files, "train"))
-    stages, accum = training_stages(args), args.micro_batches // world_size
-    for step in range(total_steps(args)):
-        stage = stage_at(step, stages) if stages else None
-        length, cap = (stage.seq_len, stage.doc_cap) if stage else (args.seq_len, args.seq_len + 1)
-        mine = range(rank * accum, (rank + 1) * accum) if step >= start_step else range(0)
-        sequences = [stream.sequence(length + 1, cap, build=i in mine) for i in range(args.micro_batches)]
-        if step < start_step:
-            continue
-        batch = []
-        for tokens in (sequences[i] for i in mine):
-            buf = torch.from_numpy(tokens.astype(np.int64))
-            buf = buf.pin_memory() if device.type == "cuda" else buf
-            batch.append((buf[:-1].to(device=device, dtype=torch.int32, non_blocking=True),
-                          buf[1:].to(device=device, non_blocking=True)))
-        yield batch
-
-
 def train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device, start_step: int = 0):
     """Each step: the next micro_batches x seq_len tokens; rank r reads its contiguous share, then splits it into
-    micro_batches / world_size sequences (one per accumulation micro-step). Starts at batch `start_step`.
-    --bos_align: aligned_train_batches."""
-    if args.bos_align:
-        require_train_steps(find_shards(args.train_files, "train"), args)
-        return aligned_train_batches(args, rank, world_size, device, start_step)
+    micro_batches / world_size sequences (one per accumulation micro-step). Starts at batch `start_step`. A feature's
+    loader in their place (--bos_align: features/bos_align.py)."""
+    loader = train_loader(args)
+    if loader is not None:
+        return loader.train_batches(args, rank, world_size, device, start_step)
     return contiguous_train_batches(args, rank, world_size, device, start_step)
+
+
+def train_loader(args: Hyperparameters):
+    """The feature whose train_batches replace the core's contiguous batches in this run (and whose
+    require_train_data checks the shards for them), or None."""
+    return next((f for f in features_on(args) if hasattr(f, "train_batches")), None)
 
 
 def contiguous_train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device,
@@ -2772,7 +2695,9 @@ def check_inputs(args: Hyperparameters, world_size: int, own: dict):
     enough tokens (documents with --bos_align), the record tree writable, checkpoint files readable (memory-mapped,
     not loaded) and, for --init_from, shaped like this model (own: its state_dict on the meta device)."""
     try:
-        require_train_steps(find_shards(args.train_files, "train"), args)
+        loader = train_loader(args)
+        (require_train_steps if loader is None else loader.require_train_data)(find_shards(args.train_files, "train"),
+                                                                               args)
         require_val_tokens(find_shards(args.val_files, "val"), args, world_size)
     except ShardError as e:
         raise SystemExit(f"error: {e}") from None
