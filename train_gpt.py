@@ -438,10 +438,9 @@ def check_architecture(args: Hyperparameters, fail):
 
 def check_frontier_model(args: Hyperparameters, fail):
     """The post-#21 model flags (the attention lambdas, Muon on Q and K per head pair): values and combinations."""
-    if args.attn_lambdas not in ATTN_LAMBDAS:
-        fail(f"--attn_lambdas={args.attn_lambdas!r}; valid values: {', '.join(ATTN_LAMBDAS)}")
-    if args.attn_lambdas == "o":
-        refuse_without_head_hooks(args, "--attn_lambdas=o", fail)
+    lambdas = feature_table("ATTN_LAMBDAS", ATTN_LAMBDAS)
+    if args.attn_lambdas not in lambdas:
+        fail(f"--attn_lambdas={args.attn_lambdas!r}; valid values: {', '.join(lambdas)}")
     if args.muon_qk_pairs:
         check_head_pairs(args, "--muon_qk_pairs", fail)
 
@@ -580,6 +579,7 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   head_kind(args) -> str or None   how describe_model names the head (else "untied")
 #   architecture_notes(args) -> [str]   its settings at the end of describe_model's architecture line
 #   WEIGHT_INITS = {name: fn(model) -> model}   --weight_init values of its own (build_model redraws with it)
+#   ATTN_LAMBDAS = {name: (scale_qk, mix_values, scale_output, l1 init)}   --attn_lambdas forms of its own
 # A feature imports this module (from train_gpt import ...), never the reverse; one that needs another says so in
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
 SOCKETS = (  # every name above; feature_hooks refuses any other
@@ -587,15 +587,15 @@ SOCKETS = (  # every name above; feature_hooks refuses any other
            "mlp", "linear", "rotary", "block", "activation", "train_loss", "head_hooks", "gated", "install", "place",
            "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS",
            "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS", "record_fp32_params", "masks", "window_masks",
-           "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "architecture_notes", "WEIGHT_INITS", "ATTENTION_NAME", "adam",
-           "muon_normalizer", "optimizer_hooks", "per_step", "schedule", "train_batches", "require_train_data",
-           "trainee", "model_parts", "score_flops", "log_header", "log_after_training", "val_log", "mlp_args",
-           "args_at_step")
+           "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "architecture_notes", "WEIGHT_INITS", "ATTN_LAMBDAS",
+           "ATTENTION_NAME", "adam", "muon_normalizer", "optimizer_hooks", "per_step", "schedule", "train_batches",
+           "require_train_data", "trainee", "model_parts", "score_flops", "log_header", "log_after_training", "val_log",
+           "mlp_args", "args_at_step")
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
     "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "paired_heads",
     "yarn", "ve_gate", "smear", "bigram", "skip_gate", "backout", "attn_input_skips", "key_offset", "dc", "xsa",
     "attn_gate", "mudd", "sublayer", "mtp", "untie", "dropout", "neftune", "truncated_init", "cautious_adam",
-    "normuon", "bos_align")
+    "normuon", "bos_align", "output_lambda")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1222,34 +1222,17 @@ def value_lambdas_r21(lambdas: Tensor, v: Tensor, ve: Tensor | None) -> Tensor:
     return lambdas[0] * v if ve is None else lambdas[0] * v + lambdas[1] * ve
 
 
-def value_lambda_r47(lambdas: Tensor, v: Tensor, ve: Tensor | None) -> Tensor:
-    """r47 (the 2026 record's sa_lambdas[0]): v = l0 v + ve, the value embedding's coefficient a fixed 1."""
-    return lambdas[0] * v if ve is None else lambdas[0] * v + ve
-
-
 def unscaled_qk(lambdas: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return q, k
-
-
-def qk_lambda_r47(lambdas: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-    """r47: l0 multiplies the whole QKV weight, so q and k too; RMS norm undoes it up to its eps (l0's gradient
-    through q and k is that small, but it is the record's)."""
-    return lambdas[0] * q, lambdas[0] * k
 
 
 def unscaled_output(lambdas: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def output_lambda_r47(lambdas: Tensor, out: Tensor) -> Tensor:
-    """r47 (the record's sa_lambdas[1], init 1, pre-multiplying W_o): out = l1 proj(y)."""
-    return lambdas[1] * out
-
-
-# --attn_lambdas: what the attention's two lambdas multiply, (q and k scale, value mix, output scale, l1's init).
-# The record's (r47) l0 multiplies its whole QKV weight; q and k are RMS-normed right after, so mostly v feels it.
-ATTN_LAMBDAS = dict(ve=(unscaled_qk, value_lambdas_r21, unscaled_output, 0.5),
-                    o=(qk_lambda_r47, value_lambda_r47, output_lambda_r47, 1.0))
+# --attn_lambdas: what the attention's two lambdas multiply, (q and k scale, value mix, output scale, l1's init);
+# features add forms of their own (o: features/output_lambda.py)
+ATTN_LAMBDAS = dict(ve=(unscaled_qk, value_lambdas_r21, unscaled_output, 0.5))
 
 
 class HeadAttention(nn.Module):
@@ -1364,7 +1347,7 @@ def install_head_hooks(attn: HeadAttention, args: Hyperparameters, layer: int):
     offset on long-window blocks, the value-embedding gate on blocks with a value embedding, XSA on --xsa_layers,
     the output gate everywhere or the MUDD-gated head scale on --mudd_gate_attn_layers (frontier recipe 3.4)."""
     if args.attn_lambdas != "ve":
-        attn.scale_qk, attn.mix_values, attn.scale_output, l1 = ATTN_LAMBDAS[args.attn_lambdas]
+        attn.scale_qk, attn.mix_values, attn.scale_output, l1 = feature_table("ATTN_LAMBDAS", {})[args.attn_lambdas]
         with torch.no_grad():
             attn.lambdas[1] = l1
     # a feature may scale the heads' outputs per token (gated: --mudd_gate_block)
