@@ -105,7 +105,6 @@ class Hyperparameters:
     muon_wd: float = 0.0  # cautious weight decay for Muon: W -= muon_wd * lr * eta * W where update and W agree
     muon_proj_lr_mult: float = 1.0  # extra Muon LR factor for the MLP output projections (c_proj)
     muon_momentum_cooldown_steps: int = 0  # over the last N steps momentum returns linearly to muon_momentum_start
-    muon_qk_pairs: bool = False  # Muon orthogonalizes Q and K per head pair ((2 head_dim) x dim slices; r80)
     value_embed_lr: float = 0.0  # Adam LR of the value embeddings (0 = embed_lr)
     adam_group_betas: str = ""  # per Adam group betas "head=0.5/0.95,embed=...,value_embeds=...,scalars=..."
     param_dtype: str = "r21"  # on GPU, r21: bf16 embeddings, fp32 rest | record: the record's bf16 Adam tensors too
@@ -437,16 +436,14 @@ def check_architecture(args: Hyperparameters, fail):
 
 
 def check_frontier_model(args: Hyperparameters, fail):
-    """The post-#21 model flags (the attention lambdas, Muon on Q and K per head pair): values and combinations."""
+    """--attn_lambdas names a form (the core's, or a feature's)."""
     lambdas = feature_table("ATTN_LAMBDAS", ATTN_LAMBDAS)
     if args.attn_lambdas not in lambdas:
         fail(f"--attn_lambdas={args.attn_lambdas!r}; valid values: {', '.join(lambdas)}")
-    if args.muon_qk_pairs:
-        check_head_pairs(args, "--muon_qk_pairs", fail)
 
 
 def check_head_pairs(args: Hyperparameters, flag: str, fail):
-    """A flag that pairs heads 2j, 2j+1 (--muon_qk_pairs, --paired_head_layers: features/paired_heads.py): the heads
+    """A flag that pairs heads 2j, 2j+1 (--muon_qk_pairs, --paired_head_layers: their features): the heads
     (and GQA's K/V heads) must come in pairs, of multi-head or grouped-query attention."""
     own = feature_attention(args)
     if own is not None:
@@ -560,6 +557,7 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   train_batches(args, rank, world_size, device, start_step) -> its steps' batches in place of the core's, and
 #   require_train_data(files, args)   its check that the shards hold the run's batches (both, when it is on)
 #   adam(groups, args) -> an optimizer over adam_param_groups' groups, or None for torch's Adam
+#   muon_splits(model, args) -> {parameter: muon_pieces split}   matrices Muon orthogonalizes in pieces
 #   muon_normalizer(args) -> a normalizer of Muon's orthogonalized updates: (X, states, piece) -> X, and
 #                            state_shapes(pieces) -> {state key: shape}; or None
 #   optimizer_hooks(model, adam, muon, args, world_size)   hooks on the optimizers' steps
@@ -588,14 +586,14 @@ SOCKETS = (  # every name above; feature_hooks refuses any other
            "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS",
            "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS", "record_fp32_params", "masks", "window_masks",
            "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "architecture_notes", "WEIGHT_INITS", "ATTN_LAMBDAS",
-           "ATTENTION_NAME", "adam", "muon_normalizer", "optimizer_hooks", "per_step", "schedule", "train_batches",
-           "require_train_data", "trainee", "model_parts", "score_flops", "log_header", "log_after_training", "val_log",
-           "mlp_args", "args_at_step")
+           "ATTENTION_NAME", "adam", "muon_splits", "muon_normalizer", "optimizer_hooks", "per_step", "schedule",
+           "train_batches", "require_train_data", "trainee", "model_parts", "score_flops", "log_header",
+           "log_after_training", "val_log", "mlp_args", "args_at_step")
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
     "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "paired_heads",
     "yarn", "ve_gate", "smear", "bigram", "skip_gate", "backout", "attn_input_skips", "key_offset", "dc", "xsa",
     "attn_gate", "mudd", "sublayer", "mtp", "untie", "dropout", "neftune", "truncated_init", "cautious_adam",
-    "normuon", "bos_align", "output_lambda")
+    "normuon", "bos_align", "output_lambda", "muon_qk_pairs")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -779,19 +777,6 @@ def muon_pieces(X: Tensor, split: tuple) -> list[Tensor]:
     return [blocks, X[:, count:]] if X.size(1) > count else [blocks]
 
 
-def qk_pair_splits(model: nn.Module) -> dict:
-    """--muon_qk_pairs (frontier recipe 2.1 item 7, r80): {parameter: muon_pieces split} so that Q and K of every
-    multi-head or grouped-query attention are orthogonalized per head pair, each pair's (2 head_dim) x dim slice
-    its own matrix; V (and O, its own parameter) stay whole."""
-    splits = {}
-    for m in model.modules():
-        if isinstance(m, CausalSelfAttention):  # qkv_w (3, dim, dim): Q and K are the first two
-            splits[m.qkv_w] = (2, 2 * m.head_dim)
-        elif isinstance(m, GroupedQueryAttention):  # q_w (dim, dim); kv_w (2, kv_dim, dim): K is the first
-            splits[m.q_w] = splits[m.kv_w] = (1, 2 * m.head_dim)
-    return splits
-
-
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz, for the 2-D (and stacked 2-D) matrices inside the blocks.
 
@@ -806,7 +791,7 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, ns_steps: int = 5, rank: int = 0, world_size: int = 1,
                  lr_mults: dict | None = None, weight_decay: float = 0.0, splits: dict | None = None):
         """lr_mults: {parameter: extra LR factor} (default 1); splits: {parameter: muon_pieces split} for the
-        parameters orthogonalized in pieces (--muon_qk_pairs; default whole). Parameters are grouped by (shape,
+        parameters orthogonalized in pieces (--muon_qk_pairs: features/muon_qk_pairs.py; default whole). Parameters are grouped by (shape,
         factor, split)."""
         params, lr_mults, splits = list(params), lr_mults or {}, splits or {}
         key = lambda p: (tuple(p.shape), lr_mults.get(p, 1.0), tuple(splits.get(p, ())))
@@ -1846,6 +1831,11 @@ def adam_param_groups(model: GPT, args: Hyperparameters) -> list[dict]:
             for name in lrs if params[name]]
 
 
+def muon_splits(model: GPT, args: Hyperparameters) -> dict:
+    """{parameter: muon_pieces split} of every feature's muon_splits (--muon_qk_pairs: Q and K per head pair)."""
+    return {p: split for make in feature_hooks("muon_splits") for p, split in make(model, args).items()}
+
+
 def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_size: int = 1,
                      grad_sync: "GradientSync | None" = None) -> list:
     """[Adam, Muon] for the model as it is. grad_sync: keep an existing GradientSync (its hooks are already on the
@@ -1862,7 +1852,7 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int = 0, world_siz
     muon = Muon(groups["matrices"], lr=args.muon_lr, momentum=args.muon_momentum_start, ns_steps=args.ns_steps,
                 rank=rank, world_size=world_size, weight_decay=args.muon_wd,
                 lr_mults={p: args.muon_proj_lr_mult for p in projections if args.muon_proj_lr_mult != 1.0},
-                splits=qk_pair_splits(model.blocks) if args.muon_qk_pairs else None)  # Q/K per head pair
+                splits=muon_splits(model, args))
     muon.orthogonalize = feature_table("ORTHOGONALIZERS", ORTHOGONALIZERS)[args.muon_ns]
     muon.normalize = built_by_feature("muon_normalizer", args)  # --normuon_beta2: features/normuon.py
     if world_size > 1:

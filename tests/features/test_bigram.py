@@ -56,4 +56,4 @@ def test_bigram_table_is_an_adam_embedding_and_counted():
     assert groups["value_embeds"]["lr"] == (args.value_embed_lr or args.embed_lr)
     assert any(p is model.bigram.inject.lam for p in groups["scalars"]["params"])
     assert "bigram hash 524,289" in tg.describe_model(model, args)  # 4096 x 128 + the gain
-    assert all(p is not table for p in truncated_init.recipe_matrices(model))  # --weight_init=truncated leaves it at zero
+    assert all(p is not table for p in truncated_init.recipe_matrices(model))  # --weight_init=truncated: left at zero

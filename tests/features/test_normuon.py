@@ -1,5 +1,5 @@
 """NorMuon (--normuon_beta2, features/normuon.py; frontier recipe 2.1): the statistics and the rescale by hand, per
-row or column, and an all-zero update. Per head pair: tests/core/test_muon_qk_pairs.py."""
+row or column, and an all-zero update. Per head pair: tests/features/test_muon_qk_pairs.py."""
 import math
 
 import torch

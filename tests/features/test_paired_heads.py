@@ -3,7 +3,7 @@ hand in both representations (dense, BlockMask) and compiled FlexAttention again
 against a slow reference (the record's layout: slot g pairs heads g and g + H/2, head h turned by the phase of
 position 2t + h mod 2; explicit interleave, dense softmax, de-interleave) forward and backward, with and without the
 per-head hooks; causality; the window counted in doubled positions; the default untouched; the flag checks; a short
-smoke run. Per-pair Muon: tests/core/test_muon_qk_pairs.py."""
+smoke run. Per-pair Muon: tests/features/test_muon_qk_pairs.py."""
 import math
 
 import pytest
@@ -15,8 +15,8 @@ import features.key_offset as key_offset_feature
 import features.paired_heads as paired_heads
 import features.ve_gate as ve_gate_feature
 import train_gpt as tg
-from conftest import (assert_future_never_changes_past, block_mask_as_dense, assert_traces_as_one_graph_in_bf16, live_model, smoke_args,
-                      summary_of, tokens_with_docs)
+from conftest import (assert_future_never_changes_past, assert_traces_as_one_graph_in_bf16, block_mask_as_dense,
+                      live_model, smoke_args, summary_of, tokens_with_docs)
 
 BLOCK = tg.BLOCK_SIZE
 PAIRED = ["--num_heads=4", "--paired_head_layers=0,1"]  # smoke: 4 blocks, attention in 0 (L), 1 (S), 3 (L)

@@ -1,5 +1,5 @@
 """features/polar_express.py (--muon_ns=polar_express): the iterations on a diagonal matrix by hand. Muon with it
-on the frontier preset: tests/core/test_frontier.py; per head pair: tests/core/test_muon_qk_pairs.py."""
+on the frontier preset: tests/core/test_frontier.py; per head pair: tests/features/test_muon_qk_pairs.py."""
 import math
 
 import torch

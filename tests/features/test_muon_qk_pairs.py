@@ -1,8 +1,10 @@
-"""Muon on Q and K per head pair (--muon_qk_pairs; frontier recipe 2.1 item 7, r80): per-pair orthogonalization
-against a loop over the slices, the groups and optimizer state shapes of every attention."""
+"""Muon on Q and K per head pair (--muon_qk_pairs, features/muon_qk_pairs.py; frontier recipe 2.1 item 7, r80):
+per-pair orthogonalization against a loop over the slices, the groups and optimizer state shapes of every
+attention."""
 import pytest
 import torch
 
+import features.muon_qk_pairs as muon_qk_pairs
 import features.normuon as normuon_feature
 import train_gpt as tg
 from conftest import smoke_args
@@ -87,7 +89,7 @@ def test_muon_qk_pairs_groups_q_and_k_of_every_attention_and_state_shapes_match(
     # whole stacked matrices keep one v per matrix too (what gather_momentum allocates on several ranks)
     assert muon.state_shapes(qkv[0]) == {"momentum_buffer": (3, 128, 128), "normuon_v": (3, 128, 1)}
     gqa = tg.build_model(smoke_args("--num_heads=4", "--n_kv_heads=2", "--muon_qk_pairs=true"))
-    splits = tg.qk_pair_splits(gqa.blocks)
+    splits = muon_qk_pairs.qk_pair_splits(gqa.blocks)
     attn = gqa.blocks[0].attn
     assert splits[attn.q_w] == (1, 64) and splits[attn.kv_w] == (1, 64) and len(splits) == 6
     assert [p.shape for p in tg.muon_pieces(attn.kv_w.detach()[None], (1, 64))] == [(1, 1, 1, 64, 128),
