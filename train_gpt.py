@@ -74,17 +74,14 @@ class Hyperparameters:
     mlp_act: str = "relu2"  # relu2 | gelu | swiglu (hidden 2/3 * mlp_ratio * dim, rounded to 128) | learned_gelu
     tie_embeddings: bool = False  # lm_head reads the token embedding table (x @ E^T / sqrt(model_dim))
     weight_init: str = "uniform"  # uniform | truncated: the matrices' init, both std 0.5/sqrt(fan_in) (see build_model)
-    # post-#21 model ideas (frontier recipe sections 3.2-3.4), each off by default, each one module built at start
-    resid_lambda_init: float = 1.0  # init of each block's x-lambda (x = l0 * x + l1 * x0); frontier: 1.1
-    attn_lambdas: str = "ve"  # ve: v = l0 v + l1 ve (#21, l = 0.5, 0.5) | o: v = l0 v + ve, out = l1 proj(y) (r47, 1)
-    # the recipe's shape (frontier recipe 3.1-3.3): which blocks read which tables and skips, and the inits
+    # the recipe's shape and inits (frontier recipe 3.1-3.3): which blocks read which tables and skips, the lambdas
     value_embed_layers: str = ""  # blocks reading value-embedding tables 0, 1, ... in order ("" = first/last nve)
     skip_pairs: str = ""  # skips "src:dst,...": dst's input += w * src's output ("" = U-net, block i -> L-1-i)
-    # the residual stream's later form (frontier recipe 3.3)
+    resid_lambda_init: float = 1.0  # init of each block's x-lambda (x = l0 * x + l1 * x0); frontier: 1.1
+    attn_lambdas: str = "ve"  # ve: v = l0 v + l1 ve (#21, l = 0.5, 0.5) | o: v = l0 v + ve, out = l1 proj(y) (r47, 1)
     attn_proj_init: str = "zero"  # zero | uniform: attention output projections' init (frontier r64: uniform)
     value_embed_std: float = 1.0  # std of the value-embedding tables' normal init (frontier: 0.01)
     head_init_std: float = 0.0  # lm_head init: 0 = zeros (#21), else normal with this std (frontier: 0.005)
-    # the recipe's training objective and head (frontier recipe 3.2, 3.7); validation stays next-token CE
     # optimization
     num_iterations: int = 1770  # optimizer steps
     cooldown_frac: float = 0.4  # fraction of steps spent decaying the LR linearly
