@@ -51,13 +51,14 @@ def code_words(source: str, node: ast.AST) -> set[str]:
 
 
 def feature_names(path: Path, sockets: set[str]) -> set[str]:
-    """A feature's flag names and the names its file defines, less the socket names."""
+    """A feature's flag names and the public names its file defines, less the socket names (a private name, such as
+    the `_` of a custom op's register_fake, is no name a reader would take for the feature's)."""
     tree = ast.parse(path.read_text())
     names = top_level_names(tree)
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "Flags":
             names |= {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
-    return names - sockets
+    return {name for name in names - sockets if not name.startswith("_")}
 
 
 def report(script: str) -> dict:
