@@ -788,8 +788,8 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, ns_steps: int = 5, rank: int = 0, world_size: int = 1,
                  lr_mults: dict | None = None, weight_decay: float = 0.0, splits: dict | None = None):
         """lr_mults: {parameter: extra LR factor} (default 1); splits: {parameter: muon_pieces split} for the
-        parameters orthogonalized in pieces (--muon_qk_pairs: features/muon_qk_pairs.py; default whole). Parameters are grouped by (shape,
-        factor, split)."""
+        parameters orthogonalized in pieces (--muon_qk_pairs: features/muon_qk_pairs.py; default whole). Parameters are
+        grouped by (shape, factor, split)."""
         params, lr_mults, splits = list(params), lr_mults or {}, splits or {}
         key = lambda p: (tuple(p.shape), lr_mults.get(p, 1.0), tuple(splits.get(p, ())))
         keys = sorted({key(p) for p in params}, key=lambda k: (-math.prod(k[0]), k))

@@ -47,8 +47,9 @@ class CautiousAdam(torch.optim.Optimizer):
 
     The frontier model has 54 Adam tensors, 46 of them scalars and small gate matrices: those (below
     FOREACH_NUMEL elements) are updated together per (device, dtype) with torch._foreach ops, the same arithmetic
-    in the same order (bit for bit, tests/features/test_cautious_adam.py), about 10 kernel launches per such group instead of ~10
-    per tensor; the large tables one at a time, so the step's fp32 temporaries stay those of one table."""
+    in the same order (bit for bit, tests/features/test_cautious_adam.py), about 10 kernel launches per such group
+    instead of ~10 per tensor; the large tables one at a time, so the step's fp32 temporaries stay those of one
+    table."""
     FOREACH_NUMEL = 1 << 20
 
     def __init__(self, params, lr: float, betas: tuple, eps: float, weight_decay: float = 0.0):

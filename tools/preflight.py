@@ -807,9 +807,10 @@ def check_fp8_head(ctx: Context) -> str:
 @check("fp8_mlp", fix="the FP8 MLP (--fp8_mlp, on in --preset=frontier) is inaccurate or saturates here: run with "
                       "--fp8_mlp=false (bf16 MLP), and check that torch._scaled_mm works on this GPU/torch")
 def check_fp8_mlp(ctx: Context) -> str:
-    """features/fp8_mlp.py's FP8MLP's training path (both matmuls e4m3) vs the fp32 relu^2 MLP on the same weights, output and
-    the straight-through gradients, in two passes: the first at current scales, the second at the delayed ones a
-    training step leaves (p at the first pass's amax x FP8_MLP_P_MARGIN, W2 at its refreshed amax x margin)."""
+    """features/fp8_mlp.py's FP8MLP's training path (both matmuls e4m3) vs the fp32 relu^2 MLP on the same weights,
+    output and the straight-through gradients, in two passes: the first at current scales, the second at the delayed
+    ones a training step leaves (p at the first pass's amax x FP8_MLP_P_MARGIN, W2 at its refreshed amax x
+    margin)."""
     if ctx.on_gpu:
         cc = torch.cuda.get_device_capability(ctx.device)
         if cc < (8, 9):

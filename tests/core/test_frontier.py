@@ -114,7 +114,8 @@ def test_adam_group_settings_and_c_proj_lr():
     for g in muon.param_groups:
         assert g["lr_mult"] == (4.0 if any(id(p) in proj for p in g["params"]) else 1.0)
         assert all((id(p) in proj) == (g["lr_mult"] == 4.0) for p in g["params"])
-    assert muon.orthogonalize is polar_express_feature.zeropower_polar_express and isinstance(muon.normalize, normuon_feature.NorMuon)
+    assert muon.orthogonalize is polar_express_feature.zeropower_polar_express
+    assert isinstance(muon.normalize, normuon_feature.NorMuon)
     default_adam = tg.build_optimizers(tg.build_model(tg.Hyperparameters(num_layers=2, num_value_embeds=1)),
                                        tg.Hyperparameters(num_layers=2, num_value_embeds=1))[0]
     assert type(default_adam) is torch.optim.Adam

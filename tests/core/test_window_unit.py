@@ -11,7 +11,8 @@ import torch
 
 import features.paired_heads as paired_heads
 import train_gpt as tg
-from conftest import block_mask_as_dense, cached_logits, live_model, load_script, preflight_flex_problems, smoke_args, tokens_with_docs
+from conftest import (block_mask_as_dense, cached_logits, live_model, load_script, preflight_flex_problems, smoke_args,
+                      tokens_with_docs)
 
 BLOCK = tg.BLOCK_SIZE
 
