@@ -1357,7 +1357,7 @@ def build_attention(args: Hyperparameters, max_seq_len: int, layer: int | None =
         variant = Rotary(r.head_dim, r.max_seq_len, r.rotated, canonical=True)
     if variant is not None:
         attn.rotary = variant
-    if layer is not None and isinstance(attn, HeadAttention):  # MLA takes none (check_frontier_model)
+    if layer is not None and isinstance(attn, HeadAttention):  # MLA has no per-head hooks (refuse_without_head_hooks)
         install_head_hooks(attn, args, layer)
     return attn
 

@@ -144,7 +144,7 @@ class GroupedKronLinear(nn.Module):
     contraction over all experts: two torch._grouped_mm (one per factor) in KronLinear's cheaper contraction order;
     no per-expert loop, static shapes (tests/features/test_kronecker.py checks it against a loop over experts)."""
 
-    draws_own_init = True  # --weight_init leaves its factors alone (recipe_matrices)
+    draws_own_init = True  # --weight_init leaves its factors alone (truncated_init.recipe_matrices)
 
     def __init__(self, experts: int, in_features: int, out_features: int, rank: int, factors=None,
                  zero_init: bool = False):

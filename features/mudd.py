@@ -211,7 +211,7 @@ class MuddWeights(nn.Module):
     token. m is computed in fp32 and returned in z's dtype. W1, W2 train in Adam's "mudd" group, b in "mudd_bias"
     (no weight decay), at --mudd_lr (param_groups)."""
 
-    draws_own_init = True  # --weight_init leaves W1, W2, b alone (recipe_matrices)
+    draws_own_init = True  # --weight_init leaves W1, W2, b alone (truncated_init.recipe_matrices)
 
     def __init__(self, dim: int, inits: list[float]):
         super().__init__()
