@@ -72,7 +72,6 @@ class Hyperparameters:
     # architecture ablations (issue 6), each off by default; describe_model() prints their params and FLOPs/token
     n_kv_heads: int = 0  # grouped-query attention: K/V heads shared by num_heads/n_kv_heads queries (0 = num_heads)
     mlp_act: str = "relu2"  # relu2 | gelu | swiglu (hidden 2/3 * mlp_ratio * dim, rounded to 128) | learned_gelu
-    tie_embeddings: bool = False  # lm_head reads the token embedding table (x @ E^T / sqrt(model_dim))
     weight_init: str = "uniform"  # uniform | truncated: the matrices' init, both std 0.5/sqrt(fan_in) (see build_model)
     # the recipe's shape and inits (frontier recipe 3.1-3.3): which blocks read which tables and skips, the lambdas
     value_embed_layers: str = ""  # blocks reading value-embedding tables 0, 1, ... in order ("" = first/last nve)
@@ -535,8 +534,8 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 #   check_inputs(args)            checks the files it reads before anything is built (check_inputs)
 #   on(args) -> bool              the run uses it: its file is written into the record and the checkpoints
 #   attention(args, max_seq_len, layer), mlp(args, layer), linear(args, which, in_features, out_features,
-#   zero_init), rotary(args, head_dim, max_seq_len, rotated), block(args, layer, max_seq_len) -> a module, or None
-#   for the core's (the first one built wins)
+#   zero_init), rotary(args, head_dim, max_seq_len, rotated), block(args, layer, max_seq_len), embedding(args,
+#   dim), head(embed, args) -> a module, or None for the core's (the first one built wins)
 #   install(model, args)          after GPT.__init__ built the core model (so the core's random draw is unchanged)
 #   place(model, args, on_gpu, fp8_matmuls)   after place_model's dtypes and FP8 head switch: its own
 #   replaces_dense_mlp(args) -> "--flag=value" or None   the flag with which it replaces the dense MLP or its matrices
@@ -579,18 +578,19 @@ def check_block_list(args: Hyperparameters, flag: str, fail):
 # REQUIRES (a tuple of feature names, checked by tests/core/test_layout.py).
 SOCKETS = (  # every name above; feature_hooks refuses any other
            "Flags", "MIN_VALUES", "UNIT_INTERVAL", "NEEDS", "REQUIRES", "check", "check_inputs", "on", "attention",
-           "mlp", "linear", "rotary", "block", "activation", "train_loss", "head_hooks", "gated", "install", "place",
-           "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups", "ADAM_GROUPS",
-           "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS", "record_fp32_params", "masks", "window_masks",
-           "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "architecture_notes", "WEIGHT_INITS", "ATTN_LAMBDAS",
-           "ATTENTION_NAME", "adam", "muon_splits", "muon_normalizer", "optimizer_hooks", "per_step", "schedule",
-           "train_batches", "require_train_data", "trainee", "model_parts", "score_flops", "log_header",
+           "mlp", "linear", "rotary", "block", "embedding", "head", "activation", "train_loss", "head_hooks", "gated",
+           "install", "place", "replaces_dense_mlp", "OPTIONAL_BUFFERS", "MLP_ACTS", "ORTHOGONALIZERS", "param_groups",
+           "ADAM_GROUPS", "adam_lrs", "SMALL_ADAM_GROUPS", "RECORD_BF16_GROUPS", "record_fp32_params", "masks",
+           "window_masks", "LOOKS_BACK", "NO_KV_CACHE", "head_kind", "architecture_notes", "WEIGHT_INITS",
+           "ATTN_LAMBDAS", "ATTENTION_NAME", "adam", "muon_splits", "muon_normalizer", "optimizer_hooks", "per_step",
+           "schedule", "train_batches", "require_train_data", "trainee", "model_parts", "score_flops", "log_header",
            "log_after_training", "val_log", "mlp_args", "args_at_step")
 FEATURE_NAMES = (  # a feature comes after those it REQUIRES; the first whose module socket builds one wins
     "polar_express", "learned_gelu", "mot", "distill", "moe", "kronecker", "ks", "fp8_mlp", "mla", "paired_heads",
     "yarn", "ve_gate", "smear", "bigram", "skip_gate", "backout", "attn_input_skips", "key_offset", "dc", "xsa",
     "attn_gate", "mudd", "sublayer", "mtp", "untie", "dropout", "neftune", "truncated_init", "cautious_adam",
-    "normuon", "bos_align", "output_lambda", "muon_qk_pairs")
+    "normuon", "bos_align", "output_lambda", "muon_qk_pairs",
+    "tied_embeddings")
 FEATURES: list = []  # the imported modules, filled at the end of this file (they import the definitions above it)
 
 
@@ -1500,23 +1500,6 @@ def next_multiple(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-class TiedHead(nn.Module):
-    """lm_head reading the token-embedding table E (--tie_embeddings; E is then padded to the head's 128-multiple
-    rows): logits = x @ E^T / sqrt(dim). E keeps the embedding init N(0, 1), so with x RMS-normed the initial
-    logits have unit std (the untied head starts at zero), and the fixed 1/sqrt(dim) keeps Adam at embed_lr from
-    moving the logits much faster than the untied head at head_lr (0.6/sqrt(768) = 0.022 vs 0.008 per step).
-    E is one parameter, owned by the Adam embedding group. Never FP8: N(0, 1) entries overflow the FP8 head scales."""
-
-    def __init__(self, weight: nn.Parameter):
-        super().__init__()
-        self.weight = weight  # the same Parameter as GPT.embed.weight (model.parameters() lists it once)
-        self.scale = weight.size(1) ** -0.5
-        self.use_fp8 = False  # main() sets it; ignored
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.type_as(x)) * self.scale
-
-
 def gpt2_encoding():
     """tiktoken's GPT-2 BPE; without network it needs TIKTOKEN_CACHE_DIR pointing at its cached files."""
     import tiktoken
@@ -1559,7 +1542,8 @@ class GPT(nn.Module):
         L, dim, nve = args.num_layers, args.model_dim, args.num_value_embeds
         max_seq_len = max_sequence_length(args)
         padded_vocab = next_multiple(args.vocab_size, 128)
-        self.embed = nn.Embedding(padded_vocab if args.tie_embeddings else args.vocab_size, dim)
+        embed = built_by_feature("embedding", args, dim)  # --tie_embeddings: features/tied_embeddings.py's table
+        self.embed = nn.Embedding(args.vocab_size, dim) if embed is None else embed
         self.smear = nn.Identity()  # a socket on the raw embeddings (--smear: features/smear.py installs it)
         self.embed_noise = nn.Identity()  # a socket on the token embeddings (--neftune_alpha: features/neftune.py)
         self.mot = PassThrough()  # x0's socket for byte-level information (--mot: features/mot.py installs it)
@@ -1585,9 +1569,9 @@ class GPT(nn.Module):
         self.skip_scales = nn.ModuleList(scales) if any(type(m) is not PassThrough for m in scales) else scales
         self.backout = PassThrough()  # a socket before the final norm (--backout_layer: features/backout.py)
         self.kept_outputs = {src for src, _ in skips}  # block outputs that skips (and features' installs) read
-        self.lm_head = TiedHead(self.embed.weight) if args.tie_embeddings else \
-            CastedLinear(dim, padded_vocab, zero_init=True)
-        if args.head_init_std > 0 and not args.tie_embeddings:  # frontier recipe 3.2: N(0, 0.005^2)
+        head = built_by_feature("head", self.embed, args)  # --tie_embeddings: the head reads the embedding's table
+        self.lm_head = CastedLinear(dim, padded_vocab, zero_init=True) if head is None else head
+        if args.head_init_std > 0 and head is None:  # frontier recipe 3.2: N(0, 0.005^2)
             with torch.no_grad():
                 self.lm_head.weight.normal_(0.0, args.head_init_std)
         self.vocab_size = args.vocab_size  # real tokens; the head's padding rows are never targets

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import features.moe as moe_feature
 import train_gpt as tg
@@ -134,26 +133,6 @@ def test_swiglu_matches_dense_parameters_at_768():
     args = tg.apply_overrides(tg.Hyperparameters(), ["--mlp_act=swiglu"])
     swiglu, dense = tg.SwiGLUMLP(args), tg.MLP(tg.Hyperparameters())
     assert tg.swiglu_hidden(args) == 2048 and tg.count_params(swiglu) == tg.count_params(dense) == 2 * 768 * 3072
-
-
-def test_tied_head_shares_the_embedding_owned_by_adam_embeds():
-    args = smoke_args("--tie_embeddings=true")
-    model = smoke_model("--tie_embeddings=true")
-    assert model.lm_head.weight is model.embed.weight and model.embed.weight.shape == (VP, D)
-    groups = tg.param_groups(model, args)
-    assert groups["head"] == [] and sum(p is model.embed.weight for g in groups.values() for p in g) == 1
-    adam, muon = tg.build_optimizers(model, args)
-    owner = [g for g in adam.param_groups if any(p is model.embed.weight for p in g["params"])]
-    assert len(owner) == 1 and owner[0]["lr"] == args.embed_lr
-    x = tokens()
-    with torch.no_grad():
-        raw = model.lm_head(F.rms_norm(torch.randn(256, D), (D,)))
-    assert 0.8 < raw.std() < 1.2  # x @ E^T / sqrt(dim) with E ~ N(0, 1): unit-std initial logits
-    model(x[:-128], x[1:-127]).backward()
-    rows = model.embed.weight.grad.abs().sum(-1)
-    assert (rows[50257:] > 0).all()  # padding rows: head gradient only
-    state = model.state_dict()
-    assert state["lm_head.weight"].data_ptr() == state["embed.weight"].data_ptr()
 
 
 # --- config errors ------------------------------------------------------------------------------------------------
