@@ -8,7 +8,7 @@ import torch
 
 import features.moe as moe_feature
 import train_gpt as tg
-from conftest import smoke_args, smoke_model, val_losses
+from conftest import smoke_args, smoke_model, tokens_with_docs, val_losses
 
 V, VP, D, H, HD, L, HIDDEN = 50257, 50304, 128, 2, 64, 4, 512  # the smoke preset; block 2 has no attention
 ATTN_LAYERS, NVE = 3, 1
@@ -17,12 +17,6 @@ BASELINE = 20_025_616  # smoke-preset parameter count
 MLA = ["--mla_kv_rank=32", "--mla_q_rank=48", "--mla_rope_dim=16"]
 MOE = ["--moe_experts=4", "--moe_topk=2", "--moe_shared=1"]
 MOE_SWIGLU = [*MOE, "--mlp_act=swiglu"]
-
-
-def tokens(T=256, seed=0, eot=(0, 100)):
-    x = torch.randint(0, 50000, (T,), generator=torch.Generator().manual_seed(seed))
-    x[list(eot)] = tg.EOT_TOKEN
-    return x
 
 
 # --- every flag: shapes, causality, parameter count ---------------------------------------------------------------
@@ -57,7 +51,7 @@ def test_flag_shapes_causality_and_parameter_count(flags):
     assert tg.count_params(model) == expected_params(flags)
     groups = tg.param_groups(model, smoke_args(*flags))
     assert sum(p.numel() for g in groups.values() for p in g) == tg.count_params(model)
-    x = tokens()
+    x = tokens_with_docs(256, [0, 100])
     loss = model(x[:-128], x[1:-127])  # training mode
     loss.backward()
     assert loss.ndim == 0 and math.isfinite(loss.item())
@@ -97,7 +91,7 @@ def test_gqa_with_all_heads_equals_baseline_attention():
         base.c_proj.weight.normal_(0, 0.05)
         gqa.c_proj.weight.copy_(base.c_proj.weight)
     x, ve = torch.randn(1, 256, D), torch.randn(1, 256, D)
-    mask = tg.dense_attention_mask(tokens(), 2)
+    mask = tg.dense_attention_mask(tokens_with_docs(256, [0, 100]), 2)
     torch.testing.assert_close(gqa(x, ve, mask), base(x, ve, mask), rtol=1e-5, atol=1e-6)
     assert gqa.kv_cache_floats_per_token() == base.kv_cache_floats_per_token() == 2 * D
 
@@ -113,7 +107,7 @@ def test_gqa_shares_each_kv_head_across_its_query_group():
         base.c_proj.weight.normal_(0, 0.05)
         gqa.c_proj.weight.copy_(base.c_proj.weight)
     x, ve = torch.randn(1, 256, D), torch.randn(1, 256, kv * hd)
-    mask = tg.dense_attention_mask(tokens(), 2)
+    mask = tg.dense_attention_mask(tokens_with_docs(256, [0, 100]), 2)
     ve_per_head = ve.view(1, 256, kv, hd).repeat_interleave(heads // kv, dim=2).flatten(2)
     torch.testing.assert_close(gqa(x, ve, mask), base(x, ve_per_head, mask), rtol=1e-5, atol=1e-6)
     assert gqa.kv_cache_floats_per_token() == 2 * kv * hd

@@ -3,21 +3,14 @@
 import pytest
 import torch
 
-import train_gpt as tg
-from conftest import smoke_model
-
-
-def tokens(T=256, seed=0, eot=(0, 100)):
-    x = torch.randint(0, 50000, (T,), generator=torch.Generator().manual_seed(seed))
-    x[list(eot)] = tg.EOT_TOKEN
-    return x
+from conftest import smoke_model, tokens_with_docs
 
 
 @pytest.mark.parametrize("flag", ["--neftune_alpha=5", "--dropout=0.1"])
 def test_noise_is_train_only(flag):
     model = smoke_model(flag)
     reference = smoke_model()  # same seed, same weights, flag off
-    x = tokens()
+    x = tokens_with_docs(256, [0, 100])
     model.eval()
     reference.eval()
     with torch.no_grad():

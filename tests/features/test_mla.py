@@ -5,18 +5,12 @@ import torch
 
 import features.mla as mla_feature
 import train_gpt as tg
-from conftest import smoke_args, smoke_model
+from conftest import smoke_args, smoke_model, tokens_with_docs
 
 V, VP, D, H, HD, L, HIDDEN = 50257, 50304, 128, 2, 64, 4, 512  # the smoke preset; block 2 has no attention
 
 MLA = ["--mla_kv_rank=32", "--mla_q_rank=48", "--mla_rope_dim=16"]
 MOE = ["--moe_experts=4", "--moe_topk=2", "--moe_shared=1"]
-
-
-def tokens(T=256, seed=0, eot=(0, 100)):
-    x = torch.randint(0, 50000, (T,), generator=torch.Generator().manual_seed(seed))
-    x[list(eot)] = tg.EOT_TOKEN
-    return x
 
 
 def test_mla_cache_holds_the_latent_and_the_shared_rotary_key():
@@ -28,7 +22,7 @@ def test_mla_cache_holds_the_latent_and_the_shared_rotary_key():
     attn.kv_down.register_forward_hook(lambda m, i, o: cached.__setitem__("latent", o.shape))
     attn.k_rope.register_forward_hook(lambda m, i, o: cached.__setitem__("rope", o.shape))
     with torch.no_grad():
-        model(tokens())
+        model(tokens_with_docs(256, [0, 100]))
     # everything K and V are computed from, per earlier token: the latent and the one rotary key part
     assert cached["latent"][-1] + cached["rope"][-1] == attn.kv_cache_floats_per_token()
     assert "KV cache 144 floats/token" in tg.describe_model(model, smoke_args(*MLA))  # 3 attention layers x 48

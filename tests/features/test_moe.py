@@ -7,18 +7,12 @@ import torch.nn.functional as F
 
 import features.moe as moe_feature
 import train_gpt as tg
-from conftest import smoke_args, smoke_model
+from conftest import smoke_args, smoke_model, tokens_with_docs
 
 V, VP, D, H, HD, L, HIDDEN = 50257, 50304, 128, 2, 64, 4, 512  # the smoke preset; block 2 has no attention
 
 MOE = ["--moe_experts=4", "--moe_topk=2", "--moe_shared=1"]
 MOE_SWIGLU = [*MOE, "--mlp_act=swiglu"]
-
-
-def tokens(T=256, seed=0, eot=(0, 100)):
-    x = torch.randint(0, 50000, (T,), generator=torch.Generator().manual_seed(seed))
-    x[list(eot)] = tg.EOT_TOKEN
-    return x
 
 
 def small_moe(*extra, seed=0):
@@ -118,7 +112,7 @@ def test_moe_aux_loss_is_its_minimum_at_uniform_routing():
 
 def test_moe_aux_loss_is_added_in_training_only():
     model = smoke_model(*MOE)
-    x = tokens()
+    x = tokens_with_docs(256, [0, 100])
     loss = model(x[:-128], x[1:-127])
     ce = F.cross_entropy(model(x[:-128]), x[1:-127])  # this forward leaves the aux losses in place
     aux = sum(m.aux_loss for m in moe_feature.moe_layers(model))
@@ -158,7 +152,7 @@ def test_moe_bias_updates_once_per_optimizer_step_from_the_loads():
         torch.manual_seed(0)
         model = tg.build_model(args)
         optimizers = tg.build_optimizers(model, args)
-        x = tokens()
+        x = tokens_with_docs(256, [0, 100])
         for _ in range(2):  # two micro-batches accumulate into one step's load
             model(x[:-128], x[1:-127]).backward()
         loads = [m.load.clone() for m in moe_feature.moe_layers(model)]
@@ -182,7 +176,7 @@ def test_moe_weights_are_3d_muon_batches_and_utilization_is_logged():
     assert moe_feature.moe_utilization(tg.build_model(smoke_args())) == ""
     model.eval()
     with torch.no_grad():
-        model(tokens())
+        model(tokens_with_docs(256, [0, 100]))
     text = moe_feature.moe_utilization(model)
     assert text.startswith(" moe_load_min_max:") and len(text.split(":")[1].split(",")) == L
     assert all(m.eval_load.sum() == 0 for m in moe_feature.moe_layers(model))  # reset for the next validation

@@ -5,15 +5,9 @@ import torch.nn.functional as F
 
 import features.tied_embeddings as tied_embeddings
 import train_gpt as tg
-from conftest import smoke_args, smoke_model
+from conftest import smoke_args, smoke_model, tokens_with_docs
 
 VP, D = 50304, 128  # the smoke preset's padded vocabulary and width
-
-
-def tokens(T=256, seed=0, eot=(0, 100)):
-    x = torch.randint(0, 50000, (T,), generator=torch.Generator().manual_seed(seed))
-    x[list(eot)] = tg.EOT_TOKEN
-    return x
 
 
 def test_tied_head_shares_the_embedding_owned_by_adam_embeds():
@@ -26,7 +20,7 @@ def test_tied_head_shares_the_embedding_owned_by_adam_embeds():
     adam, muon = tg.build_optimizers(model, args)
     owner = [g for g in adam.param_groups if any(p is model.embed.weight for p in g["params"])]
     assert len(owner) == 1 and owner[0]["lr"] == args.embed_lr
-    x = tokens()
+    x = tokens_with_docs(256, [0, 100])
     with torch.no_grad():
         raw = model.lm_head(F.rms_norm(torch.randn(256, D), (D,)))
     assert 0.8 < raw.std() < 1.2  # x @ E^T / sqrt(dim) with E ~ N(0, 1): unit-std initial logits
