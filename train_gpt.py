@@ -441,7 +441,7 @@ def check_frontier_model(args: Hyperparameters, fail):
 def check_head_pairs(args: Hyperparameters, flag: str, fail):
     """A flag that pairs heads 2j, 2j+1 (--muon_qk_pairs, --paired_head_layers: their features): the heads
     (and GQA's K/V heads) must come in pairs, of multi-head or grouped-query attention."""
-    own = feature_attention(args)
+    own = feature_with("ATTENTION_NAME", args)  # an attention without per-head hooks (MLA; paired heads keep them)
     if own is not None:
         fail(f"{flag} pairs the heads of multi-head or grouped-query attention; {own.ATTENTION_NAME} has "
              f"no per-head q/k to pair (turn it off or drop {flag})")
@@ -455,16 +455,10 @@ def check_head_pairs(args: Hyperparameters, flag: str, fail):
 def refuse_without_head_hooks(args: Hyperparameters, flags: str, fail):
     """Per-head hooks act on the heads of the core's multi-head or grouped-query attention (HeadAttention); an
     attention a feature builds in its place (its ATTENTION_NAME: MLA) has none."""
-    own = feature_attention(args)
+    own = feature_with("ATTENTION_NAME", args)  # an attention without per-head hooks (MLA; paired heads keep them)
     if own is not None:
         fail(f"{flags} act on the heads of multi-head or grouped-query attention; {own.ATTENTION_NAME} has no "
              f"hooks for them")
-
-
-def feature_attention(args: Hyperparameters):
-    """The feature whose attention socket replaces the core's attention, per-head hooks and all, in this run (its
-    ATTENTION_NAME: MLA), or None. (Paired heads keep the core's attention and its hooks: no ATTENTION_NAME.)"""
-    return next((f for f in features_on(args) if hasattr(f, "ATTENTION_NAME")), None)
 
 
 def check_model_shape(args: Hyperparameters, fail):
@@ -621,6 +615,11 @@ def gated_or(role: str, args: Hyperparameters, index: int, default) -> nn.Module
 def features_on(args: Hyperparameters) -> list:
     """The features this run uses (their on(args)): their files go into the record and the checkpoints."""
     return [f for f in FEATURES if hasattr(f, "on") and f.on(args)]
+
+
+def feature_with(socket: str, args: Hyperparameters):
+    """The first feature this run uses that fills `socket` (its attention without hooks, its loader), or None."""
+    return next((f for f in features_on(args) if hasattr(f, socket)), None)
 
 
 def feature_file(feature) -> str:
@@ -2166,16 +2165,10 @@ def train_batches(args: Hyperparameters, rank: int, world_size: int, device: tor
     """Each step: the next micro_batches x seq_len tokens; rank r reads its contiguous share, then splits it into
     micro_batches / world_size sequences (one per accumulation micro-step). Starts at batch `start_step`. A feature's
     loader in their place (--bos_align: features/bos_align.py)."""
-    loader = train_loader(args)
+    loader = feature_with("train_batches", args)
     if loader is not None:
         return loader.train_batches(args, rank, world_size, device, start_step)
     return contiguous_train_batches(args, rank, world_size, device, start_step)
-
-
-def train_loader(args: Hyperparameters):
-    """The feature whose train_batches replace the core's contiguous batches in this run (and whose
-    require_train_data checks the shards for them), or None."""
-    return next((f for f in features_on(args) if hasattr(f, "train_batches")), None)
 
 
 def contiguous_train_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device,
@@ -2649,7 +2642,7 @@ def check_inputs(args: Hyperparameters, world_size: int, own: dict):
     enough tokens (documents with --bos_align), the record tree writable, checkpoint files readable (memory-mapped,
     not loaded) and, for --init_from, shaped like this model (own: its state_dict on the meta device)."""
     try:
-        loader = train_loader(args)
+        loader = feature_with("train_batches", args)  # its require_train_data checks the shards for its batches
         (require_train_steps if loader is None else loader.require_train_data)(find_shards(args.train_files, "train"),
                                                                                args)
         require_val_tokens(find_shards(args.val_files, "val"), args, world_size)
